@@ -1,0 +1,41 @@
+"""Odium: run Python on many machines from a notebook, encrypted, and know which version ran where.
+
+The public API, imported lazily so that worker processes start fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Hub", "Admin", "Result", "NodeResult", "Status",
+    "OdiumError", "ConfigError", "ProtocolError", "AuthError", "TimeoutError",
+    "NotConnectedError", "RemoteError", "StateMismatchError",
+]
+
+_WHERE = {
+    "Hub": "client", "Admin": "client",
+    "Result": "results", "NodeResult": "results", "Status": "results",
+    "OdiumError": "errors", "ConfigError": "errors", "ProtocolError": "errors",
+    "AuthError": "errors", "TimeoutError": "errors", "NotConnectedError": "errors",
+    "RemoteError": "errors", "StateMismatchError": "errors",
+}
+
+if TYPE_CHECKING:
+    from .client import Admin, Hub
+    from .errors import (AuthError, ConfigError, NotConnectedError, OdiumError, ProtocolError,
+                         RemoteError, StateMismatchError, TimeoutError)
+    from .results import NodeResult, Result, Status
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'odium' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,335 @@
+"""The ``odium`` command: hub, node, run, nodes, keys, token, log, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import ConfigError, OdiumError
+from .hub import DEFAULT_PORTS
+
+PORT_NAMES = list(DEFAULT_PORTS)  # pub, query, jobs, results
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"odium: error: {message} (see: {self.prog} --help)\n")
+
+
+def _parse_ports(text: str) -> dict[str, int]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"ports are numbers: PUB,QUERY,JOBS,RESULTS (e.g. 18202,18203,18220,18221) or 0, "
+            f"not {text!r}") from None
+    if len(nums) == 1 and nums[0] == 0:
+        return {k: 0 for k in PORT_NAMES}
+    if len(nums) != 4 or any(not 0 <= n <= 65535 for n in nums):
+        raise argparse.ArgumentTypeError(
+            f"give four ports PUB,QUERY,JOBS,RESULTS (0 = any free) or 0, not {text!r}")
+    return dict(zip(PORT_NAMES, nums))
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="odium", description="Run Python on many machines; know what ran where.")
+    p.add_argument("--log-level", default=os.environ.get("ODIUM_LOG", "warning"),
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def home(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--home", default=None,
+                        help="instance home directory (default $ODIUM_HOME or ~/.odium)")
+
+    sp = sub.add_parser("hub", help="run a hub in the foreground")
+    home(sp)
+    sp.add_argument("--interface", default="127.0.0.1", help="address to listen on")
+    sp.add_argument("--ports", type=_parse_ports, default=None,
+                    help="PUB,QUERY,JOBS,RESULTS ports (default 18202,18203,18220,18221; 0 = any)")
+    sp.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in the home)")
+    sp.add_argument("--app", default=None, help="application directory (default: cwd)")
+    sp.add_argument("--heartbeat", type=_positive, default=1.0, help="seconds between beats")
+
+    sp = sub.add_parser("node", help="run a node in the foreground, joined to a hub")
+    home(sp)
+    sp.add_argument("--join", metavar="tcp://HOST:PORT", help="the hub's query address")
+    sp.add_argument("--token", help="join token from: odium token")
+    sp.add_argument("--hub-key", help="the hub's public key (join as pending, without a token)")
+    sp.add_argument("--name", help="node name (default: this host's name)")
+    sp.add_argument("--app", default=None, help="application directory (default: cwd)")
+    sp.add_argument("--capacity", type=_count, default=None, help="worker processes")
+
+    sp = sub.add_parser("nodes", help="list the hub's nodes")
+    home(sp)
+    sp.add_argument("pattern", nargs="?", default=None)
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("run", help="run code on nodes and print each node's result")
+    home(sp)
+    sp.add_argument("--nodes", default="*", help="glob or comma list of node names")
+    sp.add_argument("--shell", action="store_true", help="run as a shell command")
+    sp.add_argument("--timeout", type=_positive, default=None, help="seconds")
+    sp.add_argument("--session", default=None, help="keep a namespace across runs by name")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("-c", dest="code", default=None, help="the code")
+    sp.add_argument("file", nargs="?", default=None, help="a file with the code, or - for stdin")
+
+    sp = sub.add_parser("keys", help="this instance's key; the hub's trusted keys")
+    home(sp)
+    sp.add_argument("action", choices=["show", "list", "accept", "reject", "revoke"])
+    sp.add_argument("pattern", nargs="?", help="key id, node name, or glob over names")
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("token", help="issue a single-use join token")
+    home(sp)
+    sp.add_argument("--ttl", type=_positive, default=3600.0, help="seconds it stays valid")
+
+    sp = sub.add_parser("log", help="recent events of the hub")
+    home(sp)
+    sp.add_argument("-n", type=_count, default=30, help="how many")
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("demo", help="hub + 3 local nodes, a Python and a shell broadcast")
+    sp.add_argument("--nodes", type=_count, default=3)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except OdiumError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"odium: {first}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("odium: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def _stop_on_signals(loop_stop: Any) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        loop_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    from .instance import Instance
+
+    inst = Instance(args.home, args.app)
+    try:
+        hub = inst.start_hub(interface=args.interface, ports=args.ports, db=args.db,
+                             hb_interval=args.heartbeat)
+        from .keys import fingerprint
+
+        print(f"odium hub {fingerprint(inst.ident.key_id)} on {args.interface} ports "
+              f"pub={hub.ports['pub']} query={hub.ports['query']} jobs={hub.ports['jobs']} "
+              f"results={hub.ports['results']}; state {inst.state}", flush=True)
+        print(f"add nodes with: odium token --home {inst.home}", flush=True)
+        _stop_on_signals(inst.loop.stop)
+        inst.run()
+    finally:
+        inst.close()
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from .instance import Instance
+    from .keys import Token
+    from .node import load_joined
+
+    inst = Instance(args.home, args.app)
+    try:
+        token = Token.decode(args.token) if args.token else None
+        joined = load_joined(inst.home)
+        name = args.name or (joined or {}).get("name") or socket.gethostname().split(".")[0]
+        if token is not None:
+            address, hub_key = args.join or token.address, token.hub_key
+        elif args.join and args.hub_key:
+            address, hub_key = args.join, args.hub_key
+        elif joined is not None and not args.join:
+            address, hub_key = joined["address"], joined["hub_key"]
+        elif args.join:
+            raise ConfigError("--join needs --token (from: odium token) or --hub-key KEY")
+        else:
+            raise ConfigError("this node has not joined a hub: give --token TOKEN (from: odium "
+                              "token on the hub), or --join tcp://HOST:PORT --hub-key KEY")
+        from .keys import check_key_id
+
+        check_key_id(hub_key)
+        node = inst.start_node(address, hub_key, name, token=token, capacity=args.capacity)
+        print(f"odium node {name} ({inst.ident.key_id}) joining {address}; state {inst.state}",
+              flush=True)
+        if token is None and joined is None:
+            print(f"if the hub does not know this key yet, accept it there with: odium keys "
+                  f"accept {inst.ident.key_id}", flush=True)
+        _stop_on_signals(inst.loop.stop)
+        inst.run()
+        if node.error is not None:
+            raise node.error
+    finally:
+        inst.close()
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> Any:
+    from .client import Admin
+
+    return Admin(args.home)
+
+
+def _ago(ts: float) -> str:
+    if not ts:
+        return "never"
+    d = time.time() - ts
+    return f"{d:.1f} s ago" if d < 120 else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from .results import short_state
+
+    with _admin(args) as admin:
+        data = admin.nodes(args.pattern)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [("NAME", "STATUS", "STATE", "", "LAST SEEN")]
+    for n in data["nodes"]:
+        same = "same as hub" if n["state"] == data["hub_state"] else "differs"
+        rows.append((n["name"], n["status"], short_state(n["state"]), same, _ago(n["last_seen"])))
+    _table(rows)
+    if len(rows) == 1:
+        print("no nodes yet; add one with: odium token")
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.code is not None and args.file is not None:
+        raise ConfigError("give the code with -c or as a FILE, not both")
+    if args.code is not None:
+        code = args.code
+    elif args.file == "-":
+        code = sys.stdin.read()
+    elif args.file:
+        try:
+            code = Path(args.file).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read {args.file}: {e.strerror}") from None
+    else:
+        raise ConfigError("nothing to run: give -c CODE, a FILE, or - to read stdin")
+    with _admin(args) as admin:
+        result = admin.run(code, args.nodes, shell=args.shell, timeout=args.timeout,
+                           session=args.session)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        from .results import format_text
+
+        print(format_text(result, color=sys.stdout.isatty()))
+    return 0 if result.ok else 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        from .instance import Instance, default_home
+        from .keys import ensure_home, fingerprint, load_or_create
+
+        home = ensure_home(args.home or default_home())
+        ident = load_or_create(home / "identity.key")
+        print(ident.key_id if not args.json else json.dumps(
+            {"key": ident.key_id, "fingerprint": fingerprint(ident.key_id)}))
+        del Instance
+        return 0
+    with _admin(args) as admin:
+        if args.action == "list":
+            keys = admin.keys()
+            if args.json:
+                print(json.dumps(keys, indent=2))
+                return 0
+            rows = [("ROLE", "NAME", "FINGERPRINT", "KEY", "NOTE")]
+            rows += [(k["role"], k["name"] or "-", k["fingerprint"], k["key"], k["note"])
+                     for k in keys]
+            _table(rows)
+            return 0
+        if not args.pattern:
+            raise ConfigError(f"keys {args.action} needs a key id, node name or glob")
+        changed = admin.key_action(args.action, args.pattern)
+    print(f"{args.action}ed {len(changed)} key(s): " + ", ".join(changed))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        tok = admin.token(args.ttl)
+    print(f"odium node --token {tok} --name NAME")
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        events = admin.log(args.n)
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    for e in events:
+        t = datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S")
+        who = f" [{e['node']}]" if e["node"] else ""
+        print(f"{t} {e['level']:<7} {e['kind']:<16}{who} {e['detail']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.nodes)
+
+
+COMMANDS = {"hub": cmd_hub, "node": cmd_node, "nodes": cmd_nodes, "run": cmd_run,
+            "keys": cmd_keys, "token": cmd_token, "log": cmd_log, "demo": cmd_demo}

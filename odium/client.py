@@ -1,0 +1,437 @@
+"""The Python API: ``Hub`` (this process is the hub) and ``Admin`` (talk to a running hub).
+
+    with odium.Hub(home="/tmp/h", ports=0) as hub:
+        hub.start_local(3)
+        r = hub.run("import os; os.getpid()", nodes="*", timeout=10)
+        print(r)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import protocol as P
+from .errors import AuthError, ConfigError, NotConnectedError, OdiumError, ProtocolError
+from .errors import TimeoutError as OdiumTimeout
+from .hub import DEFAULT_PORTS, HubCore, KeyInfo
+from .instance import Instance, default_home
+from .keys import ensure_home, load_or_create, verify_key
+from .node import save_joined
+from .results import Result
+from .transport import client_socket
+
+OutputFn = Callable[[str, str, str], None]
+
+
+def _ports(ports: int | dict[str, int] | None) -> dict[str, int]:
+    if ports is None:
+        return dict(DEFAULT_PORTS)
+    if isinstance(ports, int):
+        if ports != 0:
+            raise ConfigError("ports=<int> only takes 0 (all chosen by the OS); "
+                              "give a dict for fixed ports")
+        return {k: 0 for k in DEFAULT_PORTS}
+    unknown = set(ports) - set(DEFAULT_PORTS)
+    if unknown:
+        raise ConfigError(f"unknown port names {sorted(unknown)}; use {sorted(DEFAULT_PORTS)}")
+    return {**DEFAULT_PORTS, **ports}
+
+
+@dataclass
+class LocalNode:
+    """A node process started on this machine by the hub."""
+
+    name: str
+    home: Path
+    proc: subprocess.Popen[bytes]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Hub:
+    """This process as a hub: bind the four sockets, trust nodes, broadcast, collect."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, *,
+                 ports: int | dict[str, int] | None = None, interface: str = "127.0.0.1",
+                 db: str | None = None, app: str | os.PathLike[str] | None = None,
+                 hb_interval: float = 1.0, max_message: int = P.MAX_MESSAGE) -> None:
+        self._home_arg = home
+        self._opts = dict(interface=interface, ports=_ports(ports), db=db,
+                          hb_interval=hb_interval, max_message=max_message)
+        self._app = app
+        self.inst: Instance | None = None
+        self.local: list[LocalNode] = []
+        self._local_seq = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Hub:
+        if self.inst is not None:
+            return self
+        inst = Instance(self._home_arg, self._app)
+        inst.start_thread()
+        try:
+            inst.start_hub(**self._opts)  # type: ignore[arg-type]
+        except BaseException:
+            inst.close()
+            raise
+        self.inst = inst
+        return self
+
+    def __enter__(self) -> Hub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for n in self.local:
+            if n.proc.poll() is None:
+                n.proc.terminate()
+        for n in self.local:
+            n.stop()
+        self.local.clear()
+        if self.inst is not None:
+            self.inst.close()
+            self.inst = None
+
+    @property
+    def core(self) -> HubCore:
+        if self.inst is None or self.inst.hub is None:
+            raise NotConnectedError("the hub is not running (use it in a with block or call "
+                                    "start())")
+        return self.inst.hub
+
+    @property
+    def home(self) -> Path:
+        assert self.inst is not None
+        return self.inst.home
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return dict(self.core.ports)
+
+    @property
+    def key(self) -> str:
+        return self.core.inst.ident.key_id
+
+    @property
+    def address(self) -> str:
+        return self.core.public_address()
+
+    @property
+    def state(self) -> str:
+        return self.core.inst.state
+
+    def _call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        assert self.inst is not None
+        return self.inst.call(fn, timeout)
+
+    # --- commands --------------------------------------------------------------------------
+
+    def run(self, code: str, nodes: str = "*", *, shell: bool = False,
+            timeout: float | None = None, session: str | None = None,
+            on_output: OutputFn | None = None) -> Result:
+        """Run code on every node matching ``nodes``; wait for every node's entry."""
+        handle = self.submit_broadcast(code, nodes, shell=shell, timeout=timeout,
+                                       session=session, on_output=on_output)
+        return handle.wait()
+
+    def submit_broadcast(self, code: str, nodes: str = "*", *, shell: bool = False,
+                         timeout: float | None = None, session: str | None = None,
+                         on_output: OutputFn | None = None) -> BroadcastHandle:
+        if not isinstance(code, str):
+            raise ConfigError(f"code must be a string, not {type(code).__name__}")
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"timeout must be positive, not {timeout}")
+        handle = BroadcastHandle(self, timeout)
+        core = self.core
+        b = self._call(lambda: core.broadcast(
+            code, nodes, kind="shell" if shell else "python", timeout=timeout,
+            session=session or "default", on_done=handle._done, on_output=on_output))
+        handle.cmd = b.cmd
+        return handle
+
+    def interrupt(self, cmd: str) -> bool:
+        core = self.core
+        return bool(self._call(lambda: core.interrupt(cmd)))
+
+    # --- nodes and keys --------------------------------------------------------------------
+
+    def nodes(self, pattern: str | None = None) -> list[dict[str, Any]]:
+        core = self.core
+        return list(self._call(lambda: core.node_list(pattern)))
+
+    def wait_for_nodes(self, names: Sequence[str] | int, timeout: float = 30.0,
+                       status: str = "ready") -> None:
+        """Wait until the named nodes (or that many nodes) have the given status."""
+        core = self.core
+        assert self.inst is not None
+
+        def ok() -> bool:
+            ready = {n for n, i in list(core.nodes.items()) if i.status == status}
+            if isinstance(names, int):
+                return len(ready) >= names
+            return set(names) <= ready
+
+        self.inst.wait_for(ok, timeout, f"nodes {names!r} to be {status}")
+
+    def token(self, ttl: float = 3600.0) -> str:
+        core = self.core
+        return str(self._call(lambda: core.make_token(ttl)))
+
+    def join_command(self, ttl: float = 3600.0) -> str:
+        return f"odium node --token {self.token(ttl)} --name NAME"
+
+    def keys(self) -> list[dict[str, Any]]:
+        core = self.core
+        return list(self._call(core.key_list))
+
+    def accept(self, pattern: str) -> list[str]:
+        core = self.core
+        return list(self._call(lambda: core.key_action("accept", pattern)))
+
+    def reject(self, pattern: str) -> list[str]:
+        core = self.core
+        return list(self._call(lambda: core.key_action("reject", pattern)))
+
+    def revoke(self, pattern: str) -> list[str]:
+        core = self.core
+        return list(self._call(lambda: core.key_action("revoke", pattern)))
+
+    def trust(self, key_id: str, name: str, role: str = "node") -> None:
+        """Trust a key directly (for nodes whose keys you made yourself)."""
+        core = self.core
+        self._call(lambda: core._set_key(KeyInfo(key_id, role, name, None, "trusted by API")))
+
+    def log(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.core.events(limit)
+
+    # --- local nodes -----------------------------------------------------------------------
+
+    def start_local(self, n: int, prefix: str = "local", *, wait: bool = True,
+                    timeout: float = 30.0, app: str | os.PathLike[str] | None = None,
+                    capacity: int | None = None, extra_args: Sequence[str] = ()
+                    ) -> list[LocalNode]:
+        """Start n node processes on this machine, trusted already, in the hub's app dir."""
+        if not isinstance(n, int) or n < 1 or n > 256:
+            raise ConfigError(f"number of local nodes must be 1..256, not {n!r}")
+        core = self.core
+        started = []
+        base = self.home / "local"
+        ensure_home(base)
+        addr = f"tcp://127.0.0.1:{core.ports['query']}" if core.interface in (
+            "0.0.0.0", "*", "127.0.0.1") else core.public_address()
+        for _ in range(n):
+            self._local_seq += 1
+            name = f"{prefix}-{self._local_seq}"
+            while name in core.nodes:
+                self._local_seq += 1
+                name = f"{prefix}-{self._local_seq}"
+            home = ensure_home(base / name)
+            ident = load_or_create(home / "identity.key")
+            self.trust(ident.key_id, name)
+            save_joined(home, addr, self.key, name)
+            cmd = [sys.executable, "-m", "odium", "node", "--home", str(home),
+                   "--app", str(app or core.inst.app), *extra_args]
+            if capacity:
+                cmd += ["--capacity", str(capacity)]
+            logf = open(home / "node.log", "ab")
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, cwd=str(app or core.inst.app))
+            logf.close()
+            node = LocalNode(name, home, proc)
+            self.local.append(node)
+            started.append(node)
+        if wait:
+            self.wait_for_nodes([n.name for n in started], timeout)
+        return started
+
+
+class BroadcastHandle:
+    """A running broadcast: wait for it, or interrupt it."""
+
+    def __init__(self, hub: Hub, timeout: float | None) -> None:
+        self.hub = hub
+        self.timeout = timeout
+        self.cmd = ""
+        self._event = threading.Event()
+        self._result: Result | None = None
+
+    def _done(self, result: Result) -> None:
+        self._result = result
+        self._event.set()
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """Wait for every node's entry; Ctrl-C interrupts the command on every node first."""
+        limit = timeout
+        if limit is None and self.timeout is not None:
+            limit = self.timeout + 30.0  # the hub's own deadline comes first
+        try:
+            if not self._event.wait(limit):
+                raise OdiumTimeout(f"no complete result for {self.cmd[:12]} after {limit} s")
+        except KeyboardInterrupt:
+            self.hub.interrupt(self.cmd)
+            if not self._event.wait(10):
+                raise
+        assert self._result is not None
+        return self._result
+
+
+# =============================================================================================
+# Admin: a client of a hub running in another process, authorised by the hub's home directory
+# =============================================================================================
+
+
+class Admin:
+    """Talk to a running hub as its admin, using the admin key in its home directory."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
+        home_path = Path(home or default_home()).expanduser()
+        info_path = home_path / "hub.json"
+        if not info_path.exists():
+            raise NotConnectedError(f"no hub is running with home {home_path} (start one with: "
+                                    f"odium hub --home {home_path})")
+        try:
+            info = json.loads(info_path.read_text())
+            self.hub_key = str(info["key"])
+            port = int(info["ports"]["query"])
+            iface = str(info["interface"])
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{info_path} is damaged ({e}); restart the hub") from None
+        if not _alive(pid):
+            raise NotConnectedError(f"the hub recorded in {info_path} (pid {pid}) is not running; "
+                                    f"start it with: odium hub --home {home_path}")
+        admin_path = home_path / "admin.key"
+        if not admin_path.exists():
+            raise AuthError(f"no admin key in {home_path}")
+        self.ident = load_or_create(admin_path)
+        self.timeout = timeout
+        host = "127.0.0.1" if iface in ("0.0.0.0", "*") else iface
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock = client_socket(self.ctx, zmq.DEALER, self.ident, self.hub_key,
+                                  f"tcp://{host}:{port}")
+        self.vk = verify_key(self.hub_key)
+        self.replay = P.ReplayCache()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, type_: str, body: P.Body, timeout: float | None = None,
+                msg_id: str | None = None) -> Any:
+        mid = msg_id or P.new_id()
+        raw = P.seal(self.ident.signing, self.ident.key_id, "unknown", type_, body, msg_id=mid)
+        self.sock.send(raw)
+        limit = self.timeout if timeout is None else timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            wait = None if deadline is None else max(0, deadline - time.monotonic())
+            if wait is not None and wait <= 0:
+                raise OdiumTimeout(f"the hub did not answer {type_!r} within {limit} s")
+            if not self.sock.poll(None if wait is None else int(wait * 1000) + 1):
+                continue
+            try:
+                msg = P.open_message(self.sock.recv(), self.vk, self.hub_key, replay=self.replay)
+            except (ProtocolError, AuthError):
+                continue
+            if msg.env.re != mid:
+                continue
+            if msg.type == "error":
+                err: P.ErrorReply = msg.body  # type: ignore[assignment]
+                cls = {"AuthError": AuthError, "NotConnectedError": NotConnectedError,
+                       "ProtocolError": ProtocolError}.get(err.kind, OdiumError)
+                raise cls(err.message)
+            return msg.body.data  # type: ignore[attr-defined]
+
+    def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        return dict(self.request("ping", P.Empty(), timeout))
+
+    def run(self, code: str, nodes: str = "*", *, shell: bool = False,
+            timeout: float | None = None, session: str | None = None) -> Result:
+        mid = P.new_id()
+        body = P.Run(code, nodes, "shell" if shell else "python", session, timeout)
+        wait = None if timeout is None else timeout + 30.0
+        try:
+            data = self.request("run", body, wait, msg_id=mid)
+        except KeyboardInterrupt:
+            self.request("interrupt", P.Interrupt(mid), 5.0)
+            data = self.request_wait_reply(mid, 15.0)
+        return Result.from_dict(data["result"])
+
+    def request_wait_reply(self, mid: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(int((deadline - time.monotonic()) * 1000) + 1):
+                msg = P.open_message(self.sock.recv(), self.vk, self.hub_key, replay=self.replay)
+                if msg.env.re == mid and msg.type == "reply":
+                    return msg.body.data  # type: ignore[attr-defined]
+        raise OdiumTimeout("no result after the interrupt")
+
+    def nodes(self, pattern: str | None = None) -> dict[str, Any]:
+        return dict(self.request("nodes", P.Query(pattern=pattern)))
+
+    def keys(self) -> list[dict[str, Any]]:
+        return list(self.request("keys", P.Query())["keys"])
+
+    def key_action(self, action: str, pattern: str) -> list[str]:
+        return list(self.request("key", P.KeyAction(action, pattern))["changed"])  # type: ignore[arg-type]
+
+    def token(self, ttl: float = 3600.0) -> str:
+        return str(self.request("token", P.TokenRequest(ttl))["token"])
+
+    def log(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self.request("log", P.Query(limit=limit))["events"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def temporary_home(prefix: str = "odium-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def remove_home(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

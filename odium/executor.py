@@ -1,0 +1,474 @@
+"""Running work on a node: Python in persistent worker processes (one per session), shell commands
+in subprocesses, with streamed output, interrupts and timeouts.
+
+The node's loop thread only starts, signals and listens to them: a worker is a
+separate Python process (``subprocess`` + a ``multiprocessing`` connection over
+a socketpair), a shell command runs under a reader thread.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .transport import Loop
+
+MAX_CAPTURE = 4 * 1024 * 1024  # characters of stdout/stderr kept for the final result
+MAX_REPR = 100_000
+FLUSH_EVERY = 0.05  # seconds between streamed output chunks
+KILL_GRACE = 2.0  # seconds between SIGINT and SIGKILL on timeout
+
+Event = dict[str, Any]
+
+# =============================================================================================
+# The worker process
+# =============================================================================================
+
+
+class _Stream(io.TextIOBase):
+    """A stdout/stderr that keeps what was written and streams it to the parent in chunks."""
+
+    def __init__(self, name: str, send: Callable[[Event], None]) -> None:
+        self.name = name
+        self._send = send
+        self.cmd = ""
+        self.kept: list[str] = []
+        self.kept_len = 0
+        self.pending: list[str] = []
+        self.last = 0.0
+
+    def start(self, cmd: str) -> None:
+        self.cmd, self.kept, self.kept_len, self.pending = cmd, [], 0, []
+        self.last = time.monotonic()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if self.kept_len < MAX_CAPTURE:
+            self.kept.append(s[: MAX_CAPTURE - self.kept_len])
+            self.kept_len += len(s)
+        self.pending.append(s)
+        if "\n" in s and time.monotonic() - self.last >= FLUSH_EVERY:
+            self.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        if self.pending and self.cmd:
+            text = "".join(self.pending)
+            self.pending = []
+            self.last = time.monotonic()
+            self._send({"op": "out", "cmd": self.cmd, "stream": self.name, "text": text})
+
+    def value(self) -> str:
+        text = "".join(self.kept)
+        if self.kept_len > MAX_CAPTURE:
+            text += f"\n[odium: output cut at {MAX_CAPTURE} of {self.kept_len} characters]\n"
+        return text
+
+
+def _jsonable(value: Any) -> tuple[Any, bool]:
+    try:
+        json.dumps(value, allow_nan=False)
+        return value, True
+    except (TypeError, ValueError, RecursionError):
+        return None, False
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        r = repr(value)
+    except Exception as e:  # a broken __repr__ must not lose the result
+        r = f"<{type(value).__name__} object; repr() failed: {e!r}>"
+    return r if len(r) <= MAX_REPR else r[:MAX_REPR] + "…"
+
+
+def _run_python(code: str, ns: dict[str, Any]) -> tuple[str, Any, dict[str, str] | None]:
+    """Run a cell like IPython does: the last expression's value is the result."""
+    try:
+        tree = ast.parse(code, filename="<odium-cell>", mode="exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, "<odium-cell>", "exec"), ns)
+        value = eval(compile(last, "<odium-cell>", "eval"), ns) if last is not None else None
+        return "ok", value, None
+    except KeyboardInterrupt:
+        return "interrupted", None, {"ename": "KeyboardInterrupt", "evalue": "interrupted",
+                                     "traceback": ""}
+    except BaseException as e:  # noqa: BLE001 - every error of the user's code is a result
+        tb = e.__traceback__
+        # drop our own frames: show the user's code from the cell down
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next
+        text = "".join(traceback.format_exception(type(e), e, tb))
+        if isinstance(e, SystemExit):
+            return "error", None, {"ename": "SystemExit", "evalue": str(e.code), "traceback": text}
+        return "error", None, {"ename": type(e).__name__, "evalue": str(e), "traceback": text}
+
+
+def worker_main() -> None:
+    """Entry point of a worker process: fd 3 is a connection to the node."""
+    conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
+    app = os.getcwd()
+    if app not in sys.path:
+        sys.path.insert(0, app)
+    lock = threading.Lock()
+
+    def send(ev: Event) -> None:
+        data = json.dumps(ev, default=str).encode()
+        with lock:
+            conn.send_bytes(data)
+
+    out, err = _Stream("stdout", send), _Stream("stderr", send)
+    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+    send({"op": "ready", "pid": os.getpid()})
+    while True:
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        except KeyboardInterrupt:  # an interrupt that came between two commands
+            continue
+        req = json.loads(raw)
+        if req.get("op") == "exit":
+            return
+        cmd = req["cmd"]
+        out.start(cmd)
+        err.start(cmd)
+        started = time.time()
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            status, value, error = _run_python(req["code"], ns)
+        except KeyboardInterrupt:  # arrived after the code finished, before we noticed
+            status, value, error = "interrupted", None, {
+                "ename": "KeyboardInterrupt", "evalue": "interrupted", "traceback": ""}
+        finally:
+            sys.stdout, sys.stderr = saved
+        try:
+            out.flush()
+            err.flush()
+        except KeyboardInterrupt:
+            pass
+        res: Event = {"status": status, "started": started, "finished": time.time(),
+                      "stdout": out.value(), "stderr": err.value(), "error": error}
+        if value is not None:
+            res["value"], res["value_json"] = _jsonable(value)
+            res["value_repr"] = _safe_repr(value)
+        out.cmd = err.cmd = ""
+        while True:
+            try:
+                send({"op": "done", "cmd": cmd, "result": res})
+                break
+            except KeyboardInterrupt:
+                continue
+
+
+# =============================================================================================
+# The node's side
+# =============================================================================================
+
+
+@dataclass
+class _Job:
+    cmd: str
+    kind: str
+    code: str
+    session: str
+    timeout: float | None
+    started: float = 0.0
+    reason: str = ""  # why we signalled it: "interrupted" or "timeout"
+    proc: subprocess.Popen[bytes] | None = None
+    worker: _Worker | None = None
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen[bytes]
+    conn: Connection
+    ready: bool = False
+    job: _Job | None = None
+    queue: deque[_Job] = field(default_factory=deque)
+
+
+class Executor:
+    """Runs commands for a node. All methods are called from the node's loop thread."""
+
+    def __init__(self, loop: Loop, app: str, on_event: Callable[[Event], None],
+                 prestart: bool = True) -> None:
+        self.loop = loop
+        self.app = app
+        self.on_event = on_event
+        self.sessions: dict[str, _Worker] = {}
+        self.spare: _Worker | None = None
+        self.jobs: dict[str, _Job] = {}
+        self.closed = False
+        if prestart:
+            self.spare = self._spawn()
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def _spawn(self) -> _Worker:
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env["ODIUM_WORKER_FD"] = str(child.fileno())
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from odium.executor import worker_main; worker_main()"],
+            cwd=self.app, env=env, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        conn = Connection(parent.detach())
+        w = _Worker(proc, conn)
+        self.loop.add(conn.fileno(), lambda: self._on_worker(w))
+        return w
+
+    def _worker_for(self, session: str) -> _Worker:
+        w = self.sessions.get(session)
+        if w is None:
+            w, self.spare = (self.spare or self._spawn()), None
+            self.sessions[session] = w
+            self.loop.call_soon_threadsafe(self._refill_spare)
+        return w
+
+    def _refill_spare(self) -> None:
+        if self.spare is None and not self.closed:
+            self.spare = self._spawn()
+
+    def _on_worker(self, w: _Worker) -> None:
+        try:
+            raw = w.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._worker_died(w)
+            return
+        ev = json.loads(raw)
+        op = ev.get("op")
+        if op == "ready":
+            w.ready = True
+            self._next(w)
+        elif op == "out":
+            self.on_event(ev)
+        elif op == "done":
+            job = w.job
+            w.job = None
+            if job is not None and job.cmd == ev["cmd"]:
+                res = ev["result"]
+                if res["status"] == "interrupted" and job.reason:
+                    res["status"] = job.reason
+                self._finish(job, res)
+            self._next(w)
+
+    def _worker_died(self, w: _Worker) -> None:
+        self.loop.remove(w.conn.fileno())
+        w.conn.close()
+        code = w.proc.wait()
+        for name, sw in list(self.sessions.items()):
+            if sw is w:
+                del self.sessions[name]
+        if self.spare is w:
+            self.spare = None
+        if self.closed:
+            return
+        lost = ([w.job] if w.job else []) + list(w.queue)
+        for job in lost:
+            if job.reason == "timeout":
+                status, ename = "timeout", "TimeoutError"
+                msg = f"timed out after {job.timeout} s; the worker was killed and its namespace lost"
+            else:
+                status, ename = "error", "WorkerDied"
+                msg = f"the worker process died (exit status {code}); its namespace is lost"
+            self._finish(job, {"status": status, "started": job.started or time.time(),
+                               "finished": time.time(),
+                               "error": {"ename": ename, "evalue": msg, "traceback": ""}})
+        self.loop.call_soon_threadsafe(self._refill_spare)
+
+    def _next(self, w: _Worker) -> None:
+        if w.job is not None or not w.ready or not w.queue:
+            return
+        job = w.queue.popleft()
+        w.job = job
+        job.started = time.time()
+        try:
+            w.conn.send_bytes(json.dumps({"op": "exec", "cmd": job.cmd, "code": job.code}).encode())
+        except OSError:
+            self._worker_died(w)
+            return
+        self._arm_timeout(job)
+
+    # --- public ----------------------------------------------------------------------------
+
+    def submit(self, cmd: str, kind: str, code: str, session: str = "default",
+               timeout: float | None = None) -> None:
+        if self.closed:
+            raise RuntimeError("executor is closed")
+        job = _Job(cmd, kind, code, session, timeout)
+        self.jobs[cmd] = job
+        if kind == "shell":
+            self._start_shell(job)
+            return
+        w = self._worker_for(session)
+        job.worker = w
+        w.queue.append(job)
+        self._next(w)
+
+    def running(self) -> list[str]:
+        return list(self.jobs)
+
+    def interrupt(self, cmd: str, reason: str = "interrupted") -> bool:
+        job = self.jobs.get(cmd)
+        if job is None:
+            return False
+        job.reason = job.reason or reason
+        if job.proc is not None:  # shell
+            _signal_group(job.proc, signal.SIGINT)
+            self.loop.call_later(KILL_GRACE, lambda: _signal_group(job.proc, signal.SIGKILL)
+                                 if job.cmd in self.jobs and job.proc else None)
+            return True
+        w = job.worker
+        if w is None:
+            return False
+        if w.job is job:
+            try:
+                os.kill(w.proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+            self.loop.call_later(KILL_GRACE, lambda: self._kill_if_stuck(job))
+        else:  # still queued behind another command of the session
+            w.queue.remove(job)
+            now = time.time()
+            self._finish(job, {"status": job.reason, "started": now, "finished": now,
+                               "error": {"ename": "KeyboardInterrupt",
+                                         "evalue": f"{job.reason} before it started",
+                                         "traceback": ""}})
+        return True
+
+    def close_session(self, session: str) -> None:
+        w = self.sessions.pop(session, None)
+        if w is not None and w.job is None and not w.queue:
+            self._stop_worker(w)
+
+    def close(self) -> None:
+        self.closed = True
+        workers = list(self.sessions.values()) + ([self.spare] if self.spare else [])
+        self.sessions.clear()
+        self.spare = None
+        for w in workers:
+            self._stop_worker(w)
+        for job in list(self.jobs.values()):
+            if job.proc is not None:
+                _signal_group(job.proc, signal.SIGKILL)
+        for w in workers:
+            try:
+                w.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _stop_worker(self, w: _Worker) -> None:
+        try:
+            self.loop.remove(w.conn.fileno())
+        except (OSError, KeyError, ValueError):
+            pass
+        try:
+            w.conn.send_bytes(b'{"op":"exit"}')
+        except OSError:
+            pass
+        w.conn.close()
+        if w.proc.poll() is None:
+            w.proc.terminate()
+
+    def _kill_if_stuck(self, job: _Job) -> None:
+        w = job.worker
+        if job.cmd in self.jobs and w is not None and w.job is job and w.proc.poll() is None:
+            w.proc.kill()
+
+    def _arm_timeout(self, job: _Job) -> None:
+        if job.timeout:
+            self.loop.call_later(job.timeout, lambda: self.interrupt(job.cmd, "timeout")
+                                 if job.cmd in self.jobs else None)
+
+    def _finish(self, job: _Job, res: Event) -> None:
+        if self.jobs.pop(job.cmd, None) is None:
+            return
+        self.on_event({"op": "done", "cmd": job.cmd, "result": res})
+
+    def _start_shell(self, job: _Job) -> None:
+        job.started = time.time()
+        try:
+            job.proc = subprocess.Popen(
+                job.code, shell=True, cwd=self.app, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            )
+        except OSError as e:
+            self._finish(job, {"status": "error", "started": job.started, "finished": time.time(),
+                               "error": {"ename": type(e).__name__, "evalue": str(e),
+                                         "traceback": ""}})
+            return
+        self._arm_timeout(job)
+        threading.Thread(target=self._shell_reader, args=(job,), daemon=True,
+                         name=f"odium-shell-{job.cmd[:8]}").start()
+
+    def _shell_reader(self, job: _Job) -> None:
+        proc = job.proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        kept: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        sizes = {"stdout": 0, "stderr": 0}
+
+        def pump(stream: Any, name: str) -> None:
+            for chunk in iter(lambda: stream.read1(65536), b""):
+                text = chunk.decode("utf-8", "replace")
+                if sizes[name] < MAX_CAPTURE:
+                    kept[name].append(text)
+                sizes[name] += len(text)
+                ev = {"op": "out", "cmd": job.cmd, "stream": name, "text": text}
+                self.loop.call_soon_threadsafe(lambda ev=ev: self.on_event(ev))
+
+        t = threading.Thread(target=pump, args=(proc.stderr, "stderr"), daemon=True)
+        t.start()
+        pump(proc.stdout, "stdout")
+        t.join()
+        code = proc.wait()
+        res: Event = {"started": job.started, "finished": time.time(), "exit": code,
+                      "stdout": "".join(kept["stdout"])[:MAX_CAPTURE],
+                      "stderr": "".join(kept["stderr"])[:MAX_CAPTURE]}
+        if code == 0:
+            res["status"] = "ok"
+        elif job.reason:
+            res["status"] = job.reason
+            res["error"] = {"ename": "KeyboardInterrupt" if job.reason == "interrupted"
+                            else "TimeoutError",
+                            "evalue": f"{job.reason} (exit status {code})", "traceback": ""}
+        else:
+            res["status"] = "error"
+            res["error"] = {"ename": "ShellError", "evalue": f"exit status {code}",
+                            "traceback": ""}
+        self.loop.call_soon_threadsafe(lambda: self._finish(job, res))
+
+
+def _signal_group(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,704 @@
+"""The hub part of an instance: trusted keys, node registry, targeting, broadcasts and their results.
+
+Everything here runs in the instance's loop thread, except the ZAP policy
+(``_zap``), which reads an immutable snapshot of the key table.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import socket as pysocket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import protocol as P
+from .errors import AuthError, NotConnectedError, OdiumError, ProtocolError
+from .keys import Identity, Token, curve_public, fingerprint, verify_key, verify_proof
+from .results import NodeResult, Result, Status
+from .store import CommandRow, KeyRow, ResultRow, Store
+from .transport import ZapDecision, ZapHandler, peer_user_id, recv_frames, server_socket
+
+if TYPE_CHECKING:
+    from .instance import Instance
+
+log = logging.getLogger("odium.hub")
+
+ALLOWED_ROLES = ("admin", "node", "token")
+DEFAULT_PORTS = {"pub": 18202, "query": 18203, "jobs": 18220, "results": 18221}
+
+# Which roles may send which message type, and on which socket.
+QUERY_TYPES = {
+    "join": ("token",),
+    "register": ("node",),
+    "fetch": ("node",),
+    "ping": ("node", "admin"),
+    "run": ("admin",),
+    "interrupt": ("admin",),
+    "nodes": ("admin",),
+    "keys": ("admin",),
+    "key": ("admin",),
+    "token": ("admin",),
+    "log": ("admin",),
+}
+RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
+                "result": ("node",), "bye": ("node",)}
+
+
+def match_nodes(pattern: str, names: list[str]) -> list[str]:
+    """Names matching a glob or a comma-separated list of globs, in the order given."""
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+
+
+@dataclass
+class KeyInfo:
+    key_id: str
+    role: str
+    name: str = ""
+    expires: float | None = None
+    note: str = ""
+
+
+@dataclass
+class NodeInfo:
+    name: str
+    key_id: str
+    status: str = "offline"  # ready, connecting, offline, lost, left
+    state: str = "unknown"
+    boot: str = ""
+    host: str = ""
+    pid: int = 0
+    capacity: int = 1
+    last_seen: float = 0.0
+    running: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key_id, "status": self.status, "state": self.state,
+                "host": self.host, "pid": self.pid, "capacity": self.capacity,
+                "last_seen": self.last_seen, "running": sorted(self.running)}
+
+
+@dataclass
+class Broadcast:
+    cmd: str
+    seq: int
+    raw: bytes  # the signed exec message, as published
+    targets: list[str]
+    results: dict[str, NodeResult]
+    deadline: float | None
+    issued: float
+    callbacks: list[Callable[[Result], None]] = field(default_factory=list)
+    output: list[Callable[[str, str, str], None]] = field(default_factory=list)
+    acked: set[str] = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == len(self.targets)
+
+
+class HubCore:
+    """The hub: four CURVE server sockets, the key table behind ZAP, the registry, broadcasts."""
+
+    def __init__(self, inst: Instance, store: Store, *, interface: str = "127.0.0.1",
+                 ports: dict[str, int] | None = None, hb_interval: float = 1.0,
+                 max_message: int = P.MAX_MESSAGE, admin: Identity | None = None) -> None:
+        self.inst = inst
+        self.store = store
+        self.interface = interface
+        self.hb_interval = hb_interval
+        self.max_message = max_message
+        self.boot = P.new_id()
+        self.replay = P.ReplayCache()
+        self.nodes: dict[str, NodeInfo] = {}
+        self.by_key: dict[str, str] = {}  # node key id -> name
+        self.broadcasts: dict[str, Broadcast] = {}
+        self.seq = store.max_seq()
+        self._rejected_budget = 50.0
+        self._rejected_at = time.monotonic()
+        self._pending_seen: dict[str, float] = {}
+        self._connecting_fast = 0
+        # keys: a snapshot dict replaced on every change, so the ZAP thread can read it
+        self.keys: dict[str, KeyInfo] = {}
+        self._by_curve: dict[bytes, KeyInfo] = {}
+        for row in store.keys():
+            self.keys[row.key_id] = KeyInfo(row.key_id, row.role, row.name, row.expires, row.note)
+        self._set_key(KeyInfo(inst.ident.key_id, "admin", "hub", None, "this hub"))
+        if admin is not None:
+            self._set_key(KeyInfo(admin.key_id, "admin", "admin", None, "admin key in home"))
+        for row in store.nodes():
+            self.nodes[row.name] = NodeInfo(row.name, row.key_id, "offline", row.state, row.boot,
+                                            row.host, row.pid, row.capacity, row.last_seen)
+            self.by_key[row.key_id] = row.name
+        ctx = inst.ctx
+        self.zap = ZapHandler(ctx, self._zap)
+        ports = {**DEFAULT_PORTS, **(ports or {})}
+        self.ports: dict[str, int] = {}
+        self.sockets: dict[str, zmq.Socket[Any]] = {}
+        kinds = {"pub": zmq.PUB, "query": zmq.ROUTER, "jobs": zmq.PUSH, "results": zmq.PULL}
+        try:
+            for name, kind in kinds.items():
+                s, p = server_socket(ctx, kind, inst.ident, self.zap, interface, ports[name],
+                                     max_message=max_message)
+                self.sockets[name], self.ports[name] = s, p
+        except OdiumError:
+            self.close()
+            raise
+        self.sockets["query"].setsockopt(zmq.ROUTER_HANDOVER, 1)
+        loop = inst.loop
+        loop.add(self.sockets["query"], self._on_query)
+        loop.add(self.sockets["results"], self._on_results)
+        loop.every(hb_interval, self._heartbeat)
+        loop.every(min(hb_interval / 2, 0.25), self._check_liveness)
+        self.query_handlers: dict[str, Callable[[P.Message, KeyInfo, Callable[..., None]], None]] = {
+            "join": self._h_join, "register": self._h_register, "fetch": self._h_fetch,
+            "ping": self._h_ping, "run": self._h_run, "interrupt": self._h_interrupt,
+            "nodes": self._h_nodes, "keys": self._h_keys, "key": self._h_key,
+            "token": self._h_token, "log": self._h_log,
+        }
+        self.result_handlers: dict[str, Callable[[P.Message, NodeInfo], None]] = {
+            "node_hb": self._r_hb, "ack": self._r_ack, "output": self._r_output,
+            "result": self._r_result, "bye": self._r_bye,
+        }
+        store.event("hub_start", f"hub {fingerprint(inst.ident.key_id)} listening on "
+                    f"{interface} ports {self.ports}")
+        self._heartbeat()
+
+    # --- keys and ZAP ----------------------------------------------------------------------
+
+    def _set_key(self, info: KeyInfo, persist: bool = True) -> None:
+        keys = dict(self.keys)
+        keys[info.key_id] = info
+        self.keys = keys
+        self._by_curve = {curve_public(k): v for k, v in keys.items()}
+        if persist:
+            self.store.put_key(info.key_id, info.role, name=info.name, expires=info.expires,
+                               note=info.note)
+
+    def _zap(self, mech: str, client_key: bytes, address: str, routing_id: bytes) -> ZapDecision:
+        """Runs in the ZAP thread: allow only admin, node and live token keys."""
+        if mech != "CURVE":
+            return ZapDecision(False, reason=f"mechanism {mech} refused: CURVE only")
+        info = self._by_curve.get(client_key)
+        if info is not None and info.role in ALLOWED_ROLES:
+            if info.role == "token" and (info.expires or 0) < time.time():
+                return ZapDecision(False, reason="join token expired")
+            return ZapDecision(True, user_id=info.key_id)
+        self.inst.loop.call_soon_threadsafe(
+            lambda: self._note_denied(client_key, address, routing_id, info))
+        return ZapDecision(False, reason="unknown key")
+
+    def _note_denied(self, client_key: bytes, address: str, routing_id: bytes,
+                     info: KeyInfo | None) -> None:
+        """A key that failed the handshake: remember unknown ones as pending (bounded)."""
+        now = time.time()
+        ck = client_key.decode()
+        if now - self._pending_seen.get(ck, 0) < 10:
+            return
+        self._pending_seen[ck] = now
+        if len(self._pending_seen) > 10000:
+            self._pending_seen.clear()
+        name, key_id = _parse_routing_id(routing_id, client_key)
+        if info is not None:
+            self.store.event("handshake_refused", f"{info.role} key from {address}",
+                             level="warning", key_id=info.key_id)
+            return
+        if key_id is None:
+            self.store.event("handshake_refused", f"unknown CURVE key from {address}",
+                             level="warning")
+            return
+        pending = sum(1 for k in self.keys.values() if k.role == "pending")
+        if pending >= 1000:
+            self.store.event("handshake_refused", f"unknown key from {address} (pending full)",
+                             level="warning", key_id=key_id)
+            return
+        self._set_key(KeyInfo(key_id, "pending", name, None, f"from {address}"))
+        self.store.event("key_pending", f"unknown key {fingerprint(key_id)} ({name or '?'}) from "
+                         f"{address} waits for: odium keys accept {key_id}", key_id=key_id)
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _reject(self, where: str, uid: str, err: Exception) -> None:
+        now = time.monotonic()
+        self._rejected_budget = min(50.0, self._rejected_budget + (now - self._rejected_at) * 10)
+        self._rejected_at = now
+        if self._rejected_budget >= 1:
+            self._rejected_budget -= 1
+            self.store.event("rejected", f"{where}: {err}", level="warning",
+                             node=self.by_key.get(uid, ""), key_id=uid)
+        log.warning("rejected message on %s from %s: %s", where, uid[:12] or "?", err)
+
+    def _open(self, frame: zmq.Frame) -> tuple[P.Message, KeyInfo]:
+        uid = peer_user_id(frame)
+        info = self.keys.get(uid)
+        if info is None or info.role not in ALLOWED_ROLES:
+            raise AuthError("sender's key is not trusted (revoked or unknown)")
+        msg = P.open_message(frame.bytes, verify_key(uid), uid, max_size=self.max_message,
+                             replay=self.replay)
+        return msg, info
+
+    def _on_query(self, ) -> None:
+        sock = self.sockets["query"]
+        for frames in recv_frames(sock):
+            if len(frames) != 2:
+                self._reject("query", peer_user_id(frames[-1]), ProtocolError(
+                    f"expected 1 frame, got {len(frames) - 1}"))
+                continue
+            rid, frame = frames
+            uid = peer_user_id(frame)
+            try:
+                msg, info = self._open(frame)
+                roles = QUERY_TYPES.get(msg.type)
+                if roles is None:
+                    raise ProtocolError(f"message type {msg.type!r} is not a request")
+                if info.role not in roles:
+                    raise AuthError(f"a {info.role} key may not send {msg.type!r}")
+                reply = self._replier(rid.bytes, msg.env.id)
+                try:
+                    self.query_handlers[msg.type](msg, info, reply)
+                except OdiumError as e:
+                    reply(error=e)
+            except (ProtocolError, AuthError) as e:
+                self._reject("query", uid, e)
+                mid = P.peek_id(frame.bytes) if isinstance(e, ProtocolError) else None
+                self._send_query(rid.bytes, "error", P.ErrorReply(type(e).__name__, str(e)), mid)
+
+    def _replier(self, rid: bytes, re: str) -> Callable[..., None]:
+        def reply(data: Any = None, error: Exception | None = None) -> None:
+            if error is not None:
+                self._send_query(rid, "error", P.ErrorReply(type(error).__name__, str(error)), re)
+            else:
+                self._send_query(rid, "reply", P.Reply(data), re)
+        return reply
+
+    def _send_query(self, rid: bytes, type_: str, body: P.Body, re: str | None) -> None:
+        raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state, type_,
+                     body, re=re)
+        try:
+            self.sockets["query"].send_multipart([rid, raw], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("query reply dropped: peer not reading")
+
+    def _on_results(self) -> None:
+        for frames in recv_frames(self.sockets["results"]):
+            frame = frames[-1]
+            uid = peer_user_id(frame)
+            try:
+                if len(frames) != 1:
+                    raise ProtocolError(f"expected 1 frame, got {len(frames)}")
+                msg, info = self._open(frame)
+                roles = RESULT_TYPES.get(msg.type)
+                if roles is None:
+                    raise ProtocolError(f"message type {msg.type!r} does not go on the results "
+                                        "socket")
+                if info.role not in roles:
+                    raise AuthError(f"a {info.role} key may not send {msg.type!r}")
+                name = self.by_key.get(uid)
+                node = self.nodes.get(name) if name else None
+                if node is None:
+                    raise AuthError("node has not registered")
+                self._seen(node, msg.env.state)
+                self.result_handlers[msg.type](msg, node)
+            except (ProtocolError, AuthError) as e:
+                self._reject("results", uid, e)
+
+    # --- node liveness ---------------------------------------------------------------------
+
+    def _seen(self, node: NodeInfo, state: str) -> None:
+        node.last_seen = time.time()
+        if node.state != state:
+            node.state = state
+            self.store.put_node(node.name, state=state)
+        if node.status in ("lost", "offline", "left"):
+            node.status = "connecting"
+            self.store.event("node_back", f"{node.name} is back", node=node.name)
+            self.store.put_node(node.name, status="connecting")
+
+    def _heartbeat(self) -> None:
+        self._publish("hb", P.HubBeat(self.boot, self.hb_interval), seq=self.seq)
+
+    def _fast_heartbeat(self) -> None:
+        """While nodes are connecting, beat often so their SUB sockets prove themselves fast."""
+        if any(n.status == "connecting" for n in self.nodes.values()) and self._connecting_fast:
+            self._connecting_fast -= 1
+            self._heartbeat()
+            self.inst.loop.call_later(0.02, self._fast_heartbeat)
+        else:
+            self._connecting_fast = 0
+
+    def _kick_fast_heartbeat(self) -> None:
+        if not self._connecting_fast:
+            self._connecting_fast = 250
+            self.inst.loop.call_later(0.005, self._fast_heartbeat)
+        else:
+            self._connecting_fast = 250
+
+    def _check_liveness(self) -> None:
+        now = time.time()
+        limit = 3 * self.hb_interval
+        for node in self.nodes.values():
+            if node.status in ("ready", "connecting") and now - node.last_seen > limit:
+                self._node_gone(node, "lost",
+                                f"no heartbeat for {now - node.last_seen:.1f} s")
+        for b in list(self.broadcasts.values()):
+            if b.deadline is not None and time.monotonic() > b.deadline:
+                for name in b.targets:
+                    if name not in b.results:
+                        self._record(b, NodeResult(
+                            name, Status.TIMEOUT, state=self.nodes[name].state,
+                            error={"ename": "TimeoutError",
+                                   "evalue": "no result from the node in time", "traceback": ""}))
+
+    def _node_gone(self, node: NodeInfo, status: str, why: str) -> None:
+        node.status = status
+        self.store.event(f"node_{status}", f"{node.name}: {why}", level="warning",
+                         node=node.name)
+        self.store.put_node(node.name, status=status, last_seen=node.last_seen)
+        self._lose_running(node, why)
+
+    def _lose_running(self, node: NodeInfo, why: str) -> None:
+        for b in list(self.broadcasts.values()):
+            if node.name in b.targets and node.name not in b.results:
+                self._record(b, NodeResult(node.name, Status.LOST, state=node.state, error={
+                    "ename": "NodeLost", "evalue": f"node lost while running: {why}",
+                    "traceback": ""}))
+        node.running.clear()
+
+    # --- query handlers --------------------------------------------------------------------
+
+    def _h_ping(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        reply({"boot": self.boot, "seq": self.seq, "key": self.inst.ident.key_id})
+
+    def _h_join(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Join = msg.body  # type: ignore[assignment]
+        if info.note != body.token or (info.expires or 0) < time.time():
+            raise AuthError("join token does not match or has expired")
+        verify_proof(body.key, join_proof_bytes(body.token, self.inst.ident.key_id), body.proof)
+        taken = self.nodes.get(body.name)
+        if taken is not None and taken.key_id != body.key:
+            raise AuthError(f"node name {body.name!r} is taken by another key; choose another "
+                            "--name or revoke the old key")
+        self._set_key(KeyInfo(info.key_id, "used", "", info.expires, body.token))  # burn it
+        self._set_key(KeyInfo(body.key, "node", body.name, None, "joined with a token"))
+        self.store.event("join", f"{body.name} joined with a token ({fingerprint(body.key)})",
+                         node=body.name, key_id=body.key)
+        reply({"name": body.name, "hub": self.inst.ident.key_id})
+
+    def _h_register(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Register = msg.body  # type: ignore[assignment]
+        if info.name and info.name != body.name:
+            raise AuthError(f"this key is registered as {info.name!r}, not {body.name!r}")
+        other = self.nodes.get(body.name)
+        if other is not None and other.key_id != info.key_id:
+            raise AuthError(f"node name {body.name!r} belongs to another key")
+        if not info.name:
+            self._set_key(KeyInfo(info.key_id, info.role, body.name, info.expires, info.note))
+        node = self.nodes.get(body.name)
+        if node is None:
+            node = NodeInfo(body.name, info.key_id)
+            self.nodes[body.name] = node
+        if node.boot and node.boot != body.boot:
+            self._lose_running(node, "the node restarted")
+        if node.status in ("ready", "connecting") and node.boot == body.boot:
+            pass  # a retried register: nothing changes
+        else:
+            self.store.event("register", f"{body.name} registered (pid {body.pid} on "
+                             f"{body.host})", node=body.name, key_id=info.key_id)
+        node.boot, node.host, node.pid, node.capacity = body.boot, body.host, body.pid, body.capacity
+        node.state = msg.env.state
+        node.last_seen = time.time()
+        if node.status != "ready":
+            node.status = "connecting"
+        self.by_key[info.key_id] = body.name
+        self.store.put_node(body.name, key_id=info.key_id, status=node.status, state=node.state,
+                            host=node.host, pid=node.pid, capacity=node.capacity, boot=node.boot,
+                            last_seen=node.last_seen)
+        self._kick_fast_heartbeat()
+        reply({"hub_boot": self.boot, "seq": self.seq, "interval": self.hb_interval,
+               "ports": {k: v for k, v in self.ports.items() if k != "query"}})
+
+    def _h_fetch(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Fetch = msg.body  # type: ignore[assignment]
+        name = self.by_key.get(info.key_id, "")
+        out = [b.raw.decode() for b in sorted(self.broadcasts.values(), key=lambda b: b.seq)
+               if b.seq > body.since and name in b.targets and name not in b.results]
+        reply({"commands": out, "seq": self.seq})
+
+    def _h_run(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Run = msg.body  # type: ignore[assignment]
+        if msg.env.id in self.broadcasts:
+            raise ProtocolError("a run with this id is already going")
+        self.broadcast(body.code, body.nodes, kind=body.kind, timeout=body.timeout,
+                       session=body.session or f"cli-{msg.env.id[:12]}", issuer=info.key_id,
+                       cmd=msg.env.id,
+                       on_done=lambda r: reply({"result": r.to_dict()}))
+
+    def _h_interrupt(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Interrupt = msg.body  # type: ignore[assignment]
+        reply({"sent": self.interrupt(body.cmd)})
+
+    def _h_nodes(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Query = msg.body  # type: ignore[assignment]
+        reply({"nodes": self.node_list(body.pattern), "hub_state": self.inst.state})
+
+    def _h_keys(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        reply({"keys": self.key_list()})
+
+    def _h_key(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.KeyAction = msg.body  # type: ignore[assignment]
+        reply({"changed": self.key_action(body.action, body.pattern)})
+
+    def _h_token(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.TokenRequest = msg.body  # type: ignore[assignment]
+        reply({"token": self.make_token(body.ttl)})
+
+    def _h_log(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Query = msg.body  # type: ignore[assignment]
+        reply({"events": self.events(body.limit)})
+
+    # --- results handlers ------------------------------------------------------------------
+
+    def _r_hb(self, msg: P.Message, node: NodeInfo) -> None:
+        body: P.NodeBeat = msg.body  # type: ignore[assignment]
+        if body.boot != node.boot:
+            return  # a beat from an earlier run of the node, or before it registered again
+        if body.hub_boot == self.boot and node.status != "ready":
+            node.status = "ready"
+            self.store.put_node(node.name, status="ready", last_seen=node.last_seen)
+            self.store.event("node_ready", f"{node.name} is ready", node=node.name)
+            self.inst.notify()
+        # a command the hub thinks is running that the node does not know: it was lost
+        for cmd in list(node.running):
+            b = self.broadcasts.get(cmd)
+            if b is None or node.name in b.results:
+                node.running.discard(cmd)
+            elif cmd not in body.running and body.seq >= b.seq and cmd in b.acked:
+                self._record(b, NodeResult(node.name, Status.LOST, state=node.state, error={
+                    "ename": "NodeLost", "evalue": "the node no longer runs this command",
+                    "traceback": ""}))
+
+    def _r_ack(self, msg: P.Message, node: NodeInfo) -> None:
+        cmd = msg.body.cmd  # type: ignore[attr-defined]
+        b = self.broadcasts.get(cmd)
+        if b is not None and node.name in b.targets:
+            b.acked.add(node.name)
+            node.running.add(cmd)
+
+    def _r_output(self, msg: P.Message, node: NodeInfo) -> None:
+        body: P.Output = msg.body  # type: ignore[assignment]
+        b = self.broadcasts.get(body.cmd)
+        if b is not None:
+            for fn in b.output:
+                fn(node.name, body.stream, body.text)
+
+    def _r_result(self, msg: P.Message, node: NodeInfo) -> None:
+        body: P.ResultBody = msg.body  # type: ignore[assignment]
+        node.running.discard(body.cmd)
+        b = self.broadcasts.get(body.cmd)
+        if b is None or node.name not in b.targets or node.name in b.results:
+            return  # late or duplicate: the first answer (or timeout/lost) stands
+        self._record(b, NodeResult(
+            node.name, Status(body.status), body.stdout, body.stderr, body.value, body.value_repr,
+            body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
+            msg.env.state, body.started, body.finished))
+
+    def _r_bye(self, msg: P.Message, node: NodeInfo) -> None:
+        self._node_gone(node, "left", "the node stopped")
+
+    # --- broadcasting ----------------------------------------------------------------------
+
+    def _publish(self, type_: str, body: P.Body, *, to: list[str] | None = None, seq: int = 0,
+                 msg_id: str | None = None) -> bytes:
+        raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state, type_, body,
+                     to=to, seq=seq, msg_id=msg_id)
+        try:
+            self.sockets["pub"].send(raw, zmq.NOBLOCK)
+        except zmq.Again:  # high-water mark: nodes catch up over fetch
+            log.warning("PUB queue full; %s dropped", type_)
+        return raw
+
+    def broadcast(self, code: str, nodes: str = "*", *, kind: str = "python",
+                  timeout: float | None = None, session: str = "default",
+                  issuer: str | None = None, cmd: str | None = None,
+                  on_done: Callable[[Result], None] | None = None,
+                  on_output: Callable[[str, str, str], None] | None = None) -> Broadcast:
+        """Publish a command to the nodes matching ``nodes``; ``on_done`` gets the Result."""
+        if kind not in ("python", "shell"):
+            raise ProtocolError(f"kind must be 'python' or 'shell', not {kind!r}")
+        matched = match_nodes(nodes, sorted(self.nodes))
+        if not matched:
+            known = ", ".join(sorted(self.nodes)) or "none yet (add some: odium token)"
+            raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
+        cmd = cmd or P.new_id()
+        targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
+        self.seq += 1
+        body = P.Exec(cmd, kind, code, session, timeout,
+                      issuer if issuer != self.inst.ident.key_id else None)
+        raw = self._publish("exec", body, to=targets, seq=self.seq) if targets else b""
+        grace = max(2.0, 3 * self.hb_interval)
+        b = Broadcast(cmd, self.seq, raw, targets, {}, time.monotonic() + timeout + grace
+                      if timeout else None, time.time())
+        b.targets = matched  # every matched node gets an entry
+        if on_done:
+            b.callbacks.append(on_done)
+        if on_output:
+            b.output.append(on_output)
+        self.broadcasts[cmd] = b
+        row = CommandRow(id=cmd, seq=self.seq, kind=kind, code=code, session=session, nodes=nodes,
+                         targets=matched, issuer=issuer or self.inst.ident.key_id,
+                         state=self.inst.state, timeout=timeout, created=b.issued)
+        self.store.write(lambda s: s.add(row))
+        self.store.event("command", f"{kind} {cmd[:12]} to {nodes!r} ({len(targets)} of "
+                         f"{len(matched)} connected)", key_id=issuer or "")
+        for name in matched:
+            if name not in targets:
+                self._record(b, NodeResult(name, Status.NOT_CONNECTED,
+                                           state=self.nodes[name].state, error={
+                    "ename": "NotConnected", "evalue": f"node is {self.nodes[name].status}",
+                    "traceback": ""}))
+        return b
+
+    def interrupt(self, cmd: str) -> bool:
+        b = self.broadcasts.get(cmd)
+        if b is None:
+            return False
+        left = [n for n in b.targets if n not in b.results]
+        if left:
+            self._publish("interrupt", P.Interrupt(cmd), to=left)
+        return bool(left)
+
+    def _record(self, b: Broadcast, r: NodeResult) -> None:
+        if r.node in b.results:
+            return
+        b.results[r.node] = r
+        row = ResultRow(command_id=b.cmd, node=r.node, status=r.status.value, state=r.state,
+                        stdout=r.stdout, stderr=r.stderr, value=r.value, value_repr=r.value_repr,
+                        error=r.error, exit=r.exit, started=r.started, finished=r.finished)
+        self.store.write(lambda s: s.add(row))
+        if b.done:
+            del self.broadcasts[b.cmd]
+            result = Result(b.cmd, dict((n, b.results[n]) for n in b.targets), self.inst.state,
+                            b.issued)
+            status = "ok" if result.ok else "failed"
+            fin = time.time()
+            self.store.write(lambda s: _finish_command(s, b.cmd, status, fin))
+            for fn in b.callbacks:
+                try:
+                    fn(result)
+                except Exception:
+                    log.exception("result callback failed")
+
+    # --- admin views -----------------------------------------------------------------------
+
+    def node_list(self, pattern: str | None = None) -> list[dict[str, Any]]:
+        names = sorted(self.nodes)
+        if pattern:
+            names = match_nodes(pattern, names)
+        return [self.nodes[n].to_dict() for n in names]
+
+    def key_list(self) -> list[dict[str, Any]]:
+        return [{"key": k.key_id, "role": k.role, "name": k.name,
+                 "fingerprint": fingerprint(k.key_id), "note": k.note, "expires": k.expires}
+                for k in self.keys.values() if k.role not in ("used",)
+                and not (k.role == "token" and (k.expires or 0) < time.time())]
+
+    def key_action(self, action: str, pattern: str) -> list[str]:
+        """accept / reject / revoke keys chosen by key id, or a glob over their names."""
+        new_role = {"accept": "node", "reject": "rejected", "revoke": "revoked"}[action]
+        chosen = [k for k in self.keys.values()
+                  if (k.key_id == pattern or (k.name and match_nodes(pattern, [k.name])))
+                  and k.role not in ("used", "token")
+                  and k.key_id != self.inst.ident.key_id]
+        if action == "accept":
+            chosen = [k for k in chosen if k.role in ("pending", "rejected", "revoked")]
+        elif action == "reject":
+            chosen = [k for k in chosen if k.role == "pending"]
+        else:
+            chosen = [k for k in chosen if k.role in ("node", "admin")]
+        if not chosen:
+            raise OdiumError(f"no key to {action} matches {pattern!r}; see: odium keys list")
+        for k in chosen:
+            self._set_key(KeyInfo(k.key_id, new_role, k.name, None, k.note))
+            self.store.event(f"key_{action}", f"{k.name or '?'} {fingerprint(k.key_id)}",
+                             key_id=k.key_id)
+            if action == "revoke":
+                name = self.by_key.get(k.key_id)
+                if name and name in self.nodes:
+                    self._node_gone(self.nodes[name], "lost", "its key was revoked")
+        return [k.key_id for k in chosen]
+
+    def make_token(self, ttl: float = 3600.0) -> str:
+        address = self.public_address()
+        tok = Token.new(address, self.inst.ident.key_id, ttl)
+        self._set_key(KeyInfo(tok.identity.key_id, "token", "", tok.expires, tok.token_id))
+        self.store.event("token", f"join token issued, expires in {ttl:.0f} s")
+        return tok.encode()
+
+    def public_address(self) -> str:
+        host = self.interface
+        if host in ("*", "0.0.0.0"):
+            host = pysocket.getfqdn()
+        return f"tcp://{host}:{self.ports['query']}"
+
+    def events(self, limit: int = 50) -> list[dict[str, Any]]:
+        self.store.flush()
+        return [{"ts": e.ts, "level": e.level, "kind": e.kind, "node": e.node, "key": e.key_id,
+                 "detail": e.detail} for e in self.store.events(limit)]
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "interface": self.interface, "ports": self.ports,
+                "key": self.inst.ident.key_id, "boot": self.boot}
+
+    def write_info(self, home: Path) -> None:
+        path = home / "hub.json"
+        tmp = home / f".hub.json.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.info(), f)
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        for s in self.sockets.values():
+            try:
+                self.inst.loop.remove(s)
+            except KeyError:
+                pass
+            s.close(linger=0)
+        self.sockets.clear()
+        self.zap.close()
+
+
+def _finish_command(s: Any, cmd: str, status: str, fin: float) -> None:
+    row = s.get(CommandRow, cmd)
+    if row is not None:
+        row.status, row.finished = status, fin
+
+
+def join_proof_bytes(token_id: str, hub_key: str) -> bytes:
+    return f"odium-join\0{token_id}\0{hub_key}".encode()
+
+
+def _parse_routing_id(routing_id: bytes, client_key: bytes) -> tuple[str, str | None]:
+    """A node's query socket is named ``<name>/<key id>``. The CURVE key alone cannot give the
+    Ed25519 key id back, so a pending node tells it this way; we keep it only when the key id
+    really derives the CURVE key that tried the handshake."""
+    parts = routing_id.decode("utf-8", "replace").split("/")
+    name = parts[0] if parts and re.match(P.NAME_RE, parts[0]) else ""
+    if len(parts) >= 2 and re.match(P.KEY_RE, parts[1]):
+        try:
+            if curve_public(parts[1]) == client_key:
+                return name, parts[1]
+        except Exception:
+            pass
+    return name, None
+
+
+__all__ = ["HubCore", "match_nodes", "KeyRow"]

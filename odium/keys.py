@@ -1,0 +1,182 @@
+"""Identities and keys: Ed25519 signing keys, the CURVE keys derived from them, key files, join tokens.
+
+One key pair is one identity. Its public half, base64url without padding (43
+characters), is the *key id* that appears in every message's ``from``; the CURVE
+key pair used to encrypt the ZeroMQ links is derived from it (Ed25519 ->
+X25519), so a node publishes one public key and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import zmq
+import zmq.utils.z85
+from nacl import bindings
+from nacl.signing import SigningKey, VerifyKey
+
+from .errors import AuthError, ConfigError
+from .protocol import KEY_RE, b64url, new_id, unb64url
+
+_KEY_RE = re.compile(KEY_RE)
+TOKEN_PREFIX = "odt1."
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A signing key, its key id and the CURVE key pair derived from it."""
+
+    signing: SigningKey
+
+    @property
+    def key_id(self) -> str:
+        return b64url(bytes(self.signing.verify_key))
+
+    @property
+    def curve_public(self) -> bytes:
+        return curve_public(self.key_id)
+
+    @property
+    def curve_secret(self) -> bytes:
+        sk = bindings.crypto_sign_ed25519_sk_to_curve25519(
+            bytes(self.signing) + bytes(self.signing.verify_key)
+        )
+        return zmq.utils.z85.encode(sk)
+
+    @property
+    def seed(self) -> bytes:
+        return bytes(self.signing)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        if len(seed) != 32:
+            raise ConfigError("a key seed is 32 bytes")
+        return cls(SigningKey(seed))
+
+    def sign(self, data: bytes) -> str:
+        return b64url(self.signing.sign(data).signature)
+
+
+def check_key_id(key_id: str) -> str:
+    if not isinstance(key_id, str) or not _KEY_RE.match(key_id):
+        raise ConfigError(f"not an Odium public key (43 base64url characters): {key_id!r}")
+    return key_id
+
+
+@lru_cache(maxsize=4096)
+def verify_key(key_id: str) -> VerifyKey:
+    return VerifyKey(unb64url(check_key_id(key_id)))
+
+
+@lru_cache(maxsize=4096)
+def curve_public(key_id: str) -> bytes:
+    """The z85 CURVE public key that belongs to an Ed25519 key id."""
+    pk = bindings.crypto_sign_ed25519_pk_to_curve25519(unb64url(check_key_id(key_id)))
+    return zmq.utils.z85.encode(pk)
+
+
+def fingerprint(key_id: str) -> str:
+    """Short, readable form of a key for humans: 4 groups of 4 hex digits."""
+    h = hashlib.sha256(unb64url(key_id)).hexdigest()[:16]
+    return ":".join(h[i : i + 4] for i in range(0, 16, 4))
+
+
+def verify_proof(key_id: str, data: bytes, proof: str) -> None:
+    try:
+        verify_key(key_id).verify(data, unb64url(proof))
+    except Exception:
+        raise AuthError("proof of key possession does not verify") from None
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def ensure_home(home: str | os.PathLike[str]) -> Path:
+    """Create the home directory (0700) if needed; refuse one others can read."""
+    path = Path(home).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def load_or_create(path: Path) -> Identity:
+    """Read a key file (hex seed, mode 0600) or make a new one atomically."""
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"key file {path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
+            )
+        text = path.read_text().strip()
+        try:
+            return Identity.from_seed(bytes.fromhex(text))
+        except ValueError:
+            raise ConfigError(f"key file {path} is damaged (expected 64 hex digits)") from None
+    ident = Identity.generate()
+    write_key(path, ident)
+    return ident
+
+
+def write_key(path: Path, ident: Identity) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(ident.seed.hex() + "\n")
+    os.replace(tmp, path)
+
+
+# --- join tokens -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    """A single-use, expiring invitation: the hub's address and key, and a one-time identity."""
+
+    address: str
+    hub_key: str
+    token_id: str
+    seed: bytes
+    expires: float
+
+    @property
+    def identity(self) -> Identity:
+        return Identity.from_seed(self.seed)
+
+    def encode(self) -> str:
+        doc = {"a": self.address, "h": self.hub_key, "t": self.token_id,
+               "s": b64url(self.seed), "e": int(self.expires)}
+        return TOKEN_PREFIX + b64url(json.dumps(doc, separators=(",", ":")).encode())
+
+    @classmethod
+    def new(cls, address: str, hub_key: str, ttl: float) -> Token:
+        return cls(address, hub_key, new_id(), os.urandom(32), time.time() + ttl)
+
+    @classmethod
+    def decode(cls, text: str) -> Token:
+        text = text.strip()
+        if not text.startswith(TOKEN_PREFIX):
+            raise ConfigError("not an Odium join token (it starts with 'odt1.'); ask the hub for "
+                              "one with: odium token")
+        try:
+            doc = json.loads(unb64url(text[len(TOKEN_PREFIX):]))
+            tok = cls(str(doc["a"]), check_key_id(doc["h"]), str(doc["t"]),
+                      unb64url(doc["s"]), float(doc["e"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"damaged join token ({e}); copy it again from: odium token") from None
+        if len(tok.seed) != 32 or not re.fullmatch(r"[0-9a-f]{32}", tok.token_id):
+            raise ConfigError("damaged join token; copy it again from: odium token")
+        return tok

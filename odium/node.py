@@ -1,0 +1,362 @@
+"""The node part of an instance: joining a hub, heartbeats, receiving commands, returning results.
+
+The loop thread only listens and dispatches: commands go to the Executor, which
+runs them in worker processes and subprocesses; their events come back here and
+leave on the results socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket as pysocket
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import zmq
+
+from . import protocol as P
+from .errors import AuthError, ConfigError, OdiumError, ProtocolError
+from .executor import Executor
+from .hub import join_proof_bytes
+from .keys import Identity, Token, verify_key
+from .transport import client_socket, recv_frames
+
+if TYPE_CHECKING:
+    from .instance import Instance
+
+log = logging.getLogger("odium.node")
+
+REQUEST_RETRY = 2.0  # seconds before a query is sent again
+TICK = 0.05
+
+
+@dataclass
+class _Request:
+    type: str
+    body: P.Body
+    on_reply: Callable[[P.Message], None]
+    sent: float
+    sock: zmq.Socket[Any]
+
+
+def parse_endpoint(address: str) -> tuple[str, int]:
+    u = urlparse(address)
+    if u.scheme != "tcp" or not u.hostname or not u.port:
+        raise ConfigError(f"hub address must look like tcp://HOST:PORT, not {address!r}")
+    return u.hostname, u.port
+
+
+class NodeCore:
+    """Joins one hub and serves it."""
+
+    def __init__(self, inst: Instance, address: str, hub_key: str, name: str, *,
+                 token: Token | None = None, capacity: int | None = None) -> None:
+        self.inst = inst
+        self.name = name
+        if not __import__("re").match(P.NAME_RE, name):
+            raise ConfigError(f"bad node name {name!r}: letters, digits, '.', '_', '-' (max 64)")
+        self.host, self.query_port = parse_endpoint(address)
+        self.address = address
+        self.hub_key = hub_key
+        self.vk = verify_key(hub_key)
+        self.capacity = capacity or os.cpu_count() or 1
+        self.boot = P.new_id()
+        self.replay = P.ReplayCache()
+        self.hub_boot: str | None = None  # from the register reply
+        self.heard_boot: str | None = None  # the hub boot last heard on SUB
+        self.interval = 1.0
+        self.seq = 0
+        self.last_heard = time.monotonic()
+        self.last_beat = 0.0
+        self.registered = False
+        self.requests: dict[str, _Request] = {}
+        self.done: OrderedDict[str, None] = OrderedDict()
+        self.outbox: deque[bytes] = deque(maxlen=100_000)
+        self.sub: zmq.Socket[Any] | None = None
+        self.push: zmq.Socket[Any] | None = None
+        self.pull: zmq.Socket[Any] | None = None
+        self.query: zmq.Socket[Any] | None = None
+        self.join_sock: zmq.Socket[Any] | None = None
+        self.error: OdiumError | None = None
+        self.executor = Executor(inst.loop, str(inst.app), self._on_exec_event)
+        self.sub_handlers: dict[str, Callable[[P.Message], None]] = {
+            "hb": self._on_hb, "exec": self._on_exec, "interrupt": self._on_interrupt,
+        }
+        inst.loop.every(TICK, self._tick)
+        if token is not None:
+            self._join(token)
+        else:
+            self._open_query()
+            self._register()
+
+    # --- sockets ---------------------------------------------------------------------------
+
+    def _endpoint(self, port: int) -> str:
+        return f"tcp://{self.host}:{port}"
+
+    def _open_query(self) -> None:
+        rid = f"{self.name}/{self.inst.ident.key_id}".encode()
+        self.query = client_socket(self.inst.ctx, zmq.DEALER, self.inst.ident, self.hub_key,
+                                   self.address, routing_id=rid)
+        q = self.query
+        self.inst.loop.add(q, lambda: self._on_query(q))
+
+    def _open_data(self, ports: dict[str, int]) -> None:
+        if self.sub is not None:
+            return
+        ctx, ident, key = self.inst.ctx, self.inst.ident, self.hub_key
+        self.sub = client_socket(ctx, zmq.SUB, ident, key, self._endpoint(ports["pub"]))
+        self.push = client_socket(ctx, zmq.PUSH, ident, key, self._endpoint(ports["results"]),
+                                  immediate=True)
+        self.pull = client_socket(ctx, zmq.PULL, ident, key, self._endpoint(ports["jobs"]))
+        self.inst.loop.add(self.sub, self._on_sub)
+
+    # --- requests on the query socket ------------------------------------------------------
+
+    def _request(self, sock: zmq.Socket[Any], type_: str, body: P.Body,
+                 on_reply: Callable[[P.Message], None]) -> None:
+        ident = self.inst.ident if sock is self.query else self._token_ident
+        mid = P.new_id()
+        raw = P.seal(ident.signing, ident.key_id, self.inst.state, type_, body, msg_id=mid)
+        self.requests[mid] = _Request(type_, body, on_reply, time.monotonic(), sock)
+        try:
+            sock.send(raw, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # retried by the tick
+
+    def _on_query(self, sock: zmq.Socket[Any]) -> None:
+        for frames in recv_frames(sock):
+            try:
+                msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key,
+                                     replay=self.replay)
+            except (ProtocolError, AuthError) as e:
+                log.warning("rejected reply from hub: %s", e)
+                continue
+            req = self.requests.pop(msg.env.re or "", None)
+            if req is None:
+                continue  # answer to a request we already retried
+            for mid, other in list(self.requests.items()):  # drop retries' twins
+                if other.type == req.type and other.sock is req.sock:
+                    del self.requests[mid]
+            if msg.type == "error":
+                self._on_error_reply(req, msg.body)  # type: ignore[arg-type]
+            else:
+                req.on_reply(msg)
+
+    def _on_error_reply(self, req: _Request, err: P.ErrorReply) -> None:
+        text = f"hub refused {req.type}: {err.message}"
+        log.error(text)
+        if req.type in ("join", "register"):
+            self.error = AuthError(text) if err.kind == "AuthError" else OdiumError(text)
+            self.inst.notify()
+            self.inst.loop.stop()
+
+    # --- joining ---------------------------------------------------------------------------
+
+    def _join(self, token: Token) -> None:
+        self._token_ident = token.identity
+        self.join_sock = client_socket(self.inst.ctx, zmq.DEALER, token.identity, self.hub_key,
+                                       self.address, routing_id=f"join/{token.token_id}".encode())
+        js = self.join_sock
+        self.inst.loop.add(js, lambda: self._on_query(js))
+        proof = self.inst.ident.sign(join_proof_bytes(token.token_id, self.hub_key))
+        self._request(js, "join", P.Join(token.token_id, self.inst.ident.key_id, self.name,
+                                         proof), self._joined)
+
+    def _joined(self, msg: P.Message) -> None:
+        if self.join_sock is not None:
+            self.inst.loop.remove(self.join_sock)
+            self.join_sock.close(linger=0)
+            self.join_sock = None
+        save_joined(self.inst.home, self.address, self.hub_key, self.name)
+        log.info("joined hub at %s as %s", self.address, self.name)
+        self._open_query()
+        self._register()
+
+    def _register(self) -> None:
+        assert self.query is not None
+        body = P.Register(self.name, self.boot, self.capacity, os.getpid(), pysocket.gethostname(),
+                          str(self.inst.app))
+        self._request(self.query, "register", body, self._registered)
+
+    def _registered(self, msg: P.Message) -> None:
+        data = msg.body.data  # type: ignore[attr-defined]
+        self.hub_boot = data["hub_boot"]
+        self.interval = float(data["interval"])
+        self.registered = True
+        self.last_heard = time.monotonic()
+        self._open_data(data["ports"])
+        if not self.inst.home.joinpath("joined.json").exists():
+            save_joined(self.inst.home, self.address, self.hub_key, self.name)
+        self._fetch()
+        if self.heard_boot == self.hub_boot:
+            self._beat()
+
+    def _fetch(self) -> None:
+        if self.query is None or any(r.type == "fetch" for r in self.requests.values()):
+            return
+        self._request(self.query, "fetch", P.Fetch(self.seq), self._fetched)
+
+    def _fetched(self, msg: P.Message) -> None:
+        data = msg.body.data  # type: ignore[attr-defined]
+        for raw in data["commands"]:
+            try:
+                m = P.open_message(raw.encode(), self.vk, self.hub_key)
+            except (ProtocolError, AuthError) as e:
+                log.warning("rejected fetched command: %s", e)
+                continue
+            if m.type == "exec":
+                self._on_exec(m)
+        self.seq = max(self.seq, int(data["seq"]))
+
+    # --- from the hub ----------------------------------------------------------------------
+
+    def _on_sub(self) -> None:
+        assert self.sub is not None
+        for frames in recv_frames(self.sub):
+            try:
+                msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key, replay=self.replay)
+                handler = self.sub_handlers.get(msg.type)
+                if handler is None:
+                    raise ProtocolError(f"message type {msg.type!r} does not come on PUB")
+            except (ProtocolError, AuthError) as e:
+                log.warning("rejected message from hub: %s", e)
+                continue
+            self.last_heard = time.monotonic()
+            handler(msg)
+
+    def _on_hb(self, msg: P.Message) -> None:
+        body: P.HubBeat = msg.body  # type: ignore[assignment]
+        first = self.heard_boot != body.boot
+        self.heard_boot = body.boot
+        self.interval = body.interval
+        if self.hub_boot is not None and body.boot != self.hub_boot:
+            log.info("hub restarted; registering again")
+            self.hub_boot = None
+            self.registered = False
+            self._register()
+            return
+        if msg.env.seq > self.seq:
+            self._fetch()
+        if first and self.registered:
+            self._beat()
+
+    def _on_exec(self, msg: P.Message) -> None:
+        if msg.env.seq > self.seq + 1 and self.registered:
+            self._fetch()  # a gap: something was lost on PUB/SUB
+        self.seq = max(self.seq, msg.env.seq)
+        if self.name not in msg.env.to:
+            return
+        body: P.Exec = msg.body  # type: ignore[assignment]
+        if body.cmd in self.done:
+            return  # exactly once: already received (over PUB or fetch)
+        self.done[body.cmd] = None
+        while len(self.done) > 100_000:
+            self.done.popitem(last=False)
+        self._send("ack", P.Ack(body.cmd))
+        self.executor.submit(body.cmd, body.kind, body.code, body.session, body.timeout)
+
+    def _on_interrupt(self, msg: P.Message) -> None:
+        if self.name in msg.env.to:
+            self.executor.interrupt(msg.body.cmd)  # type: ignore[attr-defined]
+
+    # --- to the hub ------------------------------------------------------------------------
+
+    def _on_exec_event(self, ev: dict[str, Any]) -> None:
+        if ev["op"] == "out":
+            self._send("output", P.Output(ev["cmd"], ev["stream"], ev["text"]))
+        elif ev["op"] == "done":
+            r = ev["result"]
+            err = r.get("error")
+            body = P.ResultBody(
+                ev["cmd"], r["status"], r["started"], r["finished"], r.get("stdout", ""),
+                r.get("stderr", ""), r.get("value"), r.get("value_repr"), r.get("value_json", True),
+                P.ErrorInfo(err["ename"], err["evalue"], err.get("traceback", "")) if err else None,
+                r.get("exit"))
+            self._send("result", body, keep=True)
+
+    def _send(self, type_: str, body: P.Body, keep: bool = False) -> None:
+        raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state, type_,
+                     body)
+        if self.push is None:
+            if keep:
+                self.outbox.append(raw)
+            return
+        if self.outbox and keep:
+            self.outbox.append(raw)
+            return
+        try:
+            self.push.send(raw, zmq.NOBLOCK)
+        except zmq.Again:
+            if keep:
+                self.outbox.append(raw)
+
+    def _flush_outbox(self) -> None:
+        while self.outbox and self.push is not None:
+            try:
+                self.push.send(self.outbox[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.outbox.popleft()
+
+    def _beat(self) -> None:
+        self.last_beat = time.monotonic()
+        self._send("node_hb", P.NodeBeat(self.boot, self.heard_boot, self.seq,
+                                         self.executor.running()))
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for mid, req in list(self.requests.items()):
+            if now - req.sent > REQUEST_RETRY:
+                del self.requests[mid]
+                self._request(req.sock, req.type, req.body, req.on_reply)
+        if self.registered and now - self.last_beat >= self.interval:
+            self._beat()
+        self._flush_outbox()
+
+    def close(self) -> None:
+        if self.push is not None and self.registered:
+            try:
+                raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state,
+                             "bye", P.Empty())
+                self.push.send(raw, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.executor.close()
+        for s in (self.sub, self.push, self.pull, self.query, self.join_sock):
+            if s is not None:
+                try:
+                    self.inst.loop.remove(s)
+                except KeyError:
+                    pass
+                s.close(linger=0 if s is not self.push else 200)
+
+
+def save_joined(home: Any, address: str, hub_key: str, name: str) -> None:
+    path = home / "joined.json"
+    tmp = home / f".joined.json.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"address": address, "hub_key": hub_key, "name": name}, f)
+    os.replace(tmp, path)
+
+
+def load_joined(home: Any) -> dict[str, str] | None:
+    path = home / "joined.json"
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        return {"address": str(d["address"]), "hub_key": str(d["hub_key"]),
+                "name": str(d["name"])}
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is damaged; join again with a new token") from None
+
+
+__all__ = ["NodeCore", "Identity"]

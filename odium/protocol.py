@@ -1,0 +1,393 @@
+"""The wire: the signed JSON envelope, every message type and its body, sealing and opening.
+
+Pure: no sockets, no database. See docs/protocol.md for the written form.
+
+A message on the wire is one JSON object. Its last member is ``"sig"``: the
+Ed25519 signature (base64url, no padding) of the exact bytes of the object
+without that member. The sender writes the canonical JSON of the envelope
+(sorted keys, no spaces, ASCII), signs it, and splices ``,"sig":"..."`` in
+before the closing brace. The receiver checks size, cuts the signature off
+the end, verifies it with the key the link says the sender has, and only
+then parses and validates.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from collections import OrderedDict
+from typing import Annotated, Any, Literal
+
+import msgspec
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from .errors import AuthError, ProtocolError
+
+VERSION = 1
+MAX_MESSAGE = 16 * 1024 * 1024  # default limit on one frame, bytes
+REPLAY_WINDOW = 300.0  # seconds a message stays acceptable (and remembered)
+
+SIG_LEN = 86  # base64url of a 64-byte signature, no padding
+_SIG_HEAD = b',"sig":"'
+_SUFFIX_LEN = len(_SIG_HEAD) + SIG_LEN + 2  # ... ,"sig":"<86>"}
+
+# Identifiers: validated everywhere, never used raw as paths or SQL.
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+KEY_RE = r"^[A-Za-z0-9_-]{43}$"
+ID_RE = r"^[0-9a-f]{32}$"
+STATE_RE = r"^(unversioned|unknown|[0-9a-f]{40}(\+dirty\.[0-9a-f]{12,64})?)$"
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
+KeyId = Annotated[str, msgspec.Meta(pattern=KEY_RE)]
+MsgId = Annotated[str, msgspec.Meta(pattern=ID_RE)]
+StateId = Annotated[str, msgspec.Meta(pattern=STATE_RE)]
+Text = Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
+Glob = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)]
+
+
+class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every message body: unknown keys are errors."""
+
+
+class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What every message carries around its body."""
+
+    v: int
+    type: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
+    id: MsgId
+    from_: KeyId = msgspec.field(name="from")
+    ts: float
+    state: StateId
+    body: msgspec.Raw
+    to: list[Name] = []
+    seq: Annotated[int, msgspec.Meta(ge=0)] = 0
+    re: MsgId | None = None
+
+
+# --- bodies --------------------------------------------------------------------------------
+
+
+class HubBeat(Body):
+    """Hub heartbeat on PUB: who the hub is this run, and the newest command sequence."""
+
+    boot: MsgId
+    interval: Seconds
+
+
+class NodeBeat(Body):
+    """Node heartbeat on PUSH."""
+
+    boot: MsgId
+    hub_boot: MsgId | None = None  # the hub boot this node last heard on its SUB socket
+    seq: int = 0  # the newest command sequence the node has seen
+    running: list[MsgId] = []
+
+
+class Exec(Body):
+    """A command: Python source or a shell command, for the nodes named in ``to``."""
+
+    cmd: MsgId
+    kind: Literal["python", "shell"]
+    code: Text
+    session: Name = "default"
+    timeout: Seconds | None = None
+    issuer: KeyId | None = None  # the admin key that asked for it, when not the hub itself
+
+
+class Interrupt(Body):
+    cmd: MsgId
+
+
+class Ack(Body):
+    cmd: MsgId
+
+
+class Output(Body):
+    cmd: MsgId
+    stream: Literal["stdout", "stderr"]
+    text: Text
+
+
+class ErrorInfo(Body):
+    ename: str
+    evalue: str
+    traceback: str = ""
+
+
+class ResultBody(Body):
+    """What a node sends back for one command."""
+
+    cmd: MsgId
+    status: Literal["ok", "error", "timeout", "interrupted"]
+    started: float
+    finished: float
+    stdout: Text = ""
+    stderr: Text = ""
+    value: Any = None  # the last expression's value, as JSON
+    value_repr: str | None = None  # repr() of it; the only form when it is not JSON
+    value_json: bool = True
+    error: ErrorInfo | None = None
+    exit: int | None = None  # shell exit status
+
+
+class Join(Body):
+    """Sent over a token's one-time key: the node's own key, with proof it holds it."""
+
+    token: MsgId
+    key: KeyId
+    name: Name
+    proof: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{86}$")]
+
+
+class Register(Body):
+    name: Name
+    boot: MsgId
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    pid: int = 0
+    host: str = ""
+    app: str = ""
+
+
+class Fetch(Body):
+    since: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Run(Body):
+    """Admin request: broadcast a command and answer with the whole result."""
+
+    code: Text
+    nodes: Glob = "*"
+    kind: Literal["python", "shell"] = "python"
+    session: Name | None = None
+    timeout: Seconds | None = None
+
+
+class Query(Body):
+    """Admin request with no arguments beyond an optional limit/filter."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
+    pattern: Glob | None = None
+
+
+class KeyAction(Body):
+    action: Literal["accept", "reject", "revoke"]
+    pattern: Glob  # a key id, a node name, or a glob over names
+
+
+class TokenRequest(Body):
+    ttl: Seconds = 3600.0
+
+
+class Reply(Body):
+    """Answer to a request on the query socket."""
+
+    data: Any = None
+
+
+class ErrorReply(Body):
+    kind: str
+    message: str
+
+
+class Empty(Body):
+    pass
+
+
+# type -> body struct. One entry per message type; see docs/protocol.md.
+BODIES: dict[str, type[Body]] = {
+    "hb": HubBeat,
+    "exec": Exec,
+    "interrupt": Interrupt,
+    "node_hb": NodeBeat,
+    "ack": Ack,
+    "output": Output,
+    "result": ResultBody,
+    "join": Join,
+    "register": Register,
+    "fetch": Fetch,
+    "run": Run,
+    "nodes": Query,
+    "log": Query,
+    "keys": Query,
+    "key": KeyAction,
+    "token": TokenRequest,
+    "ping": Empty,
+    "bye": Empty,
+    "reply": Reply,
+    "error": ErrorReply,
+}
+
+_env_decoder = msgspec.json.Decoder(Envelope)
+_body_decoders = {t: msgspec.json.Decoder(b) for t, b in BODIES.items()}
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64url(text: str | bytes) -> bytes:
+    if isinstance(text, str):
+        text = text.encode("ascii")
+    try:
+        return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as e:
+        raise ProtocolError(f"not base64url: {e}") from None
+
+
+class Message(msgspec.Struct, frozen=True):
+    """An opened message: its envelope and its decoded body."""
+
+    env: Envelope
+    body: Body
+
+    @property
+    def type(self) -> str:
+        return self.env.type
+
+    @property
+    def sender(self) -> str:
+        return self.env.from_
+
+
+def seal(
+    key: SigningKey,
+    sender: str,
+    state: str,
+    type_: str,
+    body: Body,
+    *,
+    to: list[str] | None = None,
+    seq: int = 0,
+    re: str | None = None,
+    msg_id: str | None = None,
+) -> bytes:
+    """Encode and sign one message; returns the exact bytes for the wire."""
+    if type(body) is not BODIES.get(type_):
+        raise ProtocolError(f"message type {type_!r} takes {BODIES.get(type_)}, not {type(body)}")
+    env: dict[str, Any] = {
+        "v": VERSION,
+        "type": type_,
+        "id": msg_id or new_id(),
+        "from": sender,
+        "ts": time.time(),
+        "state": state,
+        "body": body,
+    }
+    if to:
+        env["to"] = to
+    if seq:
+        env["seq"] = seq
+    if re:
+        env["re"] = re
+    raw = _encoder.encode(env)
+    sig = key.sign(raw).signature
+    return raw[:-1] + _SIG_HEAD + b64url(sig).encode("ascii") + b'"}'
+
+
+def split_signature(data: bytes, max_size: int = MAX_MESSAGE) -> tuple[bytes, bytes]:
+    """Check size and shape; return (signed bytes, signature). Parses nothing."""
+    if len(data) > max_size:
+        raise ProtocolError(f"message of {len(data)} bytes is over the limit of {max_size}")
+    if len(data) < _SUFFIX_LEN + 2 or not data.endswith(b'"}'):
+        raise ProtocolError("not a signed Odium message (no trailing signature)")
+    if data[-_SUFFIX_LEN : -_SUFFIX_LEN + len(_SIG_HEAD)] != _SIG_HEAD:
+        raise ProtocolError("not a signed Odium message (signature is not the last member)")
+    sig = unb64url(data[-SIG_LEN - 2 : -2])
+    if len(sig) != 64:
+        raise ProtocolError("signature is not 64 bytes")
+    return data[:-_SUFFIX_LEN] + b"}", sig
+
+
+def open_message(
+    data: bytes,
+    verify_key: VerifyKey,
+    expected_sender: str,
+    *,
+    max_size: int = MAX_MESSAGE,
+    replay: ReplayCache | None = None,
+    now: float | None = None,
+) -> Message:
+    """Verify, then parse, then validate one message from ``expected_sender``.
+
+    Raises ProtocolError for a malformed message and AuthError for one that fails
+    authentication (bad signature, wrong sender, stale, replayed).
+    """
+    signed, sig = split_signature(data, max_size)
+    try:
+        verify_key.verify(signed, sig)
+    except BadSignatureError:
+        raise AuthError("bad signature") from None
+    try:
+        env = _env_decoder.decode(signed)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"bad envelope: {e}") from None
+    if env.v != VERSION:
+        raise ProtocolError(f"protocol version {env.v} is not supported (expected {VERSION})")
+    if env.from_ != expected_sender:
+        raise AuthError(
+            f"'from' {env.from_[:12]}… does not match the link's identity {expected_sender[:12]}…"
+        )
+    if replay is not None:
+        replay.check(env.id, env.ts, now)
+    return Message(env, decode_body(env))
+
+
+def decode_body(env: Envelope) -> Body:
+    dec = _body_decoders.get(env.type)
+    if dec is None:
+        raise ProtocolError(f"unknown message type {env.type!r}")
+    try:
+        return dec.decode(env.body)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"bad body for {env.type!r}: {e}") from None
+
+
+def peek_id(data: bytes) -> str | None:
+    """Best-effort message id of a message that failed to open (to address an error reply)."""
+    try:
+        env = msgspec.json.decode(data[: -_SUFFIX_LEN] + b"}" if data.endswith(b'"}') else data)
+        mid = env.get("id") if isinstance(env, dict) else None
+        return mid if isinstance(mid, str) and len(mid) == 32 else None
+    except Exception:
+        return None
+
+
+class ReplayCache:
+    """Remembers message ids for the replay window; rejects repeats and stale messages."""
+
+    def __init__(self, window: float = REPLAY_WINDOW, max_entries: int = 1_000_000) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def check(self, msg_id: str, ts: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if abs(now - ts) > self.window:
+            raise AuthError(f"message timestamp is {now - ts:+.0f} s off (window {self.window} s)")
+        seen = self._seen
+        while seen:
+            oldest_id, t = next(iter(seen.items()))
+            if now - t > 2 * self.window or len(seen) >= self.max_entries:
+                seen.popitem(last=False)
+            else:
+                break
+        if msg_id in seen:
+            raise AuthError(f"replayed message {msg_id}")
+        seen[msg_id] = now
+
+
+def encode_json(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def to_builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,289 @@
+"""The store: SQLAlchemy models and sessions for keys, nodes, commands, results and the event log.
+
+SQLite in the instance's home by default (WAL), any SQLAlchemy URL by
+configuration. Writes go through one writer thread that commits in batches,
+so the hub's loop never waits on the disk; reads run in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from .errors import ConfigError
+from .errors import TimeoutError as OdiumTimeout
+
+log = logging.getLogger("odium.store")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class KeyRow(Base):
+    """A public key the hub knows, and what it may do: admin, node, token, pending, rejected,
+    revoked. Only admin, node and unexpired token keys complete a handshake."""
+
+    __tablename__ = "keys"
+    key_id: Mapped[str] = mapped_column(String(43), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), index=True)
+    name: Mapped[str] = mapped_column(String(64), default="")
+    address: Mapped[str] = mapped_column(String(128), default="")
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+    expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    note: Mapped[str] = mapped_column(String(256), default="")
+
+
+class NodeRow(Base):
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(43), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(128), default="unknown")
+    host: Mapped[str] = mapped_column(String(256), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    capacity: Mapped[int] = mapped_column(Integer, default=1)
+    boot: Mapped[str] = mapped_column(String(32), default="")
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class CommandRow(Base):
+    __tablename__ = "commands"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    code: Mapped[str] = mapped_column(Text)
+    session: Mapped[str] = mapped_column(String(64))
+    nodes: Mapped[str] = mapped_column(String(4096))
+    targets: Mapped[list[str]] = mapped_column(JSON)
+    issuer: Mapped[str] = mapped_column(String(43))
+    state: Mapped[str] = mapped_column(String(128))
+    timeout: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+
+
+class ResultRow(Base):
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("command_id", "node"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    command_id: Mapped[str] = mapped_column(String(32), index=True)
+    node: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(128), default="unknown")
+    stdout: Mapped[str] = mapped_column(Text, default="")
+    stderr: Mapped[str] = mapped_column(Text, default="")
+    value: Mapped[Any] = mapped_column(JSON, nullable=True)
+    value_repr: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[Any] = mapped_column(JSON, nullable=True)
+    exit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class EventRow(Base):
+    """The log: joins, leaves, commands, rejected messages, errors."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    level: Mapped[str] = mapped_column(String(8))
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    node: Mapped[str] = mapped_column(String(64), default="")
+    key_id: Mapped[str] = mapped_column(String(43), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class MetaRow(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def default_url(home: Path) -> str:
+    return f"sqlite:///{home / 'odium.db'}"
+
+
+class Store:
+    """Engine, schema, a batching writer thread and the reads the hub and CLI need."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            self.engine: Engine = create_engine(url, future=True)
+        except (SQLAlchemyError, ValueError, ImportError) as e:
+            raise ConfigError(f"cannot use database {url!r}: {e}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as e:
+            raise ConfigError(f"cannot open database {url!r}: {e}") from None
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self._queue: queue.Queue[Callable[[Session], None] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="odium-store", daemon=True)
+        self._writer.start()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def write(self, fn: Callable[[Session], None]) -> None:
+        """Queue a change; the writer thread applies it in the next batch."""
+        self._queue.put(fn)
+
+    def _write_loop(self) -> None:
+        q = self._queue
+        while True:
+            fn = q.get()
+            batch = [fn]
+            while len(batch) < 2000:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            work = [f for f in batch if f is not None]
+            if work:
+                self._apply(work)
+            for _ in batch:
+                q.task_done()
+            if stop:
+                return
+
+    def _apply(self, work: list[Callable[[Session], None]]) -> None:
+        try:
+            with self.session.begin() as s:
+                for fn in work:
+                    fn(s)
+                    s.flush()
+        except SQLAlchemyError:
+            log.exception("batch of %d writes failed; retrying one by one", len(work))
+            for fn in work:
+                try:
+                    with self.session.begin() as s:
+                        fn(s)
+                except SQLAlchemyError:
+                    log.exception("write dropped")
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every queued write is committed."""
+        done = threading.Event()
+        self.write(lambda s: done.set())
+        if not done.wait(timeout):
+            raise OdiumTimeout(f"store writes not committed after {timeout} s")
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(10)
+        self.engine.dispose()
+
+    # --- convenience writes ----------------------------------------------------------------
+
+    def event(self, kind: str, detail: str = "", *, level: str = "info", node: str = "",
+              key_id: str = "") -> None:
+        row = EventRow(ts=time.time(), level=level, kind=kind, node=node[:64],
+                       key_id=key_id[:43], detail=detail[:4000])
+        self.write(lambda s: s.add(row))
+
+    def put_key(self, key_id: str, role: str, *, name: str = "", address: str = "",
+                expires: float | None = None, note: str = "") -> None:
+        now = time.time()
+
+        def fn(s: Session) -> None:
+            row = s.get(KeyRow, key_id)
+            if row is None:
+                s.add(KeyRow(key_id=key_id, role=role, name=name, address=address, created=now,
+                             updated=now, expires=expires, note=note))
+            else:
+                row.role, row.updated = role, now
+                if name:
+                    row.name = name
+                if address:
+                    row.address = address
+                row.expires = expires
+                if note:
+                    row.note = note
+
+        self.write(fn)
+
+    def put_node(self, name: str, **fields: Any) -> None:
+        now = time.time()
+
+        def fn(s: Session) -> None:
+            row = s.get(NodeRow, name)
+            if row is None:
+                row = NodeRow(name=name, key_id=fields.get("key_id", ""), status="new",
+                              first_seen=now, last_seen=now)
+                s.add(row)
+            for k, v in fields.items():
+                setattr(row, k, v)
+
+        self.write(fn)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.write(lambda s: s.merge(MetaRow(key=key, value=value)))
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def keys(self) -> list[KeyRow]:
+        with self.session() as s:
+            return list(s.scalars(select(KeyRow).order_by(KeyRow.created)))
+
+    def nodes(self) -> list[NodeRow]:
+        with self.session() as s:
+            return list(s.scalars(select(NodeRow).order_by(NodeRow.name)))
+
+    def events(self, limit: int = 50, kind: str | None = None) -> list[EventRow]:
+        with self.session() as s:
+            q = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
+            if kind:
+                q = q.where(EventRow.kind == kind)
+            return list(reversed(list(s.scalars(q))))
+
+    def meta(self, key: str, default: str = "") -> str:
+        with self.session() as s:
+            row = s.get(MetaRow, key)
+            return row.value if row else default
+
+    def max_seq(self) -> int:
+        with self.session() as s:
+            from sqlalchemy import func
+
+            return int(s.scalar(select(func.max(CommandRow.seq))) or 0)
+
+    def results_for(self, command_id: str) -> list[ResultRow]:
+        with self.session() as s:
+            return list(s.scalars(select(ResultRow).where(ResultRow.command_id == command_id)))
