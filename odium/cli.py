@@ -199,7 +199,10 @@ def cmd_node(args: argparse.Namespace) -> int:
 
         check_key_id(hub_key)
         node = inst.start_node(address, hub_key, name, token=token, capacity=args.capacity)
-        print(f"odium node {name} ({inst.ident.key_id}) joining {address}; state {inst.state}",
+        from .keys import fingerprint
+
+        print(f"odium node {name} key {inst.ident.key_id} ({fingerprint(inst.ident.key_id)}) "
+              f"joining {address}; state {inst.state}",
               flush=True)
         if token is None and joined is None:
             print(f"if the hub does not know this key yet, accept it there with: odium keys "

@@ -22,7 +22,8 @@ import zmq
 
 from . import protocol as P
 from .errors import AuthError, NotConnectedError, OdiumError, ProtocolError
-from .keys import Identity, Token, curve_public, fingerprint, verify_key, verify_proof
+from .keys import (Identity, Token, curve_fingerprint, curve_public, fingerprint, verify_key,
+                   verify_proof)
 from .results import NodeResult, Result, Status
 from .store import CommandRow, KeyRow, ResultRow, Store
 from .transport import ZapDecision, ZapHandler, peer_user_id, recv_frames, server_socket
@@ -178,7 +179,9 @@ class HubCore:
         keys = dict(self.keys)
         keys[info.key_id] = info
         self.keys = keys
-        self._by_curve = {curve_public(k): v for k, v in keys.items()}
+        # pending/rejected entries of keys never trusted are keyed by their CURVE key (z85)
+        self._by_curve = {curve_public(k): v for k, v in keys.items() if len(k) == 43}
+        self._by_curve_pending = {k.encode(): v for k, v in keys.items() if len(k) == 40}
         if persist:
             self.store.put_key(info.key_id, info.role, name=info.name, expires=info.expires,
                                note=info.note)
@@ -192,12 +195,12 @@ class HubCore:
             if info.role == "token" and (info.expires or 0) < time.time():
                 return ZapDecision(False, reason="join token expired")
             return ZapDecision(True, user_id=info.key_id)
-        self.inst.loop.call_soon_threadsafe(
-            lambda: self._note_denied(client_key, address, routing_id, info))
+        if info is None:
+            info = self._by_curve_pending.get(client_key)
+        self.inst.loop.call_soon_threadsafe(lambda: self._note_denied(client_key, address, info))
         return ZapDecision(False, reason="unknown key")
 
-    def _note_denied(self, client_key: bytes, address: str, routing_id: bytes,
-                     info: KeyInfo | None) -> None:
+    def _note_denied(self, client_key: bytes, address: str, info: KeyInfo | None) -> None:
         """A key that failed the handshake: remember unknown ones as pending (bounded)."""
         now = time.time()
         ck = client_key.decode()
@@ -206,23 +209,21 @@ class HubCore:
         self._pending_seen[ck] = now
         if len(self._pending_seen) > 10000:
             self._pending_seen.clear()
-        name, key_id = _parse_routing_id(routing_id, client_key)
+        fp = curve_fingerprint(client_key)
         if info is not None:
-            self.store.event("handshake_refused", f"{info.role} key from {address}",
+            self.store.event("handshake_refused", f"{info.role} key {fp} from {address}",
                              level="warning", key_id=info.key_id)
             return
-        if key_id is None:
-            self.store.event("handshake_refused", f"unknown CURVE key from {address}",
-                             level="warning")
+        if ck in self.keys:  # already pending (or rejected)
             return
         pending = sum(1 for k in self.keys.values() if k.role == "pending")
         if pending >= 1000:
-            self.store.event("handshake_refused", f"unknown key from {address} (pending full)",
-                             level="warning", key_id=key_id)
+            self.store.event("handshake_refused", f"unknown key {fp} from {address} "
+                             "(too many pending keys)", level="warning")
             return
-        self._set_key(KeyInfo(key_id, "pending", name, None, f"from {address}"))
-        self.store.event("key_pending", f"unknown key {fingerprint(key_id)} ({name or '?'}) from "
-                         f"{address} waits for: odium keys accept {key_id}", key_id=key_id)
+        self._set_key(KeyInfo(ck, "pending", "", None, f"from {address}"))
+        self.store.event("key_pending", f"unknown key {fp} from {address} waits; accept it "
+                         "with: odium keys accept <the key id the node printed>")
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -605,14 +606,32 @@ class HubCore:
         return [self.nodes[n].to_dict() for n in names]
 
     def key_list(self) -> list[dict[str, Any]]:
-        return [{"key": k.key_id, "role": k.role, "name": k.name,
-                 "fingerprint": fingerprint(k.key_id), "note": k.note, "expires": k.expires}
+        return [{"key": k.key_id if len(k.key_id) == 43 else f"(CURVE {k.key_id})",
+                 "role": k.role, "name": k.name, "fingerprint": self._fp(k.key_id), "note": k.note, "expires": k.expires}
                 for k in self.keys.values() if k.role not in ("used",)
                 and not (k.role == "token" and (k.expires or 0) < time.time())]
 
     def key_action(self, action: str, pattern: str) -> list[str]:
         """accept / reject / revoke keys chosen by key id, or a glob over their names."""
         new_role = {"accept": "node", "reject": "rejected", "revoke": "revoked"}[action]
+        curve = ""
+        if re.match(P.KEY_RE, pattern):
+            curve = curve_public(pattern).decode()
+            unbound = self.keys.get(curve)
+            if unbound is not None:  # a key seen only as a CURVE key: bind it to its key id
+                keys = dict(self.keys)
+                del keys[curve]
+                self.keys = keys
+                self.store.write(lambda s: s.query(KeyRow).filter_by(key_id=curve).delete())
+                if pattern not in self.keys:
+                    self._set_key(KeyInfo(pattern, unbound.role, "", None, unbound.note))
+        elif re.match(r"^[0-9a-f]{4}(:[0-9a-f]{4}){3}$", pattern):
+            hits = [k for k in self.keys.values() if self._fp(k.key_id) == pattern]
+            if hits and all(len(k.key_id) == 40 for k in hits) and action == "accept":
+                raise OdiumError(f"a pending key is accepted by its key id, not its fingerprint: "
+                                 f"on the node, odium keys show prints it")
+            if hits:
+                pattern = hits[0].key_id
         chosen = [k for k in self.keys.values()
                   if (k.key_id == pattern or (k.name and match_nodes(pattern, [k.name])))
                   and k.role not in ("used", "token")
@@ -634,6 +653,10 @@ class HubCore:
                 if name and name in self.nodes:
                     self._node_gone(self.nodes[name], "lost", "its key was revoked")
         return [k.key_id for k in chosen]
+
+    @staticmethod
+    def _fp(key_id: str) -> str:
+        return curve_fingerprint(key_id.encode()) if len(key_id) == 40 else fingerprint(key_id)
 
     def make_token(self, ttl: float = 3600.0) -> str:
         address = self.public_address()
@@ -684,21 +707,6 @@ def _finish_command(s: Any, cmd: str, status: str, fin: float) -> None:
 
 def join_proof_bytes(token_id: str, hub_key: str) -> bytes:
     return f"odium-join\0{token_id}\0{hub_key}".encode()
-
-
-def _parse_routing_id(routing_id: bytes, client_key: bytes) -> tuple[str, str | None]:
-    """A node's query socket is named ``<name>/<key id>``. The CURVE key alone cannot give the
-    Ed25519 key id back, so a pending node tells it this way; we keep it only when the key id
-    really derives the CURVE key that tried the handshake."""
-    parts = routing_id.decode("utf-8", "replace").split("/")
-    name = parts[0] if parts and re.match(P.NAME_RE, parts[0]) else ""
-    if len(parts) >= 2 and re.match(P.KEY_RE, parts[1]):
-        try:
-            if curve_public(parts[1]) == client_key:
-                return name, parts[1]
-        except Exception:
-            pass
-    return name, None
 
 
 __all__ = ["HubCore", "match_nodes", "KeyRow"]

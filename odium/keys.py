@@ -88,8 +88,15 @@ def curve_public(key_id: str) -> bytes:
 
 
 def fingerprint(key_id: str) -> str:
-    """Short, readable form of a key for humans: 4 groups of 4 hex digits."""
-    h = hashlib.sha256(unb64url(key_id)).hexdigest()[:16]
+    """Short, readable form of a key for humans: 4 groups of 4 hex digits.
+
+    Taken over the CURVE public key, the only form a hub sees of a key that tries to
+    connect before it is trusted, so a pending key and the node's own print agree."""
+    return curve_fingerprint(curve_public(key_id))
+
+
+def curve_fingerprint(curve_z85: bytes) -> str:
+    h = hashlib.sha256(zmq.utils.z85.decode(curve_z85)).hexdigest()[:16]
     return ":".join(h[i : i + 4] for i in range(0, 16, 4))
 
 

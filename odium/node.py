@@ -107,6 +107,18 @@ class NodeCore:
         q = self.query
         self.inst.loop.add(q, lambda: self._on_query(q))
 
+    def _reopen_query(self) -> zmq.Socket[Any]:
+        old = self.query
+        if old is not None:
+            self.inst.loop.remove(old)
+            old.close(linger=0)
+            for mid, req in list(self.requests.items()):
+                if req.sock is old:
+                    del self.requests[mid]
+        self._open_query()
+        assert self.query is not None
+        return self.query
+
     def _open_data(self, ports: dict[str, int]) -> None:
         if self.sub is not None:
             return
@@ -315,7 +327,11 @@ class NodeCore:
         for mid, req in list(self.requests.items()):
             if now - req.sent > REQUEST_RETRY:
                 del self.requests[mid]
-                self._request(req.sock, req.type, req.body, req.on_reply)
+                sock = req.sock
+                if sock is self.query and req.type == "register":
+                    # a refused CURVE handshake is not retried by libzmq: start over
+                    sock = self._reopen_query()
+                self._request(sock, req.type, req.body, req.on_reply)
         if self.registered and now - self.last_beat >= self.interval:
             self._beat()
         self._flush_outbox()

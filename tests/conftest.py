@@ -1,0 +1,210 @@
+"""Fixtures that own what they start: hubs, node processes, git repositories, raw sockets.
+
+Every process and socket a fixture opens is closed at teardown, and teardown fails
+loudly when a test leaked a child process. Nothing here sleeps to synchronise:
+``wait_until`` polls a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import odium
+from odium.client import Hub
+
+HB = 0.2  # heartbeat interval used by tests: fast failure detection
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.01) -> Any:
+    """Poll pred until it returns something truthy; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _children() -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    before = _children()
+    yield
+    deadline = time.monotonic() + 10
+    leaked: set[int] = set()
+    while time.monotonic() < deadline:
+        leaked = {p for p in _children() - before if psutil.pid_exists(p)}
+        leaked = {p for p in leaked if psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        if not leaked:
+            return
+        time.sleep(0.05)
+    for pid in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise AssertionError(f"test leaked processes: {sorted(leaked)}")
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    """An in-process hub on OS-chosen loopback ports with a fast heartbeat."""
+    with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=tmp_path) as h:
+        yield h
+
+
+@pytest.fixture
+def hub4(hub: Hub) -> Hub:
+    """The hub with four local node processes, all ready."""
+    hub.start_local(4, prefix="n")
+    return hub
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                          text=True, env={**os.environ, "GIT_AUTHOR_NAME": "t",
+                                          "GIT_AUTHOR_EMAIL": "t@example.invalid",
+                                          "GIT_COMMITTER_NAME": "t",
+                                          "GIT_COMMITTER_EMAIL": "t@example.invalid"}).stdout
+
+
+@pytest.fixture
+def app_repo(tmp_path: Path) -> Path:
+    """A real git repository with one commit: the application."""
+    repo = tmp_path / "app"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "app.py").write_text("VALUE = 41\n")
+    git(repo, "add", "app.py")
+    git(repo, "commit", "-q", "-m", "first")
+    return repo
+
+
+def odium_cli(*args: str, timeout: float = 30.0, input: str | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the odium command as a user would, in a child process."""
+    return subprocess.run([sys.executable, "-m", "odium", *args], capture_output=True,
+                          text=True, timeout=timeout, input=input,
+                          env={**os.environ, **(env or {})})
+
+
+class HubProcess:
+    """A hub run by ``odium hub`` in its own process (for CLI and restart tests)."""
+
+    def __init__(self, home: Path, ports: str = "0", app: Path | None = None) -> None:
+        self.home = home
+        self.ports_arg = ports
+        self.app = app
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 15.0) -> HubProcess:
+        info = self.home / "hub.json"
+        if info.exists():
+            info.unlink()
+        cmd = [sys.executable, "-m", "odium", "hub", "--home", str(self.home), "--ports",
+               self.ports_arg, "--heartbeat", str(HB)]
+        if self.app:
+            cmd += ["--app", str(self.app)]
+        self.log = open(self.home.parent / f"{self.home.name}.log", "a")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: info.exists() or self.proc.poll() is not None, timeout, "hub.json")
+        assert self.proc.poll() is None, (self.home.parent / f"{self.home.name}.log").read_text()
+        return self
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.home / "hub.json").read_text())
+
+    @property
+    def ports(self) -> str:
+        p = self.info["ports"]
+        return ",".join(str(p[k]) for k in ("pub", "query", "jobs", "results"))
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.log.close()
+        self.proc = None
+
+
+@pytest.fixture
+def hub_process(tmp_path: Path) -> Iterator[HubProcess]:
+    home = tmp_path / "hubhome"
+    home.mkdir(mode=0o700)
+    hp = HubProcess(home).start()
+    yield hp
+    hp.stop()
+
+
+class NodeProcess:
+    """A node run by ``odium node`` in its own process."""
+
+    def __init__(self, home: Path, args: list[str]) -> None:
+        self.home = home
+        self.args = args
+        self.logpath = home.parent / f"{home.name}.log"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> NodeProcess:
+        self.log = open(self.logpath, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "odium", "node", "--home", str(self.home), *self.args],
+            stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        return self
+
+    def output(self) -> str:
+        return self.logpath.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def node_processes(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    started: list[NodeProcess] = []
+
+    def start(name: str, *args: str) -> NodeProcess:
+        home = tmp_path / f"node-{name}"
+        np = NodeProcess(home, ["--name", name, *args]).start()
+        started.append(np)
+        return np
+
+    yield start
+    for np in started:
+        np.stop()
