@@ -25,8 +25,16 @@ _WHERE = {
 
 if TYPE_CHECKING:
     from .client import Admin, Hub
-    from .errors import (AuthError, ConfigError, NotConnectedError, OdiumError, ProtocolError,
-                         RemoteError, StateMismatchError, TimeoutError)
+    from .errors import (
+        AuthError,
+        ConfigError,
+        NotConnectedError,
+        OdiumError,
+        ProtocolError,
+        RemoteError,
+        StateMismatchError,
+        TimeoutError,
+    )
     from .results import NodeResult, Result, Status
 
 

@@ -39,7 +39,7 @@ def _parse_ports(text: str) -> dict[str, int]:
     if len(nums) != 4 or any(not 0 <= n <= 65535 for n in nums):
         raise argparse.ArgumentTypeError(
             f"give four ports PUB,QUERY,JOBS,RESULTS (0 = any free) or 0, not {text!r}")
-    return dict(zip(PORT_NAMES, nums))
+    return dict(zip(PORT_NAMES, nums, strict=False))
 
 
 def _positive(text: str) -> float:
@@ -247,10 +247,10 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ a socketpair), a shell command runs under a reader thread.
 from __future__ import annotations
 
 import ast
+import codecs
 import io
 import json
 import os
@@ -106,7 +107,8 @@ def _run_python(code: str, ns: dict[str, Any]) -> tuple[str, Any, dict[str, str]
         tree = ast.parse(code, filename="<odium-cell>", mode="exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
+            last = ast.Expression(tree.body[-1].value)
+            tree.body.pop()
         exec(compile(tree, "<odium-cell>", "exec"), ns)
         value = eval(compile(last, "<odium-cell>", "eval"), ns) if last is not None else None
         return "ok", value, None
@@ -124,9 +126,30 @@ def _run_python(code: str, ns: dict[str, Any]) -> tuple[str, Any, dict[str, str]
         return "error", None, {"ename": type(e).__name__, "evalue": str(e), "traceback": text}
 
 
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive its node (killed with SIGKILL, say)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the node died before we got here
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="odium-parent-watch", daemon=True).start()
+
+
 def worker_main() -> None:
     """Entry point of a worker process: fd 3 is a connection to the node."""
     conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
+    _die_with_parent(int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid())
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)
@@ -194,6 +217,7 @@ class _Job:
     code: str
     session: str
     timeout: float | None
+    ephemeral: bool = False
     started: float = 0.0
     reason: str = ""  # why we signalled it: "interrupted" or "timeout"
     proc: subprocess.Popen[bytes] | None = None
@@ -230,6 +254,7 @@ class Executor:
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env["ODIUM_WORKER_FD"] = str(child.fileno())
+        env["ODIUM_PARENT_PID"] = str(os.getpid())
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = subprocess.Popen(
             [sys.executable, "-c", "from odium.executor import worker_main; worker_main()"],
@@ -291,7 +316,8 @@ class Executor:
         for job in lost:
             if job.reason == "timeout":
                 status, ename = "timeout", "TimeoutError"
-                msg = f"timed out after {job.timeout} s; the worker was killed and its namespace lost"
+                msg = (f"timed out after {job.timeout} s; the worker was killed and its "
+                       "namespace lost")
             else:
                 status, ename = "error", "WorkerDied"
                 msg = f"the worker process died (exit status {code}); its namespace is lost"
@@ -316,10 +342,10 @@ class Executor:
     # --- public ----------------------------------------------------------------------------
 
     def submit(self, cmd: str, kind: str, code: str, session: str = "default",
-               timeout: float | None = None) -> None:
+               timeout: float | None = None, ephemeral: bool = False) -> None:
         if self.closed:
             raise RuntimeError("executor is closed")
-        job = _Job(cmd, kind, code, session, timeout)
+        job = _Job(cmd, kind, code, session, timeout, ephemeral)
         self.jobs[cmd] = job
         if kind == "shell":
             self._start_shell(job)
@@ -339,8 +365,11 @@ class Executor:
         job.reason = job.reason or reason
         if job.proc is not None:  # shell
             _signal_group(job.proc, signal.SIGINT)
-            self.loop.call_later(KILL_GRACE, lambda: _signal_group(job.proc, signal.SIGKILL)
-                                 if job.cmd in self.jobs and job.proc else None)
+            def kill() -> None:
+                if job.cmd in self.jobs:
+                    _signal_group(job.proc, signal.SIGKILL)
+
+            self.loop.call_later(KILL_GRACE, kill)
             return True
         w = job.worker
         if w is None:
@@ -361,8 +390,10 @@ class Executor:
         return True
 
     def close_session(self, session: str) -> None:
-        w = self.sessions.pop(session, None)
+        """Forget a session's namespace; its worker stops once it has nothing left to run."""
+        w = self.sessions.get(session)
         if w is not None and w.job is None and not w.queue:
+            del self.sessions[session]
             self._stop_worker(w)
 
     def close(self) -> None:
@@ -404,13 +435,22 @@ class Executor:
 
     def _arm_timeout(self, job: _Job) -> None:
         if job.timeout:
-            self.loop.call_later(job.timeout, lambda: self.interrupt(job.cmd, "timeout")
-                                 if job.cmd in self.jobs else None)
+            def expire() -> None:
+                if job.cmd in self.jobs:
+                    self.interrupt(job.cmd, "timeout")
+
+            self.loop.call_later(job.timeout, expire)
 
     def _finish(self, job: _Job, res: Event) -> None:
         if self.jobs.pop(job.cmd, None) is None:
             return
         self.on_event({"op": "done", "cmd": job.cmd, "result": res})
+        if job.ephemeral and job.kind == "python":
+            self.close_session(job.session)
+
+    def _emit(self, ev: Event) -> None:
+        """From a reader thread: hand an event to the loop thread."""
+        self.loop.call_soon_threadsafe(lambda: self.on_event(ev))
 
     def _start_shell(self, job: _Job) -> None:
         job.started = time.time()
@@ -435,13 +475,17 @@ class Executor:
         sizes = {"stdout": 0, "stderr": 0}
 
         def pump(stream: Any, name: str) -> None:
-            for chunk in iter(lambda: stream.read1(65536), b""):
-                text = chunk.decode("utf-8", "replace")
-                if sizes[name] < MAX_CAPTURE:
-                    kept[name].append(text)
-                sizes[name] += len(text)
-                ev = {"op": "out", "cmd": job.cmd, "stream": name, "text": text}
-                self.loop.call_soon_threadsafe(lambda ev=ev: self.on_event(ev))
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            while True:
+                chunk = stream.read1(65536)
+                text = decoder.decode(chunk, final=not chunk)
+                if text:
+                    if sizes[name] < MAX_CAPTURE:
+                        kept[name].append(text)
+                    sizes[name] += len(text)
+                    self._emit({"op": "out", "cmd": job.cmd, "stream": name, "text": text})
+                if not chunk:
+                    return
 
         t = threading.Thread(target=pump, args=(proc.stderr, "stderr"), daemon=True)
         t.start()

@@ -1,4 +1,4 @@
-"""The hub part of an instance: trusted keys, node registry, targeting, broadcasts and their results.
+"""The hub part of an instance: trusted keys, node registry, targeting, broadcasts, results.
 
 Everything here runs in the instance's loop thread, except the ZAP policy
 (``_zap``), which reads an immutable snapshot of the key table.
@@ -22,8 +22,15 @@ import zmq
 
 from . import protocol as P
 from .errors import AuthError, NotConnectedError, OdiumError, ProtocolError
-from .keys import (Identity, Token, curve_fingerprint, curve_public, fingerprint, verify_key,
-                   verify_proof)
+from .keys import (
+    Identity,
+    Token,
+    curve_fingerprint,
+    curve_public,
+    fingerprint,
+    verify_key,
+    verify_proof,
+)
 from .results import NodeResult, Result, Status
 from .store import CommandRow, KeyRow, ResultRow, Store
 from .transport import ZapDecision, ZapHandler, peer_user_id, recv_frames, server_socket
@@ -50,8 +57,12 @@ QUERY_TYPES = {
     "token": ("admin",),
     "log": ("admin",),
 }
+SOCKET_KINDS = {"pub": zmq.PUB, "query": zmq.ROUTER, "jobs": zmq.PUSH, "results": zmq.PULL}
 RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
-                "result": ("node",), "bye": ("node",)}
+                "result": ("node",), "bye": ("node",), "event": ("node",)}
+
+
+QueryHandler = Callable[[P.Message, "KeyInfo", Callable[..., None]], None]
 
 
 def match_nodes(pattern: str, names: list[str]) -> list[str]:
@@ -135,18 +146,17 @@ class HubCore:
         self._set_key(KeyInfo(inst.ident.key_id, "admin", "hub", None, "this hub"))
         if admin is not None:
             self._set_key(KeyInfo(admin.key_id, "admin", "admin", None, "admin key in home"))
-        for row in store.nodes():
-            self.nodes[row.name] = NodeInfo(row.name, row.key_id, "offline", row.state, row.boot,
-                                            row.host, row.pid, row.capacity, row.last_seen)
-            self.by_key[row.key_id] = row.name
+        for n in store.nodes():
+            self.nodes[n.name] = NodeInfo(n.name, n.key_id, "offline", n.state, n.boot, n.host,
+                                          n.pid, n.capacity, n.last_seen)
+            self.by_key[n.key_id] = n.name
         ctx = inst.ctx
         self.zap = ZapHandler(ctx, self._zap)
         ports = {**DEFAULT_PORTS, **(ports or {})}
         self.ports: dict[str, int] = {}
         self.sockets: dict[str, zmq.Socket[Any]] = {}
-        kinds = {"pub": zmq.PUB, "query": zmq.ROUTER, "jobs": zmq.PUSH, "results": zmq.PULL}
         try:
-            for name, kind in kinds.items():
+            for name, kind in SOCKET_KINDS.items():
                 s, p = server_socket(ctx, kind, inst.ident, self.zap, interface, ports[name],
                                      max_message=max_message)
                 self.sockets[name], self.ports[name] = s, p
@@ -159,7 +169,7 @@ class HubCore:
         loop.add(self.sockets["results"], self._on_results)
         loop.every(hb_interval, self._heartbeat)
         loop.every(min(hb_interval / 2, 0.25), self._check_liveness)
-        self.query_handlers: dict[str, Callable[[P.Message, KeyInfo, Callable[..., None]], None]] = {
+        self.query_handlers: dict[str, QueryHandler] = {
             "join": self._h_join, "register": self._h_register, "fetch": self._h_fetch,
             "ping": self._h_ping, "run": self._h_run, "interrupt": self._h_interrupt,
             "nodes": self._h_nodes, "keys": self._h_keys, "key": self._h_key,
@@ -167,7 +177,7 @@ class HubCore:
         }
         self.result_handlers: dict[str, Callable[[P.Message, NodeInfo], None]] = {
             "node_hb": self._r_hb, "ack": self._r_ack, "output": self._r_output,
-            "result": self._r_result, "bye": self._r_bye,
+            "result": self._r_result, "bye": self._r_bye, "event": self._r_event,
         }
         store.event("hub_start", f"hub {fingerprint(inst.ident.key_id)} listening on "
                     f"{interface} ports {self.ports}")
@@ -235,7 +245,7 @@ class HubCore:
             self._rejected_budget -= 1
             self.store.event("rejected", f"{where}: {err}", level="warning",
                              node=self.by_key.get(uid, ""), key_id=uid)
-        log.warning("rejected message on %s from %s: %s", where, uid[:12] or "?", err)
+            log.warning("rejected message on %s from %s: %s", where, uid[:12] or "?", err)
 
     def _open(self, frame: zmq.Frame) -> tuple[P.Message, KeyInfo]:
         uid = peer_user_id(frame)
@@ -413,7 +423,8 @@ class HubCore:
         else:
             self.store.event("register", f"{body.name} registered (pid {body.pid} on "
                              f"{body.host})", node=body.name, key_id=info.key_id)
-        node.boot, node.host, node.pid, node.capacity = body.boot, body.host, body.pid, body.capacity
+        node.boot, node.host, node.pid = body.boot, body.host, body.pid
+        node.capacity = body.capacity
         node.state = msg.env.state
         node.last_seen = time.time()
         if node.status != "ready":
@@ -439,7 +450,7 @@ class HubCore:
             raise ProtocolError("a run with this id is already going")
         self.broadcast(body.code, body.nodes, kind=body.kind, timeout=body.timeout,
                        session=body.session or f"cli-{msg.env.id[:12]}", issuer=info.key_id,
-                       cmd=msg.env.id,
+                       cmd=msg.env.id, ephemeral=body.session is None,
                        on_done=lambda r: reply({"result": r.to_dict()}))
 
     def _h_interrupt(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
@@ -511,6 +522,16 @@ class HubCore:
             body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
             msg.env.state, body.started, body.finished))
 
+    def _r_event(self, msg: P.Message, node: NodeInfo) -> None:
+        body: P.NodeEvent = msg.body  # type: ignore[assignment]
+        now = time.monotonic()  # the same budget as the hub's own rejections
+        self._rejected_budget = min(50.0, self._rejected_budget + (now - self._rejected_at) * 10)
+        self._rejected_at = now
+        if self._rejected_budget >= 1:
+            self._rejected_budget -= 1
+            self.store.event(body.kind, f"reported by {node.name}: {body.detail}",
+                             level=body.level, node=node.name, key_id=node.key_id)
+
     def _r_bye(self, msg: P.Message, node: NodeInfo) -> None:
         self._node_gone(node, "left", "the node stopped")
 
@@ -520,15 +541,43 @@ class HubCore:
                  msg_id: str | None = None) -> bytes:
         raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state, type_, body,
                      to=to, seq=seq, msg_id=msg_id)
+        pub = self.sockets.get("pub")
+        if pub is None:  # being rebound: nodes catch up over fetch
+            return raw
         try:
-            self.sockets["pub"].send(raw, zmq.NOBLOCK)
+            pub.send(raw, zmq.NOBLOCK)
         except zmq.Again:  # high-water mark: nodes catch up over fetch
             log.warning("PUB queue full; %s dropped", type_)
         return raw
 
+    def _rebind(self, names: tuple[str, ...] = ("pub", "jobs"), tries: int = 100) -> None:
+        """Drop every connection on these sockets and listen again on the same ports: each peer
+        reconnects through ZAP, so a key revoked meanwhile hears nothing more."""
+        for name in names:
+            s = self.sockets.pop(name, None)
+            if s is not None:
+                if name == "results":
+                    self.inst.loop.remove(s)
+                s.close(linger=0)
+        left = []
+        for name in names:
+            try:
+                s, _ = server_socket(self.inst.ctx, SOCKET_KINDS[name], self.inst.ident,
+                                     self.zap, self.interface, self.ports[name],
+                                     max_message=self.max_message)
+                self.sockets[name] = s
+                if name == "results":
+                    self.inst.loop.add(s, self._on_results)
+            except OdiumError:
+                left.append(name)  # the old socket still holds the port for a moment
+        if left and tries > 0:
+            self.inst.loop.call_later(0.02, lambda: self._rebind(tuple(left), tries - 1))
+        elif left:
+            self.store.event("error", f"could not listen again on {left}", level="error")
+
     def broadcast(self, code: str, nodes: str = "*", *, kind: str = "python",
                   timeout: float | None = None, session: str = "default",
-                  issuer: str | None = None, cmd: str | None = None,
+                  issuer: str | None = None, cmd: str | None = None, ephemeral: bool = False,
                   on_done: Callable[[Result], None] | None = None,
                   on_output: Callable[[str, str, str], None] | None = None) -> Broadcast:
         """Publish a command to the nodes matching ``nodes``; ``on_done`` gets the Result."""
@@ -541,8 +590,8 @@ class HubCore:
         cmd = cmd or P.new_id()
         targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
         self.seq += 1
-        body = P.Exec(cmd, kind, code, session, timeout,
-                      issuer if issuer != self.inst.ident.key_id else None)
+        body = P.Exec(cmd, kind, code, session, timeout,  # type: ignore[arg-type]
+                      issuer if issuer != self.inst.ident.key_id else None, ephemeral)
         raw = self._publish("exec", body, to=targets, seq=self.seq) if targets else b""
         grace = max(2.0, 3 * self.hb_interval)
         b = Broadcast(cmd, self.seq, raw, targets, {}, time.monotonic() + timeout + grace
@@ -607,7 +656,8 @@ class HubCore:
 
     def key_list(self) -> list[dict[str, Any]]:
         return [{"key": k.key_id if len(k.key_id) == 43 else f"(CURVE {k.key_id})",
-                 "role": k.role, "name": k.name, "fingerprint": self._fp(k.key_id), "note": k.note, "expires": k.expires}
+                 "role": k.role, "name": k.name, "fingerprint": self._fp(k.key_id),
+                 "note": k.note, "expires": k.expires}
                 for k in self.keys.values() if k.role not in ("used",)
                 and not (k.role == "token" and (k.expires or 0) < time.time())]
 
@@ -628,8 +678,8 @@ class HubCore:
         elif re.match(r"^[0-9a-f]{4}(:[0-9a-f]{4}){3}$", pattern):
             hits = [k for k in self.keys.values() if self._fp(k.key_id) == pattern]
             if hits and all(len(k.key_id) == 40 for k in hits) and action == "accept":
-                raise OdiumError(f"a pending key is accepted by its key id, not its fingerprint: "
-                                 f"on the node, odium keys show prints it")
+                raise OdiumError("a pending key is accepted by its key id, not its fingerprint: "
+                                 "on the node, odium keys show prints it")
             if hits:
                 pattern = hits[0].key_id
         chosen = [k for k in self.keys.values()
@@ -652,6 +702,8 @@ class HubCore:
                 name = self.by_key.get(k.key_id)
                 if name and name in self.nodes:
                     self._node_gone(self.nodes[name], "lost", "its key was revoked")
+        if action == "revoke":
+            self._rebind(("pub", "jobs", "results"))
         return [k.key_id for k in chosen]
 
     @staticmethod

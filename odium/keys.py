@@ -1,4 +1,4 @@
-"""Identities and keys: Ed25519 signing keys, the CURVE keys derived from them, key files, join tokens.
+"""Identities and keys: Ed25519 signing keys, their CURVE keys, key files, join tokens.
 
 One key pair is one identity. Its public half, base64url without padding (43
 characters), is the *key id* that appears in every message's ``from``; the CURVE
@@ -183,7 +183,8 @@ class Token:
             tok = cls(str(doc["a"]), check_key_id(doc["h"]), str(doc["t"]),
                       unb64url(doc["s"]), float(doc["e"]))
         except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"damaged join token ({e}); copy it again from: odium token") from None
+            raise ConfigError(
+                f"damaged join token ({e}); copy it again from: odium token") from None
         if len(tok.seed) != 32 or not re.fullmatch(r"[0-9a-f]{32}", tok.token_id):
             raise ConfigError("damaged join token; copy it again from: odium token")
         return tok

@@ -84,6 +84,8 @@ class NodeCore:
         self.query: zmq.Socket[Any] | None = None
         self.join_sock: zmq.Socket[Any] | None = None
         self.error: OdiumError | None = None
+        self._reject_budget = 20.0
+        self._reject_at = time.monotonic()
         self.executor = Executor(inst.loop, str(inst.app), self._on_exec_event)
         self.sub_handlers: dict[str, Callable[[P.Message], None]] = {
             "hb": self._on_hb, "exec": self._on_exec, "interrupt": self._on_interrupt,
@@ -148,7 +150,7 @@ class NodeCore:
                 msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key,
                                      replay=self.replay)
             except (ProtocolError, AuthError) as e:
-                log.warning("rejected reply from hub: %s", e)
+                self._rejected("query", e)
                 continue
             req = self.requests.pop(msg.env.re or "", None)
             if req is None:
@@ -221,7 +223,7 @@ class NodeCore:
             try:
                 m = P.open_message(raw.encode(), self.vk, self.hub_key)
             except (ProtocolError, AuthError) as e:
-                log.warning("rejected fetched command: %s", e)
+                self._rejected("fetch", e)
                 continue
             if m.type == "exec":
                 self._on_exec(m)
@@ -238,10 +240,20 @@ class NodeCore:
                 if handler is None:
                     raise ProtocolError(f"message type {msg.type!r} does not come on PUB")
             except (ProtocolError, AuthError) as e:
-                log.warning("rejected message from hub: %s", e)
+                self._rejected("PUB", e)
                 continue
             self.last_heard = time.monotonic()
             handler(msg)
+
+    def _rejected(self, where: str, err: Exception) -> None:
+        """Log a message this node refused, and tell the hub so it lands in the event log."""
+        log.warning("rejected message on %s: %s", where, err)
+        now = time.monotonic()
+        self._reject_budget = min(20.0, self._reject_budget + (now - self._reject_at) * 2)
+        self._reject_at = now
+        if self._reject_budget >= 1 and self.registered:
+            self._reject_budget -= 1
+            self._send("event", P.NodeEvent("rejected", f"on {where}: {err}"[:4000]))
 
     def _on_hb(self, msg: P.Message) -> None:
         body: P.HubBeat = msg.body  # type: ignore[assignment]
@@ -272,7 +284,8 @@ class NodeCore:
         while len(self.done) > 100_000:
             self.done.popitem(last=False)
         self._send("ack", P.Ack(body.cmd))
-        self.executor.submit(body.cmd, body.kind, body.code, body.session, body.timeout)
+        self.executor.submit(body.cmd, body.kind, body.code, body.session, body.timeout,
+                             ephemeral=body.ephemeral)
 
     def _on_interrupt(self, msg: P.Message) -> None:
         if self.name in msg.env.to:

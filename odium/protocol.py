@@ -96,10 +96,19 @@ class Exec(Body):
     session: Name = "default"
     timeout: Seconds | None = None
     issuer: KeyId | None = None  # the admin key that asked for it, when not the hub itself
+    ephemeral: bool = False  # close the session's namespace when the command ends
 
 
 class Interrupt(Body):
     cmd: MsgId
+
+
+class NodeEvent(Body):
+    """Something the hub should log on a node's behalf (e.g. a message the node rejected)."""
+
+    kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
+    detail: Annotated[str, msgspec.Meta(max_length=4000)]
+    level: Literal["info", "warning", "error"] = "warning"
 
 
 class Ack(Body):
@@ -204,6 +213,7 @@ BODIES: dict[str, type[Body]] = {
     "interrupt": Interrupt,
     "node_hb": NodeBeat,
     "ack": Ack,
+    "event": NodeEvent,
     "output": Output,
     "result": ResultBody,
     "join": Join,

@@ -1,4 +1,4 @@
-"""State ids: which version of the application an instance runs (its git commit, or dirty, or none)."""
+"""State ids: which version of the application an instance runs (git commit, dirty, or none)."""
 
 from __future__ import annotations
 

@@ -150,13 +150,13 @@ class Store:
         except SQLAlchemyError as e:
             raise ConfigError(f"cannot open database {url!r}: {e}") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
-        self._queue: queue.Queue[Callable[[Session], None] | None] = queue.Queue()
+        self._queue: queue.Queue[Callable[[Session], object] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="odium-store", daemon=True)
         self._writer.start()
 
     # --- writing ---------------------------------------------------------------------------
 
-    def write(self, fn: Callable[[Session], None]) -> None:
+    def write(self, fn: Callable[[Session], object]) -> None:
         """Queue a change; the writer thread applies it in the next batch."""
         self._queue.put(fn)
 
@@ -179,7 +179,7 @@ class Store:
             if stop:
                 return
 
-    def _apply(self, work: list[Callable[[Session], None]]) -> None:
+    def _apply(self, work: list[Callable[[Session], object]]) -> None:
         try:
             with self.session.begin() as s:
                 for fn in work:

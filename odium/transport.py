@@ -8,6 +8,7 @@ any client key).
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
 import logging
@@ -252,13 +253,13 @@ class Loop:
         poll = self._poller.poll
         handlers = self._handlers
         while not self._stopped:
-            timeout = None
+            timeout: int | None = None
             if self._timers:
-                timeout = max(0.0, (self._timers[0][0] - time.monotonic()) * 1000)
+                timeout = max(0, int((self._timers[0][0] - time.monotonic()) * 1000) + 1)
             try:
                 events = poll(timeout)
             except zmq.ZMQError as e:
-                if e.errno == zmq.EINTR:
+                if e.errno == errno.EINTR:
                     continue
                 raise
             for sock, _ev in events:

@@ -18,7 +18,7 @@ def test_python_broadcast_returns_everything(hub4: odium.Hub) -> None:
     assert sorted(r) == ["n-1", "n-2", "n-3", "n-4"]
     assert r.ok
     pids = set()
-    for name, nr in r.items():
+    for _name, nr in r.items():
         assert nr.status is Status.OK
         assert nr.stdout.startswith("out ")
         pids.add(int(nr.stdout.split()[1]))
