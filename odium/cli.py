@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ConfigError, OdiumError
-from .hub import DEFAULT_PORTS
+from .protocol import DEFAULT_PORTS
 
 PORT_NAMES = list(DEFAULT_PORTS)  # pub, query, jobs, results
 

@@ -247,12 +247,20 @@ class Hub:
         ensure_home(base)
         addr = f"tcp://127.0.0.1:{core.ports['query']}" if core.interface in (
             "0.0.0.0", "*", "127.0.0.1") else core.public_address()
+        running = {ln.name for ln in self.local if ln.proc.poll() is None}
         for _ in range(n):
-            self._local_seq += 1
-            name = f"{prefix}-{self._local_seq}"
-            while name in core.nodes:
+            # reuse the first local name whose node is not running (same home, same key), so a
+            # hub started again with the same home gets its local nodes back, not new ones
+            self._local_seq = 0
+            while True:
                 self._local_seq += 1
                 name = f"{prefix}-{self._local_seq}"
+                info = core.nodes.get(name)
+                if name in running:
+                    continue
+                if info is None or (base / name / "identity.key").exists():
+                    break
+            running.add(name)
             home = ensure_home(base / name)
             ident = load_or_create(home / "identity.key")
             self.trust(ident.key_id, name)

@@ -274,6 +274,10 @@ class Executor:
             self.loop.call_soon_threadsafe(self._refill_spare)
         return w
 
+    def warm(self) -> None:
+        """Start a spare worker now, so that the next new session starts at once."""
+        self._refill_spare()
+
     def _refill_spare(self) -> None:
         if self.spare is None and not self.closed:
             self.spare = self._spawn()

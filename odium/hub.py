@@ -28,6 +28,7 @@ from .keys import (
     curve_fingerprint,
     curve_public,
     fingerprint,
+    join_proof_bytes,
     verify_key,
     verify_proof,
 )
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("odium.hub")
 
 ALLOWED_ROLES = ("admin", "node", "token")
-DEFAULT_PORTS = {"pub": 18202, "query": 18203, "jobs": 18220, "results": 18221}
+DEFAULT_PORTS = P.DEFAULT_PORTS
 
 # Which roles may send which message type, and on which socket.
 QUERY_TYPES = {
@@ -755,10 +756,6 @@ def _finish_command(s: Any, cmd: str, status: str, fin: float) -> None:
     row = s.get(CommandRow, cmd)
     if row is not None:
         row.status, row.finished = status, fin
-
-
-def join_proof_bytes(token_id: str, hub_key: str) -> bytes:
-    return f"odium-join\0{token_id}\0{hub_key}".encode()
 
 
 __all__ = ["HubCore", "match_nodes", "KeyRow"]

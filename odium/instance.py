@@ -13,19 +13,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
 
 from .errors import OdiumError
 from .errors import TimeoutError as OdiumTimeout
-from .hub import HubCore
 from .keys import Identity, Token, ensure_home, load_or_create
 from .node import NodeCore
 from .protocol import MAX_MESSAGE
 from .state import find_app, state_id
-from .store import Store, default_url
 from .transport import Loop
+
+if TYPE_CHECKING:  # the hub part (and SQLAlchemy) is imported only by instances that are hubs
+    from .hub import HubCore
+    from .store import Store
 
 log = logging.getLogger("odium")
 T = TypeVar("T")
@@ -56,6 +58,9 @@ class Instance:
     def start_hub(self, *, interface: str = "127.0.0.1", ports: dict[str, int] | None = None,
                   db: str | None = None, hb_interval: float = 1.0,
                   max_message: int = MAX_MESSAGE) -> HubCore:
+        from .hub import HubCore
+        from .store import Store, default_url
+
         self.store = Store(db or default_url(self.home))
         admin = load_or_create(self.home / "admin.key")
         try:

@@ -100,6 +100,11 @@ def curve_fingerprint(curve_z85: bytes) -> str:
     return ":".join(h[i : i + 4] for i in range(0, 16, 4))
 
 
+def join_proof_bytes(token_id: str, hub_key: str) -> bytes:
+    """What a joining node signs with its own key to prove it holds it."""
+    return f"odium-join\0{token_id}\0{hub_key}".encode()
+
+
 def verify_proof(key_id: str, data: bytes, proof: str) -> None:
     try:
         verify_key(key_id).verify(data, unb64url(proof))

@@ -23,8 +23,7 @@ import zmq
 from . import protocol as P
 from .errors import AuthError, ConfigError, OdiumError, ProtocolError
 from .executor import Executor
-from .hub import join_proof_bytes
-from .keys import Identity, Token, verify_key
+from .keys import Identity, Token, join_proof_bytes, verify_key
 from .transport import client_socket, recv_frames
 
 if TYPE_CHECKING:
@@ -86,7 +85,8 @@ class NodeCore:
         self.error: OdiumError | None = None
         self._reject_budget = 20.0
         self._reject_at = time.monotonic()
-        self.executor = Executor(inst.loop, str(inst.app), self._on_exec_event)
+        # the first worker starts once the node is ready, so that joining is not slowed down
+        self.executor = Executor(inst.loop, str(inst.app), self._on_exec_event, prestart=False)
         self.sub_handlers: dict[str, Callable[[P.Message], None]] = {
             "hb": self._on_hb, "exec": self._on_exec, "interrupt": self._on_interrupt,
         }
@@ -211,6 +211,7 @@ class NodeCore:
         self._fetch()
         if self.heard_boot == self.hub_boot:
             self._beat()
+            self.executor.warm()
 
     def _fetch(self) -> None:
         if self.query is None or any(r.type == "fetch" for r in self.requests.values()):
@@ -270,6 +271,7 @@ class NodeCore:
             self._fetch()
         if first and self.registered:
             self._beat()
+            self.executor.warm()
 
     def _on_exec(self, msg: P.Message) -> None:
         if msg.env.seq > self.seq + 1 and self.registered:

@@ -27,6 +27,7 @@ from nacl.signing import SigningKey, VerifyKey
 from .errors import AuthError, ProtocolError
 
 VERSION = 1
+DEFAULT_PORTS = {"pub": 18202, "query": 18203, "jobs": 18220, "results": 18221}
 MAX_MESSAGE = 16 * 1024 * 1024  # default limit on one frame, bytes
 REPLAY_WINDOW = 300.0  # seconds a message stays acceptable (and remembered)
 
