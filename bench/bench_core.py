@@ -100,6 +100,16 @@ def timed(fn: Callable[[], Any], check: Callable[[Any], str | None], warmup: int
 # --- Odium ----------------------------------------------------------------------------------
 
 
+def _state_of(hub: Any) -> str:
+    """The hub's state id, whether the API offers it as a property or a method."""
+    try:
+        st = hub.core.inst.state
+        st = st() if callable(st) else st
+        return str(getattr(st, "id", st))
+    except Exception as e:  # informative only
+        return f"? ({type(e).__name__})"
+
+
 def bench_odium(n: int, rounds: int, warmup: int, shell_rounds: int, app: str | None,
                 budget: float) -> dict[str, Any]:
     t_imp = perf()
@@ -118,7 +128,12 @@ def bench_odium(n: int, rounds: int, warmup: int, shell_rounds: int, app: str | 
         t_ready = perf()
         names = [s.name for s in started]
         out.update(hub_up_s=t_hub - t0, ready_s=t_ready - t0, nodes_ready_s=t_ready - t_hub,
-                   ports=hub.ports, state=hub.state)
+                   ports=hub.ports, state=_state_of(hub))
+        # the first command after ready: whatever a node still does after "ready" shows here
+        t1 = perf()
+        first = hub.run("x = 1", nodes="*", timeout=30)
+        out["first_python_s"] = perf() - t1
+        out["first_python_ok"] = bool(first.ok)
 
         def all_ok(want: list[str]) -> Callable[[Any], str | None]:
             def check(r: Any) -> str | None:
@@ -145,7 +160,8 @@ def bench_odium(n: int, rounds: int, warmup: int, shell_rounds: int, app: str | 
                 phases["submit_to_issued"].append(r.issued - c0)
                 phases["issued_to_first_start"].append(min(starts) - r.issued)
                 phases["issued_to_last_start"].append(max(starts) - r.issued)
-                phases["exec_max"].append(max(e.finished - e.started for e in entries))
+                phases["exec_max"].append(max((e.finished or 0.0) - (e.started or 0.0)
+                                              for e in entries))
                 phases["last_finish_to_return"].append(c1 - max(fins))
             return r
 
@@ -258,14 +274,20 @@ def report(res: dict[str, Any]) -> str:
         lines.append(f"  ready (Hub() -> {o['nodes']} nodes ready)   {o['ready_s']:.3f} s   "
                      f"[hub up {o['hub_up_s']:.3f} s + nodes {o['nodes_ready_s']:.3f} s; "
                      f"import {o['import_s']:.3f} s not counted; stop {o['stop_s']:.3f} s]")
-    hdr = f"  {'round trip (ms)':<34} {'median':>8} {'p90':>8} {'p99':>8} {'min':>8} {'max':>8} {'n':>5}"
+    if "first_python_s" in o:
+        lines.append(f"  first 'x = 1' right after ready   {o['first_python_s'] * 1000:.1f} ms"
+                     f"{'' if o['first_python_ok'] else '  (NOT ok)'}   -> first result "
+                     f"{o['ready_s'] + o['first_python_s']:.3f} s after start")
+    hdr = (f"  {'round trip (ms)':<34} {'median':>8} {'p90':>8} {'p99':>8} {'min':>8} "
+           f"{'max':>8} {'n':>5}")
     lines.append(hdr)
     lines.append(_row(f"python 'x = 1' -> all {o['nodes']}", o.get("python")))
     lines.append(_row("python 'x = 1' -> one node", o.get("one_node")))
     lines.append(_row(f"shell 'true' -> all {o['nodes']}", o.get("shell")))
     bd = o.get("python_breakdown_ms")
     if bd:
-        lines.append("  where the python round trip goes (median / p90 ms, from result timestamps):")
+        lines.append("  where the python round trip goes (median / p90 ms, from result "
+                     "timestamps):")
         names = {"submit_to_issued": "hub.run() -> broadcast issued in hub loop",
                  "issued_to_first_start": "issued -> first worker starts the code",
                  "issued_to_last_start": "issued -> last worker starts the code",
@@ -360,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(total {res['total_s']:.1f} s; load after {env['loadavg_after']})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump(res, f, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0 if "error" not in o else 1
 

@@ -21,6 +21,8 @@ _WHERE = {
     "OdiumError": "errors", "ConfigError": "errors", "ProtocolError": "errors",
     "AuthError": "errors", "TimeoutError": "errors", "NotConnectedError": "errors",
     "RemoteError": "errors", "StateMismatchError": "errors",
+    # %load_ext odium (IPython imported only then)
+    "load_ipython_extension": "magics", "unload_ipython_extension": "magics",
 }
 
 if TYPE_CHECKING:

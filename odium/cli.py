@@ -52,6 +52,15 @@ def _positive(text: str) -> float:
     return v
 
 
+def _requirement(text: str) -> str:
+    import re
+
+    if text in ("any", "match") or re.fullmatch(r"[0-9a-f]{7,40}", text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"a required state is 'any', 'match' or a commit id (7 to 40 hex digits), not {text!r}")
+
+
 def _count(text: str) -> int:
     try:
         v = int(text)
@@ -80,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in the home)")
     sp.add_argument("--app", default=None, help="application directory (default: cwd)")
     sp.add_argument("--heartbeat", type=_positive, default=1.0, help="seconds between beats")
+    sp.add_argument("--wheelhouse", default=None,
+                    help="directory of wheels sent to nodes that sync (no index needed)")
 
     sp = sub.add_parser("node", help="run a node in the foreground, joined to a hub")
     home(sp)
@@ -89,10 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="node name (default: this host's name)")
     sp.add_argument("--app", default=None, help="application directory (default: cwd)")
     sp.add_argument("--capacity", type=_count, default=None, help="worker processes")
+    sp.add_argument("--find-links", default=None,
+                    help="where a sync installs declared packages from (a directory of wheels)")
+    sp.add_argument("--index-url", default=None, help="package index a sync installs from")
 
     sp = sub.add_parser("nodes", help="list the hub's nodes")
     home(sp)
     sp.add_argument("pattern", nargs="?", default=None)
+    sp.set_defaults(_late_positionals=("pattern",))
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("run", help="run code on nodes and print each node's result")
@@ -101,14 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shell", action="store_true", help="run as a shell command")
     sp.add_argument("--timeout", type=_positive, default=None, help="seconds")
     sp.add_argument("--session", default=None, help="keep a namespace across runs by name")
+    sp.add_argument("--require-state", default=None, metavar="any|match|ID",
+                    type=_requirement, help="the state nodes must be in (default: match when "
+                    "the hub's application is a clean commit, else any)")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("-c", dest="code", default=None, help="the code")
     sp.add_argument("file", nargs="?", default=None, help="a file with the code, or - for stdin")
+    sp.set_defaults(_late_positionals=("file",))
+
+    sp = sub.add_parser("state", help="state ids, fingerprints, diffs and sync")
+    home(sp)
+    sp.add_argument("action", nargs="?", default="show", choices=["show", "diff", "sync"],
+                    help="show: this instance's state; diff: every node against the hub; "
+                    "sync: bring nodes to the hub's commit")
+    sp.add_argument("--nodes", default=None, help="glob or comma list of node names")
+    sp.add_argument("--app", default=None, help="application directory (show; default: cwd)")
+    sp.add_argument("--timeout", type=_positive, default=300.0, help="seconds (sync)")
+    sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("keys", help="this instance's key; the hub's trusted keys")
     home(sp)
     sp.add_argument("action", choices=["show", "list", "accept", "reject", "revoke"])
     sp.add_argument("pattern", nargs="?", help="key id, node name, or glob over names")
+    sp.set_defaults(_late_positionals=("pattern",))
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("token", help="issue a single-use join token")
@@ -127,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills optional positionals before it sees options ("keys accept --home H KEY"):
+    # give words it left over to the positionals that are still empty, in order
+    for dest in getattr(args, "_late_positionals", ()):
+        if extra and not extra[0].startswith("-") and getattr(args, dest) is None:
+            setattr(args, dest, extra.pop(0))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.command is None:
         parser.print_help()
@@ -160,7 +197,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
     inst = Instance(args.home, args.app)
     try:
         hub = inst.start_hub(interface=args.interface, ports=args.ports, db=args.db,
-                             hb_interval=args.heartbeat)
+                             hb_interval=args.heartbeat, wheelhouse=args.wheelhouse)
         from .keys import fingerprint
 
         print(f"odium hub {fingerprint(inst.ident.key_id)} on {args.interface} ports "
@@ -188,8 +225,11 @@ def cmd_node(args: argparse.Namespace) -> int:
             address, hub_key = args.join or token.address, token.hub_key
         elif args.join and args.hub_key:
             address, hub_key = args.join, args.hub_key
-        elif joined is not None and not args.join:
+        elif joined is not None and args.join in (None, joined["address"]):
             address, hub_key = joined["address"], joined["hub_key"]
+        elif joined is not None:
+            raise ConfigError(f"this home ({inst.home}) already belongs to the hub at "
+                              f"{joined['address']}; use another --home to join {args.join}")
         elif args.join:
             raise ConfigError("--join needs --token (from: odium token) or --hub-key KEY")
         else:
@@ -198,7 +238,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         from .keys import check_key_id
 
         check_key_id(hub_key)
-        node = inst.start_node(address, hub_key, name, token=token, capacity=args.capacity)
+        node = inst.start_node(address, hub_key, name, token=token, capacity=args.capacity,
+                               find_links=args.find_links, index_url=args.index_url)
         from .keys import fingerprint
 
         print(f"odium node {name} key {inst.ident.key_id} ({fingerprint(inst.ident.key_id)}) "
@@ -213,7 +254,28 @@ def cmd_node(args: argparse.Namespace) -> int:
             raise node.error
     finally:
         inst.close()
+    if node.restart:  # a sync checked out a new commit: run this same command again, in place
+        sys.stdout.flush()
+        argv = list(getattr(sys, "orig_argv", [sys.executable, "-m", "odium", *sys.argv[1:]]))
+        args_no_token = _drop_option(argv, "--token")
+        os.execv(sys.executable, [sys.executable, *args_no_token[1:]])
     return 0
+
+
+def _drop_option(argv: list[str], opt: str) -> list[str]:
+    """The command line without a used-up option (a join token is single-use)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == opt:
+            skip = True
+            continue
+        if a.startswith(opt + "="):
+            continue
+        out.append(a)
+    return out
 
 
 def _admin(args: argparse.Namespace) -> Any:
@@ -269,7 +331,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to run: give -c CODE, a FILE, or - to read stdin")
     with _admin(args) as admin:
         result = admin.run(code, args.nodes, shell=args.shell, timeout=args.timeout,
-                           session=args.session)
+                           session=args.session, require=args.require_state)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -308,6 +370,63 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_state(args: argparse.Namespace) -> int:
+    from .results import format_text, short_state
+    from .state import find_app, snapshot
+
+    if args.action == "show":
+        info = snapshot(find_app(args.app))
+        print(json.dumps(info.to_dict(), indent=2) if args.json else format_state(info))
+        return 0
+    with _admin(args) as admin:
+        if args.action == "sync":
+            result = admin.sync(args.nodes or "*", args.timeout)
+            print(json.dumps(result.to_dict(), indent=2, default=str) if args.json
+                  else format_text(result, color=sys.stdout.isatty()))
+            return 0 if result.ok else 1
+        report = admin.state_report(args.nodes)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    hub = report["hub"]
+    print(f"hub: {hub['state']}")
+    differ = 0
+    for name, n in report["nodes"].items():
+        same = not n["diff"]
+        differ += not same
+        print(f"[{name}] {n['status']}  {short_state(n['state'])}  "
+              f"{'same as hub' if same else 'differs'}")
+        for line in (n.get("text") or "").splitlines():
+            print("  " + line)
+    if not report["nodes"]:
+        print("no nodes match")
+    return 0 if differ == 0 else 1
+
+
+def format_state(info: Any) -> str:
+    """This instance's state for people: id, declaration, fingerprint parts."""
+    d = info.to_dict()
+    fp = d["fingerprint"]
+    decl = d["declaration"]
+    lines = [f"state        {d['state']}"]
+    if d.get("dirty_files"):
+        lines.append(f"dirty files  {', '.join(d['dirty_files'][:20])}")
+    lines.append(f"fingerprint  {fp['id'][:16]}")
+    for part, h in sorted(fp["parts"].items()):
+        lines.append(f"  {part:<10} {h[:16]}")
+    py = fp["detail"].get("python", {})
+    lines.append(f"python       {py.get('implementation', '')} {py.get('version', '')} "
+                 f"{py.get('platform', '')}")
+    lines.append(f"packages     {len(fp['detail'].get('packages', {}))} installed")
+    lines.append(f"declared in  {decl.get('source', 'none')}")
+    for key in ("pip", "system", "env", "files"):
+        if decl.get(key):
+            lines.append(f"  {key:<10} {', '.join(decl[key])}")
+    for item in d.get("unsatisfied") or []:
+        lines.append(f"NOT SATISFIED {item}")
+    return "\n".join(lines)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         tok = admin.token(args.ttl)
@@ -335,4 +454,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"hub": cmd_hub, "node": cmd_node, "nodes": cmd_nodes, "run": cmd_run,
-            "keys": cmd_keys, "token": cmd_token, "log": cmd_log, "demo": cmd_demo}
+            "keys": cmd_keys, "token": cmd_token, "state": cmd_state, "log": cmd_log,
+            "demo": cmd_demo}

@@ -156,14 +156,19 @@ class Hub:
 
     def run(self, code: str, nodes: str = "*", *, shell: bool = False,
             timeout: float | None = None, session: str | None = None,
-            on_output: OutputFn | None = None) -> Result:
-        """Run code on every node matching ``nodes``; wait for every node's entry."""
+            require: str | None = None, on_output: OutputFn | None = None) -> Result:
+        """Run code on every node matching ``nodes``; wait for every node's entry.
+
+        ``require``: the state the nodes must be in: ``"any"``, ``"match"`` (this hub's
+        commit), a commit id, or None (``match`` when this hub is a clean commit, else ``any``).
+        """
         handle = self.submit_broadcast(code, nodes, shell=shell, timeout=timeout,
-                                       session=session, on_output=on_output)
+                                       session=session, require=require, on_output=on_output)
         return handle.wait()
 
     def submit_broadcast(self, code: str, nodes: str = "*", *, shell: bool = False,
                          timeout: float | None = None, session: str | None = None,
+                         require: str | None = None,
                          on_output: OutputFn | None = None) -> BroadcastHandle:
         if not isinstance(code, str):
             raise ConfigError(f"code must be a string, not {type(code).__name__}")
@@ -173,9 +178,26 @@ class Hub:
         core = self.core
         b = self._call(lambda: core.broadcast(
             code, nodes, kind="shell" if shell else "python", timeout=timeout,
-            session=session or "default", on_done=handle._done, on_output=on_output))
+            session=session or "default", require=require, on_done=handle._done,
+            on_output=on_output))
         handle.cmd = b.cmd
         return handle
+
+    # --- state -----------------------------------------------------------------------------
+
+    def state_report(self, nodes: str | None = None) -> dict[str, Any]:
+        """This hub's state, and how each node's differs from it, part by part."""
+        core = self.core
+        return dict(self._call(lambda: core.state_report(nodes)))
+
+    def sync(self, nodes: str = "*", timeout: float = 300.0) -> Result:
+        """Bring the matching nodes to this hub's commit; each entry ends ok (with the node's
+        new state) or says why not."""
+        handle = BroadcastHandle(self, timeout)
+        core = self.core
+        b = self._call(lambda: core.sync_nodes(nodes, timeout=timeout, on_done=handle._done))
+        handle.cmd = b.cmd
+        return handle.wait()
 
     def interrupt(self, cmd: str) -> bool:
         core = self.core
@@ -391,9 +413,11 @@ class Admin:
         return dict(self.request("ping", P.Empty(), timeout))
 
     def run(self, code: str, nodes: str = "*", *, shell: bool = False,
-            timeout: float | None = None, session: str | None = None) -> Result:
+            timeout: float | None = None, session: str | None = None,
+            require: str | None = None) -> Result:
         mid = P.new_id()
-        body = P.Run(code, nodes, "shell" if shell else "python", session, timeout)
+        body = P.Run(code, nodes, "shell" if shell else "python", session, timeout,
+                     require or "default")
         wait = None if timeout is None else timeout + 30.0
         try:
             data = self.request("run", body, wait, msg_id=mid)
@@ -425,6 +449,13 @@ class Admin:
 
     def log(self, limit: int = 50) -> list[dict[str, Any]]:
         return list(self.request("log", P.Query(limit=limit))["events"])
+
+    def state_report(self, nodes: str | None = None) -> dict[str, Any]:
+        return dict(self.request("state_diff", P.Query(pattern=nodes)))
+
+    def sync(self, nodes: str = "*", timeout: float = 300.0) -> Result:
+        data = self.request("sync_nodes", P.SyncRequest(nodes, timeout), timeout + 30)
+        return Result.from_dict(data["result"])
 
 
 def _alive(pid: int) -> bool:

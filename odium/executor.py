@@ -367,13 +367,10 @@ class Executor:
         if job is None:
             return False
         job.reason = job.reason or reason
-        if job.proc is not None:  # shell
-            _signal_group(job.proc, signal.SIGINT)
-            def kill() -> None:
-                if job.cmd in self.jobs:
-                    _signal_group(job.proc, signal.SIGKILL)
-
-            self.loop.call_later(KILL_GRACE, kill)
+        if job.proc is not None:  # shell: the whole process group, even after the shell exits
+            pgid = job.proc.pid
+            _kill_group(pgid, signal.SIGINT)
+            self.loop.call_later(KILL_GRACE, lambda: _kill_group(pgid, signal.SIGKILL))
             return True
         w = job.worker
         if w is None:
@@ -511,6 +508,13 @@ class Executor:
             res["error"] = {"ename": "ShellError", "evalue": f"exit status {code}",
                             "traceback": ""}
         self.loop.call_soon_threadsafe(lambda: self._finish(job, res))
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(proc: subprocess.Popen[bytes] | None, sig: int) -> None:

@@ -6,12 +6,14 @@ Everything here runs in the instance's loop thread, except the ZAP policy
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import json
 import logging
 import os
 import re
 import socket as pysocket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol as P
-from .errors import AuthError, NotConnectedError, OdiumError, ProtocolError
+from .errors import (
+    AuthError,
+    ConfigError,
+    NotConnectedError,
+    OdiumError,
+    ProtocolError,
+    StateMismatchError,
+)
 from .keys import (
     Identity,
     Token,
@@ -33,6 +42,16 @@ from .keys import (
     verify_proof,
 )
 from .results import NodeResult, Result, Status
+from .state import (
+    StateInfo,
+    commit_relation,
+    default_requirement,
+    format_diff,
+    make_bundle,
+    resolve_state,
+    snapshot,
+)
+from .state import diff as state_diff
 from .store import CommandRow, KeyRow, ResultRow, Store
 from .transport import ZapDecision, ZapHandler, peer_user_id, recv_frames, server_socket
 
@@ -57,10 +76,14 @@ QUERY_TYPES = {
     "key": ("admin",),
     "token": ("admin",),
     "log": ("admin",),
+    "state_diff": ("admin",),
+    "sync_nodes": ("admin",),
+    "bundle": ("node",),
 }
 SOCKET_KINDS = {"pub": zmq.PUB, "query": zmq.ROUTER, "jobs": zmq.PUSH, "results": zmq.PULL}
 RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
-                "result": ("node",), "bye": ("node",), "event": ("node",)}
+                "result": ("node",), "bye": ("node",), "event": ("node",), "state": ("node",),
+                "restarting": ("node",)}
 
 
 QueryHandler = Callable[[P.Message, "KeyInfo", Callable[..., None]], None]
@@ -93,9 +116,19 @@ class NodeInfo:
     capacity: int = 1
     last_seen: float = 0.0
     running: set[str] = field(default_factory=set)
+    info: dict[str, Any] | None = None  # the node's StateInfo as JSON (odium.state)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(((self.info or {}).get("fingerprint") or {}).get("id", ""))
+
+    @property
+    def unsatisfied(self) -> list[str]:
+        return list((self.info or {}).get("unsatisfied") or [])
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key_id, "status": self.status, "state": self.state,
+                "fingerprint": self.fingerprint, "unsatisfied": self.unsatisfied,
                 "host": self.host, "pid": self.pid, "capacity": self.capacity,
                 "last_seen": self.last_seen, "running": sorted(self.running)}
 
@@ -112,6 +145,10 @@ class Broadcast:
     callbacks: list[Callable[[Result], None]] = field(default_factory=list)
     output: list[Callable[[str, str, str], None]] = field(default_factory=list)
     acked: set[str] = field(default_factory=set)
+    required: str = "any"
+    hint: str | None = None
+    kind: str = "python"
+    code: str = ""
 
     @property
     def done(self) -> bool:
@@ -123,7 +160,8 @@ class HubCore:
 
     def __init__(self, inst: Instance, store: Store, *, interface: str = "127.0.0.1",
                  ports: dict[str, int] | None = None, hb_interval: float = 1.0,
-                 max_message: int = P.MAX_MESSAGE, admin: Identity | None = None) -> None:
+                 max_message: int = P.MAX_MESSAGE, admin: Identity | None = None,
+                 wheelhouse: Path | None = None) -> None:
         self.inst = inst
         self.store = store
         self.interface = interface
@@ -135,6 +173,10 @@ class HubCore:
         self.by_key: dict[str, str] = {}  # node key id -> name
         self.broadcasts: dict[str, Broadcast] = {}
         self.seq = store.max_seq()
+        self._state_info: StateInfo | None = None  # this hub's own state (computed lazily)
+        threading.Thread(target=lambda: self.state_info, name="odium-state", daemon=True).start()
+        self.watchers: list[Callable[[], bool]] = []  # re-checked when a node's state changes
+        self.wheelhouse: Path | None = wheelhouse
         self._rejected_budget = 50.0
         self._rejected_at = time.monotonic()
         self._pending_seen: dict[str, float] = {}
@@ -149,7 +191,7 @@ class HubCore:
             self._set_key(KeyInfo(admin.key_id, "admin", "admin", None, "admin key in home"))
         for n in store.nodes():
             self.nodes[n.name] = NodeInfo(n.name, n.key_id, "offline", n.state, n.boot, n.host,
-                                          n.pid, n.capacity, n.last_seen)
+                                          n.pid, n.capacity, n.last_seen, info=n.info)
             self.by_key[n.key_id] = n.name
         ctx = inst.ctx
         self.zap = ZapHandler(ctx, self._zap)
@@ -174,11 +216,13 @@ class HubCore:
             "join": self._h_join, "register": self._h_register, "fetch": self._h_fetch,
             "ping": self._h_ping, "run": self._h_run, "interrupt": self._h_interrupt,
             "nodes": self._h_nodes, "keys": self._h_keys, "key": self._h_key,
-            "token": self._h_token, "log": self._h_log,
+            "token": self._h_token, "log": self._h_log, "state_diff": self._h_state_diff,
+            "sync_nodes": self._h_sync_nodes, "bundle": self._h_bundle,
         }
         self.result_handlers: dict[str, Callable[[P.Message, NodeInfo], None]] = {
             "node_hb": self._r_hb, "ack": self._r_ack, "output": self._r_output,
             "result": self._r_result, "bye": self._r_bye, "event": self._r_event,
+            "state": self._r_state, "restarting": self._r_restarting,
         }
         store.event("hub_start", f"hub {fingerprint(inst.ident.key_id)} listening on "
                     f"{interface} ports {self.ports}")
@@ -329,7 +373,7 @@ class HubCore:
         if node.state != state:
             node.state = state
             self.store.put_node(node.name, state=state)
-        if node.status in ("lost", "offline", "left"):
+        if node.status in ("lost", "offline", "left"):  # "restarting" ends with a register
             node.status = "connecting"
             self.store.event("node_back", f"{node.name} is back", node=node.name)
             self.store.put_node(node.name, status="connecting")
@@ -357,6 +401,8 @@ class HubCore:
         now = time.time()
         limit = 3 * self.hb_interval
         for node in self.nodes.values():
+            if node.status == "restarting" and now - node.last_seen > max(limit, 60.0):
+                self._node_gone(node, "lost", "did not come back after restarting")
             if node.status in ("ready", "connecting") and now - node.last_seen > limit:
                 self._node_gone(node, "lost",
                                 f"no heartbeat for {now - node.last_seen:.1f} s")
@@ -376,8 +422,10 @@ class HubCore:
         self.store.put_node(node.name, status=status, last_seen=node.last_seen)
         self._lose_running(node, why)
 
-    def _lose_running(self, node: NodeInfo, why: str) -> None:
+    def _lose_running(self, node: NodeInfo, why: str, restart: bool = False) -> None:
         for b in list(self.broadcasts.values()):
+            if restart and b.kind == "sync":
+                continue  # a sync restarts the node on purpose; it answers when it is back
             if node.name in b.targets and node.name not in b.results:
                 self._record(b, NodeResult(node.name, Status.LOST, state=node.state, error={
                     "ename": "NodeLost", "evalue": f"node lost while running: {why}",
@@ -418,7 +466,7 @@ class HubCore:
             node = NodeInfo(body.name, info.key_id)
             self.nodes[body.name] = node
         if node.boot and node.boot != body.boot:
-            self._lose_running(node, "the node restarted")
+            self._lose_running(node, "the node restarted", restart=node.status == "restarting")
         if node.status in ("ready", "connecting") and node.boot == body.boot:
             pass  # a retried register: nothing changes
         else:
@@ -427,6 +475,8 @@ class HubCore:
         node.boot, node.host, node.pid = body.boot, body.host, body.pid
         node.capacity = body.capacity
         node.state = msg.env.state
+        if body.info is not None:
+            self._take_info(node, body.info)
         node.last_seen = time.time()
         if node.status != "ready":
             node.status = "connecting"
@@ -435,6 +485,7 @@ class HubCore:
                             host=node.host, pid=node.pid, capacity=node.capacity, boot=node.boot,
                             last_seen=node.last_seen)
         self._kick_fast_heartbeat()
+        self._check_watchers()
         reply({"hub_boot": self.boot, "seq": self.seq, "interval": self.hb_interval,
                "ports": {k: v for k, v in self.ports.items() if k != "query"}})
 
@@ -451,7 +502,7 @@ class HubCore:
             raise ProtocolError("a run with this id is already going")
         self.broadcast(body.code, body.nodes, kind=body.kind, timeout=body.timeout,
                        session=body.session or f"cli-{msg.env.id[:12]}", issuer=info.key_id,
-                       cmd=msg.env.id, ephemeral=body.session is None,
+                       cmd=msg.env.id, ephemeral=body.session is None, require=body.require,
                        on_done=lambda r: reply({"result": r.to_dict()}))
 
     def _h_interrupt(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
@@ -472,6 +523,36 @@ class HubCore:
     def _h_token(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.TokenRequest = msg.body  # type: ignore[assignment]
         reply({"token": self.make_token(body.ttl)})
+
+    def _h_state_diff(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        reply(self.state_report(msg.body.pattern))  # type: ignore[attr-defined]
+
+    def _h_sync_nodes(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.SyncRequest = msg.body  # type: ignore[assignment]
+        self.sync_nodes(body.nodes, timeout=body.timeout, issuer=info.key_id,
+                        on_done=lambda r: reply({"result": r.to_dict()}))
+
+    def _h_bundle(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        """A node in a sync asks for the commits it lacks: made off the loop, then answered."""
+        body: P.BundleRequest = msg.body  # type: ignore[assignment]
+        name = self.by_key.get(info.key_id, "")
+        b = self.broadcasts.get(body.cmd)
+        if b is None or b.kind != "sync" or name not in b.targets:
+            raise AuthError("no sync of this node is going on")
+        target, app, wheelhouse = b.code, self.inst.app, self.wheelhouse
+
+        def work() -> None:
+            try:
+                data = make_bundle(app, target, list(body.have))
+                wheels = _wheels(wheelhouse)
+                out = {"commit": target, "bundle": base64.b64encode(data).decode(),
+                       "wheels": wheels}
+                self.inst.loop.call_soon_threadsafe(lambda: reply(out))
+            except OdiumError as e:
+                err = e
+                self.inst.loop.call_soon_threadsafe(lambda: reply(error=err))
+
+        threading.Thread(target=work, name="odium-bundle", daemon=True).start()
 
     def _h_log(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.Query = msg.body  # type: ignore[assignment]
@@ -518,10 +599,15 @@ class HubCore:
         b = self.broadcasts.get(body.cmd)
         if b is None or node.name not in b.targets or node.name in b.results:
             return  # late or duplicate: the first answer (or timeout/lost) stands
+        mismatch = None
+        status = Status(body.status) if body.status != "state_mismatch" else Status.STATE_MISMATCH
+        if status is Status.STATE_MISMATCH:
+            mismatch = dict(body.mismatch or {})
+            mismatch.update(self.diff_for(node))
         self._record(b, NodeResult(
-            node.name, Status(body.status), body.stdout, body.stderr, body.value, body.value_repr,
+            node.name, status, body.stdout, body.stderr, body.value, body.value_repr,
             body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
-            msg.env.state, body.started, body.finished))
+            msg.env.state, body.started, body.finished, mismatch))
 
     def _r_event(self, msg: P.Message, node: NodeInfo) -> None:
         body: P.NodeEvent = msg.body  # type: ignore[assignment]
@@ -533,7 +619,88 @@ class HubCore:
             self.store.event(body.kind, f"reported by {node.name}: {body.detail}",
                              level=body.level, node=node.name, key_id=node.key_id)
 
+    def _r_state(self, msg: P.Message, node: NodeInfo) -> None:
+        self._take_info(node, msg.body.info)  # type: ignore[attr-defined]
+        self._check_watchers()
+
+    def _take_info(self, node: NodeInfo, info: dict[str, Any]) -> None:
+        """A node told us its whole state: keep it, its declaration, and say what is wrong."""
+        try:
+            parsed = StateInfo.from_dict(info)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"bad state info: {e}") from None
+        old = node.unsatisfied
+        node.info = parsed.to_dict()
+        node.state = parsed.state
+        self.store.put_node(node.name, state=node.state, info=node.info)
+        self.store.put_state(parsed.state, parsed.declaration.to_dict())
+        if node.unsatisfied and node.unsatisfied != old:
+            self.store.event("unsatisfied", f"{node.name}: installed packages do not satisfy "
+                             f"its declaration: {'; '.join(node.unsatisfied)}", level="warning",
+                             node=node.name)
+
+    @property
+    def state_info(self) -> StateInfo:
+        if self._state_info is None:
+            self._state_info = snapshot(self.inst.app)
+        return self._state_info
+
+    @state_info.setter
+    def state_info(self, value: StateInfo) -> None:
+        self._state_info = value
+
+    def _check_watchers(self) -> None:
+        self.watchers = [w for w in self.watchers if not w()]
+
+    def resolve_requirement(self, require: str | None) -> tuple[str, str | None]:
+        """The state a command requires, as the node will check it: ``any`` or a commit."""
+        own = self.inst.state
+        if require in (None, "default"):
+            kind, hint = default_requirement(own)
+            return (own if kind == "match" else "any"), hint
+        if require == "any":
+            return "any", None
+        if require == "match":
+            if not re.fullmatch(r"[0-9a-f]{40}", own):
+                raise StateMismatchError(
+                    f"cannot require this hub's state: it is {own!r}, not a clean commit; "
+                    "commit your changes, or use --require-state any")
+            return own, None
+        if not re.fullmatch(r"[0-9a-f]{7,40}", require or ""):
+            raise ConfigError(f"a required state is 'any', 'match' or a commit id (7 to 40 hex "
+                              f"digits), not {require!r}")
+        try:  # a short id the hub knows becomes the full commit
+            return resolve_state(self.inst.app, str(require)), None
+        except ConfigError:
+            return str(require), None
+
+    def diff_for(self, node: NodeInfo) -> dict[str, Any]:
+        """How a node's state differs from this hub's, part by part."""
+        if node.info is None:
+            return {"diff": {"unknown": "the node has not reported its state"},
+                    "text": "the node has not reported its state"}
+        theirs = StateInfo.from_dict(node.info)
+        relation = None
+        if self.state_info.commit and theirs.commit:
+            relation = commit_relation(self.inst.app, self.state_info.commit, theirs.commit)
+        d = state_diff(self.state_info, theirs, relation)
+        return {"diff": d, "text": format_diff(d)}
+
+    def state_report(self, pattern: str | None = None) -> dict[str, Any]:
+        self.state_info = snapshot(self.inst.app)
+        names = match_nodes(pattern, sorted(self.nodes)) if pattern else sorted(self.nodes)
+        return {"hub": self.state_info.to_dict(),
+                "nodes": {n: {"status": self.nodes[n].status, "state": self.nodes[n].state,
+                              **self.diff_for(self.nodes[n])} for n in names}}
+
+    def _r_restarting(self, msg: P.Message, node: NodeInfo) -> None:
+        node.status = "restarting"
+        self.store.put_node(node.name, status="restarting")
+        self.store.event("node_restarting", f"{node.name} restarts in place", node=node.name)
+
     def _r_bye(self, msg: P.Message, node: NodeInfo) -> None:
+        if node.status == "restarting":
+            return  # it comes back by itself
         self._node_gone(node, "left", "the node stopped")
 
     # --- broadcasting ----------------------------------------------------------------------
@@ -579,11 +746,17 @@ class HubCore:
     def broadcast(self, code: str, nodes: str = "*", *, kind: str = "python",
                   timeout: float | None = None, session: str = "default",
                   issuer: str | None = None, cmd: str | None = None, ephemeral: bool = False,
+                  require: str | None = None,
                   on_done: Callable[[Result], None] | None = None,
                   on_output: Callable[[str, str, str], None] | None = None) -> Broadcast:
-        """Publish a command to the nodes matching ``nodes``; ``on_done`` gets the Result."""
+        """Publish a command to the nodes matching ``nodes``; ``on_done`` gets the Result.
+
+        ``require``: ``any``, ``match`` (this hub's own commit), an explicit state id, or
+        ``default``/None (``match`` when this hub's application is a clean commit, else ``any``).
+        """
         if kind not in ("python", "shell"):
             raise ProtocolError(f"kind must be 'python' or 'shell', not {kind!r}")
+        required, hint = self.resolve_requirement(require)
         matched = match_nodes(nodes, sorted(self.nodes))
         if not matched:
             known = ", ".join(sorted(self.nodes)) or "none yet (add some: odium token)"
@@ -592,23 +765,60 @@ class HubCore:
         targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
         self.seq += 1
         body = P.Exec(cmd, kind, code, session, timeout,  # type: ignore[arg-type]
-                      issuer if issuer != self.inst.ident.key_id else None, ephemeral)
+                      issuer if issuer != self.inst.ident.key_id else None, ephemeral, required)
         raw = self._publish("exec", body, to=targets, seq=self.seq) if targets else b""
         grace = max(2.0, 3 * self.hb_interval)
         b = Broadcast(cmd, self.seq, raw, targets, {}, time.monotonic() + timeout + grace
                       if timeout else None, time.time())
+        b.required, b.hint = required, hint
         b.targets = matched  # every matched node gets an entry
         if on_done:
             b.callbacks.append(on_done)
         if on_output:
             b.output.append(on_output)
         self.broadcasts[cmd] = b
-        row = CommandRow(id=cmd, seq=self.seq, kind=kind, code=code, session=session, nodes=nodes,
-                         targets=matched, issuer=issuer or self.inst.ident.key_id,
-                         state=self.inst.state, timeout=timeout, created=b.issued)
-        self.store.write(lambda s: s.add(row))
+        self.store.insert(CommandRow, dict(
+            id=cmd, seq=self.seq, kind=kind, code=code, session=session, nodes=nodes,
+            targets=matched, issuer=issuer or self.inst.ident.key_id, state=self.inst.state,
+            timeout=timeout, created=b.issued, finished=None, status="running"))
         self.store.event("command", f"{kind} {cmd[:12]} to {nodes!r} ({len(targets)} of "
                          f"{len(matched)} connected)", key_id=issuer or "")
+        for name in matched:
+            if name not in targets:
+                self._record(b, NodeResult(name, Status.NOT_CONNECTED,
+                                           state=self.nodes[name].state, error={
+                    "ename": "NotConnected", "evalue": f"node is {self.nodes[name].status}",
+                    "traceback": ""}))
+        return b
+
+    def sync_nodes(self, nodes: str = "*", *, timeout: float = 300.0, issuer: str | None = None,
+                   on_done: Callable[[Result], None] | None = None) -> Broadcast:
+        """Bring the matching nodes to this hub's commit (git bundle over the query socket)."""
+        self.state_info = snapshot(self.inst.app)
+        self.inst.state = target = self.state_info.state
+        if not re.fullmatch(r"[0-9a-f]{40}", target):
+            raise StateMismatchError(f"cannot sync nodes to this hub's state {target!r}: it is "
+                                     "not a clean commit; commit your changes first")
+        matched = match_nodes(nodes, sorted(self.nodes))
+        if not matched:
+            known = ", ".join(sorted(self.nodes)) or "none yet"
+            raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
+        cmd = P.new_id()
+        targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
+        self.seq += 1
+        raw = self._publish("sync", P.Sync(cmd, target), to=targets, seq=self.seq) if targets \
+            else b""
+        b = Broadcast(cmd, self.seq, raw, matched, {}, time.monotonic() + timeout, time.time())
+        b.kind, b.code, b.required = "sync", target, "any"
+        if on_done:
+            b.callbacks.append(on_done)
+        self.broadcasts[cmd] = b
+        self.store.insert(CommandRow, dict(
+            id=cmd, seq=self.seq, kind="sync", code=target, session="-", nodes=nodes,
+            targets=matched, issuer=issuer or self.inst.ident.key_id, state=target,
+            timeout=timeout, created=b.issued, finished=None, status="running"))
+        self.store.event("sync", f"sync {cmd[:12]} of {nodes!r} to {target[:12]} "
+                         f"({len(targets)} of {len(matched)} connected)", key_id=issuer or "")
         for name in matched:
             if name not in targets:
                 self._record(b, NodeResult(name, Status.NOT_CONNECTED,
@@ -630,17 +840,20 @@ class HubCore:
         if r.node in b.results:
             return
         b.results[r.node] = r
-        row = ResultRow(command_id=b.cmd, node=r.node, status=r.status.value, state=r.state,
-                        stdout=r.stdout, stderr=r.stderr, value=r.value, value_repr=r.value_repr,
-                        error=r.error, exit=r.exit, started=r.started, finished=r.finished)
-        self.store.write(lambda s: s.add(row))
+        self.store.insert(ResultRow, dict(
+            command_id=b.cmd, node=r.node, status=r.status.value, state=r.state,
+            stdout=r.stdout, stderr=r.stderr, value=r.value, value_repr=r.value_repr,
+            error=r.error, exit=r.exit, started=r.started, finished=r.finished))
         if b.done:
             del self.broadcasts[b.cmd]
+            extra: dict[str, Any] = {"required": b.required}
+            if b.hint:
+                extra["hint"] = b.hint
             result = Result(b.cmd, dict((n, b.results[n]) for n in b.targets), self.inst.state,
-                            b.issued)
+                            b.issued, extra)
             status = "ok" if result.ok else "failed"
             fin = time.time()
-            self.store.write(lambda s: _finish_command(s, b.cmd, status, fin))
+            self.store.update(CommandRow, b.cmd, {"status": status, "finished": fin})
             for fn in b.callbacks:
                 try:
                     fn(result)
@@ -752,10 +965,20 @@ class HubCore:
         self.zap.close()
 
 
-def _finish_command(s: Any, cmd: str, status: str, fin: float) -> None:
-    row = s.get(CommandRow, cmd)
-    if row is not None:
-        row.status, row.finished = status, fin
+def _wheels(wheelhouse: Path | None, limit: int = 8 * 1024 * 1024) -> dict[str, str]:
+    """The wheels a hub offers syncing nodes (base64), from its wheelhouse directory."""
+    out: dict[str, str] = {}
+    if wheelhouse is None or not wheelhouse.is_dir():
+        return out
+    total = 0
+    for f in sorted(wheelhouse.glob("*.whl")):
+        data = f.read_bytes()
+        total += len(data)
+        if total > limit:
+            raise OdiumError(f"wheels in {wheelhouse} exceed {limit} bytes; serve them from an "
+                             "index the nodes can reach instead")
+        out[f.name] = base64.b64encode(data).decode()
+    return out
 
 
 __all__ = ["HubCore", "match_nodes", "KeyRow"]

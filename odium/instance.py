@@ -57,7 +57,7 @@ class Instance:
 
     def start_hub(self, *, interface: str = "127.0.0.1", ports: dict[str, int] | None = None,
                   db: str | None = None, hb_interval: float = 1.0,
-                  max_message: int = MAX_MESSAGE) -> HubCore:
+                  max_message: int = MAX_MESSAGE, wheelhouse: str | None = None) -> HubCore:
         from .hub import HubCore
         from .store import Store, default_url
 
@@ -66,7 +66,8 @@ class Instance:
         try:
             self.hub = self.call(lambda: HubCore(
                 self, self.store, interface=interface, ports=ports,  # type: ignore[arg-type]
-                hb_interval=hb_interval, max_message=max_message, admin=admin))
+                hb_interval=hb_interval, max_message=max_message, admin=admin,
+                wheelhouse=Path(wheelhouse) if wheelhouse else None))
         except BaseException:
             self.store.close()
             self.store = None
@@ -75,9 +76,11 @@ class Instance:
         return self.hub
 
     def start_node(self, address: str, hub_key: str, name: str, *, token: Token | None = None,
-                   capacity: int | None = None) -> NodeCore:
+                   capacity: int | None = None, find_links: str | None = None,
+                   index_url: str | None = None) -> NodeCore:
         self.node = self.call(lambda: NodeCore(self, address, hub_key, name, token=token,
-                                               capacity=capacity))
+                                               capacity=capacity, find_links=find_links,
+                                               index_url=index_url))
         return self.node
 
     # --- the loop --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import re
 import stat
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import zmq
@@ -36,7 +36,7 @@ class Identity:
 
     signing: SigningKey
 
-    @property
+    @cached_property
     def key_id(self) -> str:
         return b64url(bytes(self.signing.verify_key))
 
@@ -44,7 +44,7 @@ class Identity:
     def curve_public(self) -> bytes:
         return curve_public(self.key_id)
 
-    @property
+    @cached_property
     def curve_secret(self) -> bytes:
         sk = bindings.crypto_sign_ed25519_sk_to_curve25519(
             bytes(self.signing) + bytes(self.signing.verify_key)
@@ -118,7 +118,12 @@ def verify_proof(key_id: str, data: bytes, proof: str) -> None:
 def ensure_home(home: str | os.PathLike[str]) -> Path:
     """Create the home directory (0700) if needed; refuse one others can read."""
     path = Path(home).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise ConfigError(f"home {path} exists and is not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"cannot use {path} as home: {e.strerror}") from None
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         os.chmod(path, 0o700)

@@ -7,23 +7,37 @@ leave on the results socket.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import socket as pysocket
+import tempfile
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as P
 from .errors import AuthError, ConfigError, OdiumError, ProtocolError
 from .executor import Executor
 from .keys import Identity, Token, join_proof_bytes, verify_key
+from .state import (
+    Declaration,
+    StateInfo,
+    apply_bundle,
+    install_declared,
+    load_declaration,
+    satisfies,
+    snapshot,
+)
 from .transport import client_socket, recv_frames
 
 if TYPE_CHECKING:
@@ -32,7 +46,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("odium.node")
 
 REQUEST_RETRY = 2.0  # seconds before a query is sent again
+JOIN_PATIENCE = 15.0  # seconds without an answer to a join before the node says so
 TICK = 0.05
+ACK_AFTER = 0.05  # seconds a command runs before the node acknowledges it
+STATE_EVERY = 5.0  # seconds between checks of the node's own state
 
 
 @dataclass
@@ -55,7 +72,8 @@ class NodeCore:
     """Joins one hub and serves it."""
 
     def __init__(self, inst: Instance, address: str, hub_key: str, name: str, *,
-                 token: Token | None = None, capacity: int | None = None) -> None:
+                 token: Token | None = None, capacity: int | None = None,
+                 find_links: str | None = None, index_url: str | None = None) -> None:
         self.inst = inst
         self.name = name
         if not __import__("re").match(P.NAME_RE, name):
@@ -65,6 +83,7 @@ class NodeCore:
         self.hub_key = hub_key
         self.vk = verify_key(hub_key)
         self.capacity = capacity or os.cpu_count() or 1
+        self.find_links, self.index_url = find_links, index_url
         self.boot = P.new_id()
         self.replay = P.ReplayCache()
         self.hub_boot: str | None = None  # from the register reply
@@ -83,13 +102,25 @@ class NodeCore:
         self.query: zmq.Socket[Any] | None = None
         self.join_sock: zmq.Socket[Any] | None = None
         self.error: OdiumError | None = None
+        self.monitors: dict[str, zmq.Socket[Any]] = {}
+        self._told_pending = False
+        self._token_expires = 0.0
         self._reject_budget = 20.0
         self._reject_at = time.monotonic()
         # the first worker starts once the node is ready, so that joining is not slowed down
         self.executor = Executor(inst.loop, str(inst.app), self._on_exec_event, prestart=False)
         self.sub_handlers: dict[str, Callable[[P.Message], None]] = {
             "hb": self._on_hb, "exec": self._on_exec, "interrupt": self._on_interrupt,
+            "sync": self._on_sync,
         }
+        self.syncing: set[str] = set()
+        self.restart = False  # set by a sync: the process runs itself again when the loop ends
+        # the state id (inst.state) is known already; the fingerprint is computed off the loop
+        # and reported when ready, so that it never delays joining
+        self.state_info: StateInfo | None = None
+        self._checking_state = False
+        inst.loop.every(STATE_EVERY, self._check_state)
+        inst.loop.call_later(0, self._check_state)
         inst.loop.every(TICK, self._tick)
         if token is not None:
             self._join(token)
@@ -108,8 +139,11 @@ class NodeCore:
                                    self.address, routing_id=rid)
         q = self.query
         self.inst.loop.add(q, lambda: self._on_query(q))
+        self._unwatch("query")
+        self._watch_handshakes(q, "query")
 
     def _reopen_query(self) -> zmq.Socket[Any]:
+        self._unwatch("query")
         old = self.query
         if old is not None:
             self.inst.loop.remove(old)
@@ -167,9 +201,7 @@ class NodeCore:
         text = f"hub refused {req.type}: {err.message}"
         log.error(text)
         if req.type in ("join", "register"):
-            self.error = AuthError(text) if err.kind == "AuthError" else OdiumError(text)
-            self.inst.notify()
-            self.inst.loop.stop()
+            self._fail(AuthError(text) if err.kind == "AuthError" else OdiumError(text))
 
     # --- joining ---------------------------------------------------------------------------
 
@@ -179,11 +211,62 @@ class NodeCore:
                                        self.address, routing_id=f"join/{token.token_id}".encode())
         js = self.join_sock
         self.inst.loop.add(js, lambda: self._on_query(js))
+        self._watch_handshakes(js, "join")
+        self._token_expires = token.expires
+        self.inst.loop.call_later(JOIN_PATIENCE, self._join_overdue)
         proof = self.inst.ident.sign(join_proof_bytes(token.token_id, self.hub_key))
         self._request(js, "join", P.Join(token.token_id, self.inst.ident.key_id, self.name,
                                          proof), self._joined)
 
+    def _watch_handshakes(self, sock: zmq.Socket[Any], what: str) -> None:
+        """Hear refused handshakes at once (a spent token, a key the hub does not trust)."""
+        mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                      | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.monitors[what] = mon
+
+        def on_event() -> None:
+            for frames in recv_frames(mon):
+                ev = parse_monitor_message([f.bytes for f in frames])
+                if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    self._refused(what)
+                elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and what == "query":
+                    self._told_pending = False
+
+        self.inst.loop.add(mon, on_event)
+
+    def _unwatch(self, what: str) -> None:
+        mon = self.monitors.pop(what, None)
+        if mon is not None:
+            self.inst.loop.remove(mon)
+            mon.close(linger=0)
+
+    def _refused(self, what: str) -> None:
+        if what == "join":
+            self._fail(AuthError(f"the hub at {self.address} refused this join token: it was "
+                                 "used already or has expired; ask for a new one (odium token)"))
+        elif not self._told_pending:
+            self._told_pending = True
+            log.warning("the hub at %s does not trust this node's key yet; waiting to be "
+                        "accepted there with: odium keys accept %s", self.address,
+                        self.inst.ident.key_id)
+
+    def _join_overdue(self) -> None:
+        if self.join_sock is None:
+            return
+        if time.time() > self._token_expires:
+            self._fail(AuthError("the join token has expired; ask for a new one (odium token)"))
+        else:
+            log.warning("no answer from the hub at %s yet; still trying", self.address)
+            self.inst.loop.call_later(JOIN_PATIENCE, self._join_overdue)
+
+    def _fail(self, err: OdiumError) -> None:
+        log.error("%s", err)
+        self.error = err
+        self.inst.notify()
+        self.inst.loop.stop()
+
     def _joined(self, msg: P.Message) -> None:
+        self._unwatch("join")
         if self.join_sock is not None:
             self.inst.loop.remove(self.join_sock)
             self.join_sock.close(linger=0)
@@ -196,7 +279,8 @@ class NodeCore:
     def _register(self) -> None:
         assert self.query is not None
         body = P.Register(self.name, self.boot, self.capacity, os.getpid(), pysocket.gethostname(),
-                          str(self.inst.app))
+                          str(self.inst.app),
+                          self.state_info.to_dict() if self.state_info else None)
         self._request(self.query, "register", body, self._registered)
 
     def _registered(self, msg: P.Message) -> None:
@@ -206,6 +290,8 @@ class NodeCore:
         self.registered = True
         self.last_heard = time.monotonic()
         self._open_data(data["ports"])
+        if self.state_info is not None:  # it may have been computed while we registered
+            self._send("state", P.StateReport(self.state_info.to_dict()), keep=True)
         if not self.inst.home.joinpath("joined.json").exists():
             save_joined(self.inst.home, self.address, self.hub_key, self.name)
         self._fetch()
@@ -226,8 +312,8 @@ class NodeCore:
             except (ProtocolError, AuthError) as e:
                 self._rejected("fetch", e)
                 continue
-            if m.type == "exec":
-                self._on_exec(m)
+            if m.type in ("exec", "sync"):
+                self.sub_handlers[m.type](m)
         self.seq = max(self.seq, int(data["seq"]))
 
     # --- from the hub ----------------------------------------------------------------------
@@ -285,9 +371,156 @@ class NodeCore:
         self.done[body.cmd] = None
         while len(self.done) > 100_000:
             self.done.popitem(last=False)
-        self._send("ack", P.Ack(body.cmd))
+        if not satisfies(body.require, self.inst.state, self.inst.state):
+            now = time.time()
+            self._send("result", P.ResultBody(
+                body.cmd, "state_mismatch", now, now,
+                error=P.ErrorInfo("StateMismatch", f"this node's state is {self.inst.state}, the "
+                                  f"command requires {body.require}"),
+                mismatch={"required": body.require, "state": self.inst.state}), keep=True)
+            return
         self.executor.submit(body.cmd, body.kind, body.code, body.session, body.timeout,
                              ephemeral=body.ephemeral)
+        # a command still running after ACK_AFTER is acknowledged; quick ones just answer
+        cmd = body.cmd
+        self.inst.loop.call_later(ACK_AFTER, lambda: self._send("ack", P.Ack(cmd))
+                                  if cmd in self.executor.jobs else None)
+
+    # --- state ------------------------------------------------------------------------------
+
+    def _check_state(self) -> None:
+        """Recompute state off the loop (cheap when nothing changed); report any change."""
+        if self._checking_state:
+            return
+        self._checking_state = True
+
+        def work() -> None:
+            info: StateInfo | None
+            try:
+                try:
+                    info = snapshot(self.inst.app)
+                except ConfigError as e:  # a bad declaration: say so, fingerprint without it
+                    why = str(e)[:4000]
+                    self.inst.loop.call_soon_threadsafe(lambda: self._send("event", P.NodeEvent(
+                        "bad_declaration", why, "error")))
+                    info = snapshot(self.inst.app, Declaration())
+            except Exception as e:  # noqa: BLE001 - reported, never fatal
+                log.warning("state check failed: %s", e)
+                info = None
+            self.inst.loop.call_soon_threadsafe(lambda: self._state_checked(info))
+
+        threading.Thread(target=work, name="odium-state", daemon=True).start()
+
+    def _state_checked(self, info: StateInfo | None) -> None:
+        self._checking_state = False
+        if info is None:
+            return
+        old = self.state_info
+        changed = (old is None or info.state != old.state
+                   or info.fingerprint.id != old.fingerprint.id)
+        self.state_info = info
+        self.inst.state = info.state
+        if changed and self.registered:
+            self._send("state", P.StateReport(info.to_dict()), keep=True)
+
+    # --- sync ------------------------------------------------------------------------------
+
+    def _on_sync(self, msg: P.Message) -> None:
+        self.seq = max(self.seq, msg.env.seq)
+        body: P.Sync = msg.body  # type: ignore[assignment]
+        if self.name not in msg.env.to or body.cmd in self.done:
+            return
+        self.done[body.cmd] = None
+        self._send("ack", P.Ack(body.cmd))
+        started = time.time()
+        self.syncing.add(body.cmd)
+
+        def fail(why: str, ename: str = "SyncRefused") -> None:
+            self.syncing.discard(body.cmd)
+            self._send("result", P.ResultBody(body.cmd, "error", started, time.time(),
+                                              error=P.ErrorInfo(ename, why)), keep=True)
+
+        info = self.state_info = snapshot(self.inst.app)
+        self.inst.state = info.state
+        if info.commit == body.commit and not info.dirty_files and info.state == body.commit:
+            if info.unsatisfied:
+                fail("at the hub's commit, but installed packages do not satisfy its "
+                     f"declaration: {'; '.join(info.unsatisfied)}", "Unsatisfied")
+                return
+            self.syncing.discard(body.cmd)
+            note = self._take_sync_note(body.cmd)
+            self._send("result", P.ResultBody(
+                body.cmd, "ok", started, time.time(), stdout=note or f"at {body.commit}\n",
+                value={"state": info.state, "fingerprint": info.fingerprint.id}), keep=True)
+            return
+        if info.state == "unversioned":
+            fail("this node's application is not a git checkout; sync needs one")
+            return
+        if info.dirty_files or "+dirty" in info.state:
+            files = ", ".join(info.dirty_files[:10]) or "untracked or changed files"
+            fail(f"refused: uncommitted changes would be lost ({files}); commit or stash them "
+                 "on the node first")
+            return
+        if self.executor.running():
+            fail(f"refused: {len(self.executor.running())} command(s) still running here")
+            return
+        assert self.query is not None
+        have = [info.commit] if info.commit else []
+        self._request(self.query, "bundle", P.BundleRequest(body.cmd, have),
+                      lambda m: self._got_bundle(body.cmd, body.commit, m, fail))
+
+    def _got_bundle(self, cmd: str, commit: str, msg: P.Message,
+                    fail: Callable[..., None]) -> None:
+        data = msg.body.data  # type: ignore[attr-defined]
+        if data.get("commit") != commit:
+            fail("the hub sent a bundle for another commit")
+            return
+        app = self.inst.app
+
+        def work() -> None:
+            try:
+                apply_bundle(app, base64.b64decode(data["bundle"]), commit)
+                decl = load_declaration(app)
+                done: list[str] = []
+                if decl.pip:
+                    with tempfile.TemporaryDirectory(prefix="odium-wheels-") as d:
+                        for fname, b64 in (data.get("wheels") or {}).items():
+                            if "/" in fname or not fname.endswith(".whl"):
+                                raise OdiumError(f"bad wheel name from hub: {fname!r}")
+                            Path(d, fname).write_bytes(base64.b64decode(b64))
+                        done = install_declared(decl, find_links=d if data.get("wheels")
+                                                else self.find_links, index_url=self.index_url)
+                self.inst.loop.call_soon_threadsafe(lambda: self._synced(commit, done))
+            except OdiumError as e:
+                why = str(e)
+                self.inst.loop.call_soon_threadsafe(lambda: fail(why, "SyncFailed"))
+
+        threading.Thread(target=work, name="odium-sync", daemon=True).start()
+
+    def _take_sync_note(self, cmd: str) -> str:
+        """What the process before the restart did for this sync (it left a note)."""
+        path = self.inst.home / "sync.json"
+        try:
+            note = json.loads(path.read_text())
+            path.unlink()
+        except (OSError, ValueError):
+            return ""
+        return str(note.get("text", "")) + "\n" if note.get("cmd") == cmd else ""
+
+    def _synced(self, commit: str, installed: list[str]) -> None:
+        """Checked out and installed: restart in place; the new process answers the sync."""
+        before = self.state_info.commit if self.state_info else None
+        text = f"synced from {before or 'nothing'} to {commit}"
+        if installed:
+            text += "; " + "; ".join(installed)
+        cmd = next(iter(self.syncing), "")
+        note = self.inst.home / "sync.json"
+        note.write_text(json.dumps({"cmd": cmd, "text": text + "; restarted"}))
+        log.info("%s; restarting", text)
+        self._send("event", P.NodeEvent("synced", f"{text}; restarting", "info"))
+        self._send("restarting", P.Empty())
+        self.restart = True
+        self.inst.loop.call_later(0.05, self.inst.loop.stop)
 
     def _on_interrupt(self, msg: P.Message) -> None:
         if self.name in msg.env.to:
@@ -335,7 +568,7 @@ class NodeCore:
     def _beat(self) -> None:
         self.last_beat = time.monotonic()
         self._send("node_hb", P.NodeBeat(self.boot, self.heard_boot, self.seq,
-                                         self.executor.running()))
+                                         self.executor.running() + sorted(self.syncing)))
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -352,7 +585,7 @@ class NodeCore:
         self._flush_outbox()
 
     def close(self) -> None:
-        if self.push is not None and self.registered:
+        if self.push is not None and self.registered and not self.restart:
             try:
                 raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state,
                              "bye", P.Empty())
@@ -360,6 +593,8 @@ class NodeCore:
             except zmq.ZMQError:
                 pass
         self.executor.close()
+        for what in list(self.monitors):
+            self._unwatch(what)
         for s in (self.sub, self.push, self.pull, self.query, self.join_sock):
             if s is not None:
                 try:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import secrets
 import time
-import uuid
 from collections import OrderedDict
 from typing import Annotated, Any, Literal
 
@@ -98,6 +98,7 @@ class Exec(Body):
     timeout: Seconds | None = None
     issuer: KeyId | None = None  # the admin key that asked for it, when not the hub itself
     ephemeral: bool = False  # close the session's namespace when the command ends
+    require: Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})$")] = "any"
 
 
 class Interrupt(Body):
@@ -132,7 +133,7 @@ class ResultBody(Body):
     """What a node sends back for one command."""
 
     cmd: MsgId
-    status: Literal["ok", "error", "timeout", "interrupted"]
+    status: Literal["ok", "error", "timeout", "interrupted", "state_mismatch"]
     started: float
     finished: float
     stdout: Text = ""
@@ -142,6 +143,7 @@ class ResultBody(Body):
     value_json: bool = True
     error: ErrorInfo | None = None
     exit: int | None = None  # shell exit status
+    mismatch: dict[str, Any] | None = None  # with state_mismatch: what was required, what is
 
 
 class Join(Body):
@@ -160,6 +162,34 @@ class Register(Body):
     pid: int = 0
     host: str = ""
     app: str = ""
+    info: dict[str, Any] | None = None  # the node's StateInfo (odium.state), as JSON
+
+
+class StateReport(Body):
+    """A node's state changed (or was asked for): its whole StateInfo."""
+
+    info: dict[str, Any]
+
+
+class Sync(Body):
+    """Hub -> nodes on PUB: bring yourself to this commit (then fetch the bundle)."""
+
+    cmd: MsgId
+    commit: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{40}$")]
+
+
+class BundleRequest(Body):
+    """Node -> hub: the commits of a sync, given the commits the node has."""
+
+    cmd: MsgId
+    have: list[Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{40}$")]] = []
+
+
+class SyncRequest(Body):
+    """Admin request: sync the matching nodes to the hub's commit."""
+
+    nodes: Glob = "*"
+    timeout: Seconds = 300.0
 
 
 class Fetch(Body):
@@ -174,6 +204,8 @@ class Run(Body):
     kind: Literal["python", "shell"] = "python"
     session: Name | None = None
     timeout: Seconds | None = None
+    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})$")] = (
+        "default")
 
 
 class Query(Body):
@@ -228,6 +260,12 @@ BODIES: dict[str, type[Body]] = {
     "token": TokenRequest,
     "ping": Empty,
     "bye": Empty,
+    "restarting": Empty,
+    "state": StateReport,
+    "sync": Sync,
+    "bundle": BundleRequest,
+    "sync_nodes": SyncRequest,
+    "state_diff": Query,
     "reply": Reply,
     "error": ErrorReply,
 }
@@ -238,7 +276,7 @@ _encoder = msgspec.json.Encoder(order="sorted")
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def b64url(data: bytes) -> str:

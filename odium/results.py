@@ -39,6 +39,7 @@ class NodeResult:
     state: str = "unknown"
     started: float | None = None
     finished: float | None = None
+    mismatch: dict[str, Any] | None = None  # state mismatch: required, state, diff
 
     @property
     def ok(self) -> bool:
@@ -110,12 +111,13 @@ class Result(Mapping[str, NodeResult]):
 
     def to_dict(self) -> dict[str, Any]:
         return {"command": self.command, "hub_state": self.hub_state, "issued": self.issued,
-                "ok": self.ok, "nodes": {n: r.to_dict() for n, r in self.nodes.items()}}
+                "ok": self.ok, "extra": self.extra,
+                "nodes": {n: r.to_dict() for n, r in self.nodes.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Result:
         return cls(d["command"], {n: NodeResult.from_dict(r) for n, r in d["nodes"].items()},
-                   d.get("hub_state", "unknown"), d.get("issued", 0.0))
+                   d.get("hub_state", "unknown"), d.get("issued", 0.0), dict(d.get("extra") or {}))
 
     def __str__(self) -> str:
         return format_text(self)
@@ -140,6 +142,8 @@ def format_text(result: Result, color: bool = False) -> str:
         return f"\x1b[{code}m{s}\x1b[0m" if color else s
 
     lines: list[str] = []
+    if result.extra.get("hint"):
+        lines.append(f"(ran without a state requirement: {result.extra['hint']})")
     for name, r in result.nodes.items():
         dur = f"{r.duration * 1000:.1f} ms" if r.duration is not None else "-"
         st = paint(r.status.value, "32" if r.ok else "31")
@@ -160,4 +164,9 @@ def format_text(result: Result, color: bool = False) -> str:
                 lines.append(f"  {r.error.get('ename', '')}: {r.error.get('evalue', '')}")
         if r.exit not in (None, 0):
             lines.append(f"  exit status {r.exit}")
+        if r.mismatch:
+            lines.append(f"  required state {r.mismatch.get('required')}, "
+                         f"node has {short_state(str(r.mismatch.get('state')))}")
+            text = r.mismatch.get("text") or ""
+            lines.extend("  " + ln for ln in text.splitlines())
     return "\n".join(lines)

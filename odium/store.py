@@ -24,7 +24,9 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    insert,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -34,6 +36,9 @@ from .errors import ConfigError
 from .errors import TimeoutError as OdiumTimeout
 
 log = logging.getLogger("odium.store")
+
+QUIET = 0.003  # the writer waits this long for more writes before committing a batch
+QUIET_MAX = 0.05  # but never longer than this
 
 
 class Base(DeclarativeBase):
@@ -67,6 +72,16 @@ class NodeRow(Base):
     boot: Mapped[str] = mapped_column(String(32), default="")
     first_seen: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
+    info: Mapped[Any] = mapped_column(JSON, nullable=True)  # StateInfo: fingerprint and parts
+
+
+class StateRow(Base):
+    """Every state id the hub has seen, with the declaration its commit makes."""
+
+    __tablename__ = "states"
+    state: Mapped[str] = mapped_column(String(128), primary_key=True)
+    declaration: Mapped[Any] = mapped_column(JSON)
+    first_seen: Mapped[float] = mapped_column(Float)
 
 
 class CommandRow(Base):
@@ -150,49 +165,78 @@ class Store:
         except SQLAlchemyError as e:
             raise ConfigError(f"cannot open database {url!r}: {e}") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
-        self._queue: queue.Queue[Callable[[Session], object] | None] = queue.Queue()
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="odium-store", daemon=True)
         self._writer.start()
 
     # --- writing ---------------------------------------------------------------------------
 
     def write(self, fn: Callable[[Session], object]) -> None:
-        """Queue a change; the writer thread applies it in the next batch."""
+        """Queue a change made through the ORM; the writer thread applies it in a batch."""
         self._queue.put(fn)
+
+    def insert(self, model: type[Base], values: dict[str, Any]) -> None:
+        """Queue a plain row insert (the cheap path: many become one executemany)."""
+        self._queue.put(("insert", model, values))
+
+    def update(self, model: type[Base], key: Any, values: dict[str, Any]) -> None:
+        """Queue an update of one row by primary key."""
+        self._queue.put(("update", model, key, values))
 
     def _write_loop(self) -> None:
         q = self._queue
         while True:
-            fn = q.get()
-            batch = [fn]
-            while len(batch) < 2000:
+            batch = [q.get()]
+            # let a burst finish (bounded) so that one transaction takes it all and the
+            # writer does not compete with the loop thread in the middle of a round
+            deadline = time.monotonic() + QUIET_MAX
+            while len(batch) < 5000 and batch[-1] is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
                 try:
-                    batch.append(q.get_nowait())
+                    batch.append(q.get(timeout=min(QUIET, left)))
                 except queue.Empty:
                     break
             stop = None in batch
             work = [f for f in batch if f is not None]
             if work:
-                self._apply(work)
+                try:
+                    self._apply(work)
+                except SQLAlchemyError:
+                    log.exception("batch of %d writes failed; retrying one by one", len(work))
+                    for item in work:
+                        try:
+                            self._apply([item])
+                        except SQLAlchemyError:
+                            log.exception("write dropped")
             for _ in batch:
                 q.task_done()
             if stop:
                 return
 
-    def _apply(self, work: list[Callable[[Session], object]]) -> None:
-        try:
-            with self.session.begin() as s:
-                for fn in work:
-                    fn(s)
+    def _apply(self, work: list[Any]) -> None:
+        with self.session.begin() as s:
+            i = 0
+            while i < len(work):
+                item = work[i]
+                if isinstance(item, tuple) and item[0] == "insert":
+                    model = item[1]
+                    rows = [item[2]]
+                    while (i + 1 < len(work) and isinstance(work[i + 1], tuple)
+                           and work[i + 1][0] == "insert" and work[i + 1][1] is model):
+                        i += 1
+                        rows.append(work[i][2])
+                    s.execute(insert(model.__table__), rows)  # type: ignore[attr-defined]
+                elif isinstance(item, tuple) and item[0] == "update":
+                    _, model, key, values = item
+                    table = model.__table__  # type: ignore[attr-defined]
+                    pk = list(table.primary_key.columns)[0]
+                    s.execute(update(table).where(pk == key).values(**values))
+                else:
+                    item(s)
                     s.flush()
-        except SQLAlchemyError:
-            log.exception("batch of %d writes failed; retrying one by one", len(work))
-            for fn in work:
-                try:
-                    with self.session.begin() as s:
-                        fn(s)
-                except SQLAlchemyError:
-                    log.exception("write dropped")
+                i += 1
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every queued write is committed."""
@@ -214,9 +258,9 @@ class Store:
 
     def event(self, kind: str, detail: str = "", *, level: str = "info", node: str = "",
               key_id: str = "") -> None:
-        row = EventRow(ts=time.time(), level=level, kind=kind, node=node[:64],
-                       key_id=key_id[:43], detail=detail[:4000])
-        self.write(lambda s: s.add(row))
+        self.insert(EventRow, {"ts": time.time(), "level": level, "kind": kind,
+                               "node": node[:64], "key_id": key_id[:43],
+                               "detail": detail[:4000]})
 
     def put_key(self, key_id: str, role: str, *, name: str = "", address: str = "",
                 expires: float | None = None, note: str = "") -> None:
@@ -252,6 +296,19 @@ class Store:
                 setattr(row, k, v)
 
         self.write(fn)
+
+    def put_state(self, state: str, declaration: dict[str, Any]) -> None:
+        now = time.time()
+
+        def fn(s: Session) -> None:
+            if s.get(StateRow, state) is None:
+                s.add(StateRow(state=state, declaration=declaration, first_seen=now))
+
+        self.write(fn)
+
+    def states(self) -> list[StateRow]:
+        with self.session() as s:
+            return list(s.scalars(select(StateRow).order_by(StateRow.first_seen)))
 
     def set_meta(self, key: str, value: str) -> None:
         self.write(lambda s: s.merge(MetaRow(key=key, value=value)))

@@ -308,6 +308,8 @@ def recv_frames(sock: zmq.Socket[Any], limit: int = 1000) -> list[list[zmq.Frame
     """Everything waiting on a socket, without blocking (bounded, to stay fair)."""
     out = []
     for _ in range(limit):
+        if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            break
         try:
             out.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
         except zmq.Again:
