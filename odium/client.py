@@ -79,10 +79,12 @@ class Hub:
     def __init__(self, home: str | os.PathLike[str] | None = None, *,
                  ports: int | dict[str, int] | None = None, interface: str = "127.0.0.1",
                  db: str | None = None, app: str | os.PathLike[str] | None = None,
-                 hb_interval: float = 1.0, max_message: int = P.MAX_MESSAGE) -> None:
+                 hb_interval: float = 1.0, max_message: int = P.MAX_MESSAGE,
+                 wheelhouse: str | os.PathLike[str] | None = None) -> None:
         self._home_arg = home
         self._opts = dict(interface=interface, ports=_ports(ports), db=db,
-                          hb_interval=hb_interval, max_message=max_message)
+                          hb_interval=hb_interval, max_message=max_message,
+                          wheelhouse=str(wheelhouse) if wheelhouse else None)
         self._app = app
         self.inst: Instance | None = None
         self.local: list[LocalNode] = []
@@ -258,9 +260,11 @@ class Hub:
 
     def start_local(self, n: int, prefix: str = "local", *, wait: bool = True,
                     timeout: float = 30.0, app: str | os.PathLike[str] | None = None,
-                    capacity: int | None = None, extra_args: Sequence[str] = ()
+                    capacity: int | None = None, extra_args: Sequence[str] = (),
+                    python: str | None = None, env: dict[str, str] | None = None
                     ) -> list[LocalNode]:
-        """Start n node processes on this machine, trusted already, in the hub's app dir."""
+        """Start n node processes on this machine, trusted already, in the hub's app dir
+        (or ``app``), with this Python (or ``python``, e.g. a virtual environment's)."""
         if not isinstance(n, int) or n < 1 or n > 256:
             raise ConfigError(f"number of local nodes must be 1..256, not {n!r}")
         core = self.core
@@ -287,13 +291,14 @@ class Hub:
             ident = load_or_create(home / "identity.key")
             self.trust(ident.key_id, name)
             save_joined(home, addr, self.key, name)
-            cmd = [sys.executable, "-m", "odium", "node", "--home", str(home),
+            cmd = [python or sys.executable, "-m", "odium", "node", "--home", str(home),
                    "--app", str(app or core.inst.app), *extra_args]
             if capacity:
                 cmd += ["--capacity", str(capacity)]
             logf = open(home / "node.log", "ab")
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, cwd=str(app or core.inst.app))
+                                    stderr=subprocess.STDOUT, cwd=str(app or core.inst.app),
+                                    env={**os.environ, **env} if env else None)
             logf.close()
             node = LocalNode(name, home, proc)
             self.local.append(node)

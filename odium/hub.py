@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("odium.hub")
 
 ALLOWED_ROLES = ("admin", "node", "token")
+STATE_EVERY = 2.0  # seconds between checks of the hub's own state
 DEFAULT_PORTS = P.DEFAULT_PORTS
 
 # Which roles may send which message type, and on which socket.
@@ -126,9 +127,15 @@ class NodeInfo:
     def unsatisfied(self) -> list[str]:
         return list((self.info or {}).get("unsatisfied") or [])
 
+    @property
+    def missing_system(self) -> list[str]:
+        detail = ((self.info or {}).get("fingerprint") or {}).get("detail") or {}
+        return sorted(k for k, v in (detail.get("system") or {}).items() if v is None)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key_id, "status": self.status, "state": self.state,
                 "fingerprint": self.fingerprint, "unsatisfied": self.unsatisfied,
+                "missing_system": self.missing_system,
                 "host": self.host, "pid": self.pid, "capacity": self.capacity,
                 "last_seen": self.last_seen, "running": sorted(self.running)}
 
@@ -201,7 +208,7 @@ class HubCore:
         try:
             for name, kind in SOCKET_KINDS.items():
                 s, p = server_socket(ctx, kind, inst.ident, self.zap, interface, ports[name],
-                                     max_message=max_message)
+                                     max_message=max_message, domain=f"odium.{name}".encode())
                 self.sockets[name], self.ports[name] = s, p
         except OdiumError:
             self.close()
@@ -212,6 +219,8 @@ class HubCore:
         loop.add(self.sockets["results"], self._on_results)
         loop.every(hb_interval, self._heartbeat)
         loop.every(min(hb_interval / 2, 0.25), self._check_liveness)
+        loop.every(STATE_EVERY, self._refresh_state)
+        self._refreshing = False
         self.query_handlers: dict[str, QueryHandler] = {
             "join": self._h_join, "register": self._h_register, "fetch": self._h_fetch,
             "ping": self._h_ping, "run": self._h_run, "interrupt": self._h_interrupt,
@@ -241,21 +250,30 @@ class HubCore:
             self.store.put_key(info.key_id, info.role, name=info.name, expires=info.expires,
                                note=info.note)
 
-    def _zap(self, mech: str, client_key: bytes, address: str, routing_id: bytes) -> ZapDecision:
-        """Runs in the ZAP thread: allow only admin, node and live token keys."""
+    def _zap(self, mech: str, client_key: bytes, address: str, domain: str) -> ZapDecision:
+        """Runs in the ZAP thread: allow only admin and node keys, and live token keys on the
+        query socket (a token may only join: it hears no broadcast)."""
         if mech != "CURVE":
             return ZapDecision(False, reason=f"mechanism {mech} refused: CURVE only")
         info = self._by_curve.get(client_key)
         if info is not None and info.role in ALLOWED_ROLES:
-            if info.role == "token" and (info.expires or 0) < time.time():
-                return ZapDecision(False, reason="join token expired")
-            return ZapDecision(True, user_id=info.key_id)
+            if info.role != "token":
+                return ZapDecision(True, user_id=info.key_id)
+            if (info.expires or 0) >= time.time() and domain == "odium.query":
+                return ZapDecision(True, user_id=info.key_id)
+            why = "join token expired" if (info.expires or 0) < time.time() else \
+                f"a join token may only join (not on {domain})"
+            self.inst.loop.call_soon_threadsafe(
+                lambda: self._note_denied(client_key, address, info, why))
+            return ZapDecision(False, reason=why)
         if info is None:
             info = self._by_curve_pending.get(client_key)
-        self.inst.loop.call_soon_threadsafe(lambda: self._note_denied(client_key, address, info))
+        self.inst.loop.call_soon_threadsafe(
+            lambda: self._note_denied(client_key, address, info, "unknown key"))
         return ZapDecision(False, reason="unknown key")
 
-    def _note_denied(self, client_key: bytes, address: str, info: KeyInfo | None) -> None:
+    def _note_denied(self, client_key: bytes, address: str, info: KeyInfo | None,
+                     why: str = "") -> None:
         """A key that failed the handshake: remember unknown ones as pending (bounded)."""
         now = time.time()
         ck = client_key.decode()
@@ -266,7 +284,8 @@ class HubCore:
             self._pending_seen.clear()
         fp = curve_fingerprint(client_key)
         if info is not None:
-            self.store.event("handshake_refused", f"{info.role} key {fp} from {address}",
+            self.store.event("handshake_refused", f"{info.role} key {fp} from {address}"
+                             + (f": {why}" if why and why != "unknown key" else ""),
                              level="warning", key_id=info.key_id)
             return
         if ck in self.keys:  # already pending (or rejected)
@@ -304,13 +323,12 @@ class HubCore:
     def _on_query(self, ) -> None:
         sock = self.sockets["query"]
         for frames in recv_frames(sock):
-            if len(frames) != 2:
-                self._reject("query", peer_user_id(frames[-1]), ProtocolError(
-                    f"expected 1 frame, got {len(frames) - 1}"))
-                continue
-            rid, frame = frames
+            rid, frame = frames[0], frames[-1]
             uid = peer_user_id(frame)
+            msg = None
             try:
+                if len(frames) != 2:
+                    raise ProtocolError(f"a request is 1 frame, not {len(frames) - 1}")
                 msg, info = self._open(frame)
                 roles = QUERY_TYPES.get(msg.type)
                 if roles is None:
@@ -324,7 +342,8 @@ class HubCore:
                     reply(error=e)
             except (ProtocolError, AuthError) as e:
                 self._reject("query", uid, e)
-                mid = P.peek_id(frame.bytes) if isinstance(e, ProtocolError) else None
+                # name the request when we know its id: verified, or at least readable
+                mid = msg.env.id if msg is not None else P.peek_id(frame.bytes)
                 self._send_query(rid.bytes, "error", P.ErrorReply(type(e).__name__, str(e)), mid)
 
     def _replier(self, rid: bytes, re: str) -> Callable[..., None]:
@@ -630,6 +649,7 @@ class HubCore:
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"bad state info: {e}") from None
         old = node.unsatisfied
+        old_missing = node.missing_system
         node.info = parsed.to_dict()
         node.state = parsed.state
         self.store.put_node(node.name, state=node.state, info=node.info)
@@ -638,6 +658,33 @@ class HubCore:
             self.store.event("unsatisfied", f"{node.name}: installed packages do not satisfy "
                              f"its declaration: {'; '.join(node.unsatisfied)}", level="warning",
                              node=node.name)
+        if node.missing_system and node.missing_system != old_missing:
+            self.store.event("missing_system", f"{node.name}: declared system packages are "
+                             f"missing: {', '.join(node.missing_system)} (Odium never installs "
+                             "them)", level="warning", node=node.name)
+
+    def _refresh_state(self) -> None:
+        """This hub's own state id moves with its application: recompute it off the loop."""
+        if self._refreshing:
+            return
+        self._refreshing = True
+
+        def work() -> None:
+            try:
+                info = snapshot(self.inst.app)
+            except OdiumError as e:
+                log.warning("state check failed: %s", e)
+                info = None
+
+            def done() -> None:
+                self._refreshing = False
+                if info is not None:
+                    self._state_info = info
+                    self.inst.state = info.state
+
+            self.inst.loop.call_soon_threadsafe(done)
+
+        threading.Thread(target=work, name="odium-state", daemon=True).start()
 
     @property
     def state_info(self) -> StateInfo:
@@ -732,7 +779,8 @@ class HubCore:
             try:
                 s, _ = server_socket(self.inst.ctx, SOCKET_KINDS[name], self.inst.ident,
                                      self.zap, self.interface, self.ports[name],
-                                     max_message=self.max_message)
+                                     max_message=self.max_message,
+                                     domain=f"odium.{name}".encode())
                 self.sockets[name] = s
                 if name == "results":
                     self.inst.loop.add(s, self._on_results)

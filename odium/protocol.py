@@ -377,7 +377,7 @@ def open_message(
         raise AuthError("bad signature") from None
     try:
         env = _env_decoder.decode(signed)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"bad envelope: {e}") from None
     if env.v != VERSION:
         raise ProtocolError(f"protocol version {env.v} is not supported (expected {VERSION})")
@@ -396,7 +396,7 @@ def decode_body(env: Envelope) -> Body:
         raise ProtocolError(f"unknown message type {env.type!r}")
     try:
         return dec.decode(env.body)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"bad body for {env.type!r}: {e}") from None
 
 

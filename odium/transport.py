@@ -40,8 +40,11 @@ class ZapDecision:
     reason: str = ""
 
 
-ZapPolicy = Callable[[str, bytes, str, bytes], ZapDecision]
-"""(mechanism, client CURVE public key z85 (or b''), peer address, routing id) -> decision."""
+ZapPolicy = Callable[[str, bytes, str, str], ZapDecision]
+"""(mechanism, client CURVE public key z85 (or b''), peer address, ZAP domain) -> decision.
+
+Each hub socket has its own domain (``odium.pub``, ``odium.query``, ...), so a policy can
+admit a key on one socket only."""
 
 
 class ZapHandler:
@@ -84,12 +87,13 @@ class ZapHandler:
             log.warning("malformed ZAP request (%d frames)", len(frames))
             self._sock.send_multipart([b"1.0", b"", b"500", b"malformed", b"", b""])
             return
-        version, request_id, _domain, address, identity, mechanism = frames[:6]
+        version, request_id, domain, address, _identity, mechanism = frames[:6]
         creds = frames[6:]
         mech = mechanism.decode("ascii", "replace")
         client_key = zmq.utils.z85.encode(creds[0]) if mech == "CURVE" and creds else b""
         try:
-            d = self.policy(mech, client_key, address.decode("utf-8", "replace"), identity)
+            d = self.policy(mech, client_key, address.decode("utf-8", "replace"),
+                            domain.decode("utf-8", "replace"))
         except Exception:  # the policy must never take the handler down; deny instead
             log.exception("ZAP policy failed; denying")
             d = ZapDecision(False, reason="internal error")
@@ -100,11 +104,14 @@ class ZapHandler:
         self._sock.send_multipart(reply)
 
     def close(self) -> None:
+        if self._stop_r < 0:
+            return
         if self._thread.is_alive():
             os.write(self._stop_w, b"x")
             self._thread.join(5)
         os.close(self._stop_r)
         os.close(self._stop_w)
+        self._stop_r = self._stop_w = -1
 
 
 def _common(sock: zmq.Socket[Any], max_message: int) -> None:
@@ -125,6 +132,7 @@ def server_socket(
     *,
     max_message: int = MAX_MESSAGE,
     hwm: int = 100_000,
+    domain: bytes = ZAP_DOMAIN,
 ) -> tuple[zmq.Socket[Any], int]:
     """A CURVE server socket bound to interface:port (0 = OS-chosen); returns (socket, port)."""
     if zap.ctx is not ctx or not zap.running.is_set():
@@ -134,7 +142,7 @@ def server_socket(
     sock.curve_server = True
     sock.curve_secretkey = ident.curve_secret
     sock.curve_publickey = ident.curve_public
-    sock.zap_domain = ZAP_DOMAIN
+    sock.zap_domain = domain
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     sock.sndhwm = hwm
     sock.rcvhwm = hwm
