@@ -581,7 +581,7 @@ class HubCore:
 
     def _r_hb(self, msg: P.Message, node: NodeInfo) -> None:
         body: P.NodeBeat = msg.body  # type: ignore[assignment]
-        if body.boot != node.boot:
+        if body.boot != node.boot or node.status == "restarting":
             return  # a beat from an earlier run of the node, or before it registered again
         if body.hub_boot == self.boot and node.status != "ready":
             node.status = "ready"
@@ -623,6 +623,11 @@ class HubCore:
         if status is Status.STATE_MISMATCH:
             mismatch = dict(body.mismatch or {})
             mismatch.update(self.diff_for(node))
+            node_commit = msg.env.state.split("+")[0]
+            if re.fullmatch(r"[0-9a-f]{40}", b.required) and re.fullmatch(r"[0-9a-f]{40}",
+                                                                         node_commit):
+                # where the node stands against what was required (ahead, behind, ...)
+                mismatch["relation"] = commit_relation(self.inst.app, b.required, node_commit)
         self._record(b, NodeResult(
             node.name, status, body.stdout, body.stderr, body.value, body.value_repr,
             body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
@@ -723,9 +728,20 @@ class HubCore:
 
     def diff_for(self, node: NodeInfo) -> dict[str, Any]:
         """How a node's state differs from this hub's, part by part."""
-        if node.info is None:
-            return {"diff": {"unknown": "the node has not reported its state"},
-                    "text": "the node has not reported its state"}
+        if node.info is None:  # only its state id so far: compare commits, say the rest is unknown
+            d: dict[str, Any] = {}
+            mine, theirs_state = self.inst.state, node.state
+            hub_commit, node_commit = mine.split("+")[0], theirs_state.split("+")[0]
+            if hub_commit != node_commit:
+                rel = "unknown"
+                if re.fullmatch(r"[0-9a-f]{40}", hub_commit) and re.fullmatch(
+                        r"[0-9a-f]{40}", node_commit):
+                    rel = commit_relation(self.inst.app, hub_commit, node_commit)
+                d["commit"] = {"hub": hub_commit, "node": node_commit, "relation": rel}
+            if "+dirty" in theirs_state:
+                d["dirty"] = ["(files not reported yet)"]
+            d["unreported"] = "the node has not reported its fingerprint yet"
+            return {"diff": d, "text": format_diff(d)}
         theirs = StateInfo.from_dict(node.info)
         relation = None
         if self.state_info.commit and theirs.commit:

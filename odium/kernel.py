@@ -55,7 +55,7 @@ def install(*, user: bool = False, prefix: str | None = None, name: str = KERNEL
         except ImportError:
             pass
         return str(KernelSpecManager().install_kernel_spec(str(src), name, user=user,
-                                                           prefix=prefix, replace=True))
+                                                           prefix=prefix))
 
 
 # --- the ``odium kernel`` command ----------------------------------------------------------------

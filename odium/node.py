@@ -413,8 +413,11 @@ class NodeCore:
 
     def _state_checked(self, info: StateInfo | None) -> None:
         self._checking_state = False
-        if info is None:
-            return
+        if info is not None:
+            self._set_state_info(info)
+
+    def _set_state_info(self, info: StateInfo) -> None:
+        """Take a new view of this node's state; tell the hub when it changed."""
         old = self.state_info
         changed = (old is None or info.state != old.state
                    or info.fingerprint.id != old.fingerprint.id)
@@ -440,8 +443,8 @@ class NodeCore:
             self._send("result", P.ResultBody(body.cmd, "error", started, time.time(),
                                               error=P.ErrorInfo(ename, why)), keep=True)
 
-        info = self.state_info = snapshot(self.inst.app)
-        self.inst.state = info.state
+        info = snapshot(self.inst.app)
+        self._set_state_info(info)
         if info.commit == body.commit and not info.dirty_files and info.state == body.commit:
             if info.unsatisfied:
                 fail("at the hub's commit, but installed packages do not satisfy its "
@@ -567,6 +570,8 @@ class NodeCore:
 
     def _beat(self) -> None:
         self.last_beat = time.monotonic()
+        if self.restart:
+            return  # this process is going away; the next one will beat
         self._send("node_hb", P.NodeBeat(self.boot, self.heard_boot, self.seq,
                                          self.executor.running() + sorted(self.syncing)))
 
