@@ -203,12 +203,12 @@ class Store:
             if work:
                 try:
                     self._apply(work)
-                except SQLAlchemyError:
+                except Exception:  # noqa: BLE001 - the writer must outlive any one bad write
                     log.exception("batch of %d writes failed; retrying one by one", len(work))
                     for item in work:
                         try:
                             self._apply([item])
-                        except SQLAlchemyError:
+                        except Exception:  # noqa: BLE001
                             log.exception("write dropped")
             for _ in batch:
                 q.task_done()
