@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket as pysocket
+import struct
 import tempfile
 import threading
 import time
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol as P
 from .errors import AuthError, ConfigError, OdiumError, ProtocolError
@@ -226,10 +226,11 @@ class NodeCore:
 
         def on_event() -> None:
             for frames in recv_frames(mon):
-                ev = parse_monitor_message([f.bytes for f in frames])
-                if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                # a monitor event: u16 event, u32 value, then the endpoint (zmq_socket_monitor)
+                event = struct.unpack("=H", frames[0].bytes[:2])[0]
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     self._refused(what)
-                elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and what == "query":
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and what == "query":
                     self._told_pending = False
 
         self.inst.loop.add(mon, on_event)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -38,11 +37,6 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import ConfigError, OdiumError, ProtocolError, TimeoutError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 if TYPE_CHECKING:
     import git
@@ -348,6 +342,10 @@ def _parse_declaration(table: Mapping[str, Any], source: str,
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):  # imported here: a node's start does not need it
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -453,6 +451,8 @@ def installed_packages() -> dict[str, str]:
 
     When a name is installed twice, the first one on sys.path (the one imported) wins.
     """
+    import importlib.metadata  # here, not at import: a node's start does not need it
+
     out: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
         try:
