@@ -157,7 +157,9 @@ class HubProcess:
 def hub_process(tmp_path: Path) -> Iterator[HubProcess]:
     home = tmp_path / "hubhome"
     home.mkdir(mode=0o700)
-    hp = HubProcess(home).start()
+    # the application is the test's own (unversioned) directory, like its nodes': the default
+    # requirement is then "any", whatever the checkout the tests run from
+    hp = HubProcess(home, app=tmp_path).start()
     yield hp
     hp.stop()
 
