@@ -25,7 +25,14 @@ from typing import Any
 import zmq
 
 from . import protocol as P
-from .errors import AuthError, ConfigError, NotConnectedError, OdiumError, ProtocolError
+from .errors import (
+    AuthError,
+    ConfigError,
+    NotConnectedError,
+    OdiumError,
+    ProtocolError,
+    StateMismatchError,
+)
 from .errors import TimeoutError as OdiumTimeout
 from .hub import DEFAULT_PORTS, HubCore, KeyInfo
 from .instance import Instance, default_home
@@ -410,7 +417,9 @@ class Admin:
             if msg.type == "error":
                 err: P.ErrorReply = msg.body  # type: ignore[assignment]
                 cls = {"AuthError": AuthError, "NotConnectedError": NotConnectedError,
-                       "ProtocolError": ProtocolError}.get(err.kind, OdiumError)
+                       "ProtocolError": ProtocolError, "ConfigError": ConfigError,
+                       "StateMismatchError": StateMismatchError, "StateError": OdiumError,
+                       "TimeoutError": OdiumTimeout}.get(err.kind, OdiumError)
                 raise cls(err.message)
             return msg.body.data  # type: ignore[attr-defined]
 

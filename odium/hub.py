@@ -43,6 +43,7 @@ from .keys import (
 )
 from .results import NodeResult, Result, Status
 from .state import (
+    Declaration,
     StateInfo,
     commit_relation,
     default_requirement,
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("odium.hub")
 
 ALLOWED_ROLES = ("admin", "node", "token")
+NODE_EVENT_KINDS = ("rejected", "bad_declaration", "synced")  # what a node may log as itself
 STATE_EVERY = 2.0  # seconds between checks of the hub's own state
 DEFAULT_PORTS = P.DEFAULT_PORTS
 
@@ -478,6 +480,11 @@ class HubCore:
         other = self.nodes.get(body.name)
         if other is not None and other.key_id != info.key_id:
             raise AuthError(f"node name {body.name!r} belongs to another key")
+        if body.info is not None:
+            try:
+                StateInfo.from_dict(body.info)
+            except (KeyError, TypeError, ValueError, OdiumError) as e:
+                raise ProtocolError(f"bad state info in register: {e}") from None
         if not info.name:
             self._set_key(KeyInfo(info.key_id, info.role, body.name, info.expires, info.note))
         node = self.nodes.get(body.name)
@@ -566,6 +573,12 @@ class HubCore:
                 wheels = _wheels(wheelhouse)
                 out = {"commit": target, "bundle": base64.b64encode(data).decode(),
                        "wheels": wheels}
+                size = len(out["bundle"]) + sum(len(w) for w in wheels.values())
+                if size > self.max_message - 64 * 1024:
+                    raise OdiumError(
+                        f"the sync would be {size} bytes, over the message limit of "
+                        f"{self.max_message}: serve the wheels from an index the nodes reach "
+                        "(odium node --index-url/--find-links), or raise the limit")
                 self.inst.loop.call_soon_threadsafe(lambda: reply(out))
             except OdiumError as e:
                 err = e
@@ -608,7 +621,7 @@ class HubCore:
     def _r_output(self, msg: P.Message, node: NodeInfo) -> None:
         body: P.Output = msg.body  # type: ignore[assignment]
         b = self.broadcasts.get(body.cmd)
-        if b is not None:
+        if b is not None and node.name in b.targets:  # a node speaks only for itself
             for fn in b.output:
                 fn(node.name, body.stream, body.text)
 
@@ -640,7 +653,8 @@ class HubCore:
         self._rejected_at = now
         if self._rejected_budget >= 1:
             self._rejected_budget -= 1
-            self.store.event(body.kind, f"reported by {node.name}: {body.detail}",
+            kind = body.kind if body.kind in NODE_EVENT_KINDS else "node_event"
+            self.store.event(kind, f"reported by {node.name}: {body.detail}",
                              level=body.level, node=node.name, key_id=node.key_id)
 
     def _r_state(self, msg: P.Message, node: NodeInfo) -> None:
@@ -675,8 +689,12 @@ class HubCore:
         self._refreshing = True
 
         def work() -> None:
+            info: StateInfo | None
             try:
-                info = snapshot(self.inst.app)
+                try:
+                    info = snapshot(self.inst.app)
+                except ConfigError:
+                    info = snapshot(self.inst.app, Declaration())
             except OdiumError as e:
                 log.warning("state check failed: %s", e)
                 info = None
@@ -694,7 +712,12 @@ class HubCore:
     @property
     def state_info(self) -> StateInfo:
         if self._state_info is None:
-            self._state_info = snapshot(self.inst.app)
+            try:
+                self._state_info = snapshot(self.inst.app)
+            except ConfigError as e:  # a bad declaration: say so, fingerprint without it
+                self.store.event("bad_declaration", f"this hub's declaration: {e}",
+                                 level="error")
+                self._state_info = snapshot(self.inst.app, Declaration())
         return self._state_info
 
     @state_info.setter

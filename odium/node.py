@@ -33,8 +33,10 @@ from .state import (
     Declaration,
     StateInfo,
     apply_bundle,
+    head_ref,
     install_declared,
     load_declaration,
+    restore_head,
     satisfies,
     snapshot,
 )
@@ -59,6 +61,7 @@ class _Request:
     on_reply: Callable[[P.Message], None]
     sent: float
     sock: zmq.Socket[Any]
+    on_error: Callable[[str], None] | None = None
 
 
 def parse_endpoint(address: str) -> tuple[str, int]:
@@ -119,6 +122,7 @@ class NodeCore:
         # and reported when ready, so that it never delays joining
         self.state_info: StateInfo | None = None
         self._checking_state = False
+        self._said_bad_declaration = ""
         inst.loop.every(STATE_EVERY, self._check_state)
         inst.loop.call_later(0, self._check_state)
         inst.loop.every(TICK, self._tick)
@@ -168,11 +172,12 @@ class NodeCore:
     # --- requests on the query socket ------------------------------------------------------
 
     def _request(self, sock: zmq.Socket[Any], type_: str, body: P.Body,
-                 on_reply: Callable[[P.Message], None]) -> None:
+                 on_reply: Callable[[P.Message], None],
+                 on_error: Callable[[str], None] | None = None) -> None:
         ident = self.inst.ident if sock is self.query else self._token_ident
         mid = P.new_id()
         raw = P.seal(ident.signing, ident.key_id, self.inst.state, type_, body, msg_id=mid)
-        self.requests[mid] = _Request(type_, body, on_reply, time.monotonic(), sock)
+        self.requests[mid] = _Request(type_, body, on_reply, time.monotonic(), sock, on_error)
         try:
             sock.send(raw, zmq.NOBLOCK)
         except zmq.Again:
@@ -200,7 +205,9 @@ class NodeCore:
     def _on_error_reply(self, req: _Request, err: P.ErrorReply) -> None:
         text = f"hub refused {req.type}: {err.message}"
         log.error(text)
-        if req.type in ("join", "register"):
+        if req.on_error is not None:
+            req.on_error(text)
+        elif req.type in ("join", "register"):
             self._fail(AuthError(text) if err.kind == "AuthError" else OdiumError(text))
 
     # --- joining ---------------------------------------------------------------------------
@@ -400,10 +407,12 @@ class NodeCore:
             try:
                 try:
                     info = snapshot(self.inst.app)
-                except ConfigError as e:  # a bad declaration: say so, fingerprint without it
+                except ConfigError as e:  # a bad declaration: say so (once), fingerprint without
                     why = str(e)[:4000]
-                    self.inst.loop.call_soon_threadsafe(lambda: self._send("event", P.NodeEvent(
-                        "bad_declaration", why, "error")))
+                    if why != self._said_bad_declaration:
+                        self._said_bad_declaration = why
+                        self.inst.loop.call_soon_threadsafe(lambda: self._send(
+                            "event", P.NodeEvent("bad_declaration", why, "error")))
                     info = snapshot(self.inst.app, Declaration())
             except Exception as e:  # noqa: BLE001 - reported, never fatal
                 log.warning("state check failed: %s", e)
@@ -444,7 +453,11 @@ class NodeCore:
             self._send("result", P.ResultBody(body.cmd, "error", started, time.time(),
                                               error=P.ErrorInfo(ename, why)), keep=True)
 
-        info = snapshot(self.inst.app)
+        try:
+            info = snapshot(self.inst.app)
+        except ConfigError as e:
+            fail(f"refused: this node's declaration is malformed: {e}")
+            return
         self._set_state_info(info)
         if info.commit == body.commit and not info.dirty_files and info.state == body.commit:
             if info.unsatisfied:
@@ -471,7 +484,8 @@ class NodeCore:
         assert self.query is not None
         have = [info.commit] if info.commit else []
         self._request(self.query, "bundle", P.BundleRequest(body.cmd, have),
-                      lambda m: self._got_bundle(body.cmd, body.commit, m, fail))
+                      lambda m: self._got_bundle(body.cmd, body.commit, m, fail),
+                      lambda why: fail(why, "SyncFailed"))
 
     def _got_bundle(self, cmd: str, commit: str, msg: P.Message,
                     fail: Callable[..., None]) -> None:
@@ -480,10 +494,13 @@ class NodeCore:
             fail("the hub sent a bundle for another commit")
             return
         app = self.inst.app
+        before = head_ref(app)
 
         def work() -> None:
+            moved = False
             try:
                 apply_bundle(app, base64.b64decode(data["bundle"]), commit)
+                moved = True
                 decl = load_declaration(app)
                 done: list[str] = []
                 if decl.pip:
@@ -497,6 +514,12 @@ class NodeCore:
                 self.inst.loop.call_soon_threadsafe(lambda: self._synced(commit, done))
             except OdiumError as e:
                 why = str(e)
+                if moved:  # never leave the node on code it cannot run: go back where it was
+                    try:
+                        restore_head(app, before)
+                        why += f"; the checkout was put back to {before[1][:12]}"
+                    except OdiumError as e2:
+                        why += f"; putting the checkout back failed too: {e2}"
                 self.inst.loop.call_soon_threadsafe(lambda: fail(why, "SyncFailed"))
 
         threading.Thread(target=work, name="odium-sync", daemon=True).start()
@@ -585,7 +608,7 @@ class NodeCore:
                 if sock is self.query and req.type == "register":
                     # a refused CURVE handshake is not retried by libzmq: start over
                     sock = self._reopen_query()
-                self._request(sock, req.type, req.body, req.on_reply)
+                self._request(sock, req.type, req.body, req.on_reply, req.on_error)
         if self.registered and now - self.last_beat >= self.interval:
             self._beat()
         self._flush_outbox()

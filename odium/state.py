@@ -1087,3 +1087,33 @@ def install_declared(decl: Declaration, python: str = sys.executable,
         if line.startswith("Successfully installed "):
             done += line[len("Successfully installed "):].split()
     return done
+
+
+def head_ref(app: str | os.PathLike[str]) -> tuple[str | None, str]:
+    """Where HEAD is: (branch name or None when detached, commit), to come back to it."""
+    import git
+
+    try:
+        with git.Repo(app) as repo:
+            sha = repo.head.commit.hexsha
+            branch = None if repo.head.is_detached else repo.active_branch.name
+            return branch, sha
+    except (git.GitError, ValueError, TypeError) as e:
+        raise StateError(f"cannot read HEAD in {app}: {e}") from None
+
+
+def restore_head(app: str | os.PathLike[str], where: tuple[str | None, str]) -> None:
+    """Put HEAD (and its branch) back where ``head_ref`` found it. The tree was clean before a
+    sync and holds only the sync's checkout, so nothing of the user's is lost."""
+    import git
+
+    branch, sha = where
+    try:
+        with git.Repo(app) as repo:
+            if branch is None:
+                repo.git.checkout("--quiet", "--detach", sha)
+            else:
+                repo.git.checkout("--quiet", branch)
+                repo.git.reset("--quiet", "--hard", sha)
+    except git.GitError as e:
+        raise StateError(f"cannot put {app} back to {sha[:12]}: {e}") from None

@@ -206,3 +206,32 @@ def test_sync_installs_declared_packages_from_the_hubs_wheelhouse(tmp_path, two_
         assert hub.nodes()[0]["unsatisfied"] == []
         v = hub.run("import odium_tiny_pkg; odium_tiny_pkg.VERSION", timeout=10)["lab-1"]
         assert v.ok and v.value == "1.1"
+
+
+def test_failed_install_puts_the_checkout_back(tmp_path, two_commits) -> None:
+    hub_app, node_app, first, _ = two_commits
+    commit(hub_app, "pyproject.toml", '[tool.odium]\npip = ["odium-not-on-any-index==9.9"]\n',
+           "declare a package nobody has")
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    with started_hub(tmp_path, hub_app) as hub:
+        hub.start_local(1, prefix="lab", app=node_app,
+                        extra_args=["--find-links", str(empty)])
+        nr = hub.sync("lab-1", timeout=120)["lab-1"]
+        assert nr.status is Status.ERROR and nr.error["ename"] == "SyncFailed"
+        assert "put back" in nr.error["evalue"], nr.error
+        assert git(node_app, "rev-parse", "HEAD").strip() == first
+        assert git(node_app, "status", "--porcelain") == ""
+        assert hub.run("1", require="any", timeout=10)["lab-1"].state == first
+
+
+def test_a_sync_too_big_for_one_message_fails_with_the_reason(tmp_path, two_commits) -> None:
+    hub_app, node_app, first, _ = two_commits
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "big-1.0-py3-none-any.whl").write_bytes(b"x" * 200_000)
+    with started_hub(tmp_path, hub_app, wheelhouse=wheels, max_message=64 * 1024) as hub:
+        hub.start_local(1, prefix="lab", app=node_app)
+        nr = hub.sync("lab-1", timeout=60)["lab-1"]
+        assert nr.status is Status.ERROR and "message limit" in nr.error["evalue"], nr
+        assert git(node_app, "rev-parse", "HEAD").strip() == first
