@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ConfigError, OdiumError
+from .kernel import add_kernel_parser, cmd_kernel
 from .protocol import DEFAULT_PORTS
 
 PORT_NAMES = list(DEFAULT_PORTS)  # pub, query, jobs, results
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="hub + 3 local nodes, a Python and a shell broadcast")
     sp.add_argument("--nodes", type=_count, default=3)
+    add_kernel_parser(sub)
     return p
 
 
@@ -249,6 +251,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             print(f"if the hub does not know this key yet, accept it there with: odium keys "
                   f"accept {inst.ident.key_id}", flush=True)
         _stop_on_signals(inst.loop.stop)
+        _stop_with_parent(inst)
         inst.run()
         if node.error is not None:
             raise node.error
@@ -260,6 +263,27 @@ def cmd_node(args: argparse.Namespace) -> int:
         args_no_token = _drop_option(argv, "--token")
         os.execv(sys.executable, [sys.executable, *args_no_token[1:]])
     return 0
+
+
+def _stop_with_parent(inst: Any) -> None:
+    """A local node (started by a hub process, in a session of its own) stops when that
+    process is gone, even if it was killed with SIGKILL."""
+    parent = os.environ.get("ODIUM_DIE_WITH_PARENT", "")
+    if not parent.isdigit():
+        return
+    pid = int(parent)
+
+    def check() -> None:
+        try:
+            os.kill(pid, 0)
+            alive = os.getppid() == pid
+        except ProcessLookupError:
+            alive = False
+        if not alive:
+            logging.getLogger("odium").warning("the hub that started this node is gone; stopping")
+            inst.loop.stop()
+
+    inst.loop.every(1.0, check)
 
 
 def _drop_option(argv: list[str], opt: str) -> list[str]:
@@ -455,4 +479,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"hub": cmd_hub, "node": cmd_node, "nodes": cmd_nodes, "run": cmd_run,
             "keys": cmd_keys, "token": cmd_token, "state": cmd_state, "log": cmd_log,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "kernel": cmd_kernel}

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ from .errors import (
 from .errors import TimeoutError as OdiumTimeout
 from .hub import DEFAULT_PORTS, HubCore, KeyInfo
 from .instance import Instance, default_home
+from .jobclient import Job, JobExecutor, as_completed, check_options, pack_jobs
+from .jobs import JobStatus
 from .keys import ensure_home, load_or_create, verify_key
 from .node import save_joined
 from .results import Result
@@ -212,6 +214,102 @@ class Hub:
         core = self.core
         return bool(self._call(lambda: core.interrupt(cmd)))
 
+    # --- jobs (the queue: each runs once, on one node with a free slot) -------------------
+
+    def submit(self, code_or_function: str | Callable[..., Any], *args: Any, nodes: str = "*",
+               retries: int = 0, timeout: float | None = None,
+               require_state: str | None = None, job_id: str | None = None,
+               **kwargs: Any) -> Job:
+        """Queue one job; it runs once, on one matching node with a free worker.
+
+        A string is run like a cell in a fresh namespace (the value of its last expression
+        is the result; ``args``/``kwargs`` are bound when given). A function is called with
+        ``*args, **kwargs`` (functions of importable modules travel by reference, others by
+        value, with cloudpickle). ``retries``: runs again after an error or a lost node, up
+        to that many times. ``timeout``: seconds one run may take. ``require_state``: as for
+        ``run``. ``job_id``: your own id; submitting an id again gives the existing job.
+        Returns at once; the job is stored before it is dispatched.
+        """
+        return self._submit_jobs([(code_or_function, args, kwargs, job_id)], nodes=nodes,
+                                 retries=retries, timeout=timeout,
+                                 require_state=require_state)[0]
+
+    def _submit_jobs(self, items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any],
+                                                 str | None]], *, nodes: str, retries: int,
+                     timeout: float | None, require_state: str | None) -> list[Job]:
+        check_options(retries, timeout, nodes)
+        core = self.core
+        q = core.jobq
+        required = q.target(nodes, require_state)
+        fields, fns = pack_jobs(items)
+        now = time.time()
+        issuer = core.inst.ident.key_id
+        recs = [q.record(f, nodes=nodes, retries=retries, timeout=timeout, required=required,
+                         issuer=issuer, now=now) for f in fields]
+        backend = _HubJobs(self)
+        jobs = [Job(r.id, backend, pushed=True) for r in recs]
+        q.submit_threadsafe(recs, fns, {j.id: j._finished for j in jobs},
+                            {f["id"] for f in fields if f["id"]})
+        return jobs
+
+    def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
+            nodes: str = "*", retries: int = 0, timeout: float | None = None,
+            require_state: str | None = None, wait: float | None = None) -> list[Any]:
+        """``func(x)`` for each x as one job each; the values in order. The first job that
+        failed raises (odium.RemoteError). ``timeout`` limits each run; ``wait`` the whole."""
+        jobs = self._submit_jobs([(func, (x,), {}, None) for x in iterable], nodes=nodes,
+                                 retries=retries, timeout=timeout, require_state=require_state)
+        deadline = None if wait is None else time.monotonic() + wait
+        return [j.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                for j in jobs]
+
+    def map_unordered(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
+                      nodes: str = "*", retries: int = 0, timeout: float | None = None,
+                      require_state: str | None = None, wait: float | None = None
+                      ) -> Iterator[Any]:
+        """Like ``map``, but yields each value as soon as its job finishes."""
+        jobs = self._submit_jobs([(func, (x,), {}, None) for x in iterable], nodes=nodes,
+                                 retries=retries, timeout=timeout, require_state=require_state)
+        for j in as_completed(jobs, wait):
+            yield j.result(0)
+
+    @staticmethod
+    def as_completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
+        """Yield jobs as they finish."""
+        return as_completed(jobs, timeout)
+
+    def executor(self, *, nodes: str = "*", retries: int = 0, timeout: float | None = None,
+                 require_state: str | None = None) -> JobExecutor:
+        """A ``concurrent.futures.Executor`` whose ``submit`` queues a job here."""
+        check_options(retries, timeout, nodes)
+
+        def submit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   opts: dict[str, Any]) -> Job:
+            return self._submit_jobs([(fn, args, kwargs, None)], **opts)[0]
+
+        return JobExecutor(submit, nodes=nodes, retries=retries, timeout=timeout,
+                           require_state=require_state)
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Recent jobs, newest first (optionally only those with a status)."""
+        if status is not None and status not in {s.value for s in JobStatus}:
+            raise ConfigError(f"unknown job status {status!r}; one of: "
+                              f"{', '.join(s.value for s in JobStatus)}")
+        q = self.core.jobq
+        return list(self._call(lambda: q.listing(status, limit)))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """Everything about one job, with every move it made (``events``)."""
+        q = self.core.jobq
+        info = self._call(lambda: q.info(job_id, events=True))
+        if info is None:
+            raise OdiumError(f"no job {job_id!r}; see: hub.jobs()")
+        return dict(info)
+
+    def cancel_job(self, job_id: str) -> str:
+        """Cancel a job that has not finished; the status it has now."""
+        return _HubJobs(self).cancel_jobs([job_id])[job_id]
+
     # --- nodes and keys --------------------------------------------------------------------
 
     def nodes(self, pattern: str | None = None) -> list[dict[str, Any]]:
@@ -303,9 +401,13 @@ class Hub:
             if capacity:
                 cmd += ["--capacity", str(capacity)]
             logf = open(home / "node.log", "ab")
+            # its own session: a Ctrl-C meant for this process (the notebook's stop button
+            # signals the kernel's whole process group) must not stop the node
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                     stderr=subprocess.STDOUT, cwd=str(app or core.inst.app),
-                                    env={**os.environ, **env} if env else None)
+                                    start_new_session=True,
+                                    env={**os.environ, **(env or {}),
+                                         "ODIUM_DIE_WITH_PARENT": str(os.getpid())})
             logf.close()
             node = LocalNode(name, home, proc)
             self.local.append(node)
@@ -470,6 +572,124 @@ class Admin:
     def sync(self, nodes: str = "*", timeout: float = 300.0) -> Result:
         data = self.request("sync_nodes", P.SyncRequest(nodes, timeout), timeout + 30)
         return Result.from_dict(data["result"])
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def submit(self, code_or_function: str | Callable[..., Any], *args: Any, nodes: str = "*",
+               retries: int = 0, timeout: float | None = None,
+               require_state: str | None = None, job_id: str | None = None,
+               **kwargs: Any) -> Job:
+        """Queue one job at the hub (as ``Hub.submit``); returns once it is stored there."""
+        return self.submit_many([(code_or_function, args, kwargs, job_id)], nodes=nodes,
+                                retries=retries, timeout=timeout,
+                                require_state=require_state)[0]
+
+    def submit_many(self, items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any],
+                                                str | None]], *, nodes: str = "*",
+                    retries: int = 0, timeout: float | None = None,
+                    require_state: str | None = None) -> list[Job]:
+        """Queue jobs given as (code or function, args, kwargs, job id or None)."""
+        check_options(retries, timeout, nodes)
+        fields, fns = pack_jobs(items)
+        backend = _AdminJobs(self)
+        jobs: list[Job] = []
+        for i in range(0, len(fields), 1000):
+            reqs = [P.JobRequest(f["kind"], f["code"], f["fn"], f["args"], f["kwargs"],
+                                 f["args_pickle"], f["id"], nodes, retries, timeout,
+                                 require_state or "default") for f in fields[i:i + 1000]]
+            chunk_fns = {r.fn: fns[r.fn] for r in reqs if r.fn}
+            ids = self.request("submit", P.Submit(reqs, chunk_fns), max(self.timeout, 30.0))
+            jobs.extend(Job(j, backend) for j in ids["ids"])
+        return jobs
+
+    def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
+            nodes: str = "*", retries: int = 0, timeout: float | None = None,
+            require_state: str | None = None, wait: float | None = None) -> list[Any]:
+        """``func(x)`` for each x as one job each; the values in order (as ``Hub.map``)."""
+        jobs = self.submit_many([(func, (x,), {}, None) for x in iterable], nodes=nodes,
+                                retries=retries, timeout=timeout, require_state=require_state)
+        infos = _AdminJobs(self).wait_jobs([j.id for j in jobs], wait)
+        for j, info in zip(jobs, infos, strict=True):
+            if info.get("status") not in {s.value for s in JobStatus if s.terminal}:
+                raise OdiumTimeout(f"job {j.id} did not finish within {wait} s")
+            j._finished(info)
+        return [j.result(0) for j in jobs]
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self.request("jobs", P.JobQuery(status=status, limit=limit))["jobs"])  # type: ignore[arg-type]
+
+    def job(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
+        """One job's info with its moves; ``wait`` seconds for it to finish first."""
+        data = self.request("job", P.JobQuery(ids=[job_id], wait=wait), wait + self.timeout)
+        info = dict(data["jobs"][0])
+        if info.get("status") == "unknown":
+            raise OdiumError(f"no job {job_id!r}; see: odium jobs")
+        return info
+
+    def cancel_jobs(self, ids: list[str]) -> dict[str, str]:
+        """Cancel jobs; id -> the status each has now (``unknown`` for no such job)."""
+        return dict(self.request("job_cancel", P.JobCancel(list(ids)))["status"])
+
+
+class _HubJobs:
+    """Job handles' view of an in-process hub."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def job_status(self, job_id: str) -> str:
+        q = self.hub.core.jobq
+        rec = q.jobs.get(job_id) or q.finished.get(job_id)
+        if rec is not None:
+            return rec.status.value
+        info = self.job_info(job_id)
+        return str(info["status"])
+
+    def job_info(self, job_id: str) -> dict[str, Any]:
+        q = self.hub.core.jobq
+        info = self.hub._call(lambda: q.info(job_id))
+        return dict(info) if info else {"id": job_id, "status": "unknown"}
+
+    def wait_jobs(self, ids: list[str], timeout: float | None) -> list[dict[str, Any]]:
+        return [self.job_info(j) for j in ids]  # pushed handles never ask
+
+    def cancel_jobs(self, ids: list[str]) -> dict[str, str]:
+        q = self.hub.core.jobq
+        return dict(self.hub._call(lambda: q.cancel(ids, by="api")))
+
+
+class _AdminJobs:
+    """Job handles' view of a hub in another process, over its query socket."""
+
+    def __init__(self, admin: Admin) -> None:
+        self.admin = admin
+
+    def job_status(self, job_id: str) -> str:
+        return str(self.job_info(job_id)["status"])
+
+    def job_info(self, job_id: str) -> dict[str, Any]:
+        return dict(self.admin.request("job", P.JobQuery(ids=[job_id]))["jobs"][0])
+
+    def wait_jobs(self, ids: list[str], timeout: float | None) -> list[dict[str, Any]]:
+        """Each job's info once it has finished, or as it is when ``timeout`` runs out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: dict[str, dict[str, Any]] = {}
+        final = {s.value for s in JobStatus if s.terminal} | {"unknown"}
+        while len(out) < len(ids):
+            left = [j for j in ids if j not in out]
+            for i in range(0, len(left), 1000):
+                rest = None if deadline is None else max(0.0, deadline - time.monotonic())
+                step = 60.0 if rest is None else min(60.0, rest)
+                last_round = rest is not None and rest <= 60.0
+                data = self.admin.request("job", P.JobQuery(ids=left[i:i + 1000], wait=step),
+                                          step + self.admin.timeout)
+                for info in data["jobs"]:
+                    if info.get("status") in final or last_round:
+                        out[info["id"]] = info
+        return [out[j] for j in ids]
+
+    def cancel_jobs(self, ids: list[str]) -> dict[str, str]:
+        return self.admin.cancel_jobs(ids)
 
 
 def _alive(pid: int) -> bool:

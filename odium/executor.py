@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 MAX_CAPTURE = 4 * 1024 * 1024  # characters of stdout/stderr kept for the final result
 MAX_REPR = 100_000
+MAX_OUTPUTS = 8 * 1024 * 1024  # characters of display outputs (base64 images…) per command
 FLUSH_EVERY = 0.05  # seconds between streamed output chunks
 KILL_GRACE = 2.0  # seconds between SIGINT and SIGKILL on timeout
 
@@ -126,6 +127,98 @@ def _run_python(code: str, ns: dict[str, Any]) -> tuple[str, Any, dict[str, str]
         return "error", None, {"ename": type(e).__name__, "evalue": str(e), "traceback": text}
 
 
+_RICH = (("_repr_png_", "image/png"), ("_repr_jpeg_", "image/jpeg"),
+         ("_repr_svg_", "image/svg+xml"), ("_repr_html_", "text/html"),
+         ("_repr_markdown_", "text/markdown"), ("_repr_latex_", "text/latex"),
+         ("_repr_json_", "application/json"))
+
+
+def _mimebundle(obj: Any) -> dict[str, Any]:
+    """An object's rich forms, Jupyter style (``_repr_*_``, matplotlib figures), plus text."""
+    data: dict[str, Any] = {}
+    try:
+        if _is_figure(obj):
+            return {"image/png": _figure_png(obj), "text/plain": _safe_repr(obj)}
+        if hasattr(obj, "_repr_mimebundle_"):
+            got = obj._repr_mimebundle_()
+            got = got[0] if isinstance(got, tuple) else got
+            if isinstance(got, dict):
+                data.update(got)
+        for method, mime in _RICH:
+            if mime not in data and callable(getattr(obj, method, None)):
+                value = getattr(obj, method)()
+                value = value[0] if isinstance(value, tuple) else value
+                if value is not None:
+                    data[mime] = value
+    except Exception as e:  # a broken _repr_*_ must not lose the result
+        data["text/plain"] = f"<display failed: {e!r}>"
+    for mime, value in list(data.items()):
+        if isinstance(value, bytes):
+            import base64
+
+            data[mime] = base64.b64encode(value).decode()
+        elif not isinstance(value, str) and mime != "application/json":
+            data[mime] = str(value)
+    data.setdefault("text/plain", _safe_repr(obj))
+    return data
+
+
+def _is_figure(obj: Any) -> bool:
+    mod = sys.modules.get("matplotlib.figure")
+    return mod is not None and isinstance(obj, mod.Figure)
+
+
+def _figure_png(fig: Any) -> str:
+    import base64
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _open_figures() -> list[dict[str, Any]]:
+    """Every open pyplot figure as an output, then closed (what Jupyter's inline backend does)."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return []
+    out = []
+    try:
+        for num in plt.get_fignums():
+            fig = plt.figure(num)
+            out.append({"data": {"image/png": _figure_png(fig), "text/plain": _safe_repr(fig)},
+                        "metadata": {}})
+        plt.close("all")
+    except Exception as e:  # noqa: BLE001 - a figure that cannot be drawn is a note, not a crash
+        out.append({"data": {"text/plain": f"<figure failed: {e!r}>"}, "metadata": {}})
+    return out
+
+
+class _Displays:
+    """``display(obj)`` inside a cell: each call is one output of the command."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, Any]] = []
+
+    def __call__(self, *objs: Any, **_: Any) -> None:
+        for obj in objs:
+            self.outputs.append({"data": _mimebundle(obj), "metadata": {}})
+
+    def take(self, value: Any) -> list[dict[str, Any]]:
+        """This command's outputs: display() calls, open figures, then a rich value."""
+        outs, self.outputs = self.outputs, []
+        outs += _open_figures()
+        if value is not None and not _is_figure(value):
+            bundle = _mimebundle(value)
+            if set(bundle) - {"text/plain"}:
+                outs.append({"data": bundle, "metadata": {}})
+        size = sum(len(json.dumps(o, default=str)) for o in outs)
+        if size > MAX_OUTPUTS:
+            outs = [{"data": {"text/plain": f"[odium: {len(outs)} display outputs dropped: "
+                                            f"{size} characters, more than {MAX_OUTPUTS}]"},
+                     "metadata": {}}]
+        return outs
+
+
 def _die_with_parent(parent: int) -> None:
     """A worker must not outlive its node (killed with SIGKILL, say)."""
     try:
@@ -160,8 +253,11 @@ def worker_main() -> None:
         with lock:
             conn.send_bytes(data)
 
+    os.environ.setdefault("MPLBACKEND", "Agg")  # figures are drawn to PNG, never to a screen
     out, err = _Stream("stdout", send), _Stream("stderr", send)
-    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+    displays = _Displays()
+    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__,
+                          "display": displays}
     send({"op": "ready", "pid": os.getpid()})
     while True:
         try:
@@ -191,8 +287,14 @@ def worker_main() -> None:
             err.flush()
         except KeyboardInterrupt:
             pass
+        try:
+            outputs = displays.take(value)
+        except KeyboardInterrupt:
+            outputs = []
         res: Event = {"status": status, "started": started, "finished": time.time(),
                       "stdout": out.value(), "stderr": err.value(), "error": error}
+        if outputs:
+            res["outputs"] = outputs
         if value is not None:
             res["value"], res["value_json"] = _jsonable(value)
             res["value_repr"] = _safe_repr(value)

@@ -31,6 +31,7 @@ from .errors import (
     ProtocolError,
     StateMismatchError,
 )
+from .jobqueue import JobQueue
 from .keys import (
     Identity,
     Token,
@@ -82,11 +83,16 @@ QUERY_TYPES = {
     "state_diff": ("admin",),
     "sync_nodes": ("admin",),
     "bundle": ("node",),
+    "submit": ("admin",),  # the job queue (odium.jobqueue)
+    "job": ("admin",),
+    "jobs": ("admin",),
+    "job_cancel": ("admin",),
 }
 SOCKET_KINDS = {"pub": zmq.PUB, "query": zmq.ROUTER, "jobs": zmq.PUSH, "results": zmq.PULL}
 RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
                 "result": ("node",), "bye": ("node",), "event": ("node",), "state": ("node",),
-                "restarting": ("node",)}
+                "restarting": ("node",),
+                "job_taken": ("node",), "job_result": ("node",), "job_state": ("node",)}
 
 
 QueryHandler = Callable[[P.Message, "KeyInfo", Callable[..., None]], None]
@@ -235,6 +241,9 @@ class HubCore:
             "result": self._r_result, "bye": self._r_bye, "event": self._r_event,
             "state": self._r_state, "restarting": self._r_restarting,
         }
+        self.jobq = JobQueue(self)  # the job queue: its own handlers, in the same tables
+        self.query_handlers.update(self.jobq.query_handlers)
+        self.result_handlers.update(self.jobq.result_handlers)
         store.event("hub_start", f"hub {fingerprint(inst.ident.key_id)} listening on "
                     f"{interface} ports {self.ports}")
         self._heartbeat()
@@ -452,6 +461,7 @@ class HubCore:
                     "ename": "NodeLost", "evalue": f"node lost while running: {why}",
                     "traceback": ""}))
         node.running.clear()
+        self.jobq.node_lost(node.name, why)
 
     # --- query handlers --------------------------------------------------------------------
 
@@ -644,7 +654,8 @@ class HubCore:
         self._record(b, NodeResult(
             node.name, status, body.stdout, body.stderr, body.value, body.value_repr,
             body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
-            msg.env.state, body.started, body.finished, mismatch))
+            msg.env.state, body.started, body.finished, mismatch,
+            P.to_builtins(body.outputs) if body.outputs else []))
 
     def _r_event(self, msg: P.Message, node: NodeInfo) -> None:
         body: P.NodeEvent = msg.body  # type: ignore[assignment]
@@ -1042,6 +1053,8 @@ class HubCore:
         os.replace(tmp, path)
 
     def close(self) -> None:
+        if hasattr(self, "jobq"):
+            self.jobq.close()
         for s in self.sockets.values():
             try:
                 self.inst.loop.remove(s)

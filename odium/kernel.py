@@ -100,7 +100,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
 
 
 def kernel_class() -> type:
-    """IPython's kernel, with ``odium.magics`` loaded: the hub starts with the kernel."""
+    """IPython's kernel with the odium extension loaded: the hub starts with the kernel."""
     from ipykernel.ipkernel import IPythonKernel
 
     from . import __version__
@@ -112,7 +112,7 @@ def kernel_class() -> type:
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             assert self.shell is not None
-            self.shell.extension_manager.load_extension("odium.magics")
+            self.shell.extension_manager.load_extension("odium")  # so %unload_ext odium works
 
         @property
         def banner(self) -> str:  # type: ignore[override]

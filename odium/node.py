@@ -28,6 +28,7 @@ import zmq
 from . import protocol as P
 from .errors import AuthError, ConfigError, OdiumError, ProtocolError
 from .executor import Executor
+from .jobnode import NodeJobs
 from .keys import Identity, Token, join_proof_bytes, verify_key
 from .state import (
     Declaration,
@@ -116,6 +117,7 @@ class NodeCore:
             "hb": self._on_hb, "exec": self._on_exec, "interrupt": self._on_interrupt,
             "sync": self._on_sync,
         }
+        self.jobs = NodeJobs(self)  # the job queue's slots and pool (odium.jobnode)
         self.syncing: set[str] = set()
         self.restart = False  # set by a sync: the process runs itself again when the loop ends
         # the state id (inst.state) is known already; the fingerprint is computed off the loop
@@ -167,6 +169,7 @@ class NodeCore:
         self.push = client_socket(ctx, zmq.PUSH, ident, key, self._endpoint(ports["results"]),
                                   immediate=True)
         self.pull = client_socket(ctx, zmq.PULL, ident, key, self._endpoint(ports["jobs"]))
+        self.jobs.attach(self.pull)
         self.inst.loop.add(self.sub, self._on_sub)
 
     # --- requests on the query socket ------------------------------------------------------
@@ -303,6 +306,7 @@ class NodeCore:
         if not self.inst.home.joinpath("joined.json").exists():
             save_joined(self.inst.home, self.address, self.hub_key, self.name)
         self._fetch()
+        self.jobs.registered()
         if self.heard_boot == self.hub_boot:
             self._beat()
             self.executor.warm()
@@ -565,7 +569,8 @@ class NodeCore:
                 ev["cmd"], r["status"], r["started"], r["finished"], r.get("stdout", ""),
                 r.get("stderr", ""), r.get("value"), r.get("value_repr"), r.get("value_json", True),
                 P.ErrorInfo(err["ename"], err["evalue"], err.get("traceback", "")) if err else None,
-                r.get("exit"))
+                r.get("exit"), outputs=[P.Display(o["data"], o.get("metadata") or {})
+                                        for o in r.get("outputs") or []])
             self._send("result", body, keep=True)
 
     def _send(self, type_: str, body: P.Body, keep: bool = False) -> None:
@@ -621,6 +626,7 @@ class NodeCore:
                 self.push.send(raw, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+        self.jobs.close()
         self.executor.close()
         for what in list(self.monitors):
             self._unwatch(what)

@@ -129,6 +129,17 @@ class ErrorInfo(Body):
     traceback: str = ""
 
 
+Mime = Annotated[str, msgspec.Meta(pattern=r"^[a-z]+/[A-Za-z0-9.+_-]{1,100}$")]
+
+
+class Display(Body):
+    """One display output of a command (Jupyter's display_data): mime type -> content;
+    binary types (image/png…) are base64 text."""
+
+    data: dict[Mime, Any]
+    metadata: dict[str, Any] = {}
+
+
 class ResultBody(Body):
     """What a node sends back for one command."""
 
@@ -144,6 +155,7 @@ class ResultBody(Body):
     error: ErrorInfo | None = None
     exit: int | None = None  # shell exit status
     mismatch: dict[str, Any] | None = None  # with state_mismatch: what was required, what is
+    outputs: Annotated[list[Display], msgspec.Meta(max_length=1000)] = []  # display(), figures
 
 
 class Join(Body):
@@ -239,6 +251,125 @@ class Empty(Body):
     pass
 
 
+# --- the job queue (docs/protocol.md, "Job queue") ------------------------------------------
+
+JobId = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
+FnHash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+B64 = Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
+Requirement = Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})$")]
+
+
+class JobSpec(Body):
+    """One job as a node runs it: a code string, or a function (by hash into the batch's
+    ``fns``) with arguments as JSON, or pickled when they are not JSON."""
+
+    id: JobId
+    kind: Literal["python", "call"]
+    code: Text = ""
+    fn: FnHash | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    args_pickle: B64 | None = None
+    timeout: Seconds | None = None
+    nodes: Glob = "*"  # the node checks its own name against it
+    require: Requirement = "any"  # the node checks its own state against it
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class JobBatch(Body):
+    """Hub -> nodes on the jobs socket (PUSH): jobs for whichever node gets the message."""
+
+    jobs: list[JobSpec]
+    fns: dict[FnHash, B64] = {}  # function hash -> base64 cloudpickle
+
+
+class JobTaken(Body):
+    """Node -> hub: what it did with the batches it got (sent at once, for every batch)."""
+
+    batches: list[MsgId]
+    taken: list[JobId] = []
+    declined: list[JobId] = []
+    free: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class JobOutcome(Body):
+    """How one job ended on a node."""
+
+    id: JobId
+    status: Literal["done", "failed", "timeout", "cancelled", "lost"]
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+    started: float = 0.0
+    finished: float = 0.0
+    stdout: Text = ""
+    stderr: Text = ""
+    value: Any = None
+    value_repr: str | None = None
+    value_json: bool = True
+    error: ErrorInfo | None = None
+
+
+class JobResults(Body):
+    """Node -> hub: finished jobs; the node keeps each until the hub acknowledges it."""
+
+    results: list[JobOutcome]
+    free: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class JobState(Body):
+    """Node -> hub: its job slots and the jobs it runs (after registering, and every beat)."""
+
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    free: Annotated[int, msgspec.Meta(ge=0)]
+    running: list[JobId] = []
+
+
+class JobAck(Body):
+    """Hub -> nodes on PUB: results recorded (committed to the store), per node name."""
+
+    acks: dict[Name, list[JobId]]
+
+
+class JobCancel(Body):
+    """Admin -> hub (query): cancel these jobs. Hub -> nodes (PUB): stop running them."""
+
+    jobs: list[JobId]
+
+
+class JobRequest(Body):
+    """One job as an admin submits it."""
+
+    kind: Literal["python", "call"] = "python"
+    code: Text = ""
+    fn: FnHash | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    args_pickle: B64 | None = None
+    id: JobId | None = None  # idempotent: a job with this id already is that job
+    nodes: Glob = "*"
+    retries: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+    timeout: Seconds | None = None
+    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})$")] = (
+        "default")
+
+
+class Submit(Body):
+    """Admin request: queue jobs. Answered with their ids once they are in the store."""
+
+    jobs: list[JobRequest]
+    fns: dict[FnHash, B64] = {}
+
+
+class JobQuery(Body):
+    """Admin request: jobs by id (``job``; ``wait`` seconds for them to finish), or a list
+    (``jobs``; by status, newest first)."""
+
+    ids: list[JobId] = []
+    status: Literal["queued", "assigned", "running", "done", "failed", "timeout",
+                    "cancelled"] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
+    wait: Annotated[float, msgspec.Meta(ge=0, le=7 * 86400)] = 0.0
+
+
 # type -> body struct. One entry per message type; see docs/protocol.md.
 BODIES: dict[str, type[Body]] = {
     "hb": HubBeat,
@@ -268,6 +399,16 @@ BODIES: dict[str, type[Body]] = {
     "state_diff": Query,
     "reply": Reply,
     "error": ErrorReply,
+    # the job queue
+    "job_batch": JobBatch,
+    "job_taken": JobTaken,
+    "job_result": JobResults,
+    "job_state": JobState,
+    "job_ack": JobAck,
+    "job_cancel": JobCancel,
+    "submit": Submit,
+    "job": JobQuery,
+    "jobs": JobQuery,
 }
 
 _env_decoder = msgspec.json.Decoder(Envelope)

@@ -40,6 +40,7 @@ class NodeResult:
     started: float | None = None
     finished: float | None = None
     mismatch: dict[str, Any] | None = None  # state mismatch: required, state, diff
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # display outputs (mimebundles)
 
     @property
     def ok(self) -> bool:

@@ -138,6 +138,56 @@ class MetaRow(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class JobRow(Base):
+    """A queued job: what to run, where, its status now, and what came of it."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True)  # queue order
+    kind: Mapped[str] = mapped_column(String(16))  # python | call
+    code: Mapped[str] = mapped_column(Text, default="")
+    fn: Mapped[str | None] = mapped_column(String(32), nullable=True)  # JobFnRow.hash
+    args: Mapped[Any] = mapped_column(JSON, nullable=True)
+    kwargs: Mapped[Any] = mapped_column(JSON, nullable=True)
+    args_pickle: Mapped[str | None] = mapped_column(Text, nullable=True)
+    nodes: Mapped[str] = mapped_column(String(4096), default="*")
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    timeout: Mapped[float | None] = mapped_column(Float, nullable=True)
+    require: Mapped[str] = mapped_column(String(64), default="any")
+    issuer: Mapped[str] = mapped_column(String(43), default="")
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    node: Mapped[str] = mapped_column(String(64), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    result: Mapped[Any] = mapped_column(JSON, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobEventRow(Base):
+    """Every move of every job: from, to, where, why."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    ts: Mapped[float] = mapped_column(Float)
+    prev: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    node: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobFnRow(Base):
+    """A function jobs call, serialised once (base64 cloudpickle), by its hash."""
+
+    __tablename__ = "job_functions"
+    hash: Mapped[str] = mapped_column(String(32), primary_key=True)
+    data: Mapped[str] = mapped_column(Text)
+    created: Mapped[float] = mapped_column(Float)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -344,3 +394,44 @@ class Store:
     def results_for(self, command_id: str) -> list[ResultRow]:
         with self.session() as s:
             return list(s.scalars(select(ResultRow).where(ResultRow.command_id == command_id)))
+
+    # --- the job queue ---------------------------------------------------------------------
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call fn (in the writer thread) once every write queued before it is committed."""
+        def mark(s: Session) -> None:
+            event.listen(s, "after_commit", lambda _s: fn(), once=True)
+
+        self.write(mark)
+
+    def jobs_unfinished(self) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(
+                JobRow.status.in_(("queued", "assigned", "running"))).order_by(JobRow.seq)))
+
+    def job_rows(self, ids: list[str]) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.id.in_(ids))))
+
+    def job_list(self, status: str | None = None, limit: int = 50) -> list[JobRow]:
+        with self.session() as s:
+            q = select(JobRow).order_by(JobRow.seq.desc()).limit(limit)
+            if status:
+                q = q.where(JobRow.status == status)
+            return list(s.scalars(q))
+
+    def job_events(self, job_id: str) -> list[JobEventRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id)
+                                  .order_by(JobEventRow.id)))
+
+    def job_functions(self, hashes: list[str]) -> dict[str, str]:
+        with self.session() as s:
+            return {r.hash: r.data for r in s.scalars(
+                select(JobFnRow).where(JobFnRow.hash.in_(hashes)))}
+
+    def max_job_seq(self) -> int:
+        with self.session() as s:
+            from sqlalchemy import func
+
+            return int(s.scalar(select(func.max(JobRow.seq))) or 0)

@@ -220,7 +220,7 @@ def _row_html(name: str, r: NodeResult, hub_state: str) -> str:
             f'<td style="{_TD};font-weight:600;white-space:nowrap" class="odium-node">'
             f"{e(name)}</td>"
             f'<td style="{_TD}">{badge(r.status.value)}</td>'
-            f'<td style="{_TD}">{state_html(r.state, hub_state)}</td>'
+            f'<td style="{_TD};white-space:nowrap">{state_html(r.state, hub_state)}</td>'
             f'<td style="{_TD};white-space:nowrap">{duration_text(r.duration)}</td>'
             f'<td style="{_TD};width:100%">{_detail_html(r)}</td></tr>')
 
@@ -419,15 +419,23 @@ def state_table(report: Mapping[str, Any], details: bool = False) -> Table:
 
 # --- live output while a cell runs --------------------------------------------------------------
 
-LIVE_KEEP = 20_000  # characters of each node's live output kept for the live view
+LIVE_KEEP = 8_000  # the last characters of each node's stream shown live (the Result has all)
+LIVE_LINES = 30  # and at most this many lines of it
 
 
 @dataclass
 class _NodeLive:
-    stdout: list[str] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-    size: int = 0
+    stdout: str = ""
+    stderr: str = ""
     cut: bool = False
+
+
+def _tail(text: str, lines: int = LIVE_LINES) -> tuple[str, bool]:
+    """The last lines of a live stream, and whether some were left out."""
+    parts = text.splitlines(keepends=True)
+    if len(parts) <= lines:
+        return text, False
+    return "".join(parts[-lines:]), True
 
 
 class LiveView:
@@ -453,11 +461,14 @@ class LiveView:
     def add(self, node: str, stream: str, text: str) -> None:
         with self._lock:
             nl = self._nodes.setdefault(node, _NodeLive())
-            if nl.size < LIVE_KEEP:
-                (nl.stderr if stream == "stderr" else nl.stdout).append(text[:LIVE_KEEP - nl.size])
-                nl.size += len(text)
+            if stream == "stderr":
+                nl.stderr += text
+                if len(nl.stderr) > LIVE_KEEP:
+                    nl.stderr, nl.cut = nl.stderr[-LIVE_KEEP:], True
             else:
-                nl.cut = True
+                nl.stdout += text
+                if len(nl.stdout) > LIVE_KEEP:
+                    nl.stdout, nl.cut = nl.stdout[-LIVE_KEEP:], True
             self._fresh.append((node, stream, text))
             self._dirty = True
 
@@ -468,8 +479,7 @@ class LiveView:
     def html(self, done: Sequence[str], targets: Sequence[str],
              finals: Mapping[str, NodeResult] | None = None) -> str:
         with self._lock:
-            nodes = {k: (("".join(v.stdout), "".join(v.stderr), v.cut))
-                     for k, v in self._nodes.items()}
+            nodes = {k: (v.stdout, v.stderr, v.cut) for k, v in self._nodes.items()}
         k, n = len(done), len(targets)
         pct = 100 * k // n if n else 0
         progress = (f'<div class="odium-progress" style="margin:2px 0 4px 0">'
@@ -483,13 +493,15 @@ class LiveView:
             out, err, cut = nodes.get(name, ("", "", False))
             final = (finals or {}).get(name)
             status = final.status.value if final else ("done" if name in done else "running")
+            out, cut_out = _tail(out)
+            err, cut_err = _tail(err)
             cell = ""
+            if cut or cut_out or cut_err:
+                cell += f'<div style="{_MUTED}">(earlier lines hidden; the result has all)</div>'
             if out:
                 cell += _pre(out.rstrip("\n"), "odium-stdout")
             if err:
                 cell += _pre(err.rstrip("\n"), "odium-stderr", _STDERR)
-            if cut:
-                cell += f'<div style="{_MUTED}">(live output cut; the result has all of it)</div>'
             rows.append(f'<tr class="odium-live-row" data-node="{e(name)}">'
                         f'<td style="{_TD};font-weight:600;white-space:nowrap">{e(name)}</td>'
                         f'<td style="{_TD}">{badge(status, status)}</td>'

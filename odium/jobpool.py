@@ -1,0 +1,349 @@
+"""A node's pool of job worker processes (one job at a time each, each job in a clean
+namespace), and the worker's own loop.
+
+Separate from the session workers of ``odium.executor``: a job never sees a session's
+namespace, nor the previous job's. A worker process runs job after job; every job gets a
+fresh ``__main__``-like dict (modules a job imports stay imported). Nothing here imports
+zmq: a worker starts with the standard library, ``odium.executor`` and the job's own
+imports.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from .executor import KILL_GRACE, _die_with_parent, _jsonable, _run_python, _safe_repr
+
+if TYPE_CHECKING:
+    from .transport import Loop
+
+MAX_JOB_CAPTURE = 1024 * 1024  # characters of a job's stdout/stderr kept
+
+Event = dict[str, Any]
+
+# =============================================================================================
+# The worker process
+# =============================================================================================
+
+
+class _Capture(io.TextIOBase):
+    """A job's stdout or stderr: kept (up to a limit) for its result."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if self.size < MAX_JOB_CAPTURE:
+            self.parts.append(s[: MAX_JOB_CAPTURE - self.size])
+        self.size += len(s)
+        return len(s)
+
+    def value(self) -> str:
+        text = "".join(self.parts)
+        if self.size > MAX_JOB_CAPTURE:
+            text += f"\n[odium: output cut at {MAX_JOB_CAPTURE} of {self.size} characters]\n"
+        return text
+
+
+def _error(e: BaseException) -> dict[str, str]:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next  # show the job's frames, not ours
+    text = "".join(traceback.format_exception(type(e), e, tb))
+    evalue = str(e.code) if isinstance(e, SystemExit) else str(e)
+    return {"ename": type(e).__name__, "evalue": evalue, "traceback": text}
+
+
+def run_job(req: dict[str, Any]) -> Event:
+    """Run one job in a fresh namespace; return its result (status ok|error|interrupted)."""
+    out, err = _Capture(), _Capture()
+    saved = sys.stdout, sys.stderr
+    started = time.time()
+    value: Any = None
+    error: dict[str, str] | None = None
+    status = "ok"
+    sys.stdout, sys.stderr = out, err
+    try:
+        if req.get("args_pickle"):
+            args, kwargs = pickle.loads(base64.b64decode(req["args_pickle"]))
+        else:
+            args, kwargs = req.get("args") or [], req.get("kwargs") or {}
+        if req["kind"] == "python":
+            ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+            if args or kwargs:
+                ns["args"], ns["kwargs"] = tuple(args), dict(kwargs)
+            status, value, error = _run_python(req["code"], ns)
+        else:
+            fn = pickle.loads(base64.b64decode(req["fn"]))
+            value = fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        status, value = "interrupted", None
+        error = {"ename": "KeyboardInterrupt", "evalue": "interrupted", "traceback": ""}
+    except BaseException as e:  # noqa: BLE001 - every error of the job is its result
+        status, value, error = "error", None, _error(e)
+    finally:
+        sys.stdout, sys.stderr = saved
+    res: Event = {"status": status, "started": started, "finished": time.time(),
+                  "stdout": out.value(), "stderr": err.value(), "error": error}
+    if value is not None:
+        res["value"], res["value_json"] = _jsonable(value)
+        res["value_repr"] = _safe_repr(value)
+    return res
+
+
+def job_worker_main() -> None:
+    """Entry point of a job worker process: the fd in ODIUM_WORKER_FD is its node."""
+    conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
+    _die_with_parent(int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid())
+    app = os.getcwd()
+    if app not in sys.path:
+        sys.path.insert(0, app)
+    conn.send_bytes(b'{"op":"ready"}')
+    while True:
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        except KeyboardInterrupt:  # an interrupt that came between two jobs
+            continue
+        try:
+            req = json.loads(raw)
+        except KeyboardInterrupt:
+            continue
+        if req.get("op") == "exit":
+            return
+        try:
+            res = run_job(req)
+        except KeyboardInterrupt:  # arrived after the job finished, before we noticed
+            res = {"status": "interrupted", "started": time.time(), "finished": time.time(),
+                   "error": {"ename": "KeyboardInterrupt", "evalue": "interrupted",
+                             "traceback": ""}}
+        data = json.dumps({"op": "done", "id": req["id"], "result": res},
+                          default=str).encode()
+        while True:
+            try:
+                conn.send_bytes(data)
+                break
+            except KeyboardInterrupt:
+                continue
+
+
+# =============================================================================================
+# The node's side
+# =============================================================================================
+
+
+@dataclass
+class _JobWorker:
+    proc: subprocess.Popen[bytes]
+    conn: Connection
+    ready: bool = False
+    job: str = ""
+    reason: str = ""  # why we signalled its job: "timeout" or "cancelled"
+    run: int = 0  # counts the jobs it was given (a timer names the run it was armed for)
+
+
+class JobPool:
+    """Up to ``capacity`` job worker processes. Called from the node's loop thread only.
+
+    ``on_done(job_id, result)`` gets each job's result: status ``ok``, ``error``,
+    ``timeout``, ``cancelled``, or ``lost`` (the worker died under it).
+    """
+
+    def __init__(self, loop: Loop, app: str, capacity: int,
+                 on_done: Callable[[str, Event], None]) -> None:
+        self.loop = loop
+        self.app = app
+        self.capacity = capacity
+        self.on_done = on_done
+        self.workers: list[_JobWorker] = []
+        self.idle: list[_JobWorker] = []
+        self.waiting: deque[tuple[str, bytes, float | None]] = deque()
+        self.by_job: dict[str, _JobWorker] = {}
+        self.closed = False
+
+    def _spawn(self) -> _JobWorker:
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env["ODIUM_WORKER_FD"] = str(child.fileno())
+        env["ODIUM_PARENT_PID"] = str(os.getpid())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from odium.jobpool import job_worker_main; job_worker_main()"],
+            cwd=self.app, env=env, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        child.close()
+        w = _JobWorker(proc, Connection(parent.detach()))
+        self.workers.append(w)
+        self.loop.add(w.conn.fileno(), lambda: self._on_worker(w))
+        return w
+
+    def start(self, job_id: str, payload: bytes, timeout: float | None) -> None:
+        """Run a job (its JSON for the worker) as soon as a worker is free."""
+        if self.closed:
+            raise RuntimeError("job pool is closed")
+        if self.idle:
+            self._run(self.idle.pop(), job_id, payload, timeout)
+            return
+        self.waiting.append((job_id, payload, timeout))
+        if len(self.workers) < self.capacity:
+            self._spawn()
+
+    def running(self) -> list[str]:
+        return list(self.by_job) + [j for j, _, _ in self.waiting]
+
+    def _run(self, w: _JobWorker, job_id: str, payload: bytes, timeout: float | None) -> None:
+        w.job, w.reason = job_id, ""
+        w.run += 1
+        self.by_job[job_id] = w
+        try:
+            w.conn.send_bytes(payload)
+        except OSError:
+            self._died(w)
+            return
+        if timeout:
+            run = w.run
+            self.loop.call_later(timeout, lambda: self._expire(w, run))
+
+    def _expire(self, w: _JobWorker, run: int) -> None:
+        if w.run == run and w.job:
+            self.cancel(w.job, "timeout")
+
+    def _next(self, w: _JobWorker) -> None:
+        if self.closed:
+            return
+        if self.waiting:
+            job_id, payload, timeout = self.waiting.popleft()
+            self._run(w, job_id, payload, timeout)
+        else:
+            self.idle.append(w)
+
+    def _on_worker(self, w: _JobWorker) -> None:
+        try:
+            raw = w.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._died(w)
+            return
+        ev = json.loads(raw)
+        op = ev.get("op")
+        if op == "ready":
+            w.ready = True
+            self._next(w)
+        elif op == "done" and ev.get("id") == w.job:
+            job_id, reason = w.job, w.reason
+            w.job, w.reason = "", ""
+            self.by_job.pop(job_id, None)
+            res = ev["result"]
+            if res["status"] == "interrupted":
+                res["status"] = reason or "cancelled"
+            self._next(w)
+            self.on_done(job_id, res)
+
+    def _died(self, w: _JobWorker) -> None:
+        try:
+            self.loop.remove(w.conn.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+        w.conn.close()
+        code = w.proc.wait()
+        if w in self.workers:
+            self.workers.remove(w)
+        if w in self.idle:
+            self.idle.remove(w)
+        if self.closed:
+            return
+        if w.job:
+            job_id, reason = w.job, w.reason
+            self.by_job.pop(job_id, None)
+            if reason == "timeout":
+                msg = "timed out; its worker was killed"
+            elif reason == "cancelled":
+                msg = "cancelled; its worker was killed"
+            else:
+                msg = f"the job's worker process died (exit status {code})"
+            now = time.time()
+            self.on_done(job_id, {"status": reason or "lost", "started": now, "finished": now,
+                                  "error": {"ename": "TimeoutError" if reason == "timeout"
+                                            else "WorkerDied", "evalue": msg,
+                                            "traceback": ""}})
+        if self.waiting and len(self.workers) < self.capacity:
+            self._spawn()
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
+        """Stop a job: SIGINT to its worker, SIGKILL after a grace; or drop it if it waits."""
+        for i, (j, _p, _t) in enumerate(self.waiting):
+            if j == job_id:
+                del self.waiting[i]
+                now = time.time()
+                self.on_done(job_id, {"status": reason, "started": now, "finished": now,
+                                      "error": {"ename": "KeyboardInterrupt",
+                                                "evalue": f"{reason} before it started",
+                                                "traceback": ""}})
+                return True
+        w = self.by_job.get(job_id)
+        if w is None:
+            return False
+        w.reason = w.reason or reason
+        try:
+            os.kill(w.proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        run = w.run
+        self.loop.call_later(KILL_GRACE, lambda: self._kill_if_stuck(w, run))
+        return True
+
+    def _kill_if_stuck(self, w: _JobWorker, run: int) -> None:
+        if w.run == run and w.job and w.proc.poll() is None:
+            w.proc.kill()
+
+    def close(self) -> None:
+        self.closed = True
+        for w in self.workers:
+            try:
+                self.loop.remove(w.conn.fileno())
+            except (KeyError, ValueError, OSError):
+                pass
+            try:
+                w.conn.send_bytes(b'{"op":"exit"}')
+            except OSError:
+                pass
+            w.conn.close()
+            if w.job and w.proc.poll() is None:
+                w.proc.kill()
+        for w in self.workers:
+            try:
+                w.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+        self.workers.clear()
+        self.idle.clear()
+
+
+def payload(job_id: str, kind: str, code: str, fn: str | None, args: Any, kwargs: Any,
+            args_pickle: str | None) -> bytes:
+    """The message a worker gets for one job."""
+    return json.dumps({"op": "job", "id": job_id, "kind": kind, "code": code, "fn": fn,
+                       "args": args, "kwargs": kwargs, "args_pickle": args_pickle}).encode()
+
+
+__all__ = ["JobPool", "job_worker_main", "run_job", "payload"]
