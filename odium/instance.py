@@ -7,6 +7,7 @@ both at once in the middle of a tree; both parts share one loop thread.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 import threading
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
 
-from .errors import OdiumError
+from .errors import ConfigError, OdiumError
 from .errors import TimeoutError as OdiumTimeout
 from .keys import Identity, Token, ensure_home, load_or_create
 from .node import NodeCore
@@ -31,6 +32,9 @@ if TYPE_CHECKING:  # the hub part (and SQLAlchemy) is imported only by instances
 
 log = logging.getLogger("odium")
 T = TypeVar("T")
+
+
+_HUB_HOMES: set[Path] = set()  # homes of the hubs running in this process
 
 
 def default_home() -> Path:
@@ -61,6 +65,8 @@ class Instance:
         from .hub import HubCore
         from .store import Store, default_url
 
+        self._refuse_second_hub()
+        _HUB_HOMES.add(self.home)
         self.store = Store(db or default_url(self.home))
         admin = load_or_create(self.home / "admin.key")
         try:
@@ -69,11 +75,33 @@ class Instance:
                 hb_interval=hb_interval, max_message=max_message, admin=admin,
                 wheelhouse=Path(wheelhouse) if wheelhouse else None))
         except BaseException:
+            _HUB_HOMES.discard(self.home)
             self.store.close()
             self.store = None
             raise
         self.hub.write_info(self.home)
         return self.hub
+
+    def _refuse_second_hub(self) -> None:
+        """Two hubs on one home would share keys, store and hub.json: refuse the second."""
+        info = self.home / "hub.json"
+        try:
+            pid = int(json.loads(info.read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if pid == os.getpid():
+            if self.home in _HUB_HOMES:
+                raise ConfigError(f"a hub is already running with home {self.home} in this "
+                                  "process; give this one another home")
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return  # left behind by a hub that died
+        except PermissionError:
+            pass
+        raise ConfigError(f"another hub (pid {pid}) is running with home {self.home}; stop it, "
+                          "or give this one another home (--home)")
 
     def start_node(self, address: str, hub_key: str, name: str, *, token: Token | None = None,
                    capacity: int | None = None, find_links: str | None = None,
@@ -137,6 +165,7 @@ class Instance:
                 self.node.close()
             if self.hub is not None:
                 self.hub.close()
+                _HUB_HOMES.discard(self.home)
                 try:
                     (self.home / "hub.json").unlink()
                 except FileNotFoundError:

@@ -9,7 +9,7 @@ import pytest
 import odium
 from odium import NotConnectedError, Status
 
-from .conftest import git
+from .conftest import git, odium_cli
 
 
 def test_python_broadcast_returns_everything(hub4: odium.Hub) -> None:
@@ -97,3 +97,23 @@ def test_long_command_does_not_block_heartbeats_or_other_sessions(hub4: odium.Hu
     assert not slow.ready()
     assert {n["name"]: n["status"] for n in hub4.nodes()}["n-1"] == "ready"
     assert slow.wait(20)["n-1"].value == "slow"
+
+
+def test_stopping_the_hub_answers_every_waiting_broadcast(tmp_path) -> None:
+    hub = odium.Hub(tmp_path / "h", ports=0, hb_interval=0.2, app=tmp_path).start()
+    try:
+        hub.start_local(1, prefix="w")
+        handle = hub.submit_broadcast("import time; time.sleep(30)", timeout=60)
+    finally:
+        hub.close()
+    r = handle.wait(5)  # answered, not left hanging: the node went first, or the hub did
+    assert r["w-1"].status is Status.LOST
+    assert r["w-1"].error["ename"] in ("HubStopped", "NodeLost")
+
+
+def test_a_second_hub_on_the_same_home_is_refused(hub: odium.Hub, hub_process) -> None:
+    with pytest.raises(odium.ConfigError, match="already running"):
+        odium.Hub(hub.home, ports=0).start()
+    out = odium_cli("hub", "--home", str(hub_process.home), "--ports", "0")
+    assert out.returncode == 1
+    assert out.stderr.startswith("odium: another hub (pid ") and "Traceback" not in out.stderr
