@@ -1053,6 +1053,14 @@ class HubCore:
         os.replace(tmp, path)
 
     def close(self) -> None:
+        # every broadcast still waiting gets its answer: nobody waits on a hub that is gone
+        for b in list(self.broadcasts.values()):
+            for name in b.targets:
+                if name not in b.results:
+                    self._record(b, NodeResult(name, Status.LOST, state=self.nodes[name].state,
+                                               error={"ename": "HubStopped",
+                                                      "evalue": "the hub stopped before the "
+                                                      "node answered", "traceback": ""}))
         if hasattr(self, "jobq"):
             self.jobq.close()
         for s in self.sockets.values():
