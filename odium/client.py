@@ -40,7 +40,7 @@ from .jobclient import Job, JobExecutor, as_completed, check_options, pack_jobs
 from .jobs import JobStatus
 from .keys import ensure_home, load_or_create, verify_key
 from .node import save_joined
-from .results import Result
+from .results import NodeResult, Result
 from .transport import client_socket
 
 OutputFn = Callable[[str, str, str], None]
@@ -190,8 +190,9 @@ class Hub:
         b = self._call(lambda: core.broadcast(
             code, nodes, kind="shell" if shell else "python", timeout=timeout,
             session=session or "default", require=require, on_done=handle._done,
-            on_output=on_output))
+            on_output=on_output, on_node=handle._node))
         handle.cmd = b.cmd
+        handle.targets = list(b.targets)
         return handle
 
     # --- state -----------------------------------------------------------------------------
@@ -424,8 +425,13 @@ class BroadcastHandle:
         self.hub = hub
         self.timeout = timeout
         self.cmd = ""
+        self.targets: list[str] = []  # every node the command targets
+        self.partial: dict[str, NodeResult] = {}  # entries so far, as they come
         self._event = threading.Event()
         self._result: Result | None = None
+
+    def _node(self, r: NodeResult) -> None:
+        self.partial = {**self.partial, r.node: r}  # replaced whole: safe to read anywhere
 
     def _done(self, result: Result) -> None:
         self._result = result

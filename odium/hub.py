@@ -159,6 +159,7 @@ class Broadcast:
     issued: float
     callbacks: list[Callable[[Result], None]] = field(default_factory=list)
     output: list[Callable[[str, str, str], None]] = field(default_factory=list)
+    on_node: list[Callable[[NodeResult], None]] = field(default_factory=list)
     acked: set[str] = field(default_factory=set)
     required: str = "any"
     hint: str | None = None
@@ -846,8 +847,10 @@ class HubCore:
                   issuer: str | None = None, cmd: str | None = None, ephemeral: bool = False,
                   require: str | None = None,
                   on_done: Callable[[Result], None] | None = None,
-                  on_output: Callable[[str, str, str], None] | None = None) -> Broadcast:
-        """Publish a command to the nodes matching ``nodes``; ``on_done`` gets the Result.
+                  on_output: Callable[[str, str, str], None] | None = None,
+                  on_node: Callable[[NodeResult], None] | None = None) -> Broadcast:
+        """Publish a command to the nodes matching ``nodes``; ``on_done`` gets the Result,
+        ``on_node`` each node's entry as it comes, ``on_output`` streamed output.
 
         ``require``: ``any``, ``match`` (this hub's own commit), an explicit state id, or
         ``default``/None (``match`` when this hub's application is a clean commit, else ``any``).
@@ -874,6 +877,8 @@ class HubCore:
             b.callbacks.append(on_done)
         if on_output:
             b.output.append(on_output)
+        if on_node:
+            b.on_node.append(on_node)
         self.broadcasts[cmd] = b
         self.store.insert(CommandRow, dict(
             id=cmd, seq=self.seq, kind=kind, code=code, session=session, nodes=nodes,
@@ -938,6 +943,11 @@ class HubCore:
         if r.node in b.results:
             return
         b.results[r.node] = r
+        for on_node in b.on_node:
+            try:
+                on_node(r)
+            except Exception:
+                log.exception("node entry callback failed")
         self.store.insert(ResultRow, dict(
             command_id=b.cmd, node=r.node, status=r.status.value, state=r.state,
             stdout=r.stdout, stderr=r.stderr, value=r.value, value_repr=r.value_repr,
