@@ -347,7 +347,7 @@ class OdiumMagics(Magics):
 
     # --- %odium -----------------------------------------------------------------------------
 
-    @line_magic("odium")
+    @line_magic("odium")  # type: ignore[arg-type, unused-ignore]  # IPython 9 stubs
     def odium(self, line: str) -> Any:
         """Odium: this kernel is a hub; run cells on nodes with %%odium.
 
@@ -616,7 +616,7 @@ class OdiumMagics(Magics):
 
     # --- %%local ----------------------------------------------------------------------------
 
-    @cell_magic("local")
+    @cell_magic("local")  # type: ignore[arg-type, unused-ignore]
     def local(self, line: str, cell: str) -> None:
         """Run this cell here, in the kernel, even while autorun sends cells to nodes."""
         if line.strip():
@@ -644,7 +644,7 @@ class OdiumMagics(Magics):
     @argument("--session", type=_name, default=None,
               help="namespace on the nodes (default: this notebook's own)")
     @argument("--quiet", "-q", action="store_true", help="no live output, only the Result")
-    @cell_magic("odium")
+    @cell_magic("odium")  # type: ignore[arg-type, unused-ignore]
     def odium_cell(self, line: str, cell: str) -> Result | BackgroundRun | None:
         """Run the cell on every matching node; the value is a Result (one entry per node).
 
