@@ -12,6 +12,9 @@ import ast
 import codecs
 import io
 import json
+import logging
+import multiprocessing
+import multiprocessing.process
 import os
 import signal
 import socket
@@ -28,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .transport import Loop
+
+log = logging.getLogger("odium.executor")
 
 MAX_CAPTURE = 4 * 1024 * 1024  # characters of stdout/stderr kept for the final result
 MAX_REPR = 100_000
@@ -239,10 +244,18 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="odium-parent-watch", daemon=True).start()
 
 
-def worker_main() -> None:
-    """Entry point of a worker process: fd 3 is a connection to the node."""
-    conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
-    _die_with_parent(int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid())
+def _forked_worker(conn: Connection, app: str) -> None:
+    """Entry point of a worker forked by the node's fork server (already imported)."""
+    os.chdir(app)
+    worker_main(conn, os.getppid())
+
+
+def worker_main(conn: Connection | None = None, parent: int | None = None) -> None:
+    """Entry point of a worker process, talking to its node over ``conn``."""
+    if conn is None:  # started as a fresh interpreter: the fd is in the environment
+        conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
+        parent = int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid()
+    _die_with_parent(parent or os.getppid())
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)
@@ -326,9 +339,53 @@ class _Job:
     worker: _Worker | None = None
 
 
+class _ProcessHandle:
+    """The parts of ``subprocess.Popen`` the executor uses, over a ``multiprocessing.Process``."""
+
+    def __init__(self, p: multiprocessing.process.BaseProcess) -> None:
+        self.p = p
+        self.pid = p.pid or 0
+
+    def poll(self) -> int | None:
+        return None if self.p.is_alive() else self.p.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.p.join(timeout)
+        if self.p.exitcode is None:
+            raise subprocess.TimeoutExpired("odium-worker", timeout or 0)
+        return self.p.exitcode
+
+    def kill(self) -> None:
+        self.p.kill()
+
+    def terminate(self) -> None:
+        self.p.terminate()
+
+
+_FORK_CTX: Any = None
+
+
+def forkserver_context() -> Any:
+    """The multiprocessing fork server of this process, preloaded with this module."""
+    global _FORK_CTX
+    if _FORK_CTX is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["odium.executor"])
+        _FORK_CTX = ctx
+    return _FORK_CTX
+
+
+def warm_forkserver() -> None:
+    """Start the fork server now (it imports in the background), so the first worker is fast."""
+    from multiprocessing import forkserver
+
+    forkserver_context()
+    forkserver.ensure_running()
+
+
 @dataclass
 class _Worker:
-    proc: subprocess.Popen[bytes]
+    proc: Any  # subprocess.Popen, or a _ProcessHandle
     conn: Connection
     ready: bool = False
     job: _Job | None = None
@@ -353,6 +410,17 @@ class Executor:
     # --- workers ---------------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
+        try:  # a fork of the node's pre-imported fork server: milliseconds, not a new Python
+            parent_conn, child_conn = multiprocessing.Pipe()
+            p = forkserver_context().Process(target=_forked_worker, args=(child_conn, self.app),
+                                             daemon=False, name="odium-worker")
+            p.start()
+            child_conn.close()
+            w = _Worker(_ProcessHandle(p), parent_conn)
+            self.loop.add(parent_conn.fileno(), lambda: self._on_worker(w))
+            return w
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("fork server unavailable (%s); starting a new interpreter", e)
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env["ODIUM_WORKER_FD"] = str(child.fileno())

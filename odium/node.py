@@ -27,7 +27,7 @@ import zmq
 
 from . import protocol as P
 from .errors import AuthError, ConfigError, OdiumError, ProtocolError
-from .executor import Executor
+from .executor import Executor, warm_forkserver
 from .jobnode import NodeJobs
 from .keys import Identity, Token, join_proof_bytes, verify_key
 from .state import (
@@ -111,8 +111,16 @@ class NodeCore:
         self._token_expires = 0.0
         self._reject_budget = 20.0
         self._reject_at = time.monotonic()
-        # the first worker starts once the node is ready, so that joining is not slowed down
+        # the first worker starts once the node is ready, so that joining is not slowed down;
+        # the fork server that makes workers starts now and imports in the background
         self.executor = Executor(inst.loop, str(inst.app), self._on_exec_event, prestart=False)
+        # what code running here can ask: which node am I on? (workers inherit it)
+        os.environ["ODIUM_NODE"] = name
+        os.environ["ODIUM_NODE_PID"] = str(os.getpid())
+        try:
+            warm_forkserver()
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("no fork server (%s): workers start as new interpreters", e)
         self.sub_handlers: dict[str, Callable[[P.Message], None]] = {
             "hb": self._on_hb, "exec": self._on_exec, "interrupt": self._on_interrupt,
             "sync": self._on_sync,

@@ -74,9 +74,10 @@ APPEND = "open('ran.txt', 'a').write('x\\n')\n'ran'"  # runs in the node's app d
 
 def test_sigkilled_node_becomes_lost_and_others_complete(hub4: odium.Hub) -> None:
     victim = next(n for n in hub4.local if n.name == "n-2")
-    # only n-2's worker (a child of n-2's node process) waits; it stops once its node is gone
-    code = ("import os, time\n"
-            f"while os.getppid() == {victim.proc.pid}:\n"
+    # only n-2's worker (a descendant of n-2's node process) waits, until its node is gone
+    code = ("import time, psutil\n"
+            f"mine = any(p.pid == {victim.proc.pid} for p in psutil.Process().parents())\n"
+            f"while mine and psutil.pid_exists({victim.proc.pid}):\n"
             "    time.sleep(0.02)\n"
             "'done'")
     handle = hub4.submit_broadcast(code, timeout=30)
@@ -132,13 +133,13 @@ def test_nodes_rejoin_a_restarted_hub_without_a_new_token(
         assert nodes[name]["pid"] == np.proc.pid  # the same processes, no new join
 
     p = odium_cli("run", "--home", str(home), "--timeout", "10", "--json", "-c",
-                  "import os; os.getppid()")
+                  "import os; int(os.environ['ODIUM_NODE_PID'])")
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(p.stdout)
     assert set(res["nodes"]) == names
     for name, np in procs.items():
         assert res["nodes"][name]["status"] == "ok"
-        assert res["nodes"][name]["value"] == np.proc.pid  # the worker's parent is the node
+        assert res["nodes"][name]["value"] == np.proc.pid  # the same node process as before
     for np in procs.values():
         assert "Traceback" not in np.output()
 

@@ -299,7 +299,7 @@ def test_odium_kernel(odium_kernel: Kernel, tmp_path: Path) -> None:
     # autorun: cells run on the nodes; %%local and magics run here
     _, msgs = k.run("%odium autorun on")
     assert "autorun on" in stdout(msgs)
-    _, msgs = k.run("import os\nos.getppid()")  # a worker's parent: its node
+    _, msgs = k.run("import os\nint(os.environ['ODIUM_NODE_PID'])")  # the node's process
     html = result_html(msgs)
     assert statuses(html) == ["ok"] * 2
     assert all(f">{p}<" in html for p in pids)

@@ -480,7 +480,7 @@ def test_node_ignores_commands_not_addressed_to_it(hub: odium.Hub, tmp_path: Pat
     nodes = {n.name: n.proc.pid for n in hub.start_local(2, prefix="n")}
     marks = tmp_path / "marks"
     marks.mkdir()
-    code = (f"import os\nopen(os.path.join({str(marks)!r}, str(os.getppid())), 'w')"
+    code = (f"import os\nopen(os.path.join({str(marks)!r}, os.environ['ODIUM_NODE_PID']), 'w')"
             "\nran = True")
     assert hub.run(code, nodes="n-1", timeout=10).ok
     r = hub.run("globals().get('ran', False)", timeout=10)  # later on the same PUB stream
