@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "Hub", "Admin", "Result", "NodeResult", "Status",
+    "Hub", "Admin", "Result", "NodeResult", "Status", "Job", "JobStatus",
     "OdiumError", "ConfigError", "ProtocolError", "AuthError", "TimeoutError",
     "NotConnectedError", "RemoteError", "StateMismatchError",
 ]
@@ -18,6 +18,7 @@ __all__ = [
 _WHERE = {
     "Hub": "client", "Admin": "client",
     "Result": "results", "NodeResult": "results", "Status": "results",
+    "Job": "jobclient", "JobStatus": "jobs",
     "OdiumError": "errors", "ConfigError": "errors", "ProtocolError": "errors",
     "AuthError": "errors", "TimeoutError": "errors", "NotConnectedError": "errors",
     "RemoteError": "errors", "StateMismatchError": "errors",
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
         StateMismatchError,
         TimeoutError,
     )
+    from .jobclient import Job
+    from .jobs import JobStatus
     from .results import NodeResult, Result, Status
 
 

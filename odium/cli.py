@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", type=_count, default=30, help="how many")
     sp.add_argument("--json", action="store_true")
 
+    add_job_parsers(sub, home)
+
     sp = sub.add_parser("demo", help="hub + 3 local nodes, a Python and a shell broadcast")
     sp.add_argument("--nodes", type=_count, default=3)
     add_kernel_parser(sub)
@@ -480,3 +482,189 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"hub": cmd_hub, "node": cmd_node, "nodes": cmd_nodes, "run": cmd_run,
             "keys": cmd_keys, "token": cmd_token, "state": cmd_state, "log": cmd_log,
             "demo": cmd_demo, "kernel": cmd_kernel}
+
+
+# --- the job queue ---------------------------------------------------------------------------
+
+JOB_STATUSES = ["queued", "assigned", "running", "done", "failed", "timeout", "cancelled"]
+
+
+def _job_id(text: str) -> str:
+    from .jobs import JOB_ID_RE
+
+    if not __import__("re").fullmatch(JOB_ID_RE, text):
+        raise argparse.ArgumentTypeError(
+            f"a job id is 1 to 64 letters, digits, '.', '_' or '-', not {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return v
+
+
+def _retries(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= v <= 1000:
+        raise argparse.ArgumentTypeError(f"must be 0 to 1000, not {text}")
+    return v
+
+
+def add_job_parsers(sub: Any, home: Any) -> None:
+    """``odium submit``, ``odium jobs [--status S]``, ``odium jobs cancel ID``, ``odium job ID``."""
+    sp = sub.add_parser("submit", help="queue a job: it runs once, on one node with a free slot")
+    home(sp)
+    sp.add_argument("--nodes", default="*", help="glob or comma list of node names it may run on")
+    sp.add_argument("--retries", type=_retries, default=0,
+                    help="run again after an error or a lost node, up to N times")
+    sp.add_argument("--timeout", type=_positive, default=None, help="seconds one run may take")
+    sp.add_argument("--require-state", default=None, metavar="any|match|ID", type=_requirement,
+                    help="the state its node must be in (default as for run)")
+    sp.add_argument("--id", dest="job_id", type=_job_id, default=None,
+                    help="your own job id (submitting it again gives the same job)")
+    sp.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
+                    help="wait for the job and print its result")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("-c", dest="code", default=None, help="the code")
+    sp.add_argument("file", nargs="?", default=None, help="a file with the code, or - for stdin")
+    sp.set_defaults(_late_positionals=("file",))
+
+    sp = sub.add_parser("jobs", help="list queued and recent jobs; jobs cancel ID")
+    home(sp)
+    sp.add_argument("action", nargs="?", default=None, choices=["list", "cancel"])
+    sp.add_argument("job_ids", nargs="*", type=_job_id, default=[], metavar="ID")
+    sp.add_argument("--status", choices=JOB_STATUSES, default=None)
+    sp.add_argument("-n", type=_count, default=30, help="how many")
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("job", help="one job: status, result, every move it made")
+    home(sp)
+    sp.add_argument("job_id", nargs="?", default=None, type=_job_id, metavar="ID")
+    sp.set_defaults(_late_positionals=("job_id",))
+    sp.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
+                    help="wait for it to finish first")
+    sp.add_argument("--json", action="store_true")
+
+
+def _read_code(args: argparse.Namespace) -> str:
+    if args.code is not None and args.file is not None:
+        raise ConfigError("give the code with -c or as a FILE, not both")
+    if args.code is not None:
+        return str(args.code)
+    if args.file == "-":
+        return sys.stdin.read()
+    if args.file:
+        try:
+            return Path(args.file).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read {args.file}: {e.strerror}") from None
+    raise ConfigError("nothing to submit: give -c CODE, a FILE, or - to read stdin")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    code = _read_code(args)
+    if not code.strip():
+        raise ConfigError("the job's code is empty")
+    with _admin(args) as admin:
+        job = admin.submit(code, nodes=args.nodes, retries=args.retries, timeout=args.timeout,
+                           require_state=args.require_state, job_id=args.job_id)
+        if args.wait is None:
+            print(json.dumps({"id": job.id}) if args.json else job.id)
+            return 0
+        info = admin.job(job.id, wait=args.wait)
+    return _print_job(info, args.json, brief=True)
+
+
+def _print_job(info: dict[str, Any], as_json: bool, brief: bool = False) -> int:
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_job(info, brief=brief))
+    return 0 if info.get("status") == "done" else 1
+
+
+def format_job(info: dict[str, Any], brief: bool = False) -> str:
+    """One job for people: status line, then output, value or error, then its moves."""
+    lines = [f"{info['id']}  {info['status']}"
+             + (f" on {info['node']}" if info.get("node") else "")
+             + (f"  (runs {info.get('attempts', 0)}, retries {info.get('retries', 0)})"
+                if not brief else "")]
+    if info.get("reason"):
+        lines.append(f"  {info['reason']}")
+    if info.get("waiting"):
+        lines.append(f"  waiting: {info['waiting']}")
+    for stream in ("stdout", "stderr"):
+        if info.get(stream):
+            lines.extend("  " + ln for ln in str(info[stream]).rstrip("\n").split("\n"))
+    if info.get("status") == "done" and info.get("value_repr") is not None:
+        note = "" if info.get("value_json", True) else "   (not JSON: shown as repr)"
+        lines.append(f"  => {info['value_repr']}{note}")
+    err = info.get("error")
+    if err and info.get("status") != "done":
+        tb = err.get("traceback") or ""
+        lines.extend("  " + ln for ln in (tb.rstrip("\n").split("\n") if tb else
+                                          [f"{err.get('ename', '')}: {err.get('evalue', '')}"]))
+    if not brief:
+        for e in info.get("events") or []:
+            t = datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S.%f")[:-3]
+            where = f" [{e['node']}]" if e.get("node") else ""
+            lines.append(f"  {t} {e['prev'] or '-':>9} -> {e['status']:<9}{where} "
+                         f"{e.get('detail', '')}".rstrip())
+    return "\n".join(lines)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    action = args.action or "list"
+    if action == "cancel":
+        if not args.job_ids:
+            raise ConfigError("jobs cancel needs the id of the job (see: odium jobs)")
+        with _admin(args) as admin:
+            status = admin.cancel_jobs(args.job_ids)
+        bad = 0
+        for j in args.job_ids:
+            st = status.get(j, "unknown")
+            if st == "cancelled":
+                print(f"{j} cancelled")
+            elif st == "unknown":
+                bad += 1
+                print(f"odium: no job {j}", file=sys.stderr)
+            else:
+                bad += 1
+                print(f"odium: job {j} is not cancelled: it is {st}", file=sys.stderr)
+        return 0 if not bad else 1
+    if args.job_ids:
+        raise ConfigError("odium jobs lists jobs; to see one: odium job ID")
+    with _admin(args) as admin:
+        jobs = admin.jobs(args.status, args.n)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    rows = [("ID", "STATUS", "NODE", "RUNS", "CREATED", "WHAT")]
+    for j in jobs:
+        rows.append((j["id"], j["status"], j["node"] or "-", str(j["attempts"]),
+                     _ago(j["created"]), j["what"]))
+    _table(rows)
+    if len(rows) == 1:
+        print("no jobs" + (f" with status {args.status}" if args.status else "")
+              + "; queue one with: odium submit -c CODE")
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    if not args.job_id:
+        raise ConfigError("which job? give its id (see: odium jobs)")
+    with _admin(args) as admin:
+        info = admin.job(args.job_id, wait=args.wait)
+    _print_job(info, args.json)
+    return 0 if info["status"] in ("done", "queued", "assigned", "running") else 1
+
+
+COMMANDS.update({"submit": cmd_submit, "jobs": cmd_jobs, "job": cmd_job})

@@ -36,7 +36,7 @@ from .errors import (
 from .errors import TimeoutError as OdiumTimeout
 from .hub import DEFAULT_PORTS, HubCore, KeyInfo
 from .instance import Instance, default_home
-from .jobclient import Job, JobExecutor, as_completed, check_options, pack_jobs
+from .jobclient import Job, JobExecutor, as_completed, check_options, known, pack_jobs
 from .jobs import JobStatus
 from .keys import ensure_home, load_or_create, verify_key
 from .node import save_joined
@@ -242,7 +242,7 @@ class Hub:
         core = self.core
         q = core.jobq
         required = q.target(nodes, require_state)
-        fields, fns = pack_jobs(items)
+        fields, fns = pack_jobs(items, str(core.inst.app))
         now = time.time()
         issuer = core.inst.ident.key_id
         recs = [q.record(f, nodes=nodes, retries=retries, timeout=timeout, required=required,
@@ -308,7 +308,8 @@ class Hub:
         return dict(info)
 
     def cancel_job(self, job_id: str) -> str:
-        """Cancel a job that has not finished; the status it has now."""
+        """Cancel a job: ``cancelled``, ``already <status>`` (it had finished) or
+        ``unknown``."""
         return _HubJobs(self).cancel_jobs([job_id])[job_id]
 
     # --- nodes and keys --------------------------------------------------------------------
@@ -596,7 +597,7 @@ class Admin:
                     require_state: str | None = None) -> list[Job]:
         """Queue jobs given as (code or function, args, kwargs, job id or None)."""
         check_options(retries, timeout, nodes)
-        fields, fns = pack_jobs(items)
+        fields, fns = pack_jobs(items, os.getcwd())
         backend = _AdminJobs(self)
         jobs: list[Job] = []
         for i in range(0, len(fields), 1000):
@@ -618,7 +619,7 @@ class Admin:
         for j, info in zip(jobs, infos, strict=True):
             if info.get("status") not in {s.value for s in JobStatus if s.terminal}:
                 raise OdiumTimeout(f"job {j.id} did not finish within {wait} s")
-            j._finished(info)
+            j._finished(known(info))
         return [j.result(0) for j in jobs]
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -633,7 +634,7 @@ class Admin:
         return info
 
     def cancel_jobs(self, ids: list[str]) -> dict[str, str]:
-        """Cancel jobs; id -> the status each has now (``unknown`` for no such job)."""
+        """Cancel jobs; id -> ``cancelled``, ``already <status>`` or ``unknown``."""
         return dict(self.request("job_cancel", P.JobCancel(list(ids)))["status"])
 
 

@@ -64,6 +64,7 @@ log = logging.getLogger("odium.hub")
 
 ALLOWED_ROLES = ("admin", "node", "token")
 NODE_EVENT_KINDS = ("rejected", "bad_declaration", "synced")  # what a node may log as itself
+LIVENESS_BEATS = 5  # heartbeat intervals without a word from a node before it is lost
 STATE_EVERY = 2.0  # seconds between checks of the hub's own state
 DEFAULT_PORTS = P.DEFAULT_PORTS
 
@@ -92,7 +93,7 @@ SOCKET_KINDS = {"pub": zmq.PUB, "query": zmq.ROUTER, "jobs": zmq.PUSH, "results"
 RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
                 "result": ("node",), "bye": ("node",), "event": ("node",), "state": ("node",),
                 "restarting": ("node",),
-                "job_taken": ("node",), "job_result": ("node",), "job_state": ("node",)}
+                "job_report": ("node",), "job_state": ("node",)}
 
 
 QueryHandler = Callable[[P.Message, "KeyInfo", Callable[..., None]], None]
@@ -430,7 +431,7 @@ class HubCore:
 
     def _check_liveness(self) -> None:
         now = time.time()
-        limit = 3 * self.hb_interval
+        limit = LIVENESS_BEATS * self.hb_interval
         for node in self.nodes.values():
             if node.status == "restarting" and now - node.last_seen > max(limit, 60.0):
                 self._node_gone(node, "lost", "did not come back after restarting")

@@ -15,23 +15,25 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from .errors import ConfigError, OdiumError
+from .errors import ConfigError, NotConnectedError, OdiumError
 from .errors import TimeoutError as OdiumTimeout
 from .jobs import (
     JOB_ID_RE,
     JobCancelledError,
     JobStatus,
     job_value,
+    known,
     pack_args,
     pack_function,
     raise_for_job,
 )
 
 
-def pack_jobs(items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any], str | None]]
-              ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def pack_jobs(items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any], str | None]],
+              app: str | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Jobs as they travel: (code string | function, args, kwargs, job id) -> the request
-    fields of each, and the functions they call (hash -> base64 cloudpickle), each once."""
+    fields of each, and the functions they call (hash -> base64 cloudpickle), each once.
+    ``app``: the application directory nodes share (its modules travel by reference)."""
     fns: dict[str, str] = {}
     packed: dict[int, str] = {}  # id(function) -> hash, for this call only
     out = []
@@ -49,7 +51,7 @@ def pack_jobs(items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any], str | 
             kind, code = "call", ""
             fn = packed.get(id(what))
             if fn is None:
-                fn, data = pack_function(what)
+                fn, data = pack_function(what, app)
                 packed[id(what)] = fn
                 fns[fn] = data
         else:
@@ -77,6 +79,9 @@ class Backend(Protocol):
     def cancel_jobs(self, ids: list[str]) -> dict[str, str]: ...
 
 
+_LOCK = threading.Lock()  # guards every handle's finishing (brief; shared to stay light)
+
+
 class Job:
     """A queued job: ``.id``, ``.status``, ``.result(timeout)``, ``.cancel()``.
 
@@ -90,71 +95,91 @@ class Job:
         self.id = job_id
         self._backend = backend
         self._pushed = pushed  # the backend calls _finished; otherwise we ask it
+        self._get: Callable[[], dict[str, Any]] | None = None  # set once it has finished
         self._info: dict[str, Any] | None = None
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[Job], None]] = []
+        self._event: threading.Event | None = None  # made only if someone has to wait
+        self._callbacks: list[Callable[[Job], None]] | None = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.status}>"
 
-    def _finished(self, info: dict[str, Any]) -> None:
-        with self._lock:
-            if self._info is not None:
+    def _finished(self, get_info: Callable[[], dict[str, Any]]) -> None:
+        """It finished; ``get_info()`` gives its info (called lazily, in the reader's
+        thread). Pushed handles get this from the hub's loop thread."""
+        with _LOCK:
+            if self._get is not None:
                 return
-            self._info = info
-            callbacks, self._callbacks = self._callbacks, []
-        self._event.set()
-        for fn in callbacks:
+            self._get = get_info
+            event, callbacks, self._callbacks = self._event, self._callbacks, None
+        if event is not None:
+            event.set()
+        for fn in callbacks or ():
             try:
                 fn(self)
             except Exception:  # noqa: BLE001 - a callback must not break the others
                 pass
 
+    def _final(self) -> dict[str, Any] | None:
+        if self._info is None and self._get is not None:
+            self._info = self._get()
+        return self._info
+
     def add_done_callback(self, fn: Callable[[Job], None]) -> None:
         """Call fn(job) when it finishes (at once if it has). Pushed handles call it from the
         hub's loop thread: keep it short."""
-        with self._lock:
-            if self._info is None:
-                self._callbacks.append(fn)
+        with _LOCK:
+            if self._get is None:
+                self._callbacks = (self._callbacks or []) + [fn]
                 return
         fn(self)
 
     @property
     def status(self) -> str:
-        if self._info is not None:
-            return str(self._info["status"])
-        return self._backend.job_status(self.id)
+        info = self._final()
+        if info is not None and not info.get("hub_closed"):
+            return str(info["status"])
+        st = self._backend.job_status(self.id)
+        return "queued" if st == "unknown" and self._pushed else st  # not taken in yet
 
     def done(self) -> bool:
-        if self._info is not None:
+        if self._get is not None:
             return True
         if self._pushed:
             return False
         if JobStatus(self.status).terminal:
             self.wait(0)
-        return self._info is not None
+        return self._get is not None
 
     def info(self) -> dict[str, Any]:
         """Everything the hub knows about the job (status, node, attempts, value, error...)."""
-        return dict(self._info) if self._info is not None else self._backend.job_info(self.id)
+        info = self._final()
+        return dict(info) if info is not None else self._backend.job_info(self.id)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the job has finished; its info. Raises odium.TimeoutError."""
-        if self._info is None:
+        if self._get is None:
             if self._pushed:
-                if not self._event.wait(timeout):
+                with _LOCK:
+                    if self._get is None and self._event is None:
+                        self._event = threading.Event()
+                    event = self._event if self._get is None else None
+                if event is not None and not event.wait(timeout):
                     raise OdiumTimeout(f"job {self.id} did not finish within {timeout} s "
                                        f"(it is {self.status})")
             else:
-                info = self._backend.wait_jobs([self.id], timeout)[0]
-                st = str(info.get("status", "queued"))
+                got = self._backend.wait_jobs([self.id], timeout)[0]
+                st = str(got.get("status", "queued"))
                 if st != "unknown" and not JobStatus(st).terminal:
                     raise OdiumTimeout(f"job {self.id} did not finish within {timeout} s "
                                        f"(it is {st})")
-                self._finished(info)
-        assert self._info is not None
-        return self._info
+                self._finished(known(got))
+        info = self._final()
+        assert info is not None
+        if info.get("hub_closed"):
+            raise NotConnectedError(f"the hub stopped before job {self.id} finished (it was "
+                                    f"{info.get('status')}); it is kept in the store "
+                                    "and goes on when the hub starts again")
+        return info
 
     def result(self, timeout: float | None = None) -> Any:
         info = self.wait(timeout)
@@ -198,7 +223,7 @@ def as_completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[
         still = []
         for j, info in zip(polled, infos, strict=True):
             if info.get("status") == "unknown" or JobStatus(info["status"]).terminal:
-                j._finished(info)
+                j._finished(known(info))
                 yield j
             else:
                 still.append(j)
@@ -281,4 +306,5 @@ class JobExecutor(concurrent.futures.Executor):
             concurrent.futures.wait(futures)
 
 
-__all__ = ["Job", "JobExecutor", "as_completed", "Backend", "pack_jobs", "check_options"]
+__all__ = ["Job", "JobExecutor", "as_completed", "Backend", "pack_jobs", "check_options",
+           "known"]

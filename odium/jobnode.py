@@ -15,7 +15,7 @@ import zmq
 
 from . import protocol as P
 from .errors import AuthError, ProtocolError
-from .jobpool import JobPool, payload
+from .jobpool import JobPool
 from .jobs import MAX_BATCH, name_matches, split_batch
 from .state import satisfies
 from .transport import recv_frames
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("odium.node.jobs")
 
 TICK = 0.25  # seconds between checks for results to send again and slot reports
+REPORT_WAIT = 0.002  # seconds a report of jobs taken or finished waits for more news
 MAX_UNACKED = 100_000  # results kept for a hub that does not acknowledge them
 RESULT_BYTES = 4 * 1024 * 1024  # about this much result data in one message at most
 
@@ -49,6 +50,7 @@ class NodeJobs:
         self._declined: list[str] = []
         self._results: list[P.JobOutcome] = []
         self._flush_due = False
+        self._flush_now = False  # the report due is due at the end of this loop round
         self._names: dict[str, bool] = {}
         self._last_state = 0.0
         node.sub_handlers["job_ack"] = self._on_ack
@@ -114,11 +116,19 @@ class NodeJobs:
         body: P.JobBatch = msg.body  # type: ignore[assignment]
         state = self.node.inst.state
         fresh: list[P.JobSpec] = []
+        again: list[P.JobOutcome] = []
         for spec in body.jobs:
-            if spec.id in self.held or spec.id in self.unacked:
-                self._taken.append(spec.id)  # sent again: it is here already
+            held = self.held.get(spec.id)
+            done = self.unacked.get(spec.id)
+            if held is not None and held.attempt >= spec.attempt:
+                self._taken.append(spec.id)  # sent again: it runs here already
+            elif done is not None and (done[0].attempt >= spec.attempt
+                                       or done[0].status == "done"):
+                self._taken.append(spec.id)  # it ran here: its result goes (again) at once
+                again.append(done[0])
             else:
-                fresh.append(spec)
+                fresh.append(spec)  # new, or a new run of a job whose last run failed
+        self._results.extend(again)
         take, decline = split_batch(
             [(s.id, self._name_ok(s.nodes) and satisfies(s.require, state, state)
               and (s.kind == "python" or s.fn in body.fns)) for s in fresh], self.free)
@@ -126,9 +136,11 @@ class NodeJobs:
         for spec in fresh:
             if spec.id in chosen:
                 self.held[spec.id] = spec
-                fn = body.fns.get(spec.fn) if spec.fn else None
-                self.pool.start(spec.id, payload(spec.id, spec.kind, spec.code, fn, spec.args,
-                                                 spec.kwargs, spec.args_pickle), spec.timeout)
+                self.pool.start(spec.id, {"op": "job", "id": spec.id, "kind": spec.kind,
+                                          "code": spec.code, "fn": spec.fn, "args": spec.args,
+                                          "kwargs": spec.kwargs,
+                                          "args_pickle": spec.args_pickle},
+                                spec.timeout, body.fns.get(spec.fn) if spec.fn else None)
         self._batches.append(msg.env.id)
         self._taken.extend(take)
         self._declined.extend(decline)
@@ -169,20 +181,23 @@ class NodeJobs:
         self._schedule()
 
     def _schedule(self) -> None:
-        if not self._flush_due:
-            self._flush_due = True
-            self.loop.call_later(0, self._flush)
+        """Report soon. At the end of this loop round when there is no point waiting: jobs
+        were declined (the hub sends them on at once), nothing else runs here, or results
+        for half the slots are waiting already. Otherwise up to REPORT_WAIT later, so that
+        jobs taken and several results leave in one message."""
+        now = (self._declined or not self.held
+               or 2 * len(self._results) >= self.capacity)
+        if self._flush_due and (self._flush_now or not now):
+            return
+        self._flush_due, self._flush_now = True, bool(now)
+        self.loop.call_later(0 if now else REPORT_WAIT, self._flush)
 
     def _flush(self) -> None:
-        """Once per loop round: what happened to the batches that came, and the results."""
-        self._flush_due = False
-        if self._batches:
-            body = P.JobTaken(self._batches, self._taken, self._declined, self.free)
-            self._batches, self._taken, self._declined = [], [], []
-            self._send("job_taken", body)
-        if self._results:
-            results, self._results = self._results, []
-            self._send_results(results)
+        self._flush_due = self._flush_now = False
+        results, self._results = self._results, []
+        taken = (self._batches, self._taken, self._declined)
+        self._batches, self._taken, self._declined = [], [], []
+        self._send_results(results, taken)
 
     def _send(self, type_: str, body: P.Body) -> bool:
         """Send now if the hub is connected (PUSH with IMMEDIATE); False if it is not."""
@@ -197,11 +212,13 @@ class NodeJobs:
         except zmq.Again:
             return False
 
-    def _send_results(self, results: list[P.JobOutcome]) -> None:
-        """Send results (in messages of a bounded size); remember when each left."""
+    def _send_results(self, results: list[P.JobOutcome],
+                      taken: tuple[list[str], list[str], list[str]] = ([], [], [])) -> None:
+        """Report jobs taken and results (in messages of a bounded size); remember when each
+        result left."""
         now = time.monotonic()
         i = 0
-        while i < len(results):
+        while i < len(results) or taken[0]:
             chunk: list[P.JobOutcome] = []
             size = 0
             while i < len(results) and len(chunk) < MAX_BATCH and size < RESULT_BYTES:
@@ -209,8 +226,11 @@ class NodeJobs:
                 chunk.append(o)
                 size += len(o.stdout) + len(o.stderr) + len(o.value_repr or "") + 200
                 i += 1
-            if not self._send("job_result", P.JobResults(chunk, self.free)):
-                return  # the hub is not there: these stay due, and go when it is back
+            batches, took, declined = taken
+            taken = ([], [], [])
+            if not self._send("job_report", P.JobReport(batches, took, declined, chunk,
+                                                        self.free)):
+                return  # the hub is not there: results stay due, and go when it is back
             for o in chunk:
                 if o.id in self.unacked:
                     self.unacked[o.id] = (o, now)

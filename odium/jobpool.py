@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import pickle
 import signal
@@ -23,14 +24,25 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .executor import KILL_GRACE, _die_with_parent, _jsonable, _run_python, _safe_repr
+import msgspec
+
+from .executor import (
+    KILL_GRACE,
+    _die_with_parent,
+    _jsonable,
+    _ProcessHandle,
+    _run_python,
+    _safe_repr,
+    forkserver_context,
+)
 
 if TYPE_CHECKING:
     from .transport import Loop
+
+log = logging.getLogger("odium.jobs.pool")
 
 MAX_JOB_CAPTURE = 1024 * 1024  # characters of a job's stdout/stderr kept
 
@@ -47,6 +59,9 @@ class _Capture(io.TextIOBase):
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.size = 0
+
+    def reset(self) -> None:
+        self.parts, self.size = [], 0
 
     def writable(self) -> bool:
         return True
@@ -66,6 +81,39 @@ class _Capture(io.TextIOBase):
         return text
 
 
+class Channel:
+    """Length-prefixed frames over a stream socket (node <-> job worker): one ``recv`` for a
+    whole small frame, and a partial frame kept across an interrupt."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(len(data).to_bytes(4, "big") + data)
+
+    def recv(self) -> bytes:
+        """The next frame (blocking until it is whole); EOFError when the peer is gone."""
+        while True:
+            buf = self.buf
+            if len(buf) >= 4:
+                n = int.from_bytes(buf[:4], "big")
+                if len(buf) >= 4 + n:
+                    self.buf = buf[4 + n:]
+                    return buf[4:4 + n]
+            chunk = self.sock.recv(max(65536, 4 + (int.from_bytes(buf[:4], "big")
+                                                   if len(buf) >= 4 else 0) - len(buf)))
+            if not chunk:
+                raise EOFError("the other end closed the channel")
+            self.buf = buf + chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def _error(e: BaseException) -> dict[str, str]:
     tb = e.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
@@ -75,9 +123,18 @@ def _error(e: BaseException) -> dict[str, str]:
     return {"ename": type(e).__name__, "evalue": evalue, "traceback": text}
 
 
-def run_job(req: dict[str, Any]) -> Event:
-    """Run one job in a fresh namespace; return its result (status ok|error|interrupted)."""
-    out, err = _Capture(), _Capture()
+_OUT, _ERR = _Capture(), _Capture()
+
+
+def run_job(req: dict[str, Any], fns: dict[str, bytes] | None = None) -> Event:
+    """Run one job in a fresh namespace; return its result (status ok|error|interrupted).
+
+    ``fns``: the serialised functions this worker was sent (hash -> pickle bytes). The
+    function is unpickled for every job, so that each call gets fresh globals.
+    """
+    out, err = _OUT, _ERR
+    out.reset()
+    err.reset()
     saved = sys.stdout, sys.stderr
     started = time.time()
     value: Any = None
@@ -95,7 +152,10 @@ def run_job(req: dict[str, Any]) -> Event:
                 ns["args"], ns["kwargs"] = tuple(args), dict(kwargs)
             status, value, error = _run_python(req["code"], ns)
         else:
-            fn = pickle.loads(base64.b64decode(req["fn"]))
+            data = (fns or {}).get(req["fn"]) if req.get("fn") else None
+            if data is None:
+                raise RuntimeError(f"function {req.get('fn')} was not sent to this worker")
+            fn = pickle.loads(data)
             value = fn(*args, **kwargs)
     except KeyboardInterrupt:
         status, value = "interrupted", None
@@ -112,41 +172,64 @@ def run_job(req: dict[str, Any]) -> Event:
     return res
 
 
-def job_worker_main() -> None:
-    """Entry point of a job worker process: the fd in ODIUM_WORKER_FD is its node."""
-    conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
-    _die_with_parent(int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid())
+def _forked_job_worker(sock: socket.socket, app: str) -> None:
+    """Entry point of a job worker forked by the node's fork server (already imported)."""
+    os.chdir(app)
+    job_worker_main(sock, os.getppid())
+
+
+def job_worker_main(sock: socket.socket | None = None, parent: int | None = None) -> None:
+    """Entry point of a job worker process, talking to its node over ``sock`` (or, started
+    as a fresh interpreter, the fd in ODIUM_WORKER_FD).
+
+    It gets one job at a time as JSON (with ``fnd``, the function's pickle in base64, the
+    first time this worker sees that function) and answers with the job's result as JSON.
+    """
+    decode, encode = msgspec.json.Decoder().decode, msgspec.json.Encoder().encode
+    fns: dict[str, bytes] = {}
+    if sock is None:
+        sock = socket.socket(fileno=int(os.environ.pop("ODIUM_WORKER_FD")))
+        parent = int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid()
+    conn = Channel(sock)
+    _die_with_parent(parent or os.getppid())
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)
-    conn.send_bytes(b'{"op":"ready"}')
+    conn.send(b'{"op":"ready"}')
     while True:
         try:
-            raw = conn.recv_bytes()
+            raw = conn.recv()
         except (EOFError, OSError):
             return
         except KeyboardInterrupt:  # an interrupt that came between two jobs
             continue
         try:
-            req = json.loads(raw)
-        except KeyboardInterrupt:
-            continue
-        if req.get("op") == "exit":
-            return
-        try:
-            res = run_job(req)
+            req = decode(raw)
+            if req.get("op") == "exit":
+                return
+            if req.get("fnd"):
+                if len(fns) > 256:
+                    fns.clear()
+                fns[req["fn"]] = base64.b64decode(req["fnd"])
+            res = run_job(req, fns)
         except KeyboardInterrupt:  # arrived after the job finished, before we noticed
             res = {"status": "interrupted", "started": time.time(), "finished": time.time(),
                    "error": {"ename": "KeyboardInterrupt", "evalue": "interrupted",
                              "traceback": ""}}
-        data = json.dumps({"op": "done", "id": req["id"], "result": res},
-                          default=str).encode()
-        while True:
+        res["op"], res["id"] = "done", req["id"]
+        try:
+            data = encode(res)
+        except (TypeError, OverflowError, msgspec.EncodeError):  # e.g. an int of 100 digits
+            res["value"], res["value_json"] = None, False
+            data = json.dumps(res, default=str).encode()
+        try:  # a frame goes whole: an interrupt waits until it is sent (and is then moot)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                conn.send_bytes(data)
-                break
-            except KeyboardInterrupt:
-                continue
+                conn.send(data)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        except KeyboardInterrupt:
+            pass
 
 
 # =============================================================================================
@@ -156,12 +239,13 @@ def job_worker_main() -> None:
 
 @dataclass
 class _JobWorker:
-    proc: subprocess.Popen[bytes]
-    conn: Connection
+    proc: Any  # subprocess.Popen, or the executor's _ProcessHandle over a forked Process
+    conn: Channel
     ready: bool = False
     job: str = ""
     reason: str = ""  # why we signalled its job: "timeout" or "cancelled"
     run: int = 0  # counts the jobs it was given (a timer names the run it was armed for)
+    fns: set[str] = field(default_factory=set)  # the functions it has been sent
 
 
 class JobPool:
@@ -179,11 +263,23 @@ class JobPool:
         self.on_done = on_done
         self.workers: list[_JobWorker] = []
         self.idle: list[_JobWorker] = []
-        self.waiting: deque[tuple[str, bytes, float | None]] = deque()
+        self.waiting: deque[tuple[str, dict[str, Any], float | None]] = deque()
+        self.fn_data: dict[str, str] = {}  # function hash -> base64 pickle, for new workers
+        self._encode = msgspec.json.Encoder().encode
+        self._decode = msgspec.json.Decoder().decode
         self.by_job: dict[str, _JobWorker] = {}
         self.closed = False
 
     def _spawn(self) -> _JobWorker:
+        try:  # a fork of the node's pre-imported fork server: milliseconds, not a new Python
+            parent, child = socket.socketpair()
+            p = forkserver_context().Process(target=_forked_job_worker, args=(child, self.app),
+                                             daemon=False, name="odium-job-worker")
+            p.start()
+            child.close()
+            return self._add(_ProcessHandle(p), parent)
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("fork server unavailable (%s); starting a new interpreter", e)
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env["ODIUM_WORKER_FD"] = str(child.fileno())
@@ -192,31 +288,45 @@ class JobPool:
             [sys.executable, "-c", "from odium.jobpool import job_worker_main; job_worker_main()"],
             cwd=self.app, env=env, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         child.close()
-        w = _JobWorker(proc, Connection(parent.detach()))
+        return self._add(proc, parent)
+
+    def _add(self, proc: Any, sock: socket.socket) -> _JobWorker:
+        w = _JobWorker(proc, Channel(sock))
         self.workers.append(w)
         self.loop.add(w.conn.fileno(), lambda: self._on_worker(w))
         return w
 
-    def start(self, job_id: str, payload: bytes, timeout: float | None) -> None:
-        """Run a job (its JSON for the worker) as soon as a worker is free."""
+    def start(self, job_id: str, job: dict[str, Any], timeout: float | None,
+              fn_data: str | None = None) -> None:
+        """Run a job as soon as a worker is free. ``job``: id, kind, code, fn (hash), args,
+        kwargs, args_pickle; ``fn_data``: the function's base64 pickle."""
         if self.closed:
             raise RuntimeError("job pool is closed")
+        if fn_data and job.get("fn"):
+            if len(self.fn_data) > 256:
+                self.fn_data.clear()
+            self.fn_data[job["fn"]] = fn_data
         if self.idle:
-            self._run(self.idle.pop(), job_id, payload, timeout)
+            self._run(self.idle.pop(), job_id, job, timeout)
             return
-        self.waiting.append((job_id, payload, timeout))
+        self.waiting.append((job_id, job, timeout))
         if len(self.workers) < self.capacity:
             self._spawn()
 
     def running(self) -> list[str]:
         return list(self.by_job) + [j for j, _, _ in self.waiting]
 
-    def _run(self, w: _JobWorker, job_id: str, payload: bytes, timeout: float | None) -> None:
+    def _run(self, w: _JobWorker, job_id: str, job: dict[str, Any],
+             timeout: float | None) -> None:
         w.job, w.reason = job_id, ""
         w.run += 1
         self.by_job[job_id] = w
+        fn = job.get("fn")
+        if fn and fn not in w.fns:
+            job = {**job, "fnd": self.fn_data.get(fn)}
+            w.fns.add(fn)
         try:
-            w.conn.send_bytes(payload)
+            w.conn.send(self._encode(job))
         except OSError:
             self._died(w)
             return
@@ -239,11 +349,11 @@ class JobPool:
 
     def _on_worker(self, w: _JobWorker) -> None:
         try:
-            raw = w.conn.recv_bytes()
+            raw = w.conn.recv()
         except (EOFError, OSError):
             self._died(w)
             return
-        ev = json.loads(raw)
+        ev = self._decode(raw)
         op = ev.get("op")
         if op == "ready":
             w.ready = True
@@ -252,7 +362,7 @@ class JobPool:
             job_id, reason = w.job, w.reason
             w.job, w.reason = "", ""
             self.by_job.pop(job_id, None)
-            res = ev["result"]
+            res = ev
             if res["status"] == "interrupted":
                 res["status"] = reason or "cancelled"
             self._next(w)
@@ -323,7 +433,7 @@ class JobPool:
             except (KeyError, ValueError, OSError):
                 pass
             try:
-                w.conn.send_bytes(b'{"op":"exit"}')
+                w.conn.send(b'{"op":"exit"}')
             except OSError:
                 pass
             w.conn.close()
@@ -339,11 +449,4 @@ class JobPool:
         self.idle.clear()
 
 
-def payload(job_id: str, kind: str, code: str, fn: str | None, args: Any, kwargs: Any,
-            args_pickle: str | None) -> bytes:
-    """The message a worker gets for one job."""
-    return json.dumps({"op": "job", "id": job_id, "kind": kind, "code": code, "fn": fn,
-                       "args": args, "kwargs": kwargs, "args_pickle": args_pickle}).encode()
-
-
-__all__ = ["JobPool", "job_worker_main", "run_job", "payload"]
+__all__ = ["JobPool", "job_worker_main", "run_job"]

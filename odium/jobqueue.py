@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import zmq
 from sqlalchemy.orm import Session
 
@@ -32,7 +33,9 @@ from .jobs import (
     JobStatus,
     advance,
     after_failure,
+    known,
     name_matches,
+    new_job_id,
     path_to,
     plan_dispatch,
 )
@@ -46,16 +49,17 @@ log = logging.getLogger("odium.jobs")
 
 Q, A, R = JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING
 CHECK_EVERY = 0.1  # seconds between checks of batches on the way, orphans, overdue jobs
-FLUSH_EVERY = 0.01  # seconds: changes are written at most this often while they pour in
+FLUSH_EVERY = 0.01  # seconds: new jobs are written at most this often while they pour in
+FLUSH_UPDATES = 0.05  # and moves of jobs (coalesced: one row update for several moves)
 KEEP_FINISHED = 20_000  # finished jobs kept in memory (older ones are read from the store)
 _JOB_COLS = ("id", "seq", "kind", "code", "fn", "args", "kwargs", "args_pickle", "nodes",
              "retries", "timeout", "require", "issuer", "status", "node", "attempts", "created",
              "updated", "started", "finished", "result", "reason")
 _MUTABLE = ("status", "node", "attempts", "updated", "started", "finished", "result", "reason")
-_EVENT_COLS = ("job_id", "ts", "prev", "status", "node", "detail")
+_EVENT_COLS = ("job_seq", "job_id", "ts", "prev", "status", "node", "detail")
 _VALUE = {s: s.value for s in JobStatus}
 
-Watcher = Callable[[dict[str, Any]], None]
+Watcher = Callable[[Callable[[], dict[str, Any]]], None]  # gets a job's info, lazily
 
 
 @dataclass
@@ -96,6 +100,7 @@ class JobQueue:
         self.fns: dict[str, str] = {}  # function hash -> base64 cloudpickle
         self.slots: dict[str, NodeSlots] = {}
         self.running_on: dict[str, set[str]] = {}
+        self.timed: dict[str, float] = {}  # running job with a timeout -> when the hub gives up
         self.flights: dict[str, Flight] = {}
         self.watchers: dict[str, list[Watcher]] = {}
         self.orphans: set[str] = set()
@@ -119,10 +124,10 @@ class JobQueue:
         self.seq = self.store.max_job_seq()
         self._load()
         self.loop.every(CHECK_EVERY, self._check)
-        self.query_handlers = {"submit": self._h_submit, "job": self._h_job,
-                               "jobs": self._h_jobs, "job_cancel": self._h_cancel}
-        self.result_handlers = {"job_taken": self._r_taken, "job_result": self._r_result,
-                                "job_state": self._r_state}
+        self.query_handlers = {t: _answering(h) for t, h in (
+            ("submit", self._h_submit), ("job", self._h_job), ("jobs", self._h_jobs),
+            ("job_cancel", self._h_cancel))}
+        self.result_handlers = {"job_report": self._r_report, "job_state": self._r_state}
 
     # --- the store -------------------------------------------------------------------------
 
@@ -142,6 +147,9 @@ class JobQueue:
                 self.orphans.add(rec.id)
                 if rec.status is R and rec.node:
                     self.running_on.setdefault(rec.node, set()).add(rec.id)
+                    if rec.timeout:  # the clock starts again: the hub was away
+                        self.timed[rec.id] = (time.monotonic() + rec.timeout
+                                              + self.overdue_grace)
         self.orphan_deadline = time.monotonic() + self.orphan_grace
         self.store.event("jobs_reloaded", f"{len(rows)} unfinished job(s) reloaded: "
                          f"{len(rows) - len(self.orphans)} queued, {len(self.orphans)} waiting "
@@ -153,7 +161,8 @@ class JobQueue:
         several moves)."""
         if not self._flush_due:
             self._flush_due = True
-            wait = FLUSH_EVERY - (time.monotonic() - self._flushed_at)
+            every = FLUSH_EVERY if self._new or self._after_persist else FLUSH_UPDATES
+            wait = every - (time.monotonic() - self._flushed_at)
             self.loop.call_later(max(0.0, wait), self._flush)
 
     def _flush(self) -> None:
@@ -176,7 +185,7 @@ class JobQueue:
                  r.attempts, r.created, r.updated, r.started, r.finished, r.result, r.reason)
                 for r in new_recs]
         upd = [(_VALUE[r.status], r.node, r.attempts, r.updated, r.started, r.finished,
-                r.result, r.reason, r.id) for r in dirty]
+                r.result, r.reason, r.seq) for r in dirty]
         events, self._events = self._events, []
         fns, self._new_fns = self._new_fns, []
         acks, self._acks = self._acks, {}
@@ -198,7 +207,8 @@ class JobQueue:
                     u[:6] + (dumps(u[6]), u[7], u[8]) for u in upd]))
             if events:
                 conn.exec_driver_sql(sql["event"], sql["fit"](
-                    [(e.job, e.ts, e.prev, e.status, e.node, e.detail[:4000]) for e in events]))
+                    [(e.seq, e.job, e.ts, e.prev, e.status, e.node, e.detail[:4000])
+                     for e in events]))
 
         self.store.write(work)
         loop = self.loop
@@ -229,18 +239,29 @@ class JobQueue:
 
     def _move(self, rec: JobRecord, to: JobStatus, *, node: str | None = None,
               reason: str = "") -> None:
+        """Move a job (the state machine checks it), record the move, keep the indexes."""
         was, where = rec.status, rec.node
         self._events.append(advance(rec, to, time.time(), node=node, reason=reason))
         self._dirty.add(rec.id)
         if was is R:
-            self.running_on.get(where, set()).discard(rec.id)
+            ss = self.running_on.get(where)
+            if ss is not None:
+                ss.discard(rec.id)
+            if rec.timeout:
+                self.timed.pop(rec.id, None)
         if to is R:
-            self.running_on.setdefault(rec.node, set()).add(rec.id)
-        if to is Q:
+            ss = self.running_on.get(rec.node)
+            if ss is None:
+                ss = self.running_on[rec.node] = set()
+            ss.add(rec.id)
+            if rec.timeout:
+                self.timed[rec.id] = time.monotonic() + rec.timeout + self.overdue_grace
+        elif to is Q:
             self._enqueue(rec, front=True)
-        if to.terminal:
+        elif to is not A:  # finished
             self._finish(rec)
-        self._touch()
+        if not self._flush_due:
+            self._touch()
 
     def _walk(self, rec: JobRecord, to: JobStatus, node: str, reason: str) -> None:
         """Move through every state in between (a node reported a job further along)."""
@@ -265,18 +286,17 @@ class JobQueue:
     def _finish(self, rec: JobRecord) -> None:
         self.jobs.pop(rec.id, None)
         self.qtoken.pop(rec.id, None)
-        self.orphans.discard(rec.id)
-        for ss in self.running_on.values():
-            ss.discard(rec.id)
+        if self.orphans:
+            self.orphans.discard(rec.id)
         self.finished[rec.id] = rec
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
         fns = self.watchers.pop(rec.id, None)
         if fns:
-            info = rec.to_dict()
+            get = rec.to_dict  # a finished record does not change any more
             for fn in fns:
                 try:
-                    fn(info)
+                    fn(get)
                 except Exception:
                     log.exception("job watcher failed")
 
@@ -409,9 +429,17 @@ class JobQueue:
         if ids:
             self.hub._publish("job_cancel", P.JobCancel(ids), to=[node])
 
-    def _r_taken(self, msg: P.Message, node: NodeInfo) -> None:
-        body: P.JobTaken = msg.body  # type: ignore[assignment]
-        ns = self._slots_of(node)
+    def _r_report(self, msg: P.Message, node: NodeInfo) -> None:
+        """What a node did with the batches it got, and the jobs it finished."""
+        body: P.JobReport = msg.body  # type: ignore[assignment]
+        if body.batches or body.taken or body.declined:
+            self._taken(body, node)
+        if body.results:
+            self._results(body, node)
+        self._slots_of(node).free = body.free
+        self._kick()
+
+    def _taken(self, body: P.JobReport, node: NodeInfo) -> None:
         for bid in body.batches:
             f = self.flights.pop(bid, None)
             if f is not None:
@@ -433,18 +461,16 @@ class JobQueue:
                 self._move(rec, Q, reason=f"declined by {node.name} (no free slot)")
         self.stats["taken"] += len(body.taken)
         self.stats["declined"] += len(body.declined)
-        ns.free = body.free
-        self._kick()
 
-    def _r_result(self, msg: P.Message, node: NodeInfo) -> None:
-        body: P.JobResults = msg.body  # type: ignore[assignment]
-        ns = self._slots_of(node)
+    def _results(self, body: P.JobReport, node: NodeInfo) -> None:
         acks = self._acks.setdefault(node.name, [])
         for o in body.results:
             acks.append(o.id)
             rec = self.jobs.get(o.id)
             if rec is None:
                 continue  # recorded already: the first result stands (acknowledged again)
+            if o.attempt < rec.attempts and o.status != "done":
+                continue  # an earlier run's end, dealt with already (sent again)
             self.stats["results"] += 1
             self.orphans.discard(rec.id)
             other = rec.node if rec.status is R and rec.node != node.name else ""
@@ -469,9 +495,7 @@ class JobQueue:
                 self._requeue_or_fail(rec, why, err)
             if other:
                 self._cancel_on(other, [rec.id])
-        ns.free = body.free
         self._touch()
-        self._kick()
 
     def _r_state(self, msg: P.Message, node: NodeInfo) -> None:
         body: P.JobState = msg.body  # type: ignore[assignment]
@@ -526,17 +550,17 @@ class JobQueue:
                 if rec is not None and rec.status in (A, R):
                     self._move(rec, Q, reason="no node claimed it after the hub restarted")
             self.orphans.clear()
-        now = time.time()
-        for name, ids in self.running_on.items():
-            for j in list(ids):
-                rec = self.jobs.get(j)
-                if (rec is not None and rec.timeout and rec.started
-                        and now - rec.started > rec.timeout + self.overdue_grace):
-                    rec.result = {**(rec.result or {}), "error": {
-                        "ename": "TimeoutError", "evalue": f"no result from {name} within "
-                        f"{rec.timeout} s (+{self.overdue_grace:.0f} s grace)", "traceback": ""}}
-                    self._move(rec, JobStatus.TIMEOUT, reason=f"no result from {name} in time")
-                    self._cancel_on(name, [j])
+        for j, deadline in list(self.timed.items()):
+            rec = self.jobs.get(j)
+            if rec is None or rec.status is not R:
+                self.timed.pop(j, None)
+            elif mono > deadline:
+                name = rec.node
+                rec.result = {**(rec.result or {}), "error": {
+                    "ename": "TimeoutError", "evalue": f"no result from {name} within "
+                    f"{rec.timeout} s (+{self.overdue_grace:.0f} s grace)", "traceback": ""}}
+                self._move(rec, JobStatus.TIMEOUT, reason=f"no result from {name} in time")
+                self._cancel_on(name, [j])
         if any(self.queues.values()):
             self._kick()
 
@@ -560,7 +584,7 @@ class JobQueue:
     def record(fields: dict[str, Any], *, nodes: str, retries: int, timeout: float | None,
                required: str, issuer: str, now: float) -> JobRecord:
         """A new job record from packed fields (``odium.jobclient.pack_jobs``)."""
-        return JobRecord(fields.get("id") or P.new_id(), fields["kind"], fields["code"],
+        return JobRecord(fields.get("id") or new_job_id(), fields["kind"], fields["code"],
                          fields["fn"], fields["args"], fields["kwargs"], fields["args_pickle"],
                          nodes, retries, timeout, required, issuer, Q, "", 0, now, now)
 
@@ -591,21 +615,30 @@ class JobQueue:
         unknown = [r.id for r in recs if r.id in (named or ())
                    and r.id not in self.jobs and r.id not in self.finished]
         old = {row.id: _record(row) for row in self._rows(unknown)} if unknown else {}
+        jobs, finished, new, events = self.jobs, self.finished, self._new, self._events
         for rec in recs:
-            known = self.jobs.get(rec.id) or self.finished.get(rec.id) or old.get(rec.id)
+            j = rec.id
+            known = jobs.get(j) or finished.get(j) or old.get(j)
             if known is not None:
-                if known.status.terminal and rec.id not in self.finished:
-                    self.finished[rec.id] = known
-            else:
-                self.seq += 1
-                rec.seq = self.seq
-                rec.status = Q
-                self.jobs[rec.id] = rec
-                self._new.append(rec.id)
-                self._events.append(JobEvent(rec.id, rec.created, "", Q.value, "",
-                                             "submitted"))
-            if watchers and rec.id in watchers:
-                self.watch(rec.id, watchers[rec.id])
+                if known.status.terminal and j not in finished:
+                    finished[j] = known
+                if watchers and j in watchers:
+                    self.watch(j, watchers[j])
+                continue
+            self.seq += 1
+            rec.seq = self.seq
+            rec.status = Q
+            jobs[j] = rec
+            new.append(j)
+            events.append(JobEvent(j, rec.created, "", "queued", "", "submitted", rec.seq))
+            if watchers:
+                fn = watchers.get(j)
+                if fn is not None:
+                    self.watchers[j] = [fn]
+        if self._flush_due and time.monotonic() - self._flushed_at < FLUSH_EVERY:
+            pass  # a flush is coming soon enough
+        elif self._flush_due:
+            self.loop.call_later(0, self._flush)  # sooner than the update cadence
         self._touch()
         return [r.id for r in recs]
 
@@ -626,11 +659,11 @@ class JobQueue:
             rows = self._rows([job_id])
             rec = _record(rows[0]) if rows else None
         if rec is not None:
-            fn(rec.to_dict())
+            fn(rec.to_dict)
         else:
-            fn({"id": job_id, "status": "failed", "reason": "no such job",
-                "error": {"ename": "UnknownJob", "evalue": f"no job {job_id}",
-                          "traceback": ""}})
+            fn(lambda: {"id": job_id, "status": "failed", "reason": "no such job",
+                        "error": {"ename": "UnknownJob", "evalue": f"no job {job_id}",
+                                  "traceback": ""}})
 
     def info(self, job_id: str, events: bool = False) -> dict[str, Any] | None:
         rec = self.jobs.get(job_id) or self.finished.get(job_id)
@@ -642,11 +675,11 @@ class JobQueue:
         d = rec.to_dict()
         if rec.status is Q:
             d["waiting"] = self._why_waiting(rec)
-        if events:
+        if events:  # every move so far: what is pending is written first
+            self._flush()
+            self.store.flush()
             d["events"] = [{"ts": e.ts, "prev": e.prev, "status": e.status, "node": e.node,
                             "detail": e.detail} for e in self.store.job_events(job_id)]
-            d["events"] += [{"ts": e.ts, "prev": e.prev, "status": e.status, "node": e.node,
-                             "detail": e.detail} for e in self._events if e.job == job_id]
         return d
 
     def _why_waiting(self, rec: JobRecord) -> str:
@@ -660,13 +693,14 @@ class JobQueue:
         return f"the nodes it may run on ({', '.join(ready)}) have no free slot"
 
     def cancel(self, ids: list[str], by: str = "") -> dict[str, str]:
-        """Cancel jobs; returns id -> the status each has now."""
+        """Cancel jobs; id -> ``cancelled`` (by this call), ``already <status>`` (it had
+        finished), or ``unknown``."""
         out: dict[str, str] = {}
         for j in ids:
             rec = self.jobs.get(j)
             if rec is None:
                 i = self.info(j)
-                out[j] = i["status"] if i else "unknown"
+                out[j] = f"already {i['status']}" if i else "unknown"
                 continue
             node = rec.node if rec.status is R else ""
             self._move(rec, JobStatus.CANCELLED, reason=f"cancelled{' by ' + by if by else ''}")
@@ -709,7 +743,9 @@ class JobQueue:
             t = (r.nodes, r.require)
             if t not in targets:
                 targets[t] = self.target(r.nodes, r.require)
-            recs.append(self.record(P.to_builtins(r), nodes=r.nodes, retries=r.retries,
+            fields = {"id": r.id, "kind": r.kind, "code": r.code, "fn": r.fn, "args": r.args,
+                      "kwargs": r.kwargs, "args_pickle": r.args_pickle}
+            recs.append(self.record(fields, nodes=r.nodes, retries=r.retries,
                                     timeout=r.timeout, required=targets[t],
                                     issuer=info.key_id, now=now))
         ids = self.add(recs, dict(body.fns), named={r.id for r in body.jobs if r.id})
@@ -740,7 +776,7 @@ class JobQueue:
         left = set(pending)
 
         def done(j: str) -> Watcher:
-            def fn(_info: dict[str, Any]) -> None:
+            def fn(_info: Callable[[], dict[str, Any]]) -> None:
                 left.discard(j)
                 if not left:
                     answer()
@@ -759,12 +795,44 @@ class JobQueue:
         reply({"status": self.cancel(list(body.jobs), by=info.name or info.key_id[:12])})
 
     def close(self) -> None:
+        """The hub stops: pending changes go to the store; whoever waits for a job hears that
+        the hub stopped (the job itself stays in the store and goes on at the next start)."""
         self.flush_now()
         self.closed = True
+        watchers, self.watchers = self.watchers, {}
+        for j, fns in watchers.items():
+            rec = self.jobs.get(j)
+            info = {**(rec.to_dict() if rec else {"id": j, "status": "queued"}),
+                    "hub_closed": True}
+            for fn in fns:
+                try:
+                    fn(known(info))
+                except Exception:
+                    log.exception("job watcher failed")
 
 
-def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
+def _answering(handler: Callable[..., None]) -> Callable[..., None]:
+    """Every request gets an answer: an unexpected failure is answered as an error too."""
+    def h(msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        try:
+            handler(msg, info, reply)
+        except OdiumError:
+            raise  # answered by the hub's dispatcher
+        except Exception as e:  # noqa: BLE001 - logged, and the requester is told
+            log.exception("%s request failed", msg.type)
+            reply(error=OdiumError(f"the hub failed to handle {msg.type!r}: "
+                                   f"{type(e).__name__}: {e}"))
+    return h
+
+
+def _dumps(value: Any, _encode: Callable[[Any], bytes] = msgspec.json.encode) -> str | None:
+    """A JSON column's text (what SQLAlchemy's JSON type reads back)."""
+    if value is None:
+        return None
+    try:
+        return _encode(value).decode()
+    except (TypeError, OverflowError, msgspec.EncodeError):
+        return json.dumps(value, default=str)
 
 
 def _statements(paramstyle: str) -> dict[str, Any]:
@@ -784,9 +852,9 @@ def _statements(paramstyle: str) -> dict[str, Any]:
     def insert_sql(table: str, cols: tuple[str, ...]) -> str:
         return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(marks(cols))})"
 
-    m = marks(_MUTABLE + ("id",))
+    m = marks(_MUTABLE + ("seq",))
     sets = ", ".join(f"{c} = {x}" for c, x in zip(_MUTABLE, m[:-1], strict=True))
-    update_sql = f"UPDATE jobs SET {sets} WHERE id = {m[-1]}"
+    update_sql = f"UPDATE jobs SET {sets} WHERE seq = {m[-1]}"
 
     def fit(rows: list[tuple[Any, ...]]) -> list[Any]:
         if paramstyle in ("named", "pyformat"):

@@ -17,8 +17,11 @@ import enum
 import fnmatch
 import hashlib
 import heapq
+import itertools
 import json
 import math
+import os
+import secrets
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -142,6 +145,9 @@ class JobRecord:
                 "stderr": r.get("stderr", ""), "error": r.get("error")}
 
 
+_event = tuple.__new__  # builds a JobEvent without its Python-level __new__
+
+
 class JobEvent(NamedTuple):
     """One recorded move of one job."""
 
@@ -151,6 +157,7 @@ class JobEvent(NamedTuple):
     status: str
     node: str = ""
     detail: str = ""
+    seq: int = 0  # the job's queue order (its key in the store)
 
 
 def advance(job: JobRecord, to: JobStatus, now: float, *, node: str | None = None,
@@ -171,7 +178,7 @@ def advance(job: JobRecord, to: JobStatus, now: float, *, node: str | None = Non
     elif to in TERMINAL:
         job.finished = now
     job.reason = reason
-    return JobEvent(job.id, now, _VALUES[prev], _VALUES[to], job.node, reason)
+    return _event(JobEvent, (job.id, now, _VALUES[prev], _VALUES[to], job.node, reason, job.seq))
 
 
 def after_failure(job: JobRecord) -> JobStatus:
@@ -181,6 +188,25 @@ def after_failure(job: JobRecord) -> JobStatus:
 
 
 # --- dispatch ------------------------------------------------------------------------------
+
+
+class _JobIds:
+    """Job ids: 32 hex digits, a random prefix per process and a counter (no system call per
+    job, unlike a uuid4); the prefix is drawn again in a forked child."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.count = itertools.count(secrets.randbelow(1 << 32))
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.count) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+new_job_id = _JobIds()
 
 
 def plan_dispatch(queues: Mapping[K, Iterable[tuple[int, str]]], credit: Mapping[str, int],
@@ -202,7 +228,6 @@ def plan_dispatch(queues: Mapping[K, Iterable[tuple[int, str]]], credit: Mapping
     plan: dict[str, list[str]] = {}
     if not free:
         return plan
-    order = {n: i for i, n in enumerate(credit)}
     iters: dict[K, Iterator[tuple[int, str]]] = {}
     heads: dict[K, tuple[int, str]] = {}
     nodes_for: dict[K, list[str]] = {}
@@ -221,10 +246,13 @@ def plan_dispatch(queues: Mapping[K, Iterable[tuple[int, str]]], credit: Mapping
     left = sum(free.values())
     while heap and left > 0:
         _, i, k = heapq.heappop(heap)
-        el = [n for n in nodes_for[k] if free[n] > 0]
-        if not el:
+        best, most = "", 0
+        for n in nodes_for[k]:  # the first of the nodes with the most free slots
+            f = free[n]
+            if f > most:
+                best, most = n, f
+        if not most:
             continue  # every node this class may use is full: skip the whole class
-        best = max(el, key=lambda n: (free[n], -order[n]))
         plan.setdefault(best, []).append(heads[k][1])
         free[best] -= 1
         left -= 1
@@ -272,19 +300,53 @@ def is_json(value: Any) -> bool:
         return False
 
 
-def pack_function(fn: Callable[..., Any]) -> tuple[str, str]:
-    """(hash, base64 of cloudpickle(fn)). An importable module's function travels by
-    reference (the node imports it from its application), anything else by value."""
+def pack_function(fn: Callable[..., Any], app: str | None = None) -> tuple[str, str]:
+    """(hash, base64 of cloudpickle(fn)).
+
+    A function of a module the nodes can import too travels by reference: a module of an
+    installed package or the standard library, or of the application (``app``: nodes run
+    the same application, as its state says). Any other function (``__main__``, a notebook,
+    a script or test directory of your own) travels by value, with the globals it uses.
+    """
     try:
         import cloudpickle
     except ImportError:  # pragma: no cover - a declared dependency
         raise ConfigError("submitting a function needs cloudpickle (pip install cloudpickle); "
                           "or submit code as a string") from None
+    mod = _local_module(fn, app)
     try:
-        data = cloudpickle.dumps(fn, protocol=4)
+        if mod is not None:
+            cloudpickle.register_pickle_by_value(mod)
+        try:
+            data = cloudpickle.dumps(fn, protocol=4)
+        finally:
+            if mod is not None:
+                cloudpickle.unregister_pickle_by_value(mod)
     except Exception as e:  # noqa: BLE001 - whatever the pickler raises, say what failed
         raise ConfigError(f"cannot serialise {fn!r} for a job: {e}") from None
     return hashlib.sha256(data).hexdigest()[:32], base64.b64encode(data).decode("ascii")
+
+
+def _local_module(fn: Callable[..., Any], app: str | None) -> Any:
+    """The module of ``fn`` if the nodes cannot be counted on to import it, else None."""
+    import os
+    import sys
+    import sysconfig
+
+    name = getattr(fn, "__module__", None)
+    mod = sys.modules.get(name or "")
+    path = getattr(mod, "__file__", None)
+    if mod is None or name == "__main__" or not path:
+        return None  # __main__ and built-ins: cloudpickle decides
+    path = os.path.realpath(path)
+    shared = [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+    if app:
+        shared.append(app)
+    for root in shared:
+        root = os.path.realpath(root)
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return None
+    return mod
 
 
 def pack_args(args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -292,6 +354,9 @@ def pack_args(args: tuple[Any, ...], kwargs: dict[str, Any]
     """(args, kwargs, None) when both are JSON (they travel as they are); else
     (None, None, base64 of a pickle of (args, kwargs))."""
     a = list(args)
+    if not kwargs and all(type(x) in _SCALARS for x in a):  # the common case, quickly
+        if all(_scalar_ok(x) for x in a):
+            return (a or None), None, None
     if is_json([a, kwargs]) and _json_keeps(a) and _json_keeps(kwargs):
         return (a or None), (kwargs or None), None
     try:
@@ -305,9 +370,16 @@ def pack_args(args: tuple[Any, ...], kwargs: dict[str, Any]
     return None, None, base64.b64encode(data).decode("ascii")
 
 
+_SCALARS = frozenset({int, str, float, bool, type(None)})
+
+
+def _scalar_ok(x: Any) -> bool:
+    return type(x) is not float or math.isfinite(x)
+
+
 def _json_keeps(value: Any) -> bool:
     """True when JSON gives back the same value (no tuples becoming lists, no int keys)."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+    if value is None or isinstance(value, (bool, int, str)):
         return True
     if isinstance(value, float):
         return math.isfinite(value)
@@ -336,6 +408,11 @@ def job_value(result: Mapping[str, Any] | None) -> Any:
     return None if rep is None else Repr(rep)
 
 
+def known(info: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    """A job's info that is known already, as a getter (what job watchers are given)."""
+    return lambda: info
+
+
 def raise_for_job(info: Mapping[str, Any]) -> None:
     """Raise what a finished job that did not succeed ended with."""
     status = info.get("status")
@@ -359,4 +436,5 @@ def raise_for_job(info: Mapping[str, Any]) -> None:
 
 __all__ = ["JobStatus", "JobRecord", "JobEvent", "TRANSITIONS", "TERMINAL", "advance",
            "after_failure", "plan_dispatch", "split_batch", "path_to", "Repr", "job_value",
-           "raise_for_job", "JobStateError", "JobCancelledError", "pack_function", "pack_args"]
+           "raise_for_job", "JobStateError", "JobCancelledError", "pack_function", "pack_args",
+           "known"]

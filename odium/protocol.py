@@ -283,15 +283,6 @@ class JobBatch(Body):
     fns: dict[FnHash, B64] = {}  # function hash -> base64 cloudpickle
 
 
-class JobTaken(Body):
-    """Node -> hub: what it did with the batches it got (sent at once, for every batch)."""
-
-    batches: list[MsgId]
-    taken: list[JobId] = []
-    declined: list[JobId] = []
-    free: Annotated[int, msgspec.Meta(ge=0)] = 0
-
-
 class JobOutcome(Body):
     """How one job ended on a node."""
 
@@ -308,10 +299,15 @@ class JobOutcome(Body):
     error: ErrorInfo | None = None
 
 
-class JobResults(Body):
-    """Node -> hub: finished jobs; the node keeps each until the hub acknowledges it."""
+class JobReport(Body):
+    """Node -> hub: what it did with the batches that reached it (``taken``, ``declined``:
+    sent at once when it declined any), and finished jobs (``results``; the node keeps each
+    until the hub acknowledges it). ``free``: its free job slots after all that."""
 
-    results: list[JobOutcome]
+    batches: list[MsgId] = []
+    taken: list[JobId] = []
+    declined: list[JobId] = []
+    results: list[JobOutcome] = []
     free: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
@@ -401,8 +397,7 @@ BODIES: dict[str, type[Body]] = {
     "error": ErrorReply,
     # the job queue
     "job_batch": JobBatch,
-    "job_taken": JobTaken,
-    "job_result": JobResults,
+    "job_report": JobReport,
     "job_state": JobState,
     "job_ack": JobAck,
     "job_cancel": JobCancel,

@@ -142,8 +142,8 @@ class JobRow(Base):
     """A queued job: what to run, where, its status now, and what came of it."""
 
     __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, index=True)  # queue order
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # order
+    id: Mapped[str] = mapped_column(String(64), unique=True)
     kind: Mapped[str] = mapped_column(String(16))  # python | call
     code: Mapped[str] = mapped_column(Text, default="")
     fn: Mapped[str | None] = mapped_column(String(32), nullable=True)  # JobFnRow.hash
@@ -171,7 +171,8 @@ class JobEventRow(Base):
 
     __tablename__ = "job_events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    job_seq: Mapped[int] = mapped_column(Integer, index=True)  # JobRow.seq
+    job_id: Mapped[str] = mapped_column(String(64))
     ts: Mapped[float] = mapped_column(Float)
     prev: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
@@ -422,7 +423,10 @@ class Store:
 
     def job_events(self, job_id: str) -> list[JobEventRow]:
         with self.session() as s:
-            return list(s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id)
+            seq = s.scalar(select(JobRow.seq).where(JobRow.id == job_id))
+            if seq is None:
+                return []
+            return list(s.scalars(select(JobEventRow).where(JobEventRow.job_seq == seq)
                                   .order_by(JobEventRow.id)))
 
     def job_functions(self, hashes: list[str]) -> dict[str, str]:

@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Job queue benchmark: many trivial jobs over local nodes, end to end; ipyparallel optionally.
+
+    python bench/bench_jobs.py [--jobs 10000] [--nodes 4] [--capacity 16] [--ipyparallel]
+                               [--repeat 3] [--json OUT]
+
+Odium: a hub (this process) and ``--nodes`` local node processes with ``--capacity``
+job workers each (``0``: each node's default, its number of cores), CURVE-encrypted and
+Ed25519-signed as always, every job stored (SQLite, WAL) before dispatch with every move
+recorded, on OS-chosen 127.0.0.1 ports in a temporary home. Timed, after a warm-up that
+starts every worker:
+
+  * map       ``hub.map(inc, range(N))``: N jobs submitted at once, until every value is in
+              hand (in order) and checked;
+  * submit    N separate ``hub.submit(inc, i)`` calls, then every ``Job.result()``.
+
+Each is run ``--repeat`` times; the report gives every run and the best and median jobs/s.
+At the end the store is checked: N done jobs per run, each with its four moves.
+
+ipyparallel (``--ipyparallel``): ``ipp.Cluster(n=N)`` in a throwaway profile,
+``load_balanced_view().map_sync(inc, range(--ipp-jobs))``, timed the same way (after a
+warm-up), in the same run; the ratio Odium / ipyparallel is printed.
+
+Nothing here sleeps to synchronise: every wait is on the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+perf = time.perf_counter
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def summary(rates: list[float]) -> dict[str, Any]:
+    return {"runs": rates, "best": max(rates), "median": statistics.median(rates)}
+
+
+# --- Odium ----------------------------------------------------------------------------------
+
+
+def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int) -> dict[str, Any]:
+    import odium
+    from odium.store import JobEventRow, JobRow
+
+    out: dict[str, Any] = {"nodes": nodes, "capacity": capacity or "default (cores)",
+                           "jobs": jobs}
+    home = Path(tempfile.mkdtemp(prefix="odium-bench-jobs-"))
+    try:
+        with odium.Hub(home / "hub", ports=0, app=home) as hub:
+            t0 = perf()
+            hub.start_local(nodes, prefix="b", capacity=capacity or None)
+            out["ready_s"] = perf() - t0
+            slots = sum(n["capacity"] for n in hub.nodes())
+            out["slots"] = slots
+            # warm-up: every worker process started, the function shipped to it
+            hub.map(inc, range(slots * 20), wait=120)
+            maps, submits = [], []
+            for _ in range(repeat):
+                t = perf()
+                values = hub.map(inc, range(jobs), wait=600)
+                maps.append(_rate(jobs, perf() - t))
+                assert values == [x + 1 for x in range(jobs)], "wrong values from map"
+                t = perf()
+                handles = [hub.submit(inc, i) for i in range(jobs)]
+                got = [h.result(600) for h in handles]
+                submits.append(_rate(jobs, perf() - t))
+                assert got == [i + 1 for i in range(jobs)], "wrong values from submit"
+            out["map"] = summary(maps)
+            out["submit"] = summary(submits)
+            out["queue_stats"] = dict(hub.core.jobq.stats)
+            # everything is in the store: every job done, every move recorded
+            store = hub.core.store
+            hub.core.jobq.flush_now()
+            store.flush(60)
+            from sqlalchemy import func, select
+
+            with store.session() as s:
+                done = s.scalar(select(func.count()).select_from(JobRow)
+                                .where(JobRow.status == "done"))
+                moves = s.scalar(select(func.count()).select_from(JobEventRow))
+            out["stored_done"], out["stored_moves"] = int(done or 0), int(moves or 0)
+            expected = slots * 20 + 2 * repeat * jobs
+            assert out["stored_done"] == expected, (out["stored_done"], expected)
+            assert out["stored_moves"] >= 4 * expected, (out["stored_moves"], 4 * expected)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
+# --- ipyparallel ----------------------------------------------------------------------------
+
+
+def bench_ipp(jobs: int, engines: int, repeat: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"engines": engines, "jobs": jobs}
+    try:
+        import ipyparallel as ipp
+
+        out["version"] = ipp.__version__
+    except Exception as e:
+        out["error"] = f"ipyparallel not importable: {type(e).__name__}: {e}"
+        return out
+    cluster = None
+    profile_dir = Path(tempfile.mkdtemp(prefix="ipp-bench-jobs-"))
+    try:
+        cluster = ipp.Cluster(n=engines, profile_dir=str(profile_dir), log_level=40,
+                              controller_ip="127.0.0.1")
+        rc = cluster.start_and_connect_sync()
+        rc.wait_for_engines(engines, timeout=120)
+        view = rc.load_balanced_view()
+        view.map_sync(inc, range(engines * 20))  # warm-up
+        rates = []
+        for _ in range(repeat):
+            t = perf()
+            values = view.map_sync(inc, range(jobs))
+            rates.append(_rate(jobs, perf() - t))
+            assert list(values) == [x + 1 for x in range(jobs)], "wrong values"
+        out["map"] = summary(rates)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+    finally:
+        if cluster is not None:
+            try:
+                cluster.stop_cluster_sync()
+            except Exception as e:
+                out["stop_error"] = f"{type(e).__name__}: {e}"
+        shutil.rmtree(profile_dir, ignore_errors=True)
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = [f"machine: {res['machine']['cpus']} cpus, load {res['machine']['load']}, "
+             f"python {res['machine']['python']}"]
+    o = res["odium"]
+    lines.append(f"odium: {o['nodes']} nodes x capacity {o['capacity']} "
+                 f"({o.get('slots', '?')} job slots), {o['jobs']} trivial jobs per run, "
+                 "stored, encrypted, signed")
+    if "error" in o:
+        lines.append(f"  FAILED: {o['error']}")
+        lines.append(o.get("traceback", ""))
+    for k in ("map", "submit"):
+        if k in o:
+            runs = ", ".join(f"{r:.0f}" for r in o[k]["runs"])
+            lines.append(f"  {k:<7} best {o[k]['best']:7.0f} jobs/s  median "
+                         f"{o[k]['median']:7.0f} jobs/s   (runs: {runs})")
+    if "stored_done" in o:
+        lines.append(f"  store: {o['stored_done']} jobs done, {o['stored_moves']} moves "
+                     f"recorded; queue: {o.get('queue_stats')}")
+    ipp = res.get("ipyparallel")
+    if ipp is not None:
+        lines.append(f"ipyparallel {ipp.get('version', '?')}: {ipp['engines']} engines, "
+                     f"load-balanced view, {ipp['jobs']} tasks per run")
+        if "map" in ipp:
+            runs = ", ".join(f"{r:.0f}" for r in ipp["map"]["runs"])
+            lines.append(f"  map_sync best {ipp['map']['best']:7.0f} tasks/s  median "
+                         f"{ipp['map']['median']:7.0f} tasks/s   (runs: {runs})")
+        if "error" in ipp:
+            lines.append(f"  ipyparallel FAILED: {ipp['error']}")
+    for k, v in res.get("ratios", {}).items():
+        lines.append(f"ratio odium / ipyparallel, {k}: {v:.1f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=10000)
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--capacity", type=int, default=16,
+                    help="job workers per node (0: the node's default, its cores)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ipyparallel", action="store_true", help="also time ipyparallel")
+    ap.add_argument("--ipp-jobs", type=int, default=None,
+                    help="tasks per ipyparallel run (default: --jobs)")
+    ap.add_argument("--json", default=None, metavar="OUT")
+    args = ap.parse_args(argv)
+    res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load": os.getloadavg(),
+                                       "python": platform.python_version()}}
+    res["odium"] = bench_odium(args.jobs, args.nodes, args.capacity, args.repeat)
+    if args.ipyparallel:
+        res["ipyparallel"] = bench_ipp(args.ipp_jobs or args.jobs, args.nodes, args.repeat)
+        o, i = res["odium"], res["ipyparallel"]
+        if "map" in o and "map" in i:
+            res["ratios"] = {"best map": o["map"]["best"] / i["map"]["best"],
+                             "median map": o["map"]["median"] / i["map"]["median"]}
+    print(report(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    return 0 if "error" not in res["odium"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
