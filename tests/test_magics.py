@@ -433,3 +433,22 @@ def test_node_outputs_render_safely() -> None:
     assert "<script>" not in html  # escaped inside srcdoc, and the sandbox forbids scripts
     assert "data:image/svg+xml;base64," in html
     assert "displayed image/png, text/plain" in D.render_text(Result("c", {"n": nr}, "s"))
+
+
+def test_queue_runs_the_cell_once_on_one_node(ip: InteractiveShell) -> None:
+    with capture_output():
+        ip.run_line_magic("odium", "local 2")
+    cell(ip, "", "marker = 'broadcast namespace'")
+    with capture_output() as cap:
+        value = ip.run_cell_magic("odium", "--queue -o job",
+                                  "import os\nprint('ran')\n"
+                                  "(os.environ['ODIUM_NODE'], 'marker' in dir())")
+    node, seen = value
+    assert node in ("local-1", "local-2") and seen is False  # a fresh namespace, one node
+    assert cap.stdout == "ran\n" and f"done on {node}" in cap.stderr
+    job = ip.user_ns["job"]
+    assert job.status == "done" and job.result(5) == [node, False]
+    with pytest.raises(UsageError, match="runs Python"):
+        ip.run_cell_magic("odium", "--queue --shell", "echo hi")
+    with pytest.raises(odium.RemoteError, match="ZeroDivisionError"):
+        ip.run_cell_magic("odium", "--queue", "1 / 0")

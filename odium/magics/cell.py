@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -639,6 +640,11 @@ class OdiumMagics(Magics):
               "the hub's application is a clean commit, else any)")
     @argument("--bg", action="store_true",
               help="return at once with a handle (.ready(), .wait(), .result(), .interrupt())")
+    @argument("--queue", action="store_true",
+              help="run the cell once, as a job on one available node (fresh namespace); "
+              "the value is the job's result")
+    @argument("--retries", type=int, default=0, metavar="N",
+              help="with --queue: run again up to N times after an error or a lost node")
     @argument("-o", "--out", dest="out", type=_identifier, default=None, metavar="NAME",
               help="also store the Result (with --bg: the handle) in this variable")
     @argument("--session", type=_name, default=None,
@@ -656,6 +662,8 @@ class OdiumMagics(Magics):
         if not cell.strip():
             raise UsageError("%%odium: the cell is empty; write the code to run below the "
                              "%%odium line")
+        if args.queue:
+            return self._queue_cell(hub, args, cell)
         label = f"{'shell' if args.shell else 'python'} on {args.nodes}"
         live = None if args.quiet else D.LiveView(self.rich, label)
         try:
@@ -674,6 +682,38 @@ class OdiumMagics(Magics):
         if args.out:
             self.sh.user_ns[args.out] = result
         return result
+
+    def _queue_cell(self, hub: Hub, args: Any, cell: str) -> Any:
+        """``%%odium --queue``: the cell as one job; its printed output, then its value."""
+        if args.shell:
+            raise UsageError("%%odium --queue runs Python; drop --shell (or run the command "
+                             "with subprocess inside the cell)")
+        if args.retries < 0:
+            raise UsageError(f"%%odium: --retries must be 0 or more, not {args.retries}")
+        try:
+            job = hub.submit(cell, nodes=args.nodes, retries=args.retries,
+                             timeout=args.timeout, require_state=args.require)
+        except OdiumError as e:
+            raise self._usage(e, "%%odium --queue") from None
+        if args.out:
+            self.sh.user_ns[args.out] = job
+        if args.bg:
+            return job
+        try:
+            info = job.wait(None if args.timeout is None else args.timeout + 30.0)
+        except KeyboardInterrupt:
+            job.cancel()
+            print(f"job {job.id[:12]} cancelled")
+            return None
+        except OdiumError as e:
+            raise self._usage(e, "%%odium --queue") from None
+        if info.get("stdout"):
+            print(info["stdout"], end="")
+        if info.get("stderr"):
+            print(info["stderr"], end="", file=sys.stderr)
+        print(f"[job {job.id[:12]} {info.get('status')} on {info.get('node') or '-'}]",
+              file=sys.stderr)
+        return job.result(0)
 
     def _wait(self, hub: Hub, handle: BroadcastHandle, live: D.LiveView | None,
               timeout: float | None) -> Result:
