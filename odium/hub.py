@@ -887,12 +887,7 @@ class HubCore:
             timeout=timeout, created=b.issued, finished=None, status="running"))
         self.store.event("command", f"{kind} {cmd[:12]} to {nodes!r} ({len(targets)} of "
                          f"{len(matched)} connected)", key_id=issuer or "")
-        for name in matched:
-            if name not in targets:
-                self._record(b, NodeResult(name, Status.NOT_CONNECTED,
-                                           state=self.nodes[name].state, error={
-                    "ename": "NotConnected", "evalue": f"node is {self.nodes[name].status}",
-                    "traceback": ""}))
+        self._not_connected(b, targets)
         return b
 
     def sync_nodes(self, nodes: str = "*", *, timeout: float = 300.0, issuer: str | None = None,
@@ -923,13 +918,17 @@ class HubCore:
             timeout=timeout, created=b.issued, finished=None, status="running"))
         self.store.event("sync", f"sync {cmd[:12]} of {nodes!r} to {target[:12]} "
                          f"({len(targets)} of {len(matched)} connected)", key_id=issuer or "")
-        for name in matched:
-            if name not in targets:
+        self._not_connected(b, targets)
+        return b
+
+    def _not_connected(self, b: Broadcast, connected: list[str]) -> None:
+        """Every matched node that is not connected gets its entry at once."""
+        for name in b.targets:
+            if name not in connected:
                 self._record(b, NodeResult(name, Status.NOT_CONNECTED,
                                            state=self.nodes[name].state, error={
                     "ename": "NotConnected", "evalue": f"node is {self.nodes[name].status}",
                     "traceback": ""}))
-        return b
 
     def interrupt(self, cmd: str) -> bool:
         b = self.broadcasts.get(cmd)

@@ -25,6 +25,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from ..cli import _requirement
 from ..client import BroadcastHandle, Hub
 from ..errors import NotConnectedError, OdiumError
 from ..errors import TimeoutError as OdiumTimeout
@@ -65,13 +66,6 @@ def _count(text: str) -> int:
     if not 1 <= v <= 256:
         raise argparse.ArgumentTypeError(f"must be 1 to 256, not {text}")
     return v
-
-
-def _requirement(text: str) -> str:
-    if text in ("any", "match") or re.fullmatch(r"[0-9a-f]{7,40}", text):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"expected 'any', 'match' or a commit id (7 to 40 hex digits), not {text!r}")
 
 
 def _identifier(text: str) -> str:
