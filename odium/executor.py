@@ -244,10 +244,10 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="odium-parent-watch", daemon=True).start()
 
 
-def _forked_worker(conn: Connection, app: str) -> None:
+def _forked_worker(sock: socket.socket, app: str) -> None:
     """Entry point of a worker forked by the node's fork server (already imported)."""
     os.chdir(app)
-    worker_main(conn, os.getppid())
+    worker_main(Connection(sock.detach()), os.getppid())
 
 
 def worker_main(conn: Connection | None = None, parent: int | None = None) -> None:
@@ -383,6 +383,30 @@ def warm_forkserver() -> None:
     forkserver.ensure_running()
 
 
+def spawn_worker(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+                 name: str) -> tuple[Any, socket.socket]:
+    """A worker process and our end of a socketpair to it. Forked from the node's fork server
+    (``forked(sock, app)``: milliseconds, already imported), or, when there is none, a new
+    interpreter running the source ``fresh``, which finds its end in ODIUM_WORKER_FD."""
+    parent, child = socket.socketpair()
+    try:
+        p = forkserver_context().Process(target=forked, args=(child, app), daemon=False,
+                                         name=name)
+        p.start()
+        child.close()
+        return _ProcessHandle(p), parent
+    except (OSError, ValueError, RuntimeError) as e:
+        log.warning("fork server unavailable (%s); starting a new interpreter", e)
+    env = dict(os.environ)
+    env["ODIUM_WORKER_FD"] = str(child.fileno())
+    env["ODIUM_PARENT_PID"] = str(os.getpid())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen([sys.executable, "-c", fresh], cwd=app, env=env,
+                            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+    child.close()
+    return proc, parent
+
+
 @dataclass
 class _Worker:
     proc: Any  # subprocess.Popen, or a _ProcessHandle
@@ -410,27 +434,9 @@ class Executor:
     # --- workers ---------------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
-        try:  # a fork of the node's pre-imported fork server: milliseconds, not a new Python
-            parent_conn, child_conn = multiprocessing.Pipe()
-            p = forkserver_context().Process(target=_forked_worker, args=(child_conn, self.app),
-                                             daemon=False, name="odium-worker")
-            p.start()
-            child_conn.close()
-            w = _Worker(_ProcessHandle(p), parent_conn)
-            self.loop.add(parent_conn.fileno(), lambda: self._on_worker(w))
-            return w
-        except (OSError, ValueError, RuntimeError) as e:
-            log.warning("fork server unavailable (%s); starting a new interpreter", e)
-        parent, child = socket.socketpair()
-        env = dict(os.environ)
-        env["ODIUM_WORKER_FD"] = str(child.fileno())
-        env["ODIUM_PARENT_PID"] = str(os.getpid())
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from odium.executor import worker_main; worker_main()"],
-            cwd=self.app, env=env, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
-        )
-        child.close()
+        proc, parent = spawn_worker(_forked_worker,
+                                    "from odium.executor import worker_main; worker_main()",
+                                    self.app, "odium-worker")
         conn = Connection(parent.detach())
         w = _Worker(proc, conn)
         self.loop.add(conn.fileno(), lambda: self._on_worker(w))

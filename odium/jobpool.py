@@ -33,10 +33,9 @@ from .executor import (
     KILL_GRACE,
     _die_with_parent,
     _jsonable,
-    _ProcessHandle,
     _run_python,
     _safe_repr,
-    forkserver_context,
+    spawn_worker,
 )
 
 if TYPE_CHECKING:
@@ -271,24 +270,9 @@ class JobPool:
         self.closed = False
 
     def _spawn(self) -> _JobWorker:
-        try:  # a fork of the node's pre-imported fork server: milliseconds, not a new Python
-            parent, child = socket.socketpair()
-            p = forkserver_context().Process(target=_forked_job_worker, args=(child, self.app),
-                                             daemon=False, name="odium-job-worker")
-            p.start()
-            child.close()
-            return self._add(_ProcessHandle(p), parent)
-        except (OSError, ValueError, RuntimeError) as e:
-            log.warning("fork server unavailable (%s); starting a new interpreter", e)
-        parent, child = socket.socketpair()
-        env = dict(os.environ)
-        env["ODIUM_WORKER_FD"] = str(child.fileno())
-        env["ODIUM_PARENT_PID"] = str(os.getpid())
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from odium.jobpool import job_worker_main; job_worker_main()"],
-            cwd=self.app, env=env, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
-        child.close()
-        return self._add(proc, parent)
+        return self._add(*spawn_worker(
+            _forked_job_worker, "from odium.jobpool import job_worker_main; job_worker_main()",
+            self.app, "odium-job-worker"))
 
     def _add(self, proc: Any, sock: socket.socket) -> _JobWorker:
         w = _JobWorker(proc, Channel(sock))
