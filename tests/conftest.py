@@ -108,6 +108,17 @@ def odium_cli(*args: str, timeout: float = 30.0, input: str | None = None,
                           env={**os.environ, **(env or {})})
 
 
+def end_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
+    """Signal a process and wait for it; SIGKILL it if it is still there after 10 s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class HubProcess:
     """A hub run by ``odium hub`` in its own process (for CLI and restart tests)."""
 
@@ -141,14 +152,8 @@ class HubProcess:
         return ",".join(str(p[k]) for k in ("pub", "query", "jobs", "results"))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc is not None:
+            end_process(self.proc, sig)
             self.log.close()
         self.proc = None
 
@@ -186,13 +191,7 @@ class NodeProcess:
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, sig)
         self.log.close()
         return self.proc.returncode
 
