@@ -314,12 +314,19 @@ class HubCore:
 
     # --- receiving -------------------------------------------------------------------------
 
-    def _reject(self, where: str, uid: str, err: Exception) -> None:
+    def _may_log_bad_input(self) -> bool:
+        """A token bucket (50, refilled at 10 a second) for logging bad input, so that a flood
+        of it cannot fill the disk."""
         now = time.monotonic()
         self._rejected_budget = min(50.0, self._rejected_budget + (now - self._rejected_at) * 10)
         self._rejected_at = now
-        if self._rejected_budget >= 1:
-            self._rejected_budget -= 1
+        if self._rejected_budget < 1:
+            return False
+        self._rejected_budget -= 1
+        return True
+
+    def _reject(self, where: str, uid: str, err: Exception) -> None:
+        if self._may_log_bad_input():
             self.store.event("rejected", f"{where}: {err}", level="warning",
                              node=self.by_key.get(uid, ""), key_id=uid)
             log.warning("rejected message on %s from %s: %s", where, uid[:12] or "?", err)
@@ -661,11 +668,7 @@ class HubCore:
 
     def _r_event(self, msg: P.Message, node: NodeInfo) -> None:
         body: P.NodeEvent = msg.body  # type: ignore[assignment]
-        now = time.monotonic()  # the same budget as the hub's own rejections
-        self._rejected_budget = min(50.0, self._rejected_budget + (now - self._rejected_at) * 10)
-        self._rejected_at = now
-        if self._rejected_budget >= 1:
-            self._rejected_budget -= 1
+        if self._may_log_bad_input():  # the same budget as the hub's own rejections
             kind = body.kind if body.kind in NODE_EVENT_KINDS else "node_event"
             self.store.event(kind, f"reported by {node.name}: {body.detail}",
                              level=body.level, node=node.name, key_id=node.key_id)
