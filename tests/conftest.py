@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 
 import odium
 from odium.client import Hub
@@ -64,6 +65,14 @@ def no_leaked_processes() -> Iterator[None]:
         except ProcessLookupError:
             pass
     raise AssertionError(f"test leaked processes: {sorted(leaked)}")
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context[Any]]:
+    """A context for raw clients; every socket made on it is closed at teardown."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
 
 
 @pytest.fixture

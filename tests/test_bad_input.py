@@ -8,13 +8,12 @@ in): what is tested is the hub's own checking, in the order docs/protocol.md giv
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
 import odium
 from odium import protocol as P
@@ -22,13 +21,6 @@ from odium.keys import Identity
 
 from .conftest import HB, wait_until
 from .raw import Raw, craft, envelope, events, seal, sign_open
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    ctx: zmq.Context[Any] = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 @dataclass(frozen=True)

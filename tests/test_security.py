@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,6 @@ from .conftest import wait_until
 from .raw import Raw, Target, craft, envelope, events, seal
 
 SOCKETS = ["pub", "query", "jobs", "results"]
-
-
-@pytest.fixture
-def zctx() -> Iterator[zmq.Context[Any]]:
-    """A context for raw clients; every socket made on it is closed at teardown."""
-    ctx: zmq.Context[Any] = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 def trusted(hub: odium.Hub, name: str, role: str = "node") -> Identity:
