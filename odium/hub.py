@@ -15,6 +15,7 @@ import re
 import socket as pysocket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from .keys import (
     verify_proof,
 )
 from .results import NodeResult, Result, Status
+from .sealing import Keyring
 from .state import (
     Declaration,
     StateInfo,
@@ -153,7 +155,7 @@ class NodeInfo:
 class Broadcast:
     cmd: str
     seq: int
-    raw: bytes  # the signed exec message, as published
+    inner: tuple[str, P.Body] | None  # the sealed message's type and body (sealed again on fetch)
     targets: list[str]
     results: dict[str, NodeResult]
     deadline: float | None
@@ -186,6 +188,8 @@ class HubCore:
         self.max_message = max_message
         self.boot = P.new_id()
         self.replay = P.ReplayCache()
+        self.keyring = Keyring(inst.ident)  # keys shared with each node: sealed payloads
+        self._peers: OrderedDict[bytes, str] = OrderedDict()  # query routing id -> CURVE key id
         self.nodes: dict[str, NodeInfo] = {}
         self.by_key: dict[str, str] = {}  # node key id -> name
         self.broadcasts: dict[str, Broadcast] = {}
@@ -223,7 +227,7 @@ class HubCore:
         except OdiumError:
             self.close()
             raise
-        self.sockets["query"].setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # no ROUTER_HANDOVER: a connection never takes over the routing id of another one
         loop = inst.loop
         loop.add(self.sockets["query"], self._on_query)
         loop.add(self.sockets["results"], self._on_results)
@@ -345,6 +349,7 @@ class HubCore:
         for frames in recv_frames(sock):
             rid, frame = frames[0], frames[-1]
             uid = peer_user_id(frame)
+            self._peer(rid.bytes, uid)
             msg = None
             try:
                 if len(frames) != 2:
@@ -355,7 +360,7 @@ class HubCore:
                     raise ProtocolError(f"message type {msg.type!r} is not a request")
                 if info.role not in roles:
                     raise AuthError(f"a {info.role} key may not send {msg.type!r}")
-                reply = self._replier(rid.bytes, msg.env.id)
+                reply = self._replier(rid.bytes, msg.env.id, uid)
                 try:
                     self.query_handlers[msg.type](msg, info, reply)
                 except OdiumError as e:
@@ -364,17 +369,38 @@ class HubCore:
                 self._reject("query", uid, e)
                 # name the request when we know its id: verified, or at least readable
                 mid = msg.env.id if msg is not None else P.peek_id(frame.bytes)
-                self._send_query(rid.bytes, "error", P.ErrorReply(type(e).__name__, str(e)), mid)
+                self._send_query(rid.bytes, uid, "error",
+                                 P.ErrorReply(type(e).__name__, str(e)), mid)
 
-    def _replier(self, rid: bytes, re: str) -> Callable[..., None]:
-        def reply(data: Any = None, error: Exception | None = None) -> None:
+    def _peer(self, rid: bytes, uid: str) -> None:
+        """The CURVE identity that last spoke on a routing id (bounded)."""
+        peers = self._peers
+        if peers.get(rid) != uid:
+            peers[rid] = uid
+            peers.move_to_end(rid)
+            while len(peers) > 100_000:
+                peers.popitem(last=False)
+
+    def _replier(self, rid: bytes, re: str, uid: str) -> Callable[..., None]:
+        """Answers for the identity that asked: ``sealed=True`` seals the reply to its key."""
+        def reply(data: Any = None, error: Exception | None = None, sealed: bool = False) -> None:
             if error is not None:
-                self._send_query(rid, "error", P.ErrorReply(type(error).__name__, str(error)), re)
+                self._send_query(rid, uid, "error",
+                                 P.ErrorReply(type(error).__name__, str(error)), re)
+            elif sealed:
+                self._send_query(rid, uid, "sealed", self.keyring.seal(
+                    "reply", P.Reply(data), [uid]), re)
             else:
-                self._send_query(rid, "reply", P.Reply(data), re)
+                self._send_query(rid, uid, "reply", P.Reply(data), re)
         return reply
 
-    def _send_query(self, rid: bytes, type_: str, body: P.Body, re: str | None) -> None:
+    def _send_query(self, rid: bytes, uid: str, type_: str, body: P.Body,
+                    re: str | None) -> None:
+        """Send on the query socket to the connection that asked, if it is still the identity
+        that asked: a routing id never carries a reply to another CURVE key."""
+        if self._peers.get(rid) != uid:
+            log.warning("reply to %s dropped: its connection is gone", uid[:12] or "?")
+            return
         raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state, type_,
                      body, re=re)
         try:
@@ -526,6 +552,7 @@ class HubCore:
         if node.status != "ready":
             node.status = "connecting"
         self.by_key[info.key_id] = body.name
+        self.keyring.shared(info.key_id)  # computed once, here, not while sealing to many
         self.store.put_node(body.name, key_id=info.key_id, status=node.status, state=node.state,
                             host=node.host, pid=node.pid, capacity=node.capacity, boot=node.boot,
                             last_seen=node.last_seen)
@@ -537,9 +564,18 @@ class HubCore:
     def _h_fetch(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.Fetch = msg.body  # type: ignore[assignment]
         name = self.by_key.get(info.key_id, "")
-        out = [b.raw.decode() for b in sorted(self.broadcasts.values(), key=lambda b: b.seq)
-               if b.seq > body.since and name in b.targets and name not in b.results]
-        reply({"commands": out, "seq": self.seq})
+        out = [self._seal_for(b, name, info.key_id).decode()
+               for b in sorted(self.broadcasts.values(), key=lambda b: b.seq)
+               if b.seq > body.since and name in b.targets and name not in b.results
+               and b.inner is not None]
+        reply({"commands": out, "seq": self.seq}, sealed=True)
+
+    def _seal_for(self, b: Broadcast, name: str, key_id: str) -> bytes:
+        """A missed command again, sealed to the one node that asks for it."""
+        assert b.inner is not None
+        type_, body = b.inner
+        return P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state,
+                      "sealed", self.keyring.seal(type_, body, [key_id], to=[name]), seq=b.seq)
 
     def _h_run(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.Run = msg.body  # type: ignore[assignment]
@@ -598,7 +634,7 @@ class HubCore:
                         f"the sync would be {size} bytes, over the message limit of "
                         f"{self.max_message}: serve the wheels from an index the nodes reach "
                         "(odium node --index-url/--find-links), or raise the limit")
-                self.inst.loop.call_soon_threadsafe(lambda: reply(out))
+                self.inst.loop.call_soon_threadsafe(lambda: reply(out, sealed=True))
             except OdiumError as e:
                 err = e
                 self.inst.loop.call_soon_threadsafe(lambda: reply(error=err))
@@ -820,6 +856,11 @@ class HubCore:
             log.warning("PUB queue full; %s dropped", type_)
         return raw
 
+    def _publish_sealed(self, type_: str, body: P.Body, targets: list[str], seq: int) -> bytes:
+        """Publish a message whose body only its targets can read (odium.sealing)."""
+        keys = [self.nodes[n].key_id for n in targets]
+        return self._publish("sealed", self.keyring.seal(type_, body, keys, to=targets), seq=seq)
+
     def _rebind(self, names: tuple[str, ...] = ("pub", "jobs"), tries: int = 100) -> None:
         """Drop every connection on these sockets and listen again on the same ports: each peer
         reconnects through ZAP, so a key revoked meanwhile hears nothing more."""
@@ -871,10 +912,11 @@ class HubCore:
         self.seq += 1
         body = P.Exec(cmd, kind, code, session, timeout,  # type: ignore[arg-type]
                       issuer if issuer != self.inst.ident.key_id else None, ephemeral, required)
-        raw = self._publish("exec", body, to=targets, seq=self.seq) if targets else b""
+        if targets:
+            self._publish_sealed("exec", body, targets, self.seq)
         grace = max(2.0, 3 * self.hb_interval)
-        b = Broadcast(cmd, self.seq, raw, targets, {}, time.monotonic() + timeout + grace
-                      if timeout else None, time.time())
+        b = Broadcast(cmd, self.seq, ("exec", body), targets, {}, time.monotonic() + timeout
+                      + grace if timeout else None, time.time())
         b.required, b.hint = required, hint
         b.targets = matched  # every matched node gets an entry
         if on_done:
@@ -908,9 +950,11 @@ class HubCore:
         cmd = P.new_id()
         targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
         self.seq += 1
-        raw = self._publish("sync", P.Sync(cmd, target), to=targets, seq=self.seq) if targets \
-            else b""
-        b = Broadcast(cmd, self.seq, raw, matched, {}, time.monotonic() + timeout, time.time())
+        sync = P.Sync(cmd, target)
+        if targets:
+            self._publish_sealed("sync", sync, targets, self.seq)
+        b = Broadcast(cmd, self.seq, ("sync", sync), matched, {}, time.monotonic() + timeout,
+                      time.time())
         b.kind, b.code, b.required = "sync", target, "any"
         if on_done:
             b.callbacks.append(on_done)

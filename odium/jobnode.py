@@ -17,6 +17,7 @@ from . import protocol as P
 from .errors import AuthError, ProtocolError
 from .jobpool import JobPool
 from .jobs import MAX_BATCH, name_matches, split_batch
+from .sealing import open_inner
 from .state import satisfies
 from .transport import recv_frames
 
@@ -48,6 +49,7 @@ class NodeJobs:
         self._batches: list[str] = []
         self._taken: list[str] = []
         self._declined: list[str] = []
+        self._unopened: list[str] = []
         self._results: list[P.JobOutcome] = []
         self._flush_due = False
         self._flush_now = False  # the report due is due at the end of this loop round
@@ -96,15 +98,21 @@ class NodeJobs:
         node = self.node
         for frames in recv_frames(self.pull):
             try:
-                msg = P.open_message(frames[-1].bytes, node.vk, node.hub_key, replay=node.replay)
-                if msg.type != "job_batch":
-                    raise ProtocolError(f"message type {msg.type!r} does not come on the jobs "
+                outer = P.open_message(frames[-1].bytes, node.vk, node.hub_key,
+                                       replay=node.replay)
+                if outer.type != "sealed":
+                    raise ProtocolError(f"message type {outer.type!r} does not come on the jobs "
                                         "socket")
+                msg = open_inner(node.keyring, outer, "jobs")
             except (ProtocolError, AuthError) as e:
                 node._rejected("jobs", e)
                 continue
             node.last_heard = time.monotonic()
-            self._on_batch(msg)
+            if msg is None:  # jobs this node may not run: the hub sends them on at once
+                self._unopened.append(outer.env.id)
+                self._schedule()
+            else:
+                self._on_batch(msg)
 
     def _name_ok(self, pattern: str) -> bool:
         ok = self._names.get(pattern)
@@ -185,7 +193,7 @@ class NodeJobs:
         were declined (the hub sends them on at once), nothing else runs here, or results
         for half the slots are waiting already. Otherwise up to REPORT_WAIT later, so that
         jobs taken and several results leave in one message."""
-        now = (self._declined or not self.held
+        now = (self._declined or self._unopened or not self.held
                or 2 * len(self._results) >= self.capacity)
         if self._flush_due and (self._flush_now or not now):
             return
@@ -195,8 +203,8 @@ class NodeJobs:
     def _flush(self) -> None:
         self._flush_due = self._flush_now = False
         results, self._results = self._results, []
-        taken = (self._batches, self._taken, self._declined)
-        self._batches, self._taken, self._declined = [], [], []
+        taken = (self._batches, self._taken, self._declined, self._unopened)
+        self._batches, self._taken, self._declined, self._unopened = [], [], [], []
         self._send_results(results, taken)
 
     def _send(self, type_: str, body: P.Body) -> bool:
@@ -213,12 +221,13 @@ class NodeJobs:
             return False
 
     def _send_results(self, results: list[P.JobOutcome],
-                      taken: tuple[list[str], list[str], list[str]] = ([], [], [])) -> None:
+                      taken: tuple[list[str], list[str], list[str], list[str]] = ([], [], [], [])
+                      ) -> None:
         """Report jobs taken and results (in messages of a bounded size); remember when each
         result left."""
         now = time.monotonic()
         i = 0
-        while i < len(results) or taken[0]:
+        while i < len(results) or taken[0] or taken[3]:
             chunk: list[P.JobOutcome] = []
             size = 0
             while i < len(results) and len(chunk) < MAX_BATCH and size < RESULT_BYTES:
@@ -226,10 +235,10 @@ class NodeJobs:
                 chunk.append(o)
                 size += len(o.stdout) + len(o.stderr) + len(o.value_repr or "") + 200
                 i += 1
-            batches, took, declined = taken
-            taken = ([], [], [])
+            batches, took, declined, unopened = taken
+            taken = ([], [], [], [])
             if not self._send("job_report", P.JobReport(batches, took, declined, chunk,
-                                                        self.free)):
+                                                        self.free, unopened)):
                 return  # the hub is not there: results stay due, and go when it is back
             for o in chunk:
                 if o.id in self.unacked:

@@ -24,7 +24,7 @@ import zmq
 from sqlalchemy.orm import Session
 
 from . import protocol as P
-from .errors import ConfigError, NotConnectedError, OdiumError
+from .errors import AuthError, ConfigError, NotConnectedError, OdiumError
 from .jobs import (
     MAX_BATCH,
     MAX_BATCH_BYTES,
@@ -52,6 +52,7 @@ CHECK_EVERY = 0.1  # seconds between checks of batches on the way, orphans, over
 FLUSH_EVERY = 0.01  # seconds: new jobs are written at most this often while they pour in
 FLUSH_UPDATES = 0.05  # and moves of jobs (coalesced: one row update for several moves)
 KEEP_FINISHED = 20_000  # finished jobs kept in memory (older ones are read from the store)
+KEEP_BATCHES = 100_000  # batches remembered (which jobs each carried), to check reports
 _JOB_COLS = ("id", "seq", "kind", "code", "fn", "args", "kwargs", "args_pickle", "nodes",
              "retries", "timeout", "require", "issuer", "status", "node", "attempts", "created",
              "updated", "started", "finished", "result", "reason")
@@ -102,6 +103,10 @@ class JobQueue:
         self.running_on: dict[str, set[str]] = {}
         self.timed: dict[str, float] = {}  # running job with a timeout -> when the hub gives up
         self.flights: dict[str, Flight] = {}
+        # which jobs each batch carried, and which nodes reported a batch that carried a job:
+        # a node speaks for a job only if the job reached it (or it is the job's assignment)
+        self.batch_jobs: OrderedDict[str, list[str]] = OrderedDict()
+        self.holders: dict[str, set[str]] = {}
         self.watchers: dict[str, list[Watcher]] = {}
         self.orphans: set[str] = set()
         self.orphan_deadline = 0.0
@@ -285,6 +290,7 @@ class JobQueue:
 
     def _finish(self, rec: JobRecord) -> None:
         self.jobs.pop(rec.id, None)
+        self.holders.pop(rec.id, None)
         self.qtoken.pop(rec.id, None)
         if self.orphans:
             self.orphans.discard(rec.id)
@@ -371,6 +377,20 @@ class JobQueue:
         queues = {k: self._live(dq) for k, dq in self.queues.items() if dq}
         plan = plan_dispatch(queues, credit, self._eligible)
         ident, mono = self.hub.inst.ident, time.monotonic()
+        hub_nodes = self.hub.nodes
+        live = [n for n, i in hub_nodes.items() if i.status in ("ready", "connecting")]
+        may_run: dict[tuple[str, str], frozenset[str]] = {}
+
+        def readers(chunk: list[JobRecord]) -> list[str]:
+            """The nodes that may run every job of a batch: the only ones it is sealed to
+            (PUSH hands a batch to any connected node; the others learn nothing of it)."""
+            names: frozenset[str] | None = None
+            for k in {r.key for r in chunk}:
+                el = may_run.get(k)
+                if el is None:
+                    el = may_run[k] = frozenset(n for n in live if self._eligible(k, n))
+                names = el if names is None else names & el
+            return [hub_nodes[n].key_id for n in sorted(names or ())]
         for node, ids in plan.items():
             start = 0
             while start < len(ids):
@@ -389,8 +409,10 @@ class JobQueue:
                                    r.args, r.kwargs, r.args_pickle, r.timeout, r.nodes,
                                    r.require, r.attempts + 1) for r in chunk]
                 mid = P.new_id()
-                raw = P.seal(ident.signing, ident.key_id, self.hub.inst.state, "job_batch",
-                             P.JobBatch(specs, fns), msg_id=mid)
+                sealed = self.hub.keyring.seal("job_batch", P.JobBatch(specs, fns),
+                                               readers(chunk))
+                raw = P.seal(ident.signing, ident.key_id, self.hub.inst.state, "sealed", sealed,
+                             msg_id=mid)
                 try:
                     sock.send(raw, zmq.NOBLOCK)
                 except zmq.Again:  # no node connected on the jobs socket (yet): try later
@@ -400,6 +422,9 @@ class JobQueue:
                 for rec in chunk:
                     self._move(rec, A, node=node, reason=f"sent in batch {mid[:12]}")
                 self.flights[mid] = Flight(node, mono, [r.id for r in chunk])
+                self.batch_jobs[mid] = self.flights[mid].jobs
+                if len(self.batch_jobs) > KEEP_BATCHES:
+                    self.batch_jobs.popitem(last=False)
                 self.slots[node].reserved += len(chunk)
         self._clean_all()
 
@@ -429,10 +454,22 @@ class JobQueue:
         if ids:
             self.hub._publish("job_cancel", P.JobCancel(ids), to=[node])
 
+    def _holds(self, j: str, rec: JobRecord, node: str) -> bool:
+        """Whether a node may speak for a job: a batch that carried it reached that node, or
+        the node is the job's assignment (recorded in the store)."""
+        return node in self.holders.get(j, ()) or rec.node == node
+
+    def _refuse(self, node: NodeInfo, what: str, ids: list[str]) -> None:
+        """A node spoke for jobs that never reached it: nothing changes; it is logged."""
+        ids = sorted(set(ids))
+        more = f" (and {len(ids) - 5} more)" if len(ids) > 5 else ""
+        self.hub._reject("results", node.key_id, AuthError(
+            f"{node.name} reported {what} for job(s) not sent to it: {', '.join(ids[:5])}{more}"))
+
     def _r_report(self, msg: P.Message, node: NodeInfo) -> None:
         """What a node did with the batches it got, and the jobs it finished."""
         body: P.JobReport = msg.body  # type: ignore[assignment]
-        if body.batches or body.taken or body.declined:
+        if body.batches or body.taken or body.declined or body.unopened:
             self._taken(body, node)
         if body.results:
             self._results(body, node)
@@ -444,11 +481,25 @@ class JobQueue:
             f = self.flights.pop(bid, None)
             if f is not None:
                 self._release(f)
-        stop = []
+            for j in self.batch_jobs.get(bid, ()):
+                if j in self.jobs:
+                    self.holders.setdefault(j, set()).add(node.name)
+        for bid in body.unopened:  # it reached a node that may not run it: send it on
+            f = self.flights.pop(bid, None)
+            if f is None:
+                continue
+            self._release(f)
+            for j in f.jobs:
+                rec = self.jobs.get(j)
+                if rec is not None and rec.status is A:
+                    self._move(rec, Q, reason=f"reached {node.name}, which may not run it")
+        stop, refused = [], []
         for j in body.taken:
             rec = self.jobs.get(j)
             if rec is None:
                 stop.append(j)  # finished (cancelled, or another node's result came first)
+            elif not self._holds(j, rec, node.name):
+                refused.append(j)
             elif rec.status is A:
                 self._move(rec, R, node=node.name, reason="taken")
             elif rec.status is Q:  # its batch was given up on, but it did arrive
@@ -457,18 +508,30 @@ class JobQueue:
         self._cancel_on(node.name, stop)
         for j in body.declined:
             rec = self.jobs.get(j)
-            if rec is not None and rec.status is A:
+            if rec is None:
+                continue
+            if node.name not in self.holders.get(j, ()):
+                refused.append(j)
+                continue
+            self.holders[j].discard(node.name)
+            if rec.status is A:
                 self._move(rec, Q, reason=f"declined by {node.name} (no free slot)")
+        if refused:
+            self._refuse(node, "taken/declined", refused)
         self.stats["taken"] += len(body.taken)
         self.stats["declined"] += len(body.declined)
 
     def _results(self, body: P.JobReport, node: NodeInfo) -> None:
         acks = self._acks.setdefault(node.name, [])
+        refused = []
         for o in body.results:
-            acks.append(o.id)
+            acks.append(o.id)  # (a refused one too: the node need not keep sending it)
             rec = self.jobs.get(o.id)
             if rec is None:
                 continue  # recorded already: the first result stands (acknowledged again)
+            if not self._holds(o.id, rec, node.name):
+                refused.append(o.id)
+                continue
             if o.attempt < rec.attempts and o.status != "done":
                 continue  # an earlier run's end, dealt with already (sent again)
             self.stats["results"] += 1
@@ -495,17 +558,21 @@ class JobQueue:
                 self._requeue_or_fail(rec, why, err)
             if other:
                 self._cancel_on(other, [rec.id])
+        if refused:
+            self._refuse(node, "results", refused)
         self._touch()
 
     def _r_state(self, msg: P.Message, node: NodeInfo) -> None:
         body: P.JobState = msg.body  # type: ignore[assignment]
         ns = self._slots_of(node)
         ns.boot, ns.capacity, ns.free = node.boot, body.capacity, body.free
-        stop = []
+        stop, refused = [], []
         for j in body.running:
             rec = self.jobs.get(j)
             if rec is None:
                 stop.append(j)
+            elif not self._holds(j, rec, node.name):
+                refused.append(j)
             elif rec.status is R and rec.node == node.name:
                 self.orphans.discard(j)
             elif rec.status is R and j in self.orphans:
@@ -516,6 +583,8 @@ class JobQueue:
                            else "reported running")
                 self.orphans.discard(j)
         self._cancel_on(node.name, stop)
+        if refused:
+            self._refuse(node, "running", refused)
         self._kick()
 
     def node_lost(self, name: str, why: str) -> None:

@@ -30,6 +30,7 @@ from .errors import AuthError, ConfigError, OdiumError, ProtocolError
 from .executor import Executor, warm_forkserver
 from .jobnode import NodeJobs
 from .keys import Identity, Token, join_proof_bytes, verify_key
+from .sealing import Keyring, open_inner
 from .state import (
     Declaration,
     StateInfo,
@@ -86,6 +87,8 @@ class NodeCore:
         self.address = address
         self.hub_key = hub_key
         self.vk = verify_key(hub_key)
+        self.keyring = Keyring(inst.ident)  # opens what the hub sealed to this node
+        self.keyring.shared(hub_key)
         self.capacity = capacity or os.cpu_count() or 1
         self.find_links, self.index_url = find_links, index_url
         self.boot = P.new_id()
@@ -122,8 +125,11 @@ class NodeCore:
         except (OSError, ValueError, RuntimeError) as e:
             log.warning("no fork server (%s): workers start as new interpreters", e)
         self.sub_handlers: dict[str, Callable[[P.Message], None]] = {
-            "hb": self._on_hb, "exec": self._on_exec, "interrupt": self._on_interrupt,
-            "sync": self._on_sync,
+            "hb": self._on_hb, "interrupt": self._on_interrupt, "sealed": self._on_sealed,
+        }
+        # what may come inside a sealed message on PUB (or fetched): commands for some nodes
+        self.sealed_handlers: dict[str, Callable[[P.Message], None]] = {
+            "exec": self._on_exec, "sync": self._on_sync,
         }
         self.jobs = NodeJobs(self)  # the job queue's slots and pool (odium.jobnode)
         self.syncing: set[str] = set()
@@ -148,9 +154,9 @@ class NodeCore:
         return f"tcp://{self.host}:{port}"
 
     def _open_query(self) -> None:
-        rid = f"{self.name}/{self.inst.ident.key_id}".encode()
+        # no routing id of our own: the hub's ROUTER gives each connection one nobody can claim
         self.query = client_socket(self.inst.ctx, zmq.DEALER, self.inst.ident, self.hub_key,
-                                   self.address, routing_id=rid)
+                                   self.address)
         q = self.query
         self.inst.loop.add(q, lambda: self._on_query(q))
         self._unwatch("query")
@@ -208,6 +214,15 @@ class NodeCore:
             for mid, other in list(self.requests.items()):  # drop retries' twins
                 if other.type == req.type and other.sock is req.sock:
                     del self.requests[mid]
+            if msg.type == "sealed":
+                try:
+                    inner = open_inner(self.keyring, msg, "query")
+                    if inner is None:
+                        raise AuthError("a reply sealed to another key")
+                except (ProtocolError, AuthError) as e:
+                    self._rejected("query", e)
+                    continue
+                msg = inner
             if msg.type == "error":
                 self._on_error_reply(req, msg.body)  # type: ignore[arg-type]
             else:
@@ -226,7 +241,7 @@ class NodeCore:
     def _join(self, token: Token) -> None:
         self._token_ident = token.identity
         self.join_sock = client_socket(self.inst.ctx, zmq.DEALER, token.identity, self.hub_key,
-                                       self.address, routing_id=f"join/{token.token_id}".encode())
+                                       self.address)
         js = self.join_sock
         self.inst.loop.add(js, lambda: self._on_query(js))
         self._watch_handshakes(js, "join")
@@ -329,11 +344,12 @@ class NodeCore:
         for raw in data["commands"]:
             try:
                 m = P.open_message(raw.encode(), self.vk, self.hub_key)
+                inner = open_inner(self.keyring, m, "fetch")
             except (ProtocolError, AuthError) as e:
                 self._rejected("fetch", e)
                 continue
-            if m.type in ("exec", "sync"):
-                self.sub_handlers[m.type](m)
+            if inner is not None:
+                self.sealed_handlers[inner.type](inner)
         self.seq = max(self.seq, int(data["seq"]))
 
     # --- from the hub ----------------------------------------------------------------------
@@ -351,6 +367,20 @@ class NodeCore:
                 continue
             self.last_heard = time.monotonic()
             handler(msg)
+
+    def _on_sealed(self, msg: P.Message) -> None:
+        """A sealed command on PUB: run it if it opens with this node's key, else only note
+        that one was sent (its sequence number, to see gaps)."""
+        if msg.env.seq > self.seq + 1 and self.registered:
+            self._fetch()  # a gap: something was lost on PUB/SUB
+        self.seq = max(self.seq, msg.env.seq)
+        try:
+            inner = open_inner(self.keyring, msg, "pub")
+        except (ProtocolError, AuthError) as e:
+            self._rejected("PUB", e)
+            return
+        if inner is not None:
+            self.sealed_handlers[inner.type](inner)
 
     def _rejected(self, where: str, err: Exception) -> None:
         """Log a message this node refused, and tell the hub so it lands in the event log."""

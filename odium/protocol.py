@@ -300,15 +300,18 @@ class JobOutcome(Body):
 
 
 class JobReport(Body):
-    """Node -> hub: what it did with the batches that reached it (``taken``, ``declined``:
-    sent at once when it declined any), and finished jobs (``results``; the node keeps each
-    until the hub acknowledges it). ``free``: its free job slots after all that."""
+    """Node -> hub: what it did with the batches that reached it (``batches`` it opened, and
+    of their jobs those ``taken`` and ``declined``: sent at once when it declined any; the
+    ``unopened`` ones, sealed to other nodes), and finished jobs (``results``; the node keeps
+    each until the hub acknowledges it). ``free``: its free job slots after all that. The hub
+    counts a job's report only from a node that reported the batch that carried it."""
 
     batches: list[MsgId] = []
     taken: list[JobId] = []
     declined: list[JobId] = []
     results: list[JobOutcome] = []
     free: Annotated[int, msgspec.Meta(ge=0)] = 0
+    unopened: list[MsgId] = []  # batches that reached this node but were not sealed to it
 
 
 class JobState(Body):
@@ -366,6 +369,20 @@ class JobQuery(Body):
     wait: Annotated[float, msgspec.Meta(ge=0, le=7 * 86400)] = 0.0
 
 
+# --- sealed payloads (odium.sealing) ---------------------------------------------------
+
+
+class Sealed(Body):
+    """The body of a ``sealed`` message (odium.sealing): nonce, one wrapped key per recipient
+    (by a tag only that recipient can compute), and the box holding the inner message."""
+
+    n: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32}$")]
+    k: Annotated[dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{12}$")],
+                      Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{64}$")]],
+                 msgspec.Meta(max_length=100_000)]
+    box: Annotated[str, msgspec.Meta(max_length=64 * 1024 * 1024)]
+
+
 # type -> body struct. One entry per message type; see docs/protocol.md.
 BODIES: dict[str, type[Body]] = {
     "hb": HubBeat,
@@ -404,6 +421,7 @@ BODIES: dict[str, type[Body]] = {
     "submit": Submit,
     "job": JobQuery,
     "jobs": JobQuery,
+    "sealed": Sealed,  # exec, sync, job_batch and node replies travel sealed
 }
 
 _env_decoder = msgspec.json.Decoder(Envelope)

@@ -49,7 +49,8 @@ class Raw:
     """One raw client socket on one hub socket, with a handshake monitor."""
 
     def __init__(self, ctx: zmq.Context[Any], hub: odium.Hub | Target, name: str,
-                 ident: Identity | None, *, server_key: str | None = None) -> None:
+                 ident: Identity | None, *, server_key: str | None = None,
+                 routing_id: bytes | None = None) -> None:
         self.hub_key = hub.key
         self.ident = ident
         self.endpoint = endpoint(hub, name)
@@ -64,7 +65,8 @@ class Raw:
             # (no handshake), then attach the monitor and connect for real, so that every
             # handshake event the monitor sees belongs to this one TCP endpoint
             nowhere = f"inproc://nowhere-{uuid.uuid4().hex}"
-            self.sock = client_socket(ctx, kind, ident, server_key or hub.key, nowhere)
+            self.sock = client_socket(ctx, kind, ident, server_key or hub.key, nowhere,
+                                      routing_id=routing_id)
             self.sock.disconnect(nowhere)
         self.mon = self.sock.get_monitor_socket(addr=f"inproc://mon-{uuid.uuid4().hex}")
         self.sock.connect(self.endpoint)

@@ -15,6 +15,7 @@ import odium
 from odium import protocol as P
 from odium.errors import ConfigError
 from odium.keys import Identity, Token, fingerprint, join_proof_bytes
+from odium.sealing import Keyring
 from odium.transport import ZAP_DOMAIN, ZapDecision, ZapHandler, client_socket, server_socket
 
 from .conftest import wait_until
@@ -494,11 +495,16 @@ def test_node_runs_only_commands_signed_by_its_hub(hub: odium.Hub, tmp_path: Pat
     marks = tmp_path / "marks"
     marks.mkdir()
 
+    node_key = next(x["key"] for x in hub.nodes() if x["name"] == "n-1")
+
     def exec_cmd(signer: Identity, mark: str, *, sender: str | None = None,
                  to: tuple[str, ...] = ("n-1",), **fields: Any) -> bytes:
+        """A command sealed as the hub seals them (to n-1's key, or to another key)."""
         code = f"open({str(marks / mark)!r}, 'w')\ncount = globals().get('count', 0) + 1"
-        env = envelope(signer, "exec", {"cmd": P.new_id(), "kind": "python", "code": code},
-                       to=list(to), **fields)
+        reader = node_key if to == ("n-1",) else Identity.generate().key_id
+        sealed = Keyring(signer).seal("exec", P.Exec(P.new_id(), "python", code), [reader],
+                                      to=list(to))
+        env = envelope(signer, "sealed", P.to_builtins(sealed), **fields)
         env["from"] = sender or signer.key_id
         return craft(signer, env)
 
