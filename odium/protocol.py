@@ -376,10 +376,9 @@ class Sealed(Body):
     """The body of a ``sealed`` message (odium.sealing): nonce, one wrapped key per recipient
     (by a tag only that recipient can compute), and the box holding the inner message."""
 
-    n: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32}$")]
-    k: Annotated[dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{12}$")],
-                      Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{64}$")]],
-                 msgspec.Meta(max_length=100_000)]
+    n: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32}$")]  # the nonce, base64url
+    # the wrapped keys: base64url of records of (9-byte tag, 48-byte wrapped key)
+    k: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]*$", max_length=8 * 1024 * 1024)]
     box: Annotated[str, msgspec.Meta(max_length=64 * 1024 * 1024)]
 
 

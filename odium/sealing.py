@@ -74,8 +74,12 @@ def curve_public_raw(key_id: str) -> bytes:
         raise AuthError(f"key {key_id[:12]}… is not a valid public key") from None
 
 
-def _tag(shared: bytes, nonce: bytes) -> str:
-    return b64url(hashlib.blake2b(nonce, key=shared, digest_size=TAG_BYTES).digest())
+WRAP_BYTES = KEY + bindings.crypto_secretbox_MACBYTES  # 48
+RECORD = TAG_BYTES + WRAP_BYTES  # one recipient in ``Sealed.k``: tag, then wrapped key
+
+
+def _tag(shared: bytes, nonce: bytes) -> bytes:
+    return hashlib.blake2b(nonce, key=shared, digest_size=TAG_BYTES).digest()
 
 
 class Keyring:
@@ -111,23 +115,31 @@ class Keyring:
         key = os.urandom(KEY)
         nonce = os.urandom(NONCE)
         box = bindings.crypto_secretbox(encode_json(inner), nonce, key)
-        wraps: dict[str, str] = {}
+        records: list[bytes] = []
         secretbox, shared = bindings.crypto_secretbox, self.shared
-        for kid in recipients:
+        for kid in dict.fromkeys(recipients):
             s = shared(kid)
             # the same nonce under a different shared key each time: each (key, nonce) is new
-            wraps[_tag(s, nonce)] = b64url(secretbox(key, nonce, s))
-        return Sealed(b64url(nonce), wraps, b64url(box))
+            records.append(_tag(s, nonce) + secretbox(key, nonce, s))
+        return Sealed(b64url(nonce), b64url(b"".join(records)), b64url(box))
 
     def open(self, sender: str, sealed: Sealed) -> bytes | None:
         """The inner bytes, or None when the message is not sealed to this identity."""
         nonce = unb64url(sealed.n)
+        records = unb64url(sealed.k)
+        if len(records) % RECORD:
+            raise ProtocolError(f"sealed keys of {len(records)} bytes are not records of "
+                                f"{RECORD} bytes")
         s = self.shared(sender)
-        wrap = sealed.k.get(_tag(s, nonce))
-        if wrap is None:
+        tag = _tag(s, nonce)
+        for i in range(0, len(records), RECORD):
+            if records[i:i + TAG_BYTES] == tag:
+                wrap = records[i + TAG_BYTES:i + RECORD]
+                break
+        else:
             return None
         try:
-            key = bindings.crypto_secretbox_open(unb64url(wrap), nonce, s)
+            key = bindings.crypto_secretbox_open(wrap, nonce, s)
             return bytes(bindings.crypto_secretbox_open(unb64url(sealed.box), nonce, key))
         except CryptoError:
             raise AuthError("a sealed message does not open with the key it names") from None
