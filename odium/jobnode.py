@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol as P
-from .errors import AuthError, ProtocolError
+from .errors import ProtocolError
 from .jobpool import JobPool
 from .jobs import MAX_BATCH, name_matches, split_batch
 from .state import satisfies
-from .transport import recv_frames
+from .transport import each_message, recv_frames
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -94,17 +94,15 @@ class NodeJobs:
     def _on_pull(self) -> None:
         assert self.pull is not None
         node = self.node
-        for frames in recv_frames(self.pull):
-            try:
-                msg = P.open_message(frames[-1].bytes, node.vk, node.hub_key, replay=node.replay)
-                if msg.type != "job_batch":
-                    raise ProtocolError(f"message type {msg.type!r} does not come on the jobs "
-                                        "socket")
-            except (ProtocolError, AuthError) as e:
-                node._rejected("jobs", e)
-                continue
-            node.last_heard = time.monotonic()
-            self._on_batch(msg)
+        each_message(recv_frames(self.pull), self._from_jobs, lambda _f, e: node._failed("jobs", e))
+
+    def _from_jobs(self, frames: list[zmq.Frame]) -> None:
+        node = self.node
+        msg = P.open_message(frames[-1].bytes, node.vk, node.hub_key, replay=node.replay)
+        if msg.type != "job_batch":
+            raise ProtocolError(f"message type {msg.type!r} does not come on the jobs socket")
+        node.last_heard = time.monotonic()
+        self._on_batch(msg)
 
     def _name_ok(self, pattern: str) -> bool:
         ok = self._names.get(pattern)
