@@ -210,9 +210,10 @@ class JobQueue:
                     [(e.seq, e.job, e.ts, e.prev, e.status, e.node, e.detail[:4000])
                      for e in events]))
 
-        self.store.write(work)
         loop = self.loop
-        self.store.after_commit(lambda: loop.call_soon_threadsafe(
+        # the results are acknowledged (and nodes forget them) only once this very write has
+        # committed, durably (store.SQLITE_SYNCHRONOUS); never if it failed
+        self.store.write(work, on_commit=lambda: loop.call_soon_threadsafe(
             lambda: self._committed(new_ids, acks, after)))
 
     def _committed(self, new_ids: list[str], acks: dict[str, list[str]],
