@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,14 @@ from .raw import Raw, envelope, events, seal, sign_open
 
 DEEP = 5000  # far deeper than MAX_DEPTH, and than Python's recursion limit
 BUCKET, REFILL = 50, 10  # the hub's log budget: 50 at once, 10 more a second
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[odium.Hub]:
+    """An in-process hub with a 1 s heartbeat: a raw node, which never beats, stays alive for
+    5 s (LIVENESS_BEATS), long enough on a loaded machine."""
+    with odium.Hub(tmp_path / "hub", ports=0, hb_interval=1.0, app=tmp_path) as h:
+        yield h
 
 
 def trusted(hub: odium.Hub, name: str, role: str = "node") -> Identity:
@@ -144,7 +153,7 @@ def test_deep_result_drops_nothing_read_with_it(hub: odium.Hub, zctx) -> None:
     all read in one batch: the deep ones are rejected (logged, naming the limit) and every
     honest one is recorded."""
     me, _q, push, _boot, _hub_boot = registered(hub, zctx, "evil")
-    handles = [hub.submit_broadcast("1", "evil", timeout=20) for _ in range(8)]
+    handles = [hub.submit_broadcast("1", "evil", timeout=5) for _ in range(8)]
     now = time.time()
     with loop_held(hub):
         for i, h in enumerate(handles):
