@@ -64,16 +64,26 @@ def bench_commits(n: int, where: Path) -> dict[str, Any]:
                 store.event("bench", f"commit {i}")
                 store.flush()
             dt = time.perf_counter() - t
+            # and bare: one transaction of one insert at a time on one connection, no writer
+            # thread (what is left is SQLite's commit, with or without its fsync)
+            with store.engine.connect() as c:
+                t = time.perf_counter()
+                for i in range(n):
+                    c.exec_driver_sql("INSERT INTO meta (key, value) VALUES (?, 'x')",
+                                      (f"bench-{i}",))
+                    c.commit()
+                bare = time.perf_counter() - t
         finally:
             store.close()
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    return {"commits": n, "per_s": n / dt, "ms_each": 1000 * dt / n, "pragma": mode}
+    return {"commits": n, "per_s": n / dt, "ms_each": 1000 * dt / n, "pragma": mode,
+            "bare_ms_each": 1000 * bare / n}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--jobs", type=int, default=5000)
+    ap.add_argument("--jobs", type=int, default=5000, help="0: the commit timings only")
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--capacity", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
@@ -86,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg(),
                                        "python": platform.python_version(),
                                        "dir": str(where)}}
-    runs: dict[str, dict[str, list[float]]] = {s: {"map": [], "submit": [], "commit_ms": []}
-                                               for s in SETTINGS}
+    runs: dict[str, dict[str, list[float]]] = {
+        s: {"map": [], "submit": [], "commit_ms": [], "bare_commit_ms": []} for s in SETTINGS}
     errors = []
     for r in range(args.rounds):
         order = SETTINGS if r % 2 == 0 else SETTINGS[::-1]
@@ -96,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             c = bench_commits(args.commits, where)
             assert c["pragma"] == {"NORMAL": 1, "FULL": 2}[setting], c
             runs[setting]["commit_ms"].append(c["ms_each"])
+            runs[setting]["bare_commit_ms"].append(c["bare_ms_each"])
+            if args.jobs == 0:
+                print(f"round {r + 1} {setting:<6}: one commit {c['ms_each']:.2f} ms through "
+                      f"the store, {c['bare_ms_each']:.2f} ms bare", flush=True)
+                continue
             o = bench_jobs.bench_odium(args.jobs, args.nodes, args.capacity, 1)
             if "error" in o:
                 errors.append(f"{setting} round {r + 1}: {o['error']}\n{o.get('traceback')}")
@@ -103,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[setting]["map"].append(o["map"]["runs"][0])
             runs[setting]["submit"].append(o["submit"]["runs"][0])
             print(f"round {r + 1} {setting:<6}: map {o['map']['runs'][0]:6.0f} jobs/s, submit "
-                  f"{o['submit']['runs'][0]:6.0f} jobs/s, one commit {c['ms_each']:.2f} ms, "
-                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"{o['submit']['runs'][0]:6.0f} jobs/s, one commit {c['ms_each']:.2f} ms "
+                  f"({c['bare_ms_each']:.2f} bare), load {os.getloadavg()[0]:.2f}", flush=True)
     set_synchronous("FULL")
     res["machine"]["load_after"] = os.getloadavg()
     res["runs"] = runs
@@ -114,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {m['cpus']} cpus, python {m['python']}, homes in {m['dir']}; load before "
           f"{'/'.join(f'{x:.2f}' for x in m['load_before'])}, after "
           f"{'/'.join(f'{x:.2f}' for x in m['load_after'])}")
-    print(f"{args.jobs} trivial jobs per run over {args.nodes} nodes x {args.capacity} slots; "
-          f"median of {args.rounds} rounds:")
+    print((f"{args.jobs} trivial jobs per run over {args.nodes} nodes x {args.capacity} "
+           "slots; " if args.jobs else "") + f"median of {args.rounds} rounds:")
     for s in SETTINGS:
         d = med[s]
-        print(f"  synchronous={s:<6}  map {d.get('map', 0):7.0f} jobs/s  submit "
-              f"{d.get('submit', 0):7.0f} jobs/s  one commit {d.get('commit_ms', 0):6.2f} ms")
+        jobs = (f"map {d['map']:7.0f} jobs/s  submit {d['submit']:7.0f} jobs/s  "
+                if "map" in d else "")
+        print(f"  synchronous={s:<6}  {jobs}one commit {d.get('commit_ms', 0):6.2f} ms "
+              f"through the store, {d.get('bare_commit_ms', 0):5.2f} ms bare")
     if med["NORMAL"].get("map") and med["FULL"].get("map"):
         for k in ("map", "submit"):
             res[f"{k}_cost"] = 1 - med["FULL"][k] / med["NORMAL"][k]
