@@ -567,7 +567,7 @@ def is_key_point(key_id: str) -> bool:
 
 
 _STRUCTURE = bytes.maketrans(b"{}", b"[]")  # count both kinds of bracket alike
-_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b"[]{}")
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"')
 
 
 def too_deep(data: bytes, limit: int = MAX_DEPTH) -> bool:
@@ -579,8 +579,12 @@ def too_deep(data: bytes, limit: int = MAX_DEPTH) -> bool:
     s = data
     if b"\\" in s:  # an escaped backslash, then an escaped quote: neither ends a string
         s = s.replace(b"\\\\", b"").replace(b'\\"', b"")
-    # quotes now only open and close strings: keep what is outside them, then the brackets
-    s = b"".join(s.split(b'"')[::2]).translate(_STRUCTURE, _NOT_STRUCTURE)
+    # quotes now only open and close strings. Keep only quotes and brackets; drop every "":
+    # an empty string, or the end of one string and the start of the next with no bracket
+    # in between (the two merge); then keep what is outside the strings that are left
+    s = s.translate(_STRUCTURE, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in s:
+        s = b"".join(s.split(b'"')[::2])
     if b"[" * (limit + 1) in s:
         return True
     passes = 0  # each pass takes away the innermost level
