@@ -38,7 +38,7 @@ from .hub import DEFAULT_PORTS, HubCore, KeyInfo
 from .instance import Instance, default_home
 from .jobclient import Job, JobExecutor, as_completed, check_options, known, pack_jobs
 from .jobs import JobStatus
-from .keys import ensure_home, load_or_create, verify_key
+from .keys import check_key_id, ensure_home, load_or_create, verify_key
 from .node import save_joined
 from .results import NodeResult, Result
 from .transport import client_socket
@@ -357,6 +357,7 @@ class Hub:
 
     def trust(self, key_id: str, name: str, role: str = "node") -> None:
         """Trust a key directly (for nodes whose keys you made yourself)."""
+        check_key_id(key_id)  # a clear error here, before anything changes
         core = self.core
         self._call(lambda: core._set_key(KeyInfo(key_id, role, name, None, "trusted by API")))
 

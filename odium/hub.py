@@ -36,6 +36,7 @@ from .jobqueue import JobQueue
 from .keys import (
     Identity,
     Token,
+    check_key_id,
     curve_fingerprint,
     curve_public,
     fingerprint,
@@ -57,7 +58,14 @@ from .state import (
 )
 from .state import diff as state_diff
 from .store import CommandRow, KeyRow, ResultRow, Store
-from .transport import ZapDecision, ZapHandler, peer_user_id, recv_frames, server_socket
+from .transport import (
+    ZapDecision,
+    ZapHandler,
+    each_message,
+    peer_user_id,
+    recv_frames,
+    server_socket,
+)
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -65,7 +73,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("odium.hub")
 
 ALLOWED_ROLES = ("admin", "node", "token")
-NODE_EVENT_KINDS = ("rejected", "bad_declaration", "synced")  # what a node may log as itself
+KEY_ROLES = (*ALLOWED_ROLES, "pending", "rejected", "revoked", "used")
+# what a node may log as itself
+NODE_EVENT_KINDS = ("rejected", "bad_declaration", "synced", "handler_failed")
 LIVENESS_BEATS = 5  # heartbeat intervals without a word from a node before it is lost
 STATE_EVERY = 2.0  # seconds between checks of the hub's own state
 DEFAULT_PORTS = P.DEFAULT_PORTS
@@ -174,6 +184,36 @@ class Broadcast:
         return len(self.results) == len(self.targets)
 
 
+class _Request:
+    """The answer to one request on the query socket, sent at most once: ``reply(data)`` or
+    ``reply(error=exc)``; what a query handler gets as ``reply``."""
+
+    __slots__ = ("hub", "rid", "uid", "re", "type", "sent")
+
+    def __init__(self, hub: HubCore, rid: bytes, uid: str) -> None:
+        self.hub, self.rid, self.uid = hub, rid, uid  # the connection and the key that asked
+        self.re: str | None = None  # the request's message id, once known
+        self.type = ""
+        self.sent = False
+
+    def __call__(self, data: Any = None, error: Exception | None = None,
+                 sealed: bool = False) -> None:
+        """``sealed``: the reply is readable only with the asker's key (odium.sealing)."""
+        if self.sent:
+            log.warning("a second answer to one %s request was dropped", self.type or "?")
+            return
+        hub = self.hub
+        if error is not None:
+            hub._send_query(self.rid, self.uid, "error",
+                            P.ErrorReply(type(error).__name__, str(error)), self.re)
+        elif sealed:  # (if this raises, nothing was sent: the dispatcher answers the error)
+            hub._send_query(self.rid, self.uid, "sealed",
+                            hub.keyring.seal("reply", P.Reply(data), [self.uid]), self.re)
+        else:
+            hub._send_query(self.rid, self.uid, "reply", P.Reply(data), self.re)
+        self.sent = True
+
+
 class HubCore:
     """The hub: four CURVE server sockets, the key table behind ZAP, the registry, broadcasts."""
 
@@ -204,9 +244,15 @@ class HubCore:
         self._connecting_fast = 0
         # keys: a snapshot dict replaced on every change, so the ZAP thread can read it
         self.keys: dict[str, KeyInfo] = {}
-        self._by_curve: dict[bytes, KeyInfo] = {}
+        self._zap_view: tuple[dict[bytes, KeyInfo], dict[bytes, KeyInfo]] = ({}, {})
+        keys = {}
         for row in store.keys():
-            self.keys[row.key_id] = KeyInfo(row.key_id, row.role, row.name, row.expires, row.note)
+            if len(row.key_id) == 43 and not P.is_key_point(row.key_id):
+                store.event("key_dropped", f"stored key {row.key_id!r} ({row.role}) is not a "
+                            "valid Ed25519 public key; ignored", level="warning")
+                continue
+            keys[row.key_id] = KeyInfo(row.key_id, row.role, row.name, row.expires, row.note)
+        self._publish_keys(keys)
         self._set_key(KeyInfo(inst.ident.key_id, "admin", "hub", None, "this hub"))
         if admin is not None:
             self._set_key(KeyInfo(admin.key_id, "admin", "admin", None, "admin key in home"))
@@ -257,22 +303,36 @@ class HubCore:
     # --- keys and ZAP ----------------------------------------------------------------------
 
     def _set_key(self, info: KeyInfo, persist: bool = True) -> None:
+        """Add or change one key. A key id that is not a real key is refused here, before
+        anything changes (ConfigError)."""
+        if len(info.key_id) != 40:  # 40: a pending key known only by its CURVE key (z85)
+            check_key_id(info.key_id)
+        if info.role not in KEY_ROLES:
+            raise ConfigError(f"a key's role is one of {', '.join(KEY_ROLES)}, not "
+                              f"{info.role!r}")
         keys = dict(self.keys)
         keys[info.key_id] = info
-        self.keys = keys
-        # pending/rejected entries of keys never trusted are keyed by their CURVE key (z85)
-        self._by_curve = {curve_public(k): v for k, v in keys.items() if len(k) == 43}
-        self._by_curve_pending = {k.encode(): v for k, v in keys.items() if len(k) == 40}
+        self._publish_keys(keys)
         if persist:
             self.store.put_key(info.key_id, info.role, name=info.name, expires=info.expires,
                                note=info.note)
+
+    def _publish_keys(self, keys: dict[str, KeyInfo]) -> None:
+        """Swap in a new key table with its CURVE indexes, all computed first: if anything
+        fails, the old table stays whole. The ZAP thread reads the indexes as one snapshot."""
+        by_curve = {curve_public(k): v for k, v in keys.items() if len(k) == 43}
+        # pending/rejected entries of keys never trusted are keyed by their CURVE key (z85)
+        pending = {k.encode(): v for k, v in keys.items() if len(k) == 40}
+        self.keys = keys
+        self._zap_view = (by_curve, pending)
 
     def _zap(self, mech: str, client_key: bytes, address: str, domain: str) -> ZapDecision:
         """Runs in the ZAP thread: allow only admin and node keys, and live token keys on the
         query socket (a token may only join: it hears no broadcast)."""
         if mech != "CURVE":
             return ZapDecision(False, reason=f"mechanism {mech} refused: CURVE only")
-        info = self._by_curve.get(client_key)
+        by_curve, by_curve_pending = self._zap_view
+        info = by_curve.get(client_key)
         if info is not None and info.role in ALLOWED_ROLES:
             if info.role != "token":
                 return ZapDecision(True, user_id=info.key_id)
@@ -284,7 +344,7 @@ class HubCore:
                 lambda: self._note_denied(client_key, address, info, why))
             return ZapDecision(False, reason=why)
         if info is None:
-            info = self._by_curve_pending.get(client_key)
+            info = by_curve_pending.get(client_key)
         self.inst.loop.call_soon_threadsafe(
             lambda: self._note_denied(client_key, address, info, "unknown key"))
         return ZapDecision(False, reason="unknown key")
@@ -344,33 +404,15 @@ class HubCore:
                              replay=self.replay)
         return msg, info
 
-    def _on_query(self, ) -> None:
-        sock = self.sockets["query"]
-        for frames in recv_frames(sock):
-            rid, frame = frames[0], frames[-1]
-            uid = peer_user_id(frame)
-            self._peer(rid.bytes, uid)
-            msg = None
-            try:
-                if len(frames) != 2:
-                    raise ProtocolError(f"a request is 1 frame, not {len(frames) - 1}")
-                msg, info = self._open(frame)
-                roles = QUERY_TYPES.get(msg.type)
-                if roles is None:
-                    raise ProtocolError(f"message type {msg.type!r} is not a request")
-                if info.role not in roles:
-                    raise AuthError(f"a {info.role} key may not send {msg.type!r}")
-                reply = self._replier(rid.bytes, msg.env.id, uid)
-                try:
-                    self.query_handlers[msg.type](msg, info, reply)
-                except OdiumError as e:
-                    reply(error=e)
-            except (ProtocolError, AuthError) as e:
-                self._reject("query", uid, e)
-                # name the request when we know its id: verified, or at least readable
-                mid = msg.env.id if msg is not None else P.peek_id(frame.bytes)
-                self._send_query(rid.bytes, uid, "error",
-                                 P.ErrorReply(type(e).__name__, str(e)), mid)
+    def _on_query(self) -> None:
+        each_message([(f, self._request(f)) for f in recv_frames(self.sockets["query"])],
+                     self._query, lambda fr, e: self._failed("query", fr[0][-1], e, fr[1]))
+
+    def _request(self, frames: list[zmq.Frame]) -> _Request:
+        """The answer-to-be of one request, for the connection and the CURVE key that sent it."""
+        rid, uid = frames[0].bytes, peer_user_id(frames[-1])
+        self._peer(rid, uid)
+        return _Request(self, rid, uid)
 
     def _peer(self, rid: bytes, uid: str) -> None:
         """The CURVE identity that last spoke on a routing id (bounded)."""
@@ -381,18 +423,42 @@ class HubCore:
             while len(peers) > 100_000:
                 peers.popitem(last=False)
 
-    def _replier(self, rid: bytes, re: str, uid: str) -> Callable[..., None]:
-        """Answers for the identity that asked: ``sealed=True`` seals the reply to its key."""
-        def reply(data: Any = None, error: Exception | None = None, sealed: bool = False) -> None:
-            if error is not None:
-                self._send_query(rid, uid, "error",
-                                 P.ErrorReply(type(error).__name__, str(error)), re)
-            elif sealed:
-                self._send_query(rid, uid, "sealed", self.keyring.seal(
-                    "reply", P.Reply(data), [uid]), re)
-            else:
-                self._send_query(rid, uid, "reply", P.Reply(data), re)
-        return reply
+    def _query(self, frames_reply: tuple[list[zmq.Frame], _Request]) -> None:
+        frames, reply = frames_reply
+        if len(frames) != 2:
+            raise ProtocolError(f"a request is 1 frame, not {len(frames) - 1}")
+        msg, info = self._open(frames[-1])
+        reply.re = msg.env.id
+        roles = QUERY_TYPES.get(msg.type)
+        if roles is None:
+            raise ProtocolError(f"message type {msg.type!r} is not a request")
+        if info.role not in roles:
+            raise AuthError(f"a {info.role} key may not send {msg.type!r}")
+        reply.type = msg.type
+        self.query_handlers[msg.type](msg, info, reply)
+
+    def _failed(self, where: str, frame: zmq.Frame, err: Exception,
+                req: _Request | None = None) -> None:
+        """One message failed: log it (rate-limited) and answer the requester, if any, with
+        an error. Bad input is a ``rejected`` event; a handler's own refusal (another
+        OdiumError) is only answered; anything else is a bug, logged with its traceback as a
+        ``handler_failed`` event and answered as an OdiumError."""
+        uid = peer_user_id(frame)
+        if isinstance(err, (ProtocolError, AuthError)):
+            self._reject(where, uid, err)
+        elif not isinstance(err, OdiumError):
+            what = req.type if req is not None and req.type else "a message"
+            if self._may_log_bad_input():
+                log.error("handling %s on %s from %s failed", what, where, uid[:12] or "?",
+                          exc_info=err)
+                self.store.event("handler_failed", f"{where}: {what}: {type(err).__name__}: "
+                                 f"{err}", level="error", node=self.by_key.get(uid, ""),
+                                 key_id=uid)
+            err = OdiumError(f"the hub failed to handle {what}: {type(err).__name__}: {err}")
+        if req is not None and not req.sent:
+            if req.re is None:  # name the request when we can read its id
+                req.re = P.peek_id(frame.bytes)
+            req(error=err)
 
     def _send_query(self, rid: bytes, uid: str, type_: str, body: P.Body,
                     re: str | None) -> None:
@@ -409,27 +475,25 @@ class HubCore:
             log.warning("query reply dropped: peer not reading")
 
     def _on_results(self) -> None:
-        for frames in recv_frames(self.sockets["results"]):
-            frame = frames[-1]
-            uid = peer_user_id(frame)
-            try:
-                if len(frames) != 1:
-                    raise ProtocolError(f"expected 1 frame, got {len(frames)}")
-                msg, info = self._open(frame)
-                roles = RESULT_TYPES.get(msg.type)
-                if roles is None:
-                    raise ProtocolError(f"message type {msg.type!r} does not go on the results "
-                                        "socket")
-                if info.role not in roles:
-                    raise AuthError(f"a {info.role} key may not send {msg.type!r}")
-                name = self.by_key.get(uid)
-                node = self.nodes.get(name) if name else None
-                if node is None:
-                    raise AuthError("node has not registered")
-                self._seen(node, msg.env.state)
-                self.result_handlers[msg.type](msg, node)
-            except (ProtocolError, AuthError) as e:
-                self._reject("results", uid, e)
+        each_message(recv_frames(self.sockets["results"]), self._result,
+                     lambda frames, e: self._failed("results", frames[-1], e))
+
+    def _result(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 1:
+            raise ProtocolError(f"expected 1 frame, got {len(frames)}")
+        msg, info = self._open(frames[-1])
+        roles = RESULT_TYPES.get(msg.type)
+        if roles is None:
+            raise ProtocolError(f"message type {msg.type!r} does not go on the results "
+                                "socket")
+        if info.role not in roles:
+            raise AuthError(f"a {info.role} key may not send {msg.type!r}")
+        name = self.by_key.get(info.key_id)
+        node = self.nodes.get(name) if name else None
+        if node is None:
+            raise AuthError("node has not registered")
+        self._seen(node, msg.env.state)
+        self.result_handlers[msg.type](msg, node)
 
     # --- node liveness ---------------------------------------------------------------------
 
@@ -635,8 +699,9 @@ class HubCore:
                         f"{self.max_message}: serve the wheels from an index the nodes reach "
                         "(odium node --index-url/--find-links), or raise the limit")
                 self.inst.loop.call_soon_threadsafe(lambda: reply(out, sealed=True))
-            except OdiumError as e:
-                err = e
+            except Exception as e:  # noqa: BLE001 - every request gets an answer
+                err = e if isinstance(e, OdiumError) else OdiumError(
+                    f"the hub failed to make the bundle: {type(e).__name__}: {e}")
                 self.inst.loop.call_soon_threadsafe(lambda: reply(error=err))
 
         threading.Thread(target=work, name="odium-bundle", daemon=True).start()
@@ -1034,16 +1099,22 @@ class HubCore:
         """accept / reject / revoke keys chosen by key id, or a glob over their names."""
         new_role = {"accept": "node", "reject": "rejected", "revoke": "revoked"}[action]
         curve = ""
-        if re.match(P.KEY_RE, pattern):
+        if re.match(P.KEY_RE, pattern) and not P.is_key_point(pattern):
+            if not any(k.name == pattern for k in self.keys.values()):  # (a node's name?)
+                check_key_id(pattern)  # raises: it has a key's shape, but is not a key
+        elif re.match(P.KEY_RE, pattern):
             curve = curve_public(pattern).decode()
             unbound = self.keys.get(curve)
             if unbound is not None:  # a key seen only as a CURVE key: bind it to its key id
                 keys = dict(self.keys)
                 del keys[curve]
-                self.keys = keys
+                new = pattern not in keys
+                if new:
+                    keys[pattern] = KeyInfo(pattern, unbound.role, "", None, unbound.note)
+                self._publish_keys(keys)
                 self.store.write(lambda s: s.query(KeyRow).filter_by(key_id=curve).delete())
-                if pattern not in self.keys:
-                    self._set_key(KeyInfo(pattern, unbound.role, "", None, unbound.note))
+                if new:
+                    self.store.put_key(pattern, unbound.role, note=unbound.note)
         elif re.match(r"^[0-9a-f]{4}(:[0-9a-f]{4}){3}$", pattern):
             hits = [k for k in self.keys.values() if self._fp(k.key_id) == pattern]
             if hits and all(len(k.key_id) == 40 for k in hits) and action == "accept":

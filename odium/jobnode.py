@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol as P
-from .errors import AuthError, ProtocolError
+from .errors import ProtocolError
 from .jobpool import JobPool
 from .jobs import MAX_BATCH, name_matches, split_batch
 from .sealing import open_inner
 from .state import satisfies
-from .transport import recv_frames
+from .transport import each_message, recv_frames
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -96,23 +96,20 @@ class NodeJobs:
     def _on_pull(self) -> None:
         assert self.pull is not None
         node = self.node
-        for frames in recv_frames(self.pull):
-            try:
-                outer = P.open_message(frames[-1].bytes, node.vk, node.hub_key,
-                                       replay=node.replay)
-                if outer.type != "sealed":
-                    raise ProtocolError(f"message type {outer.type!r} does not come on the jobs "
-                                        "socket")
-                msg = open_inner(node.keyring, outer, "jobs")
-            except (ProtocolError, AuthError) as e:
-                node._rejected("jobs", e)
-                continue
-            node.last_heard = time.monotonic()
-            if msg is None:  # jobs this node may not run: the hub sends them on at once
-                self._unopened.append(outer.env.id)
-                self._schedule()
-            else:
-                self._on_batch(msg)
+        each_message(recv_frames(self.pull), self._from_jobs, lambda _f, e: node._failed("jobs", e))
+
+    def _from_jobs(self, frames: list[zmq.Frame]) -> None:
+        node = self.node
+        outer = P.open_message(frames[-1].bytes, node.vk, node.hub_key, replay=node.replay)
+        if outer.type != "sealed":
+            raise ProtocolError(f"message type {outer.type!r} does not come on the jobs socket")
+        msg = open_inner(node.keyring, outer, "jobs")
+        node.last_heard = time.monotonic()
+        if msg is None:  # jobs this node may not run: the hub sends them on at once
+            self._unopened.append(outer.env.id)
+            self._schedule()
+        else:
+            self._on_batch(msg)
 
     def _name_ok(self, pattern: str) -> bool:
         ok = self._names.get(pattern)

@@ -129,7 +129,7 @@ class JobQueue:
         self.seq = self.store.max_job_seq()
         self._load()
         self.loop.every(CHECK_EVERY, self._check)
-        self.query_handlers = {t: _answering(h) for t, h in (
+        self.query_handlers = {t: h for t, h in (
             ("submit", self._h_submit), ("job", self._h_job), ("jobs", self._h_jobs),
             ("job_cancel", self._h_cancel))}
         self.result_handlers = {"job_report": self._r_report, "job_state": self._r_state}
@@ -215,9 +215,10 @@ class JobQueue:
                     [(e.seq, e.job, e.ts, e.prev, e.status, e.node, e.detail[:4000])
                      for e in events]))
 
-        self.store.write(work)
         loop = self.loop
-        self.store.after_commit(lambda: loop.call_soon_threadsafe(
+        # the results are acknowledged (and nodes forget them) only once this very write has
+        # committed, durably (store.SQLITE_SYNCHRONOUS); never if it failed
+        self.store.write(work, on_commit=lambda: loop.call_soon_threadsafe(
             lambda: self._committed(new_ids, acks, after)))
 
     def _committed(self, new_ids: list[str], acks: dict[str, list[str]],
@@ -878,20 +879,6 @@ class JobQueue:
                     fn(known(info))
                 except Exception:
                     log.exception("job watcher failed")
-
-
-def _answering(handler: Callable[..., None]) -> Callable[..., None]:
-    """Every request gets an answer: an unexpected failure is answered as an error too."""
-    def h(msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
-        try:
-            handler(msg, info, reply)
-        except OdiumError:
-            raise  # answered by the hub's dispatcher
-        except Exception as e:  # noqa: BLE001 - logged, and the requester is told
-            log.exception("%s request failed", msg.type)
-            reply(error=OdiumError(f"the hub failed to handle {msg.type!r}: "
-                                   f"{type(e).__name__}: {e}"))
-    return h
 
 
 def _dumps(value: Any, _encode: Callable[[Any], bytes] = msgspec.json.encode) -> str | None:

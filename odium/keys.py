@@ -24,7 +24,7 @@ from nacl import bindings
 from nacl.signing import SigningKey, VerifyKey
 
 from .errors import AuthError, ConfigError
-from .protocol import KEY_RE, b64url, new_id, unb64url
+from .protocol import KEY_RE, b64url, is_key_point, new_id, unb64url
 
 _KEY_RE = re.compile(KEY_RE)
 TOKEN_PREFIX = "odt1."
@@ -70,8 +70,15 @@ class Identity:
 
 
 def check_key_id(key_id: str) -> str:
+    """The key id itself, if it is one: 43 base64url characters that spell a real Ed25519
+    public key (a point on the curve). Every place a key id comes in from outside checks it
+    here, so that nothing downstream (CURVE keys, the hub's key table) meets a bad one."""
     if not isinstance(key_id, str) or not _KEY_RE.match(key_id):
         raise ConfigError(f"not an Odium public key (43 base64url characters): {key_id!r}")
+    if not is_key_point(key_id):
+        raise ConfigError(f"not an Odium public key: {key_id!r} has the shape of one but is "
+                          "not a valid Ed25519 public key (a character is wrong?); copy the key "
+                          "id the node printed again (on the node: odium keys show)")
     return key_id
 
 

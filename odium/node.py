@@ -42,7 +42,7 @@ from .state import (
     satisfies,
     snapshot,
 )
-from .transport import client_socket, recv_frames
+from .transport import client_socket, each_message, recv_frames
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -201,32 +201,25 @@ class NodeCore:
             pass  # retried by the tick
 
     def _on_query(self, sock: zmq.Socket[Any]) -> None:
-        for frames in recv_frames(sock):
-            try:
-                msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key,
-                                     replay=self.replay)
-            except (ProtocolError, AuthError) as e:
-                self._rejected("query", e)
-                continue
-            req = self.requests.pop(msg.env.re or "", None)
-            if req is None:
-                continue  # answer to a request we already retried
-            for mid, other in list(self.requests.items()):  # drop retries' twins
-                if other.type == req.type and other.sock is req.sock:
-                    del self.requests[mid]
-            if msg.type == "sealed":
-                try:
-                    inner = open_inner(self.keyring, msg, "query")
-                    if inner is None:
-                        raise AuthError("a reply sealed to another key")
-                except (ProtocolError, AuthError) as e:
-                    self._rejected("query", e)
-                    continue
-                msg = inner
-            if msg.type == "error":
-                self._on_error_reply(req, msg.body)  # type: ignore[arg-type]
-            else:
-                req.on_reply(msg)
+        each_message(recv_frames(sock), self._answer, lambda _f, e: self._failed("query", e))
+
+    def _answer(self, frames: list[zmq.Frame]) -> None:
+        msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key, replay=self.replay)
+        if msg.type == "sealed":  # a reply with something of this node's own in it
+            inner = open_inner(self.keyring, msg, "query")
+            if inner is None:
+                raise AuthError("a reply sealed to another key")
+            msg = inner
+        req = self.requests.pop(msg.env.re or "", None)
+        if req is None:
+            return  # answer to a request we already retried
+        for mid, other in list(self.requests.items()):  # drop retries' twins
+            if other.type == req.type and other.sock is req.sock:
+                del self.requests[mid]
+        if msg.type == "error":
+            self._on_error_reply(req, msg.body)  # type: ignore[arg-type]
+        else:
+            req.on_reply(msg)
 
     def _on_error_reply(self, req: _Request, err: P.ErrorReply) -> None:
         text = f"hub refused {req.type}: {err.message}"
@@ -341,32 +334,43 @@ class NodeCore:
 
     def _fetched(self, msg: P.Message) -> None:
         data = msg.body.data  # type: ignore[attr-defined]
-        for raw in data["commands"]:
-            try:
-                m = P.open_message(raw.encode(), self.vk, self.hub_key)
-                inner = open_inner(self.keyring, m, "fetch")
-            except (ProtocolError, AuthError) as e:
-                self._rejected("fetch", e)
-                continue
-            if inner is not None:
-                self.sealed_handlers[inner.type](inner)
+        each_message(data["commands"], self._fetched_one, lambda _r, e: self._failed("fetch", e))
         self.seq = max(self.seq, int(data["seq"]))
+
+    def _fetched_one(self, raw: str) -> None:
+        m = P.open_message(raw.encode(), self.vk, self.hub_key)
+        inner = open_inner(self.keyring, m, "fetch")
+        if inner is not None:
+            self.sealed_handlers[inner.type](inner)
 
     # --- from the hub ----------------------------------------------------------------------
 
     def _on_sub(self) -> None:
         assert self.sub is not None
-        for frames in recv_frames(self.sub):
-            try:
-                msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key, replay=self.replay)
-                handler = self.sub_handlers.get(msg.type)
-                if handler is None:
-                    raise ProtocolError(f"message type {msg.type!r} does not come on PUB")
-            except (ProtocolError, AuthError) as e:
-                self._rejected("PUB", e)
-                continue
-            self.last_heard = time.monotonic()
-            handler(msg)
+        each_message(recv_frames(self.sub), self._from_pub, lambda _f, e: self._failed("PUB", e))
+
+    def _from_pub(self, frames: list[zmq.Frame]) -> None:
+        msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key, replay=self.replay)
+        handler = self.sub_handlers.get(msg.type)
+        if handler is None:
+            raise ProtocolError(f"message type {msg.type!r} does not come on PUB")
+        self.last_heard = time.monotonic()
+        handler(msg)
+
+    def _failed(self, where: str, err: Exception) -> None:
+        """One message failed (the node's dispatch wrapper, as the hub's): bad input is
+        rejected; anything else is logged with its traceback and reported to the hub."""
+        if isinstance(err, (ProtocolError, AuthError)):
+            self._rejected(where, err)
+            return
+        if isinstance(err, OdiumError):
+            text = f"on {where}: {err}"
+        else:
+            text = f"on {where}: {type(err).__name__}: {err}"
+        if self._may_log():
+            log.error("handling a message %s failed", text, exc_info=err)
+            if self.registered:
+                self._send("event", P.NodeEvent("handler_failed", text[:4000], "error"))
 
     def _on_sealed(self, msg: P.Message) -> None:
         """A sealed command on PUB: run it if it opens with this node's key, else only note
@@ -384,13 +388,21 @@ class NodeCore:
 
     def _rejected(self, where: str, err: Exception) -> None:
         """Log a message this node refused, and tell the hub so it lands in the event log."""
-        log.warning("rejected message on %s: %s", where, err)
+        if self._may_log():
+            log.warning("rejected message on %s: %s", where, err)
+            if self.registered:
+                self._send("event", P.NodeEvent("rejected", f"on {where}: {err}"[:4000]))
+
+    def _may_log(self) -> bool:
+        """A token bucket (20, refilled at 2 a second) for what bad input makes this node log
+        and report, so that a flood of it fills neither the log nor the hub's."""
         now = time.monotonic()
         self._reject_budget = min(20.0, self._reject_budget + (now - self._reject_at) * 2)
         self._reject_at = now
-        if self._reject_budget >= 1 and self.registered:
-            self._reject_budget -= 1
-            self._send("event", P.NodeEvent("rejected", f"on {where}: {err}"[:4000]))
+        if self._reject_budget < 1:
+            return False
+        self._reject_budget -= 1
+        return True
 
     def _on_hb(self, msg: P.Message) -> None:
         body: P.HubBeat = msg.body  # type: ignore[assignment]

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 import time
 from collections import OrderedDict
 from typing import Annotated, Any, Literal
 
 import msgspec
+from nacl import bindings as _sodium
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -30,6 +32,7 @@ VERSION = 1
 DEFAULT_PORTS = {"pub": 18202, "query": 18203, "jobs": 18220, "results": 18221}
 MAX_MESSAGE = 16 * 1024 * 1024  # default limit on one frame, bytes
 REPLAY_WINDOW = 300.0  # seconds a message stays acceptable (and remembered)
+MAX_DEPTH = 64  # deepest nesting of arrays and objects in one message (the envelope is 1)
 
 SIG_LEN = 86  # base64url of a 64-byte signature, no padding
 _SIG_HEAD = b',"sig":"'
@@ -423,6 +426,13 @@ BODIES: dict[str, type[Body]] = {
     "sealed": Sealed,  # exec, sync, job_batch and node replies travel sealed
 }
 
+def _key_fields(body: type[Body]) -> tuple[str, ...]:
+    """The fields of a body that hold key ids (KeyId, KeyId | None, list[KeyId])."""
+    shapes = (KeyId, KeyId | None, list[KeyId], list[KeyId] | None)
+    return tuple(f.name for f in msgspec.structs.fields(body) if f.type in shapes)
+
+
+_KEY_FIELDS = {t: f for t, b in BODIES.items() if (f := _key_fields(b))}
 _env_decoder = msgspec.json.Decoder(Envelope)
 _body_decoders = {t: msgspec.json.Decoder(b) for t, b in BODIES.items()}
 _encoder = msgspec.json.Encoder(order="sorted")
@@ -528,9 +538,10 @@ def open_message(
         verify_key.verify(signed, sig)
     except BadSignatureError:
         raise AuthError("bad signature") from None
+    check_depth(signed)
     try:
         env = _env_decoder.decode(signed)
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError(f"bad envelope: {e}") from None
     if env.v != VERSION:
         raise ProtocolError(f"protocol version {env.v} is not supported (expected {VERSION})")
@@ -548,19 +559,85 @@ def decode_body(env: Envelope) -> Body:
     if dec is None:
         raise ProtocolError(f"unknown message type {env.type!r}")
     try:
-        return dec.decode(env.body)
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        body = dec.decode(env.body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError(f"bad body for {env.type!r}: {e}") from None
+    for name in _KEY_FIELDS.get(env.type, ()):  # a key id must be a real key, not just its shape
+        value = getattr(body, name)
+        for key in value if isinstance(value, list) else (value,):
+            if key is not None and not is_key_point(key):
+                raise ProtocolError(f"bad body for {env.type!r}: {name} {key[:12]}… is not an "
+                                    "Ed25519 public key (not a point on the curve)")
+    return body
+
+
+def is_key_point(key_id: str) -> bool:
+    """Whether a key id (already of the right shape) is a real Ed25519 public key: a valid
+    point of the prime-order group, which is what every honest key is (and what the CURVE key
+    is derived from; anything else makes libsodium fail later, far from the input)."""
+    try:
+        raw = base64.urlsafe_b64decode(key_id + "=")
+    except (binascii.Error, ValueError):
+        return False
+    return (len(raw) == 32 and b64url(raw) == key_id  # one spelling per key
+            and bool(_sodium.crypto_core_ed25519_is_valid_point(raw)))
+
+
+_STRUCTURE = bytes.maketrans(b"{}", b"[]")  # count both kinds of bracket alike
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"')
+
+
+def too_deep(data: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON text nests arrays and objects deeper than ``limit``, without parsing it
+    (a recursive decoder would overflow the stack on it). Brackets inside strings do not
+    count; escapes are honoured. Malformed text may be judged too deep: it fails anyway."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False  # the common case: too few brackets to nest that deep
+    s = data
+    if b"\\" in s:  # an escaped backslash, then an escaped quote: neither ends a string
+        s = s.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # quotes now only open and close strings. Keep only quotes and brackets; drop every "":
+    # an empty string, or the end of one string and the start of the next with no bracket
+    # in between (the two merge); then keep what is outside the strings that are left
+    s = s.translate(_STRUCTURE, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in s:
+        s = b"".join(s.split(b'"')[::2])
+    if b"[" * (limit + 1) in s:
+        return True
+    passes = 0  # each pass takes away the innermost level
+    while True:
+        t = s.replace(b"[]", b"")
+        if len(t) == len(s):
+            break
+        passes += 1
+        if passes > limit:
+            return True
+        s = t
+    # what is left is unbalanced: "]]][[[": the opens that never close nest around the rest
+    return passes + s.count(b"[") > limit
+
+
+def check_depth(data: bytes, limit: int = MAX_DEPTH) -> None:
+    if too_deep(data, limit):
+        raise ProtocolError(f"message nested deeper than the limit of {limit} levels "
+                            "(MAX_DEPTH) of arrays and objects")
 
 
 def peek_id(data: bytes) -> str | None:
     """Best-effort message id of a message that failed to open (to address an error reply)."""
+    head = data[: -_SUFFIX_LEN] + b"}" if data.endswith(b'"}') else data
+    if too_deep(head):  # not parsed: the last "id" (keys are sorted: the envelope's comes
+        ids = _ID_MEMBER.findall(head)  # after the body's, and nothing after it nests)
+        return ids[-1].decode() if ids else None
     try:
-        env = msgspec.json.decode(data[: -_SUFFIX_LEN] + b"}" if data.endswith(b'"}') else data)
+        env = msgspec.json.decode(head)
         mid = env.get("id") if isinstance(env, dict) else None
         return mid if isinstance(mid, str) and len(mid) == 32 else None
     except Exception:
         return None
+
+
+_ID_MEMBER = re.compile(rb'"id":"([0-9a-f]{32})"')
 
 
 class ReplayCache:

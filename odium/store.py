@@ -189,10 +189,21 @@ class JobFnRow(Base):
     created: Mapped[float] = mapped_column(Float)
 
 
+# What the hub acknowledges (a job's result: the node then forgets it) must survive an OS
+# crash or a power cut. In WAL mode, synchronous=NORMAL syncs the log only at checkpoints, so
+# the last commits can vanish; FULL syncs it at every commit (the writer thread's: one per
+# batch). bench/bench_durability.py measures what it costs. Not a user option: benchmarks
+# set it to compare.
+SQLITE_SYNCHRONOUS = "FULL"
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    if SQLITE_SYNCHRONOUS not in ("FULL", "EXTRA", "NORMAL"):
+        raise ConfigError(f"SQLITE_SYNCHRONOUS is FULL, EXTRA or NORMAL, not "
+                          f"{SQLITE_SYNCHRONOUS!r}")
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
 
@@ -222,9 +233,12 @@ class Store:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def write(self, fn: Callable[[Session], object]) -> None:
-        """Queue a change made through the ORM; the writer thread applies it in a batch."""
-        self._queue.put(fn)
+    def write(self, fn: Callable[[Session], object],
+              on_commit: Callable[[], None] | None = None) -> None:
+        """Queue a change made through the ORM; the writer thread applies it in a batch.
+        ``on_commit`` is called (in the writer thread) once the transaction that holds this
+        change has committed (durably: see SQLITE_SYNCHRONOUS), and never if it failed."""
+        self._queue.put(fn if on_commit is None else ("write", fn, on_commit))
 
     def insert(self, model: type[Base], values: dict[str, Any]) -> None:
         """Queue a plain row insert (the cheap path: many become one executemany)."""
@@ -267,6 +281,7 @@ class Store:
                 return
 
     def _apply(self, work: list[Any]) -> None:
+        committed: list[Callable[[], None]] = []
         with self.session.begin() as s:
             i = 0
             while i < len(work):
@@ -284,10 +299,19 @@ class Store:
                     table = model.__table__  # type: ignore[attr-defined]
                     pk = list(table.primary_key.columns)[0]
                     s.execute(update(table).where(pk == key).values(**values))
+                elif isinstance(item, tuple) and item[0] == "write":
+                    item[1](s)
+                    s.flush()
+                    committed.append(item[2])
                 else:
                     item(s)
                     s.flush()
                 i += 1
+        for fn in committed:  # the transaction has committed: tell whoever waits for it
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a callback must not undo a commit
+                log.exception("after-commit callback failed")
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every queued write is committed."""
@@ -399,11 +423,9 @@ class Store:
     # --- the job queue ---------------------------------------------------------------------
 
     def after_commit(self, fn: Callable[[], None]) -> None:
-        """Call fn (in the writer thread) once every write queued before it is committed."""
-        def mark(s: Session) -> None:
-            event.listen(s, "after_commit", lambda _s: fn(), once=True)
-
-        self.write(mark)
+        """Call fn (in the writer thread) once every write queued before it has been tried
+        (to know that one write itself committed, give it ``on_commit``)."""
+        self.write(lambda s: None, on_commit=fn)
 
     def jobs_unfinished(self) -> list[JobRow]:
         with self.session() as s:

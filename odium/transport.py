@@ -16,9 +16,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.utils.z85
@@ -28,6 +28,7 @@ from .keys import Identity, curve_public
 from .protocol import MAX_MESSAGE
 
 log = logging.getLogger("odium.transport")
+T = TypeVar("T")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"odium"
@@ -323,3 +324,20 @@ def recv_frames(sock: zmq.Socket[Any], limit: int = 1000) -> list[list[zmq.Frame
         except zmq.Again:
             break
     return out
+
+
+
+def each_message(items: Iterable[T], handle: Callable[[T], None],
+                 failed: Callable[[T, Exception], None]) -> None:
+    """Handle each received message on its own: any exception ``handle`` raises for one, not
+    only the protocol's, goes to ``failed`` for that one (which logs it, rate-limited, and
+    answers it where someone waits), and the next is handled all the same. The one dispatch
+    wrapper of every hub and node handler."""
+    for item in items:
+        try:
+            handle(item)
+        except Exception as e:  # noqa: BLE001 - one message's failure is its own
+            try:
+                failed(item, e)
+            except Exception:  # noqa: BLE001 - never lose the rest of a batch to it
+                log.exception("reporting a failed message failed")
