@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("node", help="run a node in the foreground, joined to a hub")
     home(sp)
     sp.add_argument("--join", metavar="tcp://HOST:PORT", help="the hub's query address")
-    sp.add_argument("--token", help="join token from: odium token")
+    sp.add_argument("--token", help="join token from: odium token (visible to every local "
+                    "user in ps while the node runs: prefer --token-file or $ODIUM_TOKEN)")
+    sp.add_argument("--token-file", metavar="PATH",
+                    help="read the join token from this file (yours, mode 0600; left in place)")
     sp.add_argument("--hub-key", help="the hub's public key (join as pending, without a token)")
     sp.add_argument("--name", help="node name (default: this host's name)")
     sp.add_argument("--app", default=None, help="application directory (default: cwd)")
@@ -145,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("token", help="issue a single-use join token")
     home(sp)
     sp.add_argument("--ttl", type=_positive, default=3600.0, help="seconds it stays valid")
+    sp.add_argument("--file", metavar="PATH", default=None,
+                    help="write the token to this new 0600 file instead of printing it")
 
     sp = sub.add_parser("log", help="recent events of the hub")
     home(sp)
@@ -220,9 +225,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .keys import Token
     from .node import load_joined
 
+    text = _token_text(args)
     inst = Instance(args.home, args.app)
     try:
-        token = Token.decode(args.token) if args.token else None
+        token = Token.decode(text) if text else None
+        text = args.token = None  # decoded: keep only what joining needs, until joined
         joined = load_joined(inst.home)
         name = args.name or (joined or {}).get("name") or socket.gethostname().split(".")[0]
         if token is not None:
@@ -235,10 +242,12 @@ def cmd_node(args: argparse.Namespace) -> int:
             raise ConfigError(f"this home ({inst.home}) already belongs to the hub at "
                               f"{joined['address']}; use another --home to join {args.join}")
         elif args.join:
-            raise ConfigError("--join needs --token (from: odium token) or --hub-key KEY")
+            raise ConfigError("--join needs a join token (--token-file PATH or $ODIUM_TOKEN, "
+                              "from: odium token) or --hub-key KEY")
         else:
-            raise ConfigError("this node has not joined a hub: give --token TOKEN (from: odium "
-                              "token on the hub), or --join tcp://HOST:PORT --hub-key KEY")
+            raise ConfigError("this node has not joined a hub: give a join token (from: odium "
+                              "token on the hub) in $ODIUM_TOKEN or --token-file PATH, or "
+                              "--join tcp://HOST:PORT --hub-key KEY")
         from .keys import check_key_id
 
         check_key_id(hub_key)
@@ -262,9 +271,27 @@ def cmd_node(args: argparse.Namespace) -> int:
     if node.restart:  # a sync checked out a new commit: run this same command again, in place
         sys.stdout.flush()
         argv = list(getattr(sys, "orig_argv", [sys.executable, "-m", "odium", *sys.argv[1:]]))
-        args_no_token = _drop_option(argv, "--token")
+        args_no_token = _drop_option(_drop_option(argv, "--token"), "--token-file")
         os.execv(sys.executable, [sys.executable, *args_no_token[1:]])
     return 0
+
+
+def _token_text(args: argparse.Namespace) -> str | None:
+    """The join token from --token-file, $ODIUM_TOKEN or --token. ODIUM_TOKEN leaves this
+    process's environment at once, so that no command the node runs inherits it."""
+    from .keys import TOKEN_ENV, read_token_file
+
+    env = os.environ.pop(TOKEN_ENV, None)
+    if args.token and args.token_file:
+        raise ConfigError("give the join token with --token-file or --token, not both")
+    if args.token_file:
+        return read_token_file(Path(args.token_file).expanduser())
+    if args.token:
+        print("odium: warning: a token given with --token is visible to every local user (ps) "
+              f"while the node runs; use --token-file PATH or ${TOKEN_ENV} instead",
+              file=sys.stderr, flush=True)
+        return str(args.token)
+    return env.strip() if env and env.strip() else None
 
 
 def _stop_with_parent(inst: Any) -> None:
@@ -454,9 +481,16 @@ def format_state(info: Any) -> str:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from .keys import join_command, write_token_file
+
     with _admin(args) as admin:
         tok = admin.token(args.ttl)
-    print(f"odium node --token {tok} --name NAME")
+    if args.file:
+        path = Path(args.file).expanduser()
+        write_token_file(path, tok)
+        print(join_command(tok, path))
+    else:
+        print(join_command(tok))
     return 0
 
 

@@ -38,7 +38,7 @@ from .hub import DEFAULT_PORTS, HubCore, KeyInfo
 from .instance import Instance, default_home
 from .jobclient import Job, JobExecutor, as_completed, check_options, known, pack_jobs
 from .jobs import JobStatus
-from .keys import ensure_home, load_or_create, verify_key
+from .keys import check_home, ensure_home, load_or_create, verify_key
 from .node import save_joined
 from .results import NodeResult, Result
 from .transport import client_socket
@@ -337,7 +337,10 @@ class Hub:
         return str(self._call(lambda: core.make_token(ttl)))
 
     def join_command(self, ttl: float = 3600.0) -> str:
-        return f"odium node --token {self.token(ttl)} --name NAME"
+        """The command that joins another machine, the token in ODIUM_TOKEN (never on argv)."""
+        from .keys import join_command
+
+        return join_command(self.token(ttl))
 
     def keys(self) -> list[dict[str, Any]]:
         core = self.core
@@ -471,6 +474,7 @@ class Admin:
         if not info_path.exists():
             raise NotConnectedError(f"no hub is running with home {home_path} (start one with: "
                                     f"odium hub --home {home_path})")
+        check_home(home_path)  # a hub.json or admin.key another user planted is not the hub's
         try:
             info = json.loads(info_path.read_text())
             self.hub_key = str(info["key"])

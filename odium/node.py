@@ -109,6 +109,7 @@ class NodeCore:
         self.monitors: dict[str, zmq.Socket[Any]] = {}
         self._told_pending = False
         self._token_expires = 0.0
+        self._token_ident: Identity | None = None  # a join token's one-time key, until joined
         self._reject_budget = 20.0
         self._reject_at = time.monotonic()
         # the first worker starts once the node is ready, so that joining is not slowed down;
@@ -186,6 +187,8 @@ class NodeCore:
                  on_reply: Callable[[P.Message], None],
                  on_error: Callable[[str], None] | None = None) -> None:
         ident = self.inst.ident if sock is self.query else self._token_ident
+        if ident is None:  # the join is done and its token forgotten: nothing more to send
+            return
         mid = P.new_id()
         raw = P.seal(ident.signing, ident.key_id, self.inst.state, type_, body, msg_id=mid)
         self.requests[mid] = _Request(type_, body, on_reply, time.monotonic(), sock, on_error)
@@ -286,6 +289,7 @@ class NodeCore:
 
     def _joined(self, msg: P.Message) -> None:
         self._unwatch("join")
+        self._token_ident = None  # the token is spent: forget it
         if self.join_sock is not None:
             self.inst.loop.remove(self.join_sock)
             self.join_sock.close(linger=0)
