@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from .errors import ConfigError, OdiumError
 from .kernel import add_kernel_parser, cmd_kernel
 from .protocol import DEFAULT_PORTS
+from .term import clean, clean_lines
 
 PORT_NAMES = list(DEFAULT_PORTS)  # pub, query, jobs, results
 
@@ -141,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("keys", help="this instance's key; the hub's trusted keys")
     home(sp)
     sp.add_argument("action", choices=["show", "list", "accept", "reject", "revoke"])
-    sp.add_argument("pattern", nargs="?", help="key id, node name, or glob over names")
+    sp.add_argument("pattern", nargs="?",
+                    help="key id or fingerprint (any role), or node name or glob (node keys)")
     sp.set_defaults(_late_positionals=("pattern",))
+    sp.add_argument("--role", choices=["node", "admin"], default=None,
+                    help="the role of the keys a name or glob chooses (default: node)")
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("token", help="issue a single-use join token")
@@ -181,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(COMMANDS[args.command](args) or 0)
     except OdiumError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"odium: {first}", file=sys.stderr)
+        first = str(e).split("\n")[0] if str(e) else type(e).__name__
+        print(f"odium: {clean(first)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("odium: interrupted", file=sys.stderr)
@@ -363,6 +367,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> None:
+    rows = [[clean(c) for c in r] for r in rows]  # node text: control characters escaped
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
@@ -418,8 +423,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         if not args.pattern:
             raise ConfigError(f"keys {args.action} needs a key id, node name or glob")
-        changed = admin.key_action(args.action, args.pattern)
-    print(f"{args.action}ed {len(changed)} key(s): " + ", ".join(changed))
+        changed = admin.key_action(args.action, args.pattern, args.role)
+    print(f"{args.action}ed {len(changed)} key(s): " + ", ".join(
+        f"{k['role']} key {k['name'] or '-'} {k['fingerprint']} {k['key']}" for k in changed))
     return 0
 
 
@@ -442,15 +448,16 @@ def cmd_state(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     hub = report["hub"]
-    print(f"hub: {hub['state']}")
+    print(f"hub: {clean(hub['state'])}")
     differ = 0
     for name, n in report["nodes"].items():
         same = not n["diff"]
         differ += not same
-        print(f"[{name}] {n['status']}  {short_state(n['state'])}  "
-              f"{'same as hub' if same else 'differs'}")
-        for line in (n.get("text") or "").splitlines():
-            print("  " + line)
+        print(clean(f"[{name}] {n['status']}  {short_state(n['state'])}  "
+                    f"{'same as hub' if same else 'differs'}"))
+        for line in str(n.get("text") or "").split("\n"):
+            if line:
+                print("  " + clean_lines(line))
     if not report["nodes"]:
         print("no nodes match")
     return 0 if differ == 0 else 1
@@ -502,8 +509,8 @@ def cmd_log(args: argparse.Namespace) -> int:
         return 0
     for e in events:
         t = datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S")
-        who = f" [{e['node']}]" if e["node"] else ""
-        print(f"{t} {e['level']:<7} {e['kind']:<16}{who} {e['detail']}")
+        who = f" [{clean(e['node'])}]" if e["node"] else ""
+        print(f"{t} {clean(e['level']):<7} {clean(e['kind']):<16}{who} {clean(e['detail'])}")
     return 0
 
 
@@ -652,7 +659,8 @@ def format_job(info: dict[str, Any], brief: bool = False) -> str:
             where = f" [{e['node']}]" if e.get("node") else ""
             lines.append(f"  {t} {e['prev'] or '-':>9} -> {e['status']:<9}{where} "
                          f"{e.get('detail', '')}".rstrip())
-    return "\n".join(lines)
+    # a node's text: each line one line, control characters shown as escapes
+    return "\n".join(clean_lines(ln).replace("\n", "\\n") for ln in lines)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

@@ -346,20 +346,31 @@ class Hub:
         core = self.core
         return list(self._call(core.key_list))
 
-    def accept(self, pattern: str) -> list[str]:
+    def key_action(self, action: str, pattern: str, role: str | None = None
+                   ) -> list[dict[str, Any]]:
+        """accept / reject / revoke keys; the keys acted on (key, name, role they had,
+        fingerprint). Names and globs choose node keys unless ``role="admin"``."""
         core = self.core
-        return list(self._call(lambda: core.key_action("accept", pattern)))
+        chosen = self._call(lambda: core.key_action(action, pattern, role))
+        return [{"key": k.key_id, "name": k.name, "role": k.role,
+                 "fingerprint": core._fp(k.key_id)} for k in chosen]
 
-    def reject(self, pattern: str) -> list[str]:
-        core = self.core
-        return list(self._call(lambda: core.key_action("reject", pattern)))
+    def accept(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("accept", pattern, role)]
 
-    def revoke(self, pattern: str) -> list[str]:
-        core = self.core
-        return list(self._call(lambda: core.key_action("revoke", pattern)))
+    def reject(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("reject", pattern, role)]
+
+    def revoke(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("revoke", pattern, role)]
 
     def trust(self, key_id: str, name: str, role: str = "node") -> None:
         """Trust a key directly (for nodes whose keys you made yourself)."""
+        from .keys import check_key_id, is_reserved_name
+
+        check_key_id(key_id)
+        if role != "admin" and is_reserved_name(name):
+            raise ConfigError(f"node name {name!r} is reserved for the hub's own keys")
         core = self.core
         self._call(lambda: core._set_key(KeyInfo(key_id, role, name, None, "trusted by API")))
 
@@ -568,8 +579,11 @@ class Admin:
     def keys(self) -> list[dict[str, Any]]:
         return list(self.request("keys", P.Query())["keys"])
 
-    def key_action(self, action: str, pattern: str) -> list[str]:
-        return list(self.request("key", P.KeyAction(action, pattern))["changed"])  # type: ignore[arg-type]
+    def key_action(self, action: str, pattern: str, role: str | None = None
+                   ) -> list[dict[str, Any]]:
+        """The keys acted on: key, name, the role each had, fingerprint."""
+        data = self.request("key", P.KeyAction(action, pattern, role))  # type: ignore[arg-type]
+        return list(data["keys"])
 
     def token(self, ttl: float = 3600.0) -> str:
         return str(self.request("token", P.TokenRequest(ttl))["token"])

@@ -28,6 +28,13 @@ from .protocol import KEY_RE, b64url, new_id, unb64url
 
 _KEY_RE = re.compile(KEY_RE)
 TOKEN_PREFIX = "odt1."
+# the names of the hub's own keys (its identity and the admin key in its home): no node may
+# take them, so that a name always says whose key it is ("keys revoke admin" means no node)
+RESERVED_NAMES = frozenset({"hub", "admin"})
+
+
+def is_reserved_name(name: str) -> bool:
+    return name.lower() in RESERVED_NAMES
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from . import protocol as P
 from .errors import AuthError, ConfigError, OdiumError, ProtocolError
 from .executor import Executor, warm_forkserver
 from .jobnode import NodeJobs
-from .keys import Identity, Token, join_proof_bytes, verify_key
+from .keys import Identity, Token, is_reserved_name, join_proof_bytes, verify_key
 from .state import (
     Declaration,
     StateInfo,
@@ -41,6 +41,7 @@ from .state import (
     satisfies,
     snapshot,
 )
+from .term import clean
 from .transport import client_socket, recv_frames
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ class NodeCore:
         self.name = name
         if not __import__("re").match(P.NAME_RE, name):
             raise ConfigError(f"bad node name {name!r}: letters, digits, '.', '_', '-' (max 64)")
+        if is_reserved_name(name):
+            raise ConfigError(f"node name {name!r} is reserved for the hub's own keys; choose "
+                              "another --name")
         self.host, self.query_port = parse_endpoint(address)
         self.address = address
         self.hub_key = hub_key
@@ -301,8 +305,10 @@ class NodeCore:
 
     def _register(self) -> None:
         assert self.query is not None
-        body = P.Register(self.name, self.boot, self.capacity, os.getpid(), pysocket.gethostname(),
-                          str(self.inst.app),
+        host = pysocket.gethostname()  # what the hub accepts (P.HOST_RE), or nothing
+        host = host if __import__("re").match(P.HOST_RE, host) else ""
+        body = P.Register(self.name, self.boot, self.capacity, os.getpid(), host,
+                          clean(self.inst.app)[:4096],
                           self.state_info.to_dict() if self.state_info else None)
         self._request(self.query, "register", body, self._registered)
 
@@ -364,7 +370,7 @@ class NodeCore:
         self._reject_at = now
         if self._reject_budget >= 1 and self.registered:
             self._reject_budget -= 1
-            self._send("event", P.NodeEvent("rejected", f"on {where}: {err}"[:4000]))
+            self._send("event", P.NodeEvent("rejected", clean(f"on {where}: {err}")[:4000]))
 
     def _on_hb(self, msg: P.Message) -> None:
         body: P.HubBeat = msg.body  # type: ignore[assignment]
@@ -424,7 +430,7 @@ class NodeCore:
                 try:
                     info = snapshot(self.inst.app)
                 except ConfigError as e:  # a bad declaration: say so (once), fingerprint without
-                    why = str(e)[:4000]
+                    why = clean(e)[:4000]
                     if why != self._said_bad_declaration:
                         self._said_bad_declaration = why
                         self.inst.loop.call_soon_threadsafe(lambda: self._send(
@@ -560,7 +566,7 @@ class NodeCore:
         note = self.inst.home / "sync.json"
         note.write_text(json.dumps({"cmd": cmd, "text": text + "; restarted"}))
         log.info("%s; restarting", text)
-        self._send("event", P.NodeEvent("synced", f"{text}; restarting", "info"))
+        self._send("event", P.NodeEvent("synced", clean(f"{text}; restarting")[:4000], "info"))
         self._send("restarting", P.Empty())
         self.restart = True
         self.inst.loop.call_later(0.05, self.inst.loop.stop)

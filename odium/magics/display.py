@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..results import NodeResult, Result, Status, format_text, short_state
+from ..term import clean
 
 # --- colours and small pieces ------------------------------------------------------------------
 
@@ -267,7 +268,7 @@ def render_text(result: Result) -> str:
     for name, r in result.nodes.items():
         for out in outputs_of(r):
             mimes = ", ".join(sorted((out.get("data") or {}).keys())) or "nothing"
-            lines.append(f"[{name}] displayed {mimes}")
+            lines.append(clean(f"[{name}] displayed {mimes}"))
     return "\n".join(lines)
 
 
@@ -311,15 +312,15 @@ class Table:
                   for col in cols]
         widths = [min(w, 60) for w in widths]
 
-        def fmt(values: Sequence[str]) -> str:
-            return "  ".join(v.replace("\n", " | ").ljust(w) for v, w in
+        def fmt(values: Sequence[str]) -> str:  # node text: control characters escaped
+            return "  ".join(clean(v.replace("\n", " | ")).ljust(w) for v, w in
                              zip(values, widths, strict=False)).rstrip()
 
-        lines = [self.title, fmt(self.columns)]
+        lines = [clean(self.title), fmt(self.columns)]
         lines += [fmt([c.text for c in row]) for row in self.rows]
         if not self.rows:
             lines.append("(none)")
-        lines += self.notes
+        lines += [clean(n) for n in self.notes]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -522,8 +523,8 @@ class LiveView:
                 import sys
 
                 dest = sys.stderr if stream == "stderr" else sys.stdout
-                for line in text.splitlines():
-                    print(f"[{node}] {line}", file=dest)
+                for line in text.split("\n"):
+                    print(f"[{node}] {clean(line)}", file=dest)
             return
         now = time.monotonic()
         key = (len(done), len(targets), tuple(sorted((finals or {}).keys())))
