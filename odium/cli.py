@@ -424,7 +424,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if not args.pattern:
             raise ConfigError(f"keys {args.action} needs a key id, node name or glob")
         changed = admin.key_action(args.action, args.pattern, args.role)
-    print(f"{args.action}ed {len(changed)} key(s): " + ", ".join(
+    past = {"accept": "accepted", "reject": "rejected", "revoke": "revoked"}[args.action]
+    print(f"{past} {len(changed)} key(s): " + ", ".join(
         f"{k['role']} key {k['name'] or '-'} {k['fingerprint']} {k['key']}" for k in changed))
     return 0
 
