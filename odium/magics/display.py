@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..results import NodeResult, Result, Status, format_text, short_state
-from ..term import clean
+from ..term import clean, clean_lines
 
 # --- colours and small pieces ------------------------------------------------------------------
 
@@ -62,7 +62,9 @@ _STATE_DIFF = ("font-family:monospace;background:#fff8c5;color:#6a4a00;font-weig
                "padding:0 3px;border-radius:3px")
 _MUTED = "opacity:.65;font-size:11px"
 
-e = html.escape
+def e(text: str, quote: bool = True) -> str:
+    """HTML for foreign text: markup escaped, control characters shown as escapes."""
+    return html.escape(clean_lines(text), quote)
 
 
 def badge(text: str, kind: str | None = None) -> str:
@@ -154,7 +156,7 @@ def output_html(output: Mapping[str, Any]) -> str:
         doc = _text(data["text/html"])
         rows = sum(doc.count(t) for t in ("<tr", "<br", "<p", "<li", "<h", "<div", "\n"))
         height = max(60, min(480, 22 * rows + 24))
-        return (f'<iframe class="odium-html" sandbox="" srcdoc="{e(doc, quote=True)}" '
+        return (f'<iframe class="odium-html" sandbox="" srcdoc="{html.escape(doc, quote=True)}" '
                 f'style="border:1px solid rgba(128,128,128,.25);width:100%;height:{height}px;'
                 f'resize:vertical;background:#fff"></iframe>')
     for mime in ("text/markdown", "text/latex", "application/json", "text/plain"):
