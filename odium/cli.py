@@ -233,6 +233,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     inst = Instance(args.home, args.app)
     try:
         token = Token.decode(text) if text else None
+        if args.token:
+            print("odium: warning: a token given with --token is visible to every local user "
+                  "(ps) while the node runs; use --token-file PATH or $ODIUM_TOKEN instead",
+                  file=sys.stderr, flush=True)
         text = args.token = None  # decoded: keep only what joining needs, until joined
         joined = load_joined(inst.home)
         name = args.name or (joined or {}).get("name") or socket.gethostname().split(".")[0]
@@ -291,9 +295,6 @@ def _token_text(args: argparse.Namespace) -> str | None:
     if args.token_file:
         return read_token_file(Path(args.token_file).expanduser())
     if args.token:
-        print("odium: warning: a token given with --token is visible to every local user (ps) "
-              f"while the node runs; use --token-file PATH or ${TOKEN_ENV} instead",
-              file=sys.stderr, flush=True)
         return str(args.token)
     return env.strip() if env and env.strip() else None
 
