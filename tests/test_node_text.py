@@ -52,7 +52,7 @@ def node(hub: odium.Hub, zctx) -> tuple[Raw, Raw, str]:
     ("app", "/srv/app" + FAKE), ("app", "/srv/\u202eppa"), ("name", "n1\n")])
 def test_register_with_control_characters_is_rejected(hub: odium.Hub, zctx, field: str,
                                                       value: str) -> None:
-    ident = trusted(hub, "n1")
+    ident = trusted(hub, "")  # a key not bound to a name yet: it registers with one
     q = Raw(zctx, hub, "query", ident)
     fields: dict[str, Any] = {"name": "n1", "boot": P.new_id(), "host": "pc-1", "app": "/srv/a"}
     fields[field] = value
