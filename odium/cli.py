@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from .errors import ConfigError, OdiumError
 from .kernel import add_kernel_parser, cmd_kernel
 from .protocol import DEFAULT_PORTS
+from .term import clean, clean_lines
 
 PORT_NAMES = list(DEFAULT_PORTS)  # pub, query, jobs, results
 
@@ -96,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("node", help="run a node in the foreground, joined to a hub")
     home(sp)
     sp.add_argument("--join", metavar="tcp://HOST:PORT", help="the hub's query address")
-    sp.add_argument("--token", help="join token from: odium token")
+    sp.add_argument("--token", help="join token from: odium token (visible to every local "
+                    "user in ps while the node runs: prefer --token-file or $ODIUM_TOKEN)")
+    sp.add_argument("--token-file", metavar="PATH",
+                    help="read the join token from this file (yours, mode 0600; left in place)")
     sp.add_argument("--hub-key", help="the hub's public key (join as pending, without a token)")
     sp.add_argument("--name", help="node name (default: this host's name)")
     sp.add_argument("--app", default=None, help="application directory (default: cwd)")
@@ -138,13 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("keys", help="this instance's key; the hub's trusted keys")
     home(sp)
     sp.add_argument("action", choices=["show", "list", "accept", "reject", "revoke"])
-    sp.add_argument("pattern", nargs="?", help="key id, node name, or glob over names")
+    sp.add_argument("pattern", nargs="?",
+                    help="key id or fingerprint (any role), or node name or glob (node keys)")
     sp.set_defaults(_late_positionals=("pattern",))
+    sp.add_argument("--role", choices=["node", "admin"], default=None,
+                    help="the role of the keys a name or glob chooses (default: node)")
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("token", help="issue a single-use join token")
     home(sp)
     sp.add_argument("--ttl", type=_positive, default=3600.0, help="seconds it stays valid")
+    sp.add_argument("--file", metavar="PATH", default=None,
+                    help="write the token to this new 0600 file instead of printing it")
 
     sp = sub.add_parser("log", help="recent events of the hub")
     home(sp)
@@ -176,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(COMMANDS[args.command](args) or 0)
     except OdiumError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"odium: {first}", file=sys.stderr)
+        first = str(e).split("\n")[0] if str(e) else type(e).__name__
+        print(f"odium: {clean(first)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("odium: interrupted", file=sys.stderr)
@@ -220,9 +229,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .keys import Token
     from .node import load_joined
 
+    text = _token_text(args)
     inst = Instance(args.home, args.app)
     try:
-        token = Token.decode(args.token) if args.token else None
+        token = Token.decode(text) if text else None
+        if args.token:
+            print("odium: warning: a token given with --token is visible to every local user "
+                  "(ps) while the node runs; use --token-file PATH or $ODIUM_TOKEN instead",
+                  file=sys.stderr, flush=True)
+        text = args.token = None  # decoded: keep only what joining needs, until joined
         joined = load_joined(inst.home)
         name = args.name or (joined or {}).get("name") or socket.gethostname().split(".")[0]
         if token is not None:
@@ -235,10 +250,12 @@ def cmd_node(args: argparse.Namespace) -> int:
             raise ConfigError(f"this home ({inst.home}) already belongs to the hub at "
                               f"{joined['address']}; use another --home to join {args.join}")
         elif args.join:
-            raise ConfigError("--join needs --token (from: odium token) or --hub-key KEY")
+            raise ConfigError("--join needs a join token (--token-file PATH or $ODIUM_TOKEN, "
+                              "from: odium token) or --hub-key KEY")
         else:
-            raise ConfigError("this node has not joined a hub: give --token TOKEN (from: odium "
-                              "token on the hub), or --join tcp://HOST:PORT --hub-key KEY")
+            raise ConfigError("this node has not joined a hub: give a join token (from: odium "
+                              "token on the hub) in $ODIUM_TOKEN or --token-file PATH, or "
+                              "--join tcp://HOST:PORT --hub-key KEY")
         from .keys import check_key_id
 
         check_key_id(hub_key)
@@ -262,9 +279,24 @@ def cmd_node(args: argparse.Namespace) -> int:
     if node.restart:  # a sync checked out a new commit: run this same command again, in place
         sys.stdout.flush()
         argv = list(getattr(sys, "orig_argv", [sys.executable, "-m", "odium", *sys.argv[1:]]))
-        args_no_token = _drop_option(argv, "--token")
+        args_no_token = _drop_option(_drop_option(argv, "--token"), "--token-file")
         os.execv(sys.executable, [sys.executable, *args_no_token[1:]])
     return 0
+
+
+def _token_text(args: argparse.Namespace) -> str | None:
+    """The join token from --token-file, $ODIUM_TOKEN or --token. ODIUM_TOKEN leaves this
+    process's environment at once, so that no command the node runs inherits it."""
+    from .keys import TOKEN_ENV, read_token_file
+
+    env = os.environ.pop(TOKEN_ENV, None)
+    if args.token and args.token_file:
+        raise ConfigError("give the join token with --token-file or --token, not both")
+    if args.token_file:
+        return read_token_file(Path(args.token_file).expanduser())
+    if args.token:
+        return str(args.token)
+    return env.strip() if env and env.strip() else None
 
 
 def _stop_with_parent(inst: Any) -> None:
@@ -336,6 +368,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> None:
+    rows = [[clean(c) for c in r] for r in rows]  # node text: control characters escaped
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
@@ -391,8 +424,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         if not args.pattern:
             raise ConfigError(f"keys {args.action} needs a key id, node name or glob")
-        changed = admin.key_action(args.action, args.pattern)
-    print(f"{args.action}ed {len(changed)} key(s): " + ", ".join(changed))
+        changed = admin.key_action(args.action, args.pattern, args.role)
+    past = {"accept": "accepted", "reject": "rejected", "revoke": "revoked"}[args.action]
+    print(f"{past} {len(changed)} key(s): " + ", ".join(
+        f"{k['role']} key {k['name'] or '-'} {k['fingerprint']} {k['key']}" for k in changed))
     return 0
 
 
@@ -415,15 +450,16 @@ def cmd_state(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     hub = report["hub"]
-    print(f"hub: {hub['state']}")
+    print(f"hub: {clean(hub['state'])}")
     differ = 0
     for name, n in report["nodes"].items():
         same = not n["diff"]
         differ += not same
-        print(f"[{name}] {n['status']}  {short_state(n['state'])}  "
-              f"{'same as hub' if same else 'differs'}")
-        for line in (n.get("text") or "").splitlines():
-            print("  " + line)
+        print(clean(f"[{name}] {n['status']}  {short_state(n['state'])}  "
+                    f"{'same as hub' if same else 'differs'}"))
+        for line in str(n.get("text") or "").split("\n"):
+            if line:
+                print("  " + clean_lines(line))
     if not report["nodes"]:
         print("no nodes match")
     return 0 if differ == 0 else 1
@@ -454,9 +490,16 @@ def format_state(info: Any) -> str:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from .keys import join_command, write_token_file
+
     with _admin(args) as admin:
         tok = admin.token(args.ttl)
-    print(f"odium node --token {tok} --name NAME")
+    if args.file:
+        path = Path(args.file).expanduser()
+        write_token_file(path, tok)
+        print(join_command(tok, path))
+    else:
+        print(join_command(tok))
     return 0
 
 
@@ -468,8 +511,8 @@ def cmd_log(args: argparse.Namespace) -> int:
         return 0
     for e in events:
         t = datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S")
-        who = f" [{e['node']}]" if e["node"] else ""
-        print(f"{t} {e['level']:<7} {e['kind']:<16}{who} {e['detail']}")
+        who = f" [{clean(e['node'])}]" if e["node"] else ""
+        print(f"{t} {clean(e['level']):<7} {clean(e['kind']):<16}{who} {clean(e['detail'])}")
     return 0
 
 
@@ -618,7 +661,8 @@ def format_job(info: dict[str, Any], brief: bool = False) -> str:
             where = f" [{e['node']}]" if e.get("node") else ""
             lines.append(f"  {t} {e['prev'] or '-':>9} -> {e['status']:<9}{where} "
                          f"{e.get('detail', '')}".rstrip())
-    return "\n".join(lines)
+    # a node's text: each line one line, control characters shown as escapes
+    return "\n".join(clean_lines(ln).replace("\n", "\\n") for ln in lines)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ from .hub import DEFAULT_PORTS, HubCore, KeyInfo
 from .instance import Instance, default_home
 from .jobclient import Job, JobExecutor, as_completed, check_options, known, pack_jobs
 from .jobs import JobStatus
-from .keys import check_key_id, ensure_home, load_or_create, verify_key
+from .keys import check_home, check_key_id, ensure_home, load_or_create, verify_key
 from .node import save_joined
 from .results import NodeResult, Result
 from .transport import client_socket
@@ -337,27 +337,40 @@ class Hub:
         return str(self._call(lambda: core.make_token(ttl)))
 
     def join_command(self, ttl: float = 3600.0) -> str:
-        return f"odium node --token {self.token(ttl)} --name NAME"
+        """The command that joins another machine, the token in ODIUM_TOKEN (never on argv)."""
+        from .keys import join_command
+
+        return join_command(self.token(ttl))
 
     def keys(self) -> list[dict[str, Any]]:
         core = self.core
         return list(self._call(core.key_list))
 
-    def accept(self, pattern: str) -> list[str]:
+    def key_action(self, action: str, pattern: str, role: str | None = None
+                   ) -> list[dict[str, Any]]:
+        """accept / reject / revoke keys; the keys acted on (key, name, role they had,
+        fingerprint). Names and globs choose node keys unless ``role="admin"``."""
         core = self.core
-        return list(self._call(lambda: core.key_action("accept", pattern)))
+        chosen = self._call(lambda: core.key_action(action, pattern, role))
+        return [{"key": k.key_id, "name": k.name, "role": k.role,
+                 "fingerprint": core._fp(k.key_id)} for k in chosen]
 
-    def reject(self, pattern: str) -> list[str]:
-        core = self.core
-        return list(self._call(lambda: core.key_action("reject", pattern)))
+    def accept(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("accept", pattern, role)]
 
-    def revoke(self, pattern: str) -> list[str]:
-        core = self.core
-        return list(self._call(lambda: core.key_action("revoke", pattern)))
+    def reject(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("reject", pattern, role)]
+
+    def revoke(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("revoke", pattern, role)]
 
     def trust(self, key_id: str, name: str, role: str = "node") -> None:
         """Trust a key directly (for nodes whose keys you made yourself)."""
+        from .keys import is_reserved_name
+
         check_key_id(key_id)  # a clear error here, before anything changes
+        if role != "admin" and is_reserved_name(name):
+            raise ConfigError(f"node name {name!r} is reserved for the hub's own keys")
         core = self.core
         self._call(lambda: core._set_key(KeyInfo(key_id, role, name, None, "trusted by API")))
 
@@ -472,6 +485,7 @@ class Admin:
         if not info_path.exists():
             raise NotConnectedError(f"no hub is running with home {home_path} (start one with: "
                                     f"odium hub --home {home_path})")
+        check_home(home_path)  # a hub.json or admin.key another user planted is not the hub's
         try:
             info = json.loads(info_path.read_text())
             self.hub_key = str(info["key"])
@@ -565,8 +579,11 @@ class Admin:
     def keys(self) -> list[dict[str, Any]]:
         return list(self.request("keys", P.Query())["keys"])
 
-    def key_action(self, action: str, pattern: str) -> list[str]:
-        return list(self.request("key", P.KeyAction(action, pattern))["changed"])  # type: ignore[arg-type]
+    def key_action(self, action: str, pattern: str, role: str | None = None
+                   ) -> list[dict[str, Any]]:
+        """The keys acted on: key, name, the role each had, fingerprint."""
+        data = self.request("key", P.KeyAction(action, pattern, role))  # type: ignore[arg-type]
+        return list(data["keys"])
 
     def token(self, ttl: float = 3600.0) -> str:
         return str(self.request("token", P.TokenRequest(ttl))["token"])

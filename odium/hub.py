@@ -40,6 +40,7 @@ from .keys import (
     curve_fingerprint,
     curve_public,
     fingerprint,
+    is_reserved_name,
     join_proof_bytes,
     verify_key,
     verify_proof,
@@ -572,6 +573,7 @@ class HubCore:
         if info.note != body.token or (info.expires or 0) < time.time():
             raise AuthError("join token does not match or has expired")
         verify_proof(body.key, join_proof_bytes(body.token, self.inst.ident.key_id), body.proof)
+        _refuse_reserved(body.name)
         taken = self.nodes.get(body.name)
         if taken is not None and taken.key_id != body.key:
             raise AuthError(f"node name {body.name!r} is taken by another key; choose another "
@@ -586,6 +588,7 @@ class HubCore:
         body: P.Register = msg.body  # type: ignore[assignment]
         if info.name and info.name != body.name:
             raise AuthError(f"this key is registered as {info.name!r}, not {body.name!r}")
+        _refuse_reserved(body.name)
         other = self.nodes.get(body.name)
         if other is not None and other.key_id != info.key_id:
             raise AuthError(f"node name {body.name!r} belongs to another key")
@@ -663,7 +666,10 @@ class HubCore:
 
     def _h_key(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.KeyAction = msg.body  # type: ignore[assignment]
-        reply({"changed": self.key_action(body.action, body.pattern)})
+        chosen = self.key_action(body.action, body.pattern, body.role)
+        reply({"changed": [k.key_id for k in chosen], "keys": [
+            {"key": k.key_id, "name": k.name, "role": k.role, "fingerprint": self._fp(k.key_id)}
+            for k in chosen]})
 
     def _h_token(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.TokenRequest = msg.body  # type: ignore[assignment]
@@ -1095,14 +1101,20 @@ class HubCore:
                 for k in self.keys.values() if k.role not in ("used",)
                 and not (k.role == "token" and (k.expires or 0) < time.time())]
 
-    def key_action(self, action: str, pattern: str) -> list[str]:
-        """accept / reject / revoke keys chosen by key id, or a glob over their names."""
+    def key_action(self, action: str, pattern: str, role: str | None = None) -> list[KeyInfo]:
+        """accept / reject / revoke keys chosen by key id or fingerprint (whatever their role),
+        or by a glob over their names (node keys; admin keys only with ``role="admin"``).
+        Returns the keys acted on, as they were. Never leaves the hub without an admin key."""
+        if role not in (None, "node", "admin"):
+            raise ConfigError(f"a key role to act on is 'node' or 'admin', not {role!r}")
         new_role = {"accept": "node", "reject": "rejected", "revoke": "revoked"}[action]
+        by_id = False
         curve = ""
         if re.match(P.KEY_RE, pattern) and not P.is_key_point(pattern):
             if not any(k.name == pattern for k in self.keys.values()):  # (a node's name?)
                 check_key_id(pattern)  # raises: it has a key's shape, but is not a key
         elif re.match(P.KEY_RE, pattern):
+            by_id = True
             curve = curve_public(pattern).decode()
             unbound = self.keys.get(curve)
             if unbound is not None:  # a key seen only as a CURVE key: bind it to its key id
@@ -1115,16 +1127,20 @@ class HubCore:
                 self.store.write(lambda s: s.query(KeyRow).filter_by(key_id=curve).delete())
                 if new:
                     self.store.put_key(pattern, unbound.role, note=unbound.note)
-        elif re.match(r"^[0-9a-f]{4}(:[0-9a-f]{4}){3}$", pattern):
+        elif re.match(r"^[0-9a-f]{4}(:[0-9a-f]{4}){3}\Z", pattern):
             hits = [k for k in self.keys.values() if self._fp(k.key_id) == pattern]
             if hits and all(len(k.key_id) == 40 for k in hits) and action == "accept":
                 raise OdiumError("a pending key is accepted by its key id, not its fingerprint: "
                                  "on the node, odium keys show prints it")
             if hits:
-                pattern = hits[0].key_id
-        chosen = [k for k in self.keys.values()
-                  if (k.key_id == pattern or (k.name and match_nodes(pattern, [k.name])))
-                  and k.role not in ("used", "token")
+                pattern, by_id = hits[0].key_id, True
+        if by_id:  # one key, named exactly: whatever its role (if it is the one asked for)
+            chosen = [k for k in self.keys.values() if k.key_id == pattern
+                      and (role is None or (k.role == "admin") == (role == "admin"))]
+        else:  # names and globs: node keys, or admin keys when asked for by role
+            chosen = [k for k in self.keys.values() if k.name and match_nodes(pattern, [k.name])
+                      and (k.role == "admin") == (role == "admin")]
+        chosen = [k for k in chosen if k.role not in ("used", "token")
                   and k.key_id != self.inst.ident.key_id]
         if action == "accept":
             chosen = [k for k in chosen if k.role in ("pending", "rejected", "revoked")]
@@ -1133,18 +1149,29 @@ class HubCore:
         else:
             chosen = [k for k in chosen if k.role in ("node", "admin")]
         if not chosen:
-            raise OdiumError(f"no key to {action} matches {pattern!r}; see: odium keys list")
+            hint = "" if by_id or role == "admin" else (
+                " (names and globs choose node keys; for an admin key give its key id or "
+                "--role admin)")
+            raise OdiumError(f"no key to {action} matches {pattern!r}{hint}; see: odium keys list")
+        admins = [k for k in self.keys.values()
+                  if k.role == "admin" and k.key_id != self.inst.ident.key_id]
+        if action != "accept" and admins and all(k in chosen for k in admins):
+            last = admins[0]
+            raise OdiumError(
+                f"refused to {action} admin key {last.name or '?'} ({fingerprint(last.key_id)}): "
+                "it is this hub's last admin key, the one odium commands use from its home, "
+                "and you would be locked out; trust another admin key first")
         for k in chosen:
             self._set_key(KeyInfo(k.key_id, new_role, k.name, None, k.note))
-            self.store.event(f"key_{action}", f"{k.name or '?'} {fingerprint(k.key_id)}",
-                             key_id=k.key_id)
+            self.store.event(f"key_{action}", f"{k.role} key {k.name or '?'} "
+                             f"{self._fp(k.key_id)}", key_id=k.key_id)
             if action == "revoke":
                 name = self.by_key.get(k.key_id)
                 if name and name in self.nodes:
                     self._node_gone(self.nodes[name], "lost", "its key was revoked")
         if action == "revoke":
             self._rebind(("pub", "jobs", "results"))
-        return [k.key_id for k in chosen]
+        return chosen
 
     @staticmethod
     def _fp(key_id: str) -> str:
@@ -1199,6 +1226,12 @@ class HubCore:
             s.close(linger=0)
         self.sockets.clear()
         self.zap.close()
+
+
+def _refuse_reserved(name: str) -> None:
+    if is_reserved_name(name):
+        raise AuthError(f"node name {name!r} is reserved for the hub's own keys; choose another "
+                        "--name")
 
 
 def _wheels(wheelhouse: Path | None, limit: int = 8 * 1024 * 1024) -> dict[str, str]:

@@ -30,7 +30,7 @@ from .errors import ConfigError, OdiumError, RemoteError
 
 K = TypeVar("K", bound=Hashable)
 
-JOB_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+JOB_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"
 MAX_BATCH = 256  # jobs in one message, either way
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # payload bytes in one job batch (well under the frame limit)
 

@@ -28,6 +28,13 @@ from .protocol import KEY_RE, b64url, is_key_point, new_id, unb64url
 
 _KEY_RE = re.compile(KEY_RE)
 TOKEN_PREFIX = "odt1."
+# the names of the hub's own keys (its identity and the admin key in its home): no node may
+# take them, so that a name always says whose key it is ("keys revoke admin" means no node)
+RESERVED_NAMES = frozenset({"hub", "admin"})
+
+
+def is_reserved_name(name: str) -> bool:
+    return name.lower() in RESERVED_NAMES
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,53 @@ def verify_proof(key_id: str, data: bytes, proof: str) -> None:
 # --- files -----------------------------------------------------------------------------------
 
 
+def _user_name(uid: int) -> str | None:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return None
+
+
+def _owner(uid: int) -> str:
+    name = _user_name(uid)
+    return f"uid {uid} ({name})" if name else f"uid {uid}"
+
+
+def check_private(path: Path, what: str, st: os.stat_result | None = None) -> None:
+    """Refuse a home or secret file another user owns or may write (the way ssh treats
+    ``~/.ssh``): its keys could have been planted. One-line error saying how to fix it."""
+    st = st or path.stat()
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise ConfigError(
+            f"{what} {path} is owned by {_owner(st.st_uid)}, not by you ({_owner(me)}): "
+            f"another user could have planted its keys; use one of your own, or if it is yours: "
+            f"chown {_user_name(me) or me} {path}")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        fix = "chmod 700" if stat.S_ISDIR(st.st_mode) else "chmod 600"
+        raise ConfigError(f"{what} {path} is writable by group or others (mode {mode:o}): "
+                          f"anyone could plant keys in it; run: {fix} {path}")
+
+
+def check_home(home: str | os.PathLike[str]) -> Path:
+    """An existing home directory, checked as ``ensure_home`` checks it, without creating it."""
+    path = Path(home).expanduser().resolve()
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ConfigError(f"cannot use {path} as home: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"home {path} exists and is not a directory")
+    check_private(path, "home", st)
+    return path
+
+
 def ensure_home(home: str | os.PathLike[str]) -> Path:
-    """Create the home directory (0700) if needed; refuse one others can read."""
+    """Create the home directory (0700) if needed; refuse one another user owns or can write
+    to; make one others can read private (0700)."""
     path = Path(home).expanduser().resolve()
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -131,20 +183,27 @@ def ensure_home(home: str | os.PathLike[str]) -> Path:
         raise ConfigError(f"home {path} exists and is not a directory") from None
     except OSError as e:
         raise ConfigError(f"cannot use {path} as home: {e.strerror}") from None
+    check_home(path)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         os.chmod(path, 0o700)
     return path
 
 
+def check_secret_file(path: Path, what: str = "key file") -> None:
+    """A key or token file must be the running user's and private (no group/other bits)."""
+    st = path.stat()
+    check_private(path, what, st)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"{what} {path} is readable by others (mode {mode:o}); "
+                          f"run: chmod 600 {path}")
+
+
 def load_or_create(path: Path) -> Identity:
-    """Read a key file (hex seed, mode 0600) or make a new one atomically."""
+    """Read a key file (hex seed, mode 0600, the running user's) or make a new one atomically."""
     if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                f"key file {path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
-            )
+        check_secret_file(path)
         text = path.read_text().strip()
         try:
             return Identity.from_seed(bytes.fromhex(text))
@@ -164,6 +223,42 @@ def write_key(path: Path, ident: Identity) -> None:
 
 
 # --- join tokens -----------------------------------------------------------------------------
+
+TOKEN_ENV = "ODIUM_TOKEN"
+
+
+def join_command(token: str, token_file: str | os.PathLike[str] | None = None) -> str:
+    """The command that joins a machine with a token, in a form that keeps the token off the
+    node's command line (``ps`` shows every process's arguments to every local user): the
+    token in ``ODIUM_TOKEN`` (readable only by the node's user), or in a 0600 file."""
+    if token_file is not None:
+        return f"odium node --token-file {token_file} --name NAME"
+    return f"{TOKEN_ENV}={token} odium node --name NAME"
+
+
+def write_token_file(path: Path, token: str) -> None:
+    """Write a token to a new private file (0600), atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write the token to {path}: {e.strerror}") from None
+
+
+def read_token_file(path: Path) -> str:
+    """A token from a file the running user owns and nobody else can read (checked like a key
+    file). The file is left where it is: it is the user's; the token in it is single-use."""
+    try:
+        check_secret_file(path, "token file")
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"no token file {path}; write one with: odium token --file "
+                          f"{path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the token file {path}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from . import protocol as P
 from .errors import AuthError, ConfigError, OdiumError, ProtocolError
 from .executor import Executor, warm_forkserver
 from .jobnode import NodeJobs
-from .keys import Identity, Token, join_proof_bytes, verify_key
+from .keys import Identity, Token, is_reserved_name, join_proof_bytes, verify_key
 from .sealing import Keyring, open_inner
 from .state import (
     Declaration,
@@ -42,6 +42,7 @@ from .state import (
     satisfies,
     snapshot,
 )
+from .term import clean
 from .transport import client_socket, each_message, recv_frames
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ class NodeCore:
         self.name = name
         if not __import__("re").match(P.NAME_RE, name):
             raise ConfigError(f"bad node name {name!r}: letters, digits, '.', '_', '-' (max 64)")
+        if is_reserved_name(name):
+            raise ConfigError(f"node name {name!r} is reserved for the hub's own keys; choose "
+                              "another --name")
         self.host, self.query_port = parse_endpoint(address)
         self.address = address
         self.hub_key = hub_key
@@ -112,6 +116,7 @@ class NodeCore:
         self.monitors: dict[str, zmq.Socket[Any]] = {}
         self._told_pending = False
         self._token_expires = 0.0
+        self._token_ident: Identity | None = None  # a join token's one-time key, until joined
         self._reject_budget = 20.0
         self._reject_at = time.monotonic()
         # the first worker starts once the node is ready, so that joining is not slowed down;
@@ -192,6 +197,8 @@ class NodeCore:
                  on_reply: Callable[[P.Message], None],
                  on_error: Callable[[str], None] | None = None) -> None:
         ident = self.inst.ident if sock is self.query else self._token_ident
+        if ident is None:  # the join is done and its token forgotten: nothing more to send
+            return
         mid = P.new_id()
         raw = P.seal(ident.signing, ident.key_id, self.inst.state, type_, body, msg_id=mid)
         self.requests[mid] = _Request(type_, body, on_reply, time.monotonic(), sock, on_error)
@@ -294,6 +301,7 @@ class NodeCore:
 
     def _joined(self, msg: P.Message) -> None:
         self._unwatch("join")
+        self._token_ident = None  # the token is spent: forget it
         if self.join_sock is not None:
             self.inst.loop.remove(self.join_sock)
             self.join_sock.close(linger=0)
@@ -305,8 +313,10 @@ class NodeCore:
 
     def _register(self) -> None:
         assert self.query is not None
-        body = P.Register(self.name, self.boot, self.capacity, os.getpid(), pysocket.gethostname(),
-                          str(self.inst.app),
+        host = pysocket.gethostname()  # what the hub accepts (P.HOST_RE), or nothing
+        host = host if __import__("re").match(P.HOST_RE, host) else ""
+        body = P.Register(self.name, self.boot, self.capacity, os.getpid(), host,
+                          clean(self.inst.app)[:4096],
                           self.state_info.to_dict() if self.state_info else None)
         self._request(self.query, "register", body, self._registered)
 
@@ -391,7 +401,7 @@ class NodeCore:
         if self._may_log():
             log.warning("rejected message on %s: %s", where, err)
             if self.registered:
-                self._send("event", P.NodeEvent("rejected", f"on {where}: {err}"[:4000]))
+                self._send("event", P.NodeEvent("rejected", clean(f"on {where}: {err}")[:4000]))
 
     def _may_log(self) -> bool:
         """A token bucket (20, refilled at 2 a second) for what bad input makes this node log
@@ -462,7 +472,7 @@ class NodeCore:
                 try:
                     info = snapshot(self.inst.app)
                 except ConfigError as e:  # a bad declaration: say so (once), fingerprint without
-                    why = str(e)[:4000]
+                    why = clean(e)[:4000]
                     if why != self._said_bad_declaration:
                         self._said_bad_declaration = why
                         self.inst.loop.call_soon_threadsafe(lambda: self._send(
@@ -598,7 +608,7 @@ class NodeCore:
         note = self.inst.home / "sync.json"
         note.write_text(json.dumps({"cmd": cmd, "text": text + "; restarted"}))
         log.info("%s; restarting", text)
-        self._send("event", P.NodeEvent("synced", f"{text}; restarting", "info"))
+        self._send("event", P.NodeEvent("synced", clean(f"{text}; restarting")[:4000], "info"))
         self._send("restarting", P.Empty())
         self.restart = True
         self.inst.loop.call_later(0.05, self.inst.loop.stop)

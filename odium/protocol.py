@@ -27,6 +27,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from .errors import AuthError, ProtocolError
+from .term import CONTROL
 
 VERSION = 1
 DEFAULT_PORTS = {"pub": 18202, "query": 18203, "jobs": 18220, "results": 18221}
@@ -39,10 +40,13 @@ _SIG_HEAD = b',"sig":"'
 _SUFFIX_LEN = len(_SIG_HEAD) + SIG_LEN + 2  # ... ,"sig":"<86>"}
 
 # Identifiers: validated everywhere, never used raw as paths or SQL.
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-KEY_RE = r"^[A-Za-z0-9_-]{43}$"
-ID_RE = r"^[0-9a-f]{32}$"
-STATE_RE = r"^(unversioned|unknown|[0-9a-f]{40}(\+dirty\.[0-9a-f]{12,64})?)$"
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"
+KEY_RE = r"^[A-Za-z0-9_-]{43}\Z"
+ID_RE = r"^[0-9a-f]{32}\Z"
+STATE_RE = r"^(unversioned|unknown|[0-9a-f]{40}(\+dirty\.[0-9a-f]{12,64})?)\Z"
+# (\Z, not $: a $ also matches before a trailing newline, and msgspec searches, unanchored)
+LINE_RE = f"^[^{CONTROL}]*\\Z"  # one line of text: no control characters (odium.term)
+HOST_RE = r"^([A-Za-z0-9_][A-Za-z0-9._-]{0,252})?\Z"
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
 KeyId = Annotated[str, msgspec.Meta(pattern=KEY_RE)]
@@ -51,6 +55,8 @@ StateId = Annotated[str, msgspec.Meta(pattern=STATE_RE)]
 Text = Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
 Glob = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)]
+Line = Annotated[str, msgspec.Meta(max_length=4096, pattern=LINE_RE)]
+Host = Annotated[str, msgspec.Meta(pattern=HOST_RE)]
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -61,7 +67,7 @@ class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What every message carries around its body."""
 
     v: int
-    type: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
+    type: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}\Z")]
     id: MsgId
     from_: KeyId = msgspec.field(name="from")
     ts: float
@@ -101,7 +107,7 @@ class Exec(Body):
     timeout: Seconds | None = None
     issuer: KeyId | None = None  # the admin key that asked for it, when not the hub itself
     ephemeral: bool = False  # close the session's namespace when the command ends
-    require: Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})$")] = "any"
+    require: Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})\Z")] = "any"
 
 
 class Interrupt(Body):
@@ -111,8 +117,8 @@ class Interrupt(Body):
 class NodeEvent(Body):
     """Something the hub should log on a node's behalf (e.g. a message the node rejected)."""
 
-    kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
-    detail: Annotated[str, msgspec.Meta(max_length=4000)]
+    kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}\Z")]
+    detail: Annotated[str, msgspec.Meta(max_length=4000, pattern=LINE_RE)]
     level: Literal["info", "warning", "error"] = "warning"
 
 
@@ -132,7 +138,7 @@ class ErrorInfo(Body):
     traceback: str = ""
 
 
-Mime = Annotated[str, msgspec.Meta(pattern=r"^[a-z]+/[A-Za-z0-9.+_-]{1,100}$")]
+Mime = Annotated[str, msgspec.Meta(pattern=r"^[a-z]+/[A-Za-z0-9.+_-]{1,100}\Z")]
 
 
 class Display(Body):
@@ -167,7 +173,7 @@ class Join(Body):
     token: MsgId
     key: KeyId
     name: Name
-    proof: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{86}$")]
+    proof: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{86}\Z")]
 
 
 class Register(Body):
@@ -175,8 +181,8 @@ class Register(Body):
     boot: MsgId
     capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
     pid: int = 0
-    host: str = ""
-    app: str = ""
+    host: Host = ""
+    app: Line = ""  # the node's application directory
     info: dict[str, Any] | None = None  # the node's StateInfo (odium.state), as JSON
 
 
@@ -190,14 +196,14 @@ class Sync(Body):
     """Hub -> nodes on PUB: bring yourself to this commit (then fetch the bundle)."""
 
     cmd: MsgId
-    commit: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{40}$")]
+    commit: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{40}\Z")]
 
 
 class BundleRequest(Body):
     """Node -> hub: the commits of a sync, given the commits the node has."""
 
     cmd: MsgId
-    have: list[Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{40}$")]] = []
+    have: list[Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{40}\Z")]] = []
 
 
 class SyncRequest(Body):
@@ -219,7 +225,7 @@ class Run(Body):
     kind: Literal["python", "shell"] = "python"
     session: Name | None = None
     timeout: Seconds | None = None
-    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})$")] = (
+    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})\Z")] = (
         "default")
 
 
@@ -232,7 +238,8 @@ class Query(Body):
 
 class KeyAction(Body):
     action: Literal["accept", "reject", "revoke"]
-    pattern: Glob  # a key id, a node name, or a glob over names
+    pattern: Glob  # a key id, a fingerprint, a node name, or a glob over names
+    role: Literal["node", "admin"] | None = None  # names and globs choose node keys by default
 
 
 class TokenRequest(Body):
@@ -257,9 +264,9 @@ class Empty(Body):
 # --- the job queue (docs/protocol.md, "Job queue") ------------------------------------------
 
 JobId = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
-FnHash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+FnHash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}\Z")]
 B64 = Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
-Requirement = Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})$")]
+Requirement = Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})\Z")]
 
 
 class JobSpec(Body):
@@ -350,7 +357,7 @@ class JobRequest(Body):
     nodes: Glob = "*"
     retries: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
     timeout: Seconds | None = None
-    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})$")] = (
+    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})\Z")] = (
         "default")
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import RemoteError
+from .term import clean, clean_lines
 
 
 class Status(str, enum.Enum):
@@ -142,32 +143,35 @@ def format_text(result: Result, color: bool = False) -> str:
     def paint(s: str, code: str) -> str:
         return f"\x1b[{code}m{s}\x1b[0m" if color else s
 
+    def block(text: str) -> list[str]:  # a node's lines, each indented, escapes visible
+        return [clean_lines(ln) for ln in text.rstrip("\n").split("\n")]
+
     lines: list[str] = []
     if result.extra.get("hint"):
-        lines.append(f"(ran without a state requirement: {result.extra['hint']})")
+        lines.append(clean(f"(ran without a state requirement: {result.extra['hint']})"))
     for name, r in result.nodes.items():
         dur = f"{r.duration * 1000:.1f} ms" if r.duration is not None else "-"
-        st = paint(r.status.value, "32" if r.ok else "31")
+        st = paint(clean(r.status.value), "32" if r.ok else "31")
         same = "" if r.state == result.hub_state else " (differs from hub)"
-        lines.append(f"[{name}] {st}  {dur}  state {short_state(r.state)}{same}")
+        lines.append(f"[{clean(name)}] {st}  {dur}  state {clean(short_state(r.state))}{same}")
         if r.stdout:
-            lines.extend("  " + ln for ln in r.stdout.rstrip("\n").split("\n"))
+            lines.extend("  " + ln for ln in block(r.stdout))
         if r.stderr:
-            lines.extend("  " + paint(ln, "33") for ln in r.stderr.rstrip("\n").split("\n"))
+            lines.extend("  " + paint(ln, "33") for ln in block(r.stderr))
         if r.value_repr is not None:
             note = "" if r.value_json else "   (not JSON: shown as repr)"
-            lines.append(f"  => {r.value_repr}{note}")
+            lines.append(f"  => {clean(r.value_repr)}{note}")
         if r.error and not r.ok:
             tb = r.error.get("traceback") or ""
             if tb:
-                lines.extend("  " + ln for ln in tb.rstrip("\n").split("\n"))
+                lines.extend("  " + ln for ln in block(str(tb)))
             else:
-                lines.append(f"  {r.error.get('ename', '')}: {r.error.get('evalue', '')}")
+                lines.append(clean(f"  {r.error.get('ename', '')}: {r.error.get('evalue', '')}"))
         if r.exit not in (None, 0):
-            lines.append(f"  exit status {r.exit}")
+            lines.append(clean(f"  exit status {r.exit}"))
         if r.mismatch:
-            lines.append(f"  required state {r.mismatch.get('required')}, "
-                         f"node has {short_state(str(r.mismatch.get('state')))}")
-            text = r.mismatch.get("text") or ""
-            lines.extend("  " + ln for ln in text.splitlines())
+            lines.append(clean(f"  required state {r.mismatch.get('required')}, "
+                               f"node has {short_state(str(r.mismatch.get('state')))}"))
+            text = str(r.mismatch.get("text") or "")
+            lines.extend("  " + ln for ln in block(text) if text)
     return "\n".join(lines)

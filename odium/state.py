@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import ConfigError, OdiumError, ProtocolError, TimeoutError
+from .term import CONTROL
 
 if TYPE_CHECKING:
     import git
@@ -59,13 +60,38 @@ ANY = "any"
 MATCH = "match"
 SYNC_REF = "refs/odium/sync"
 PARTS = ("python", "packages", "system", "env", "files")
+# what another instance may say about its state (StateInfo.from_dict): ids by their patterns,
+# names and versions one printable line each, and not too many of them
+_STATE = re.compile(r"^(unversioned|unknown|[0-9a-f]{40}(\+dirty\.[0-9a-f]{12,64})?)\Z")
+_SHA = re.compile(r"^[0-9a-f]{64}\Z")
+_LINE = re.compile(f"^[^{CONTROL}]{{0,4096}}\\Z")
+MAX_ITEMS = 100_000  # entries in one list or map of a state report
+
+
+def _check_line(value: Any, what: str) -> str:
+    """One printable line (no control characters, at most 4096 characters), or ProtocolError
+    that names the field without echoing the bad text."""
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} must be a string, not {type(value).__name__}")
+    if not _LINE.match(value):
+        raise ProtocolError(f"{what} is not one printable line of at most 4096 characters "
+                            f"(got {len(value)} characters)")
+    return value
+
+
+def _check_lines(values: Any, what: str) -> list[str]:
+    if not isinstance(values, list):
+        raise ProtocolError(f"{what} must be a list of strings")
+    if len(values) > MAX_ITEMS:
+        raise ProtocolError(f"{what} has {len(values)} entries, over the limit of {MAX_ITEMS}")
+    return [_check_line(v, f"{what} entry") for v in values]
 DECLARATION_KEYS = ("pip", "system", "env", "files")
 RELATIONS = ("same", "ahead", "behind", "diverged", "unknown")
 
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_PREFIX = re.compile(r"^[0-9a-f]{7,40}$")
-_DEB = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?$")
-_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEX40 = re.compile(r"^[0-9a-f]{40}\Z")
+_PREFIX = re.compile(r"^[0-9a-f]{7,40}\Z")
+_DEB = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?\Z")
+_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _NORM = re.compile(r"[-_.]+")
 _GIT_ENV = {"GIT_OPTIONAL_LOCKS": "0"}  # a status never rewrites the user's index
 _RACY_NS = 1_000_000_000  # an mtime this close to "now" may hide a change: do not cache on it
@@ -283,10 +309,11 @@ class Declaration:
         """The inverse of ``to_dict``; a malformed dict raises ProtocolError."""
         if not isinstance(d, Mapping):
             raise ProtocolError(f"declaration: expected an object, got {type(d).__name__}")
-        source = d.get("source", "none")
-        if not isinstance(source, str):
-            raise ProtocolError("declaration: 'source' must be a string")
+        source = _check_line(d.get("source", "none"), "declaration: 'source'")
         table = {k: v for k, v in d.items() if k != "source"}
+        for key, v in table.items():
+            if isinstance(v, list):
+                _check_lines(v, f"declaration: {_check_line(key, 'a declaration key')!r}")
         return _parse_declaration(table, source, ProtocolError)
 
 
@@ -410,14 +437,22 @@ class Fingerprint:
         if not isinstance(d, Mapping):
             raise ProtocolError(f"fingerprint: expected an object, got {type(d).__name__}")
         fid, parts, detail = d.get("id"), d.get("parts", {}), d.get("detail", {})
-        if not isinstance(fid, str):
-            raise ProtocolError("fingerprint: 'id' must be a string")
+        if not isinstance(fid, str) or not (fid == "" or _SHA.match(fid)):
+            raise ProtocolError("fingerprint: 'id' must be a sha256 (64 hex digits)")
         if not isinstance(parts, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in parts.items()):
-            raise ProtocolError("fingerprint: 'parts' must map part names to hashes")
+                k in PARTS and isinstance(v, str) and _SHA.match(v) for k, v in parts.items()):
+            raise ProtocolError(f"fingerprint: 'parts' must map part names ({', '.join(PARTS)}) "
+                                "to sha256 hashes")
         if not isinstance(detail, dict) or not all(
-                isinstance(v, dict) for v in detail.values()):
+                k in PARTS and isinstance(v, dict) for k, v in detail.items()):
             raise ProtocolError("fingerprint: 'detail' must map part names to objects")
+        for part, entries in detail.items():
+            if len(entries) > MAX_ITEMS:
+                raise ProtocolError(f"fingerprint: detail {part!r} has too many entries")
+            for k, v in entries.items():  # names -> versions or hashes (None: absent)
+                _check_line(k, f"fingerprint: a name in {part!r}")
+                if v is not None:
+                    _check_line(v, f"fingerprint: the value of a name in {part!r}")
         return cls(fid, dict(parts), dict(detail))
 
 
@@ -714,13 +749,14 @@ class StateInfo:
             raise ProtocolError(f"state info: expected an object, got {type(d).__name__}")
         state, commit = d.get("state"), d.get("commit")
         dirty, unsat = d.get("dirty_files", []), d.get("unsatisfied", [])
-        if not isinstance(state, str):
-            raise ProtocolError("state info: 'state' must be a string")
+        if not isinstance(state, str) or not _STATE.match(state):
+            shown = f"{len(state)} characters" if isinstance(state, str) else type(state).__name__
+            raise ProtocolError("state info: 'state' is not a state id (unknown, unversioned, a "
+                                f"commit, or <commit>+dirty.<hash>); got {shown}")
         if commit is not None and not (isinstance(commit, str) and _HEX40.match(commit)):
             raise ProtocolError("state info: 'commit' must be 40 hex digits or null")
         for key, v in (("dirty_files", dirty), ("unsatisfied", unsat)):
-            if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-                raise ProtocolError(f"state info: '{key}' must be a list of strings")
+            _check_lines(v, f"state info: '{key}'")
         return cls(state, commit, tuple(dirty), Declaration.from_dict(d.get("declaration", {})),
                    Fingerprint.from_dict(d.get("fingerprint", {"id": ""})), tuple(unsat))
 

@@ -192,10 +192,10 @@ def test_frames_over_the_size_limit(tmp_path: Path, zctx) -> None:
         me = trusted(hub, "sender")
         raw = Raw(zctx, hub, "query", me)
         # just under the limit is fine (so the limit is the configured one, not lower)
-        small = raw.seal("register", P.Register("sender", P.new_id(), host="h" * (limit - 700)))
+        small = raw.seal("register", P.Register("sender", P.new_id(), app="h" * (limit - 700)))
         assert len(small) < limit
         assert raw.request(small).type == "reply"
-        big = raw.seal("register", P.Register("sender", P.new_id(), host="h" * limit))
+        big = raw.seal("register", P.Register("sender", P.new_id(), app="h" * limit))
         junk = b"x" * (limit + 1)
         for data in (big, junk):
             msg = raw.request(data)

@@ -50,8 +50,8 @@ def issue_token(home: Path, *, run: Callable[..., subprocess.CompletedProcess[st
     p = run("token", "--home", str(home))
     assert p.returncode == 0, p.stderr
     words = p.stdout.split()
-    assert words[:3] == ["odium", "node", "--token"], p.stdout
-    return words[3]
+    assert words[0].startswith("ODIUM_TOKEN=") and words[1:3] == ["odium", "node"], p.stdout
+    return words[0].split("=", 1)[1]
 
 
 def group_alive(pgid: int) -> bool:

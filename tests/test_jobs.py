@@ -292,7 +292,7 @@ def hub_with_nodes(tmp_path: Path) -> Iterator[tuple[HubProcess, Callable[..., N
     def node(name: str, capacity: int) -> NodeProcess:
         p = odium_cli("token", "--home", str(home))
         assert p.returncode == 0, p.stderr
-        token = p.stdout.split()[3]
+        token = p.stdout.split()[0].split("=", 1)[1]  # ODIUM_TOKEN=... odium node ...
         np = NodeProcess(tmp_path / f"node-{name}", ["--name", name, "--token", token, "--app",
                                                      str(tmp_path), "--capacity",
                                                      str(capacity)]).start()

@@ -31,6 +31,7 @@ from ..errors import NotConnectedError, OdiumError
 from ..errors import TimeoutError as OdiumTimeout
 from ..keys import fingerprint
 from ..results import NodeResult, Result, short_state
+from ..term import clean, clean_lines
 from . import display as D
 
 ENV_HOME = "ODIUM_HOME"  # read by odium itself: the hub's home directory
@@ -43,7 +44,7 @@ PORT_NAMES = ("pub", "query", "jobs", "results")
 POLL = 0.1  # seconds between two looks at a running command's progress
 LIVE_AFTER = 0.3  # a command that takes longer than this gets a live display
 INTERRUPT_GRACE = 10.0  # seconds the nodes get to answer an interrupt
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}\Z")
 
 # --- argument types: each raises ArgumentTypeError with what was expected --------------------
 
@@ -464,13 +465,14 @@ class OdiumMagics(Magics):
         args = self._parse(fn, line, f"%odium {action}")
         hub = self._need_hub()
         try:
-            changed = list(getattr(hub, action)(args.pattern))
+            keys = hub.key_action(action, args.pattern)
         except OdiumError as e:
             raise self._usage(e, f"%odium {action}") from None
         past = {"accept": "accepted", "reject": "rejected", "revoke": "revoked"}[action]
-        print(f"{past} {len(changed)} key{'s' if len(changed) != 1 else ''}: "
-              f"{', '.join(fingerprint(k) if len(k) == 43 else k for k in changed)}")
-        return changed
+        print(f"{past} {len(keys)} key{'s' if len(keys) != 1 else ''}: "
+              + ", ".join(clean(f"{k['role']} key {k['name'] or '-'} {k['fingerprint']}")
+                          for k in keys))
+        return [k["key"] for k in keys]
 
     @magic_arguments(name="odium accept")
     @argument("pattern", help="the key id a pending node printed, or a glob over node names")
@@ -702,10 +704,10 @@ class OdiumMagics(Magics):
         except OdiumError as e:
             raise self._usage(e, "%%odium --queue") from None
         if info.get("stdout"):
-            print(info["stdout"], end="")
+            print(clean_lines(info["stdout"]), end="")
         if info.get("stderr"):
-            print(info["stderr"], end="", file=sys.stderr)
-        print(f"[job {job.id[:12]} {info.get('status')} on {info.get('node') or '-'}]",
+            print(clean_lines(info["stderr"]), end="", file=sys.stderr)
+        print(clean(f"[job {job.id[:12]} {info.get('status')} on {info.get('node') or '-'}]"),
               file=sys.stderr)
         return job.result(0)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..results import NodeResult, Result, Status, format_text, short_state
+from ..term import clean, clean_lines
 
 # --- colours and small pieces ------------------------------------------------------------------
 
@@ -61,7 +62,9 @@ _STATE_DIFF = ("font-family:monospace;background:#fff8c5;color:#6a4a00;font-weig
                "padding:0 3px;border-radius:3px")
 _MUTED = "opacity:.65;font-size:11px"
 
-e = html.escape
+def e(text: str, quote: bool = True) -> str:
+    """HTML for foreign text: markup escaped, control characters shown as escapes."""
+    return html.escape(clean_lines(text), quote)
 
 
 def badge(text: str, kind: str | None = None) -> str:
@@ -153,7 +156,7 @@ def output_html(output: Mapping[str, Any]) -> str:
         doc = _text(data["text/html"])
         rows = sum(doc.count(t) for t in ("<tr", "<br", "<p", "<li", "<h", "<div", "\n"))
         height = max(60, min(480, 22 * rows + 24))
-        return (f'<iframe class="odium-html" sandbox="" srcdoc="{e(doc, quote=True)}" '
+        return (f'<iframe class="odium-html" sandbox="" srcdoc="{html.escape(doc, quote=True)}" '
                 f'style="border:1px solid rgba(128,128,128,.25);width:100%;height:{height}px;'
                 f'resize:vertical;background:#fff"></iframe>')
     for mime in ("text/markdown", "text/latex", "application/json", "text/plain"):
@@ -267,7 +270,7 @@ def render_text(result: Result) -> str:
     for name, r in result.nodes.items():
         for out in outputs_of(r):
             mimes = ", ".join(sorted((out.get("data") or {}).keys())) or "nothing"
-            lines.append(f"[{name}] displayed {mimes}")
+            lines.append(clean(f"[{name}] displayed {mimes}"))
     return "\n".join(lines)
 
 
@@ -311,15 +314,15 @@ class Table:
                   for col in cols]
         widths = [min(w, 60) for w in widths]
 
-        def fmt(values: Sequence[str]) -> str:
-            return "  ".join(v.replace("\n", " | ").ljust(w) for v, w in
+        def fmt(values: Sequence[str]) -> str:  # node text: control characters escaped
+            return "  ".join(clean(v.replace("\n", " | ")).ljust(w) for v, w in
                              zip(values, widths, strict=False)).rstrip()
 
-        lines = [self.title, fmt(self.columns)]
+        lines = [clean(self.title), fmt(self.columns)]
         lines += [fmt([c.text for c in row]) for row in self.rows]
         if not self.rows:
             lines.append("(none)")
-        lines += self.notes
+        lines += [clean(n) for n in self.notes]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -522,8 +525,8 @@ class LiveView:
                 import sys
 
                 dest = sys.stderr if stream == "stderr" else sys.stdout
-                for line in text.splitlines():
-                    print(f"[{node}] {line}", file=dest)
+                for line in text.split("\n"):
+                    print(f"[{node}] {clean(line)}", file=dest)
             return
         now = time.monotonic()
         key = (len(done), len(targets), tuple(sorted((finals or {}).keys())))
