@@ -46,6 +46,8 @@ class RawNode:
             assert r.handshake() == "ok"
         self.keyring = Keyring(self.ident)
         self.free = free
+        # ready, as a real node is, only once its SUB socket hears the hub (no slow joiner)
+        assert self.sub.recv(5.0) is not None, "no heartbeat on PUB"
         self.beat()
         hub.wait_for_nodes([name], 5)
 

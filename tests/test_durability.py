@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 import odium
 from odium import protocol as P
 from odium.keys import Identity
+from odium.sealing import Keyring, open_inner
 
 from .conftest import wait_until
 from .raw import Raw, seal
@@ -67,8 +68,9 @@ class RawNode:
         """The next job batch: its id and its body."""
         raw = self.pull.recv(timeout)
         assert raw is not None, "no job batch reached the node"
-        msg = P.open_message(raw, self.pull.vk, self.pull.hub_key)
-        assert msg.type == "job_batch", msg
+        outer = P.open_message(raw, self.pull.vk, self.pull.hub_key)
+        msg = open_inner(Keyring(self.ident), outer, "jobs")  # sealed to this node
+        assert msg is not None and msg.type == "job_batch", outer
         return msg.env.id, msg.body  # type: ignore[return-value]
 
     def report(self, batch_id: str, outcome: P.JobOutcome) -> None:

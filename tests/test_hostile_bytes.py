@@ -288,11 +288,11 @@ def test_node_handler_that_raises_does_not_drop_the_rest(hub: odium.Hub,
     real = core.query_handlers["fetch"]
 
     def spoiled(msg: P.Message, info: Any, reply: Any) -> None:
-        def spoil(data: Any = None, error: Exception | None = None) -> None:
+        def spoil(data: Any = None, error: Exception | None = None, **kw: Any) -> None:
             if error is not None:
                 reply(error=error)
             else:
-                reply({**data, "commands": [123, *data["commands"]]})
+                reply({**data, "commands": [123, *data["commands"]]}, **kw)
         real(msg, info, spoil)
 
     monkeypatch.setitem(core.query_handlers, "fetch", spoiled)
