@@ -12,6 +12,7 @@ import ast
 import codecs
 import io
 import json
+import linecache
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -107,26 +108,81 @@ def _safe_repr(value: Any) -> str:
     return r if len(r) <= MAX_REPR else r[:MAX_REPR] + "…"
 
 
-def _run_python(code: str, ns: dict[str, Any]) -> tuple[str, Any, dict[str, str] | None]:
+CELL_SOURCES = 1000  # cells of a worker whose source tracebacks can show (the latest ones)
+_cells = 0
+_cell_names: deque[str] = deque()
+
+
+def cell_name(code: str) -> str:
+    """A new ``<odium-cell-N>`` file name for a cell's code, with the source registered in
+    ``linecache``, so that tracebacks (and ``inspect``) show the lines of the cell."""
+    global _cells
+    _cells += 1
+    name = f"<odium-cell-{_cells}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(keepends=True), name)
+    _cell_names.append(name)
+    while len(_cell_names) > CELL_SOURCES:
+        linecache.cache.pop(_cell_names.popleft(), None)
+    return name
+
+
+def forget_cell(name: str) -> None:
+    """Drop a cell's source from ``linecache`` (a job's cell: nothing refers to it after)."""
+    linecache.cache.pop(name, None)
+
+
+def user_traceback(e: BaseException, internal: tuple[str, ...] = (__file__,)) -> str:
+    """The traceback text of an error in the user's code, without our own frames: the
+    leading frames of ``internal`` files, and, for a cell that does not compile, every frame
+    (it is only where the compiler was called)."""
+    if isinstance(e, SyntaxError) and e.filename and str(e.filename).startswith("<odium-cell"):
+        return "".join(traceback.format_exception_only(type(e), e))
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in internal:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb))
+
+
+def interrupted_error(e: BaseException | None = None) -> dict[str, str]:
+    """The error of a command stopped by SIGINT, with where it was when interrupted."""
+    return {"ename": "KeyboardInterrupt", "evalue": "interrupted",
+            "traceback": user_traceback(e) if e is not None else ""}
+
+
+def timeout_error(timeout: float | None, interrupted: dict[str, Any] | None = None,
+                  what: str = "") -> dict[str, str]:
+    """The error of a command stopped by its timeout: says so, with the seconds; keeps the
+    traceback of where it was when the interrupt came, with its last line saying why."""
+    secs = f"{timeout:g} s" if timeout else "its time limit"
+    evalue = f"timed out after {secs}" + (f"; {what}" if what else "")
+    tb = str((interrupted or {}).get("traceback") or "")
+    if tb:
+        lines = tb.rstrip("\n").split("\n")
+        if lines and lines[-1].startswith("KeyboardInterrupt"):
+            lines[-1] = f"TimeoutError: {evalue} (it was here)"
+        tb = "\n".join(lines) + "\n"
+    return {"ename": "TimeoutError", "evalue": evalue, "traceback": tb}
+
+
+def _run_python(code: str, ns: dict[str, Any],
+                name: str | None = None) -> tuple[str, Any, dict[str, str] | None]:
     """Run a cell like IPython does: the last expression's value is the result."""
+    name = name or cell_name(code)
     try:
-        tree = ast.parse(code, filename="<odium-cell>", mode="exec")
+        tree = ast.parse(code, filename=name, mode="exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = ast.Expression(tree.body[-1].value)
             tree.body.pop()
-        exec(compile(tree, "<odium-cell>", "exec"), ns)
-        value = eval(compile(last, "<odium-cell>", "eval"), ns) if last is not None else None
+        body = compile(tree, name, "exec")
+        tail = compile(last, name, "eval") if last is not None else None
+        exec(body, ns)
+        value = eval(tail, ns) if tail is not None else None
         return "ok", value, None
-    except KeyboardInterrupt:
-        return "interrupted", None, {"ename": "KeyboardInterrupt", "evalue": "interrupted",
-                                     "traceback": ""}
+    except KeyboardInterrupt as e:
+        return "interrupted", None, interrupted_error(e)
     except BaseException as e:  # noqa: BLE001 - every error of the user's code is a result
-        tb = e.__traceback__
-        # drop our own frames: show the user's code from the cell down
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(e), e, tb))
+        text = user_traceback(e)
         if isinstance(e, SystemExit):
             return "error", None, {"ename": "SystemExit", "evalue": str(e.code), "traceback": text}
         return "error", None, {"ename": type(e).__name__, "evalue": str(e), "traceback": text}
@@ -291,8 +347,7 @@ def worker_main(conn: Connection | None = None, parent: int | None = None) -> No
         try:
             status, value, error = _run_python(req["code"], ns)
         except KeyboardInterrupt:  # arrived after the code finished, before we noticed
-            status, value, error = "interrupted", None, {
-                "ename": "KeyboardInterrupt", "evalue": "interrupted", "traceback": ""}
+            status, value, error = "interrupted", None, interrupted_error()
         finally:
             sys.stdout, sys.stderr = saved
         try:
@@ -478,6 +533,8 @@ class Executor:
                 res = ev["result"]
                 if res["status"] == "interrupted" and job.reason:
                     res["status"] = job.reason
+                    if job.reason == "timeout":
+                        res["error"] = timeout_error(job.timeout, res.get("error"))
                 self._finish(job, res)
             self._next(w)
 
@@ -495,15 +552,15 @@ class Executor:
         lost = ([w.job] if w.job else []) + list(w.queue)
         for job in lost:
             if job.reason == "timeout":
-                status, ename = "timeout", "TimeoutError"
-                msg = (f"timed out after {job.timeout} s; the worker was killed and its "
-                       "namespace lost")
+                status = "timeout"
+                error = timeout_error(job.timeout, what="the worker was killed and its "
+                                      "namespace lost")
             else:
-                status, ename = "error", "WorkerDied"
-                msg = f"the worker process died (exit status {code}); its namespace is lost"
+                status = "error"
+                error = {"ename": "WorkerDied", "evalue": f"the worker process died (exit "
+                         f"status {code}); its namespace is lost", "traceback": ""}
             self._finish(job, {"status": status, "started": job.started or time.time(),
-                               "finished": time.time(),
-                               "error": {"ename": ename, "evalue": msg, "traceback": ""}})
+                               "finished": time.time(), "error": error})
         self.loop.call_soon_threadsafe(self._refill_spare)
 
     def _next(self, w: _Worker) -> None:
@@ -560,10 +617,12 @@ class Executor:
         else:  # still queued behind another command of the session
             w.queue.remove(job)
             now = time.time()
+            error = (timeout_error(job.timeout, what="it was still waiting for the session's "
+                                   "earlier command") if job.reason == "timeout" else
+                     {"ename": "KeyboardInterrupt", "evalue": "interrupted before it started",
+                      "traceback": ""})
             self._finish(job, {"status": job.reason, "started": now, "finished": now,
-                               "error": {"ename": "KeyboardInterrupt",
-                                         "evalue": f"{job.reason} before it started",
-                                         "traceback": ""}})
+                               "error": error})
         return True
 
     def close_session(self, session: str) -> None:
@@ -674,11 +733,12 @@ class Executor:
                       "stderr": "".join(kept["stderr"])[:MAX_CAPTURE]}
         if code == 0:
             res["status"] = "ok"
-        elif job.reason:
+        elif job.reason:  # the exit status is in the result's ``exit``, said once
             res["status"] = job.reason
-            res["error"] = {"ename": "KeyboardInterrupt" if job.reason == "interrupted"
-                            else "TimeoutError",
-                            "evalue": f"{job.reason} (exit status {code})", "traceback": ""}
+            res["error"] = (timeout_error(job.timeout, what="the command was interrupted")
+                            if job.reason == "timeout" else
+                            {"ename": "KeyboardInterrupt", "evalue": "interrupted",
+                             "traceback": ""})
         else:
             res["status"] = "error"
             res["error"] = {"ename": "ShellError", "evalue": f"exit status {code}",

@@ -163,7 +163,7 @@ def format_text(result: Result, color: bool = False) -> str:
                 lines.extend("  " + ln for ln in tb.rstrip("\n").split("\n"))
             else:
                 lines.append(f"  {r.error.get('ename', '')}: {r.error.get('evalue', '')}")
-        if r.exit not in (None, 0):
+        if r.exit not in (None, 0) and not r.error:  # an error says it already
             lines.append(f"  exit status {r.exit}")
         if r.mismatch:
             lines.append(f"  required state {r.mismatch.get('required')}, "

@@ -23,7 +23,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..cli import _requirement
 from ..client import BroadcastHandle, Hub
@@ -333,12 +333,17 @@ class OdiumMagics(Magics):
 
     @staticmethod
     def _parse(fn: Callable[..., Any], line: str, prog: str) -> Any:
+        """Split ``line`` as a shell would (quotes, spaces; like the ``odium`` command), then
+        parse it with the magic's ``magic_arguments`` parser."""
+        see = "%odium help cell" if prog == "%%odium" else f"%odium help {prog.split()[-1]}"
         try:
-            return parse_argstring(fn, line)
-        except UsageError as e:
-            raise UsageError(f"{prog}: {e} (see: %odium help{prog[len('%odium'):]})") from None
+            argv = shlex.split(line)
         except ValueError as e:  # unbalanced quotes
             raise UsageError(f"{prog}: cannot split the arguments: {e}") from None
+        try:
+            return fn.parser.parse_args(argv)  # type: ignore[attr-defined]
+        except UsageError as e:
+            raise UsageError(f"{prog}: {e} (see: {see})") from None
 
     # --- %odium -----------------------------------------------------------------------------
 

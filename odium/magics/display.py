@@ -193,7 +193,7 @@ def _detail_html(r: NodeResult) -> str:
                 f' <span class="odium-note" style="{_MUTED}">(not JSON: shown as its repr)</span>')
         parts.append(f'<div class="odium-value"><span style="{_MUTED}">value</span> '
                      f'<code style="white-space:pre-wrap">{e(r.value_repr)}</code>{note}</div>')
-    if r.exit not in (None, 0):
+    if r.exit not in (None, 0) and not r.error:  # an error says it already
         parts.append(f'<div class="odium-exit" style="{_MUTED}">exit status {r.exit}</div>')
     if r.error and not r.ok and not r.mismatch:  # a mismatch says it better below
         head = f"{r.error.get('ename', '')}: {r.error.get('evalue', '')}"
