@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -98,6 +99,7 @@ class Hub:
         self.inst: Instance | None = None
         self.local: list[LocalNode] = []
         self._local_seq = 0
+        self._hints: set[str] = set()  # hints already given: each once per Hub (session)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -189,11 +191,24 @@ class Hub:
         core = self.core
         b = self._call(lambda: core.broadcast(
             code, nodes, kind="shell" if shell else "python", timeout=timeout,
-            session=session or "default", require=require, on_done=handle._done,
+            session=session or "default", require=require,
+            on_done=lambda r: handle._done(self._hint_once(r)),
             on_output=on_output, on_node=handle._node))
         handle.cmd = b.cmd
         handle.targets = list(b.targets)
         return handle
+
+    def _hint_once(self, result: Result) -> Result:
+        """The Result, without the hint on how to version the application if this Hub gave
+        it before: once per session is enough (``extra["hinted"]`` says it was dropped)."""
+        hint = result.extra.get("hint")
+        if not hint:
+            return result
+        if hint not in self._hints:
+            self._hints.add(hint)
+            return result
+        extra = {k: v for k, v in result.extra.items() if k != "hint"}
+        return dataclasses.replace(result, extra={**extra, "hinted": True})
 
     # --- state -----------------------------------------------------------------------------
 

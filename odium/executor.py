@@ -38,6 +38,9 @@ log = logging.getLogger("odium.executor")
 MAX_CAPTURE = 4 * 1024 * 1024  # characters of stdout/stderr kept for the final result
 MAX_REPR = 100_000
 MAX_OUTPUTS = 8 * 1024 * 1024  # characters of display outputs (base64 images…) per command
+OUT_CHUNK = 1024 * 1024  # characters of streamed output per 'output' message (at most)
+MAX_STREAM = MAX_CAPTURE  # characters of each stream of a command sent while it runs
+RESULT_BUDGET = 15 * 1024 * 1024  # bytes of JSON a result may take (a message is <= 16 MiB)
 FLUSH_EVERY = 0.05  # seconds between streamed output chunks
 KILL_GRACE = 2.0  # seconds between SIGINT and SIGKILL on timeout
 
@@ -380,6 +383,51 @@ def worker_main(conn: Connection | None = None, parent: int | None = None) -> No
 # =============================================================================================
 
 
+def _size(value: Any) -> int:
+    """Bytes of ``value`` as JSON on the wire (UTF-8, as the node's encoder writes it)."""
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode())
+
+
+def _cut(text: str, limit: int, what: str) -> str:
+    """``text`` within about ``limit`` bytes, with a visible note when it was cut."""
+    if _size(text) <= limit:
+        return text
+    keep = max(0, limit // 6 - 200)  # 6 bytes per character at worst (a JSON escape)
+    return (text[:keep] + f"\n[odium: {what} cut to {keep} of {len(text)} characters: the "
+            "result must fit in one message]\n")
+
+
+def fit_result(res: Event, budget: int = RESULT_BUDGET) -> Event:
+    """A result that fits in one message the hub accepts: a value, display outputs, streams
+    or a traceback too large for it give way, each with a visible note; never a message the
+    hub must refuse."""
+    if _size(res) <= budget:
+        return res
+    res = dict(res)
+    notes: list[str] = []
+    for strict in (False, True):  # first only what is large; then whatever it takes
+        if res.get("value") is not None and (strict or _size(res["value"]) > budget // 4):
+            notes.append(f"[odium: the value ({_size(res['value'])} bytes of JSON) was too "
+                         "large to send; its repr is shown]")
+            res["value"], res["value_json"] = None, False
+        if res.get("outputs") and (strict or _size(res["outputs"]) > budget // 4):
+            notes.append(f"[odium: {len(res['outputs'])} display outputs "
+                         f"({_size(res['outputs'])} bytes) were too large to send]")
+            res["outputs"] = []
+        if isinstance(res.get("error"), dict) and res["error"].get("traceback"):
+            err = dict(res["error"])
+            err["traceback"] = _cut(str(err["traceback"]), budget // 8, "the traceback")
+            res["error"] = err
+        for name in ("stdout", "stderr"):
+            if res.get(name):
+                res[name] = _cut(str(res[name]), budget // (4 if strict else 3), name)
+        if _size(res) + 1000 <= budget:
+            break
+    if notes:
+        res["stderr"] = (res.get("stderr") or "") + "\n".join(notes) + "\n"
+    return res
+
+
 @dataclass
 class _Job:
     cmd: str
@@ -482,6 +530,7 @@ class Executor:
         self.sessions: dict[str, _Worker] = {}
         self.spare: _Worker | None = None
         self.jobs: dict[str, _Job] = {}
+        self.streamed: dict[tuple[str, str], int] = {}  # (cmd, stream) -> characters sent
         self.closed = False
         if prestart:
             self.spare = self._spawn()
@@ -525,7 +574,7 @@ class Executor:
             w.ready = True
             self._next(w)
         elif op == "out":
-            self.on_event(ev)
+            self._out(ev)
         elif op == "done":
             job = w.job
             w.job = None
@@ -680,13 +729,36 @@ class Executor:
     def _finish(self, job: _Job, res: Event) -> None:
         if self.jobs.pop(job.cmd, None) is None:
             return
-        self.on_event({"op": "done", "cmd": job.cmd, "result": res})
+        self.streamed.pop((job.cmd, "stdout"), None)
+        self.streamed.pop((job.cmd, "stderr"), None)
+        self.on_event({"op": "done", "cmd": job.cmd, "result": fit_result(res)})
         if job.ephemeral and job.kind == "python":
             self.close_session(job.session)
 
     def _emit(self, ev: Event) -> None:
-        """From a reader thread: hand an event to the loop thread."""
-        self.loop.call_soon_threadsafe(lambda: self.on_event(ev))
+        """From a reader thread: hand an output event to the loop thread."""
+        self.loop.call_soon_threadsafe(lambda: self._out(ev))
+
+    def _out(self, ev: Event) -> None:
+        """Streamed output, in messages the hub accepts: chunks of at most OUT_CHUNK
+        characters, and no more than MAX_STREAM characters per stream of a command (then one
+        visible note; the result keeps the first MAX_CAPTURE)."""
+        key = (ev["cmd"], ev["stream"])
+        sent = self.streamed.get(key, 0)
+        if sent > MAX_STREAM or ev["cmd"] not in self.jobs:
+            return
+        text = ev["text"]
+        self.streamed[key] = sent + len(text)
+        cut = len(text) > MAX_STREAM - sent
+        if cut:
+            self.streamed[key] = MAX_STREAM + 1
+            text = text[:MAX_STREAM - sent]
+        for i in range(0, len(text), OUT_CHUNK):
+            self.on_event({**ev, "text": text[i:i + OUT_CHUNK]})
+        if cut:
+            self.on_event({**ev, "text": f"\n[odium: more than {MAX_STREAM} characters on "
+                           f"{ev['stream']}; the rest is not shown while it runs, the result "
+                           f"keeps the first {MAX_CAPTURE}]\n"})
 
     def _start_shell(self, job: _Job) -> None:
         job.started = time.time()
