@@ -18,7 +18,6 @@ import pytest
 
 import odium
 from odium.errors import RemoteError
-from odium.executor import fit_result
 from odium.jobs import Repr
 from odium.results import format_text
 
@@ -99,32 +98,33 @@ def test_executor_futures_cancel_like_concurrent_futures(hub: odium.Hub, tmp_pat
     hub.start_local(1, prefix="f", capacity=1)
     flag, started = tmp_path / "flag", tmp_path / "started"
     busy = hub.submit(_blocker(flag, started))
+    ex = hub.executor()
     try:
         wait_until(started.exists, 30, "the blocking job to start")
-        with hub.executor() as ex:
-            fut = ex.submit(add, 1, 2)
-            other = ex.submit(add, 3, 4)
-            assert fut.job.status == "queued"  # type: ignore[attr-defined]
-            assert fut.cancel() is True
-            assert fut.cancelled() and fut.done()
-            with pytest.raises(concurrent.futures.CancelledError):
-                fut.exception(0)
-            with pytest.raises(concurrent.futures.CancelledError):
-                fut.result(0)
-            assert fut.cancel() is True  # cancelled already: True again, as a Future says
-            done, _ = concurrent.futures.wait([fut], timeout=5)
-            assert done == {fut}
-            # a job cancelled elsewhere makes its future cancelled too
-            assert hub.cancel_job(other.job.id) == "cancelled"  # type: ignore[attr-defined]
-            wait_until(other.done, 10, "the other future to settle")
-            assert other.cancelled()
-            assert list(concurrent.futures.as_completed([other], timeout=5)) == [other]
-            flag.write_text("go")
-            assert busy.result(30) == "freed"
-            ok = ex.submit(add, 5, y=6)
-            assert ok.result(30) == 11 and ok.cancel() is False and not ok.cancelled()
+        fut = ex.submit(add, 1, 2)
+        other = ex.submit(add, 3, 4)
+        assert fut.job.status == "queued"  # type: ignore[attr-defined]
+        assert fut.cancel() is True
+        assert fut.cancelled() and fut.done()
+        with pytest.raises(concurrent.futures.CancelledError):
+            fut.exception(0)
+        with pytest.raises(concurrent.futures.CancelledError):
+            fut.result(0)
+        assert fut.cancel() is True  # cancelled already: True again, as a Future says
+        done, _ = concurrent.futures.wait([fut], timeout=5)
+        assert done == {fut}
+        # a job cancelled elsewhere makes its future cancelled too
+        assert hub.cancel_job(other.job.id) == "cancelled"  # type: ignore[attr-defined]
+        wait_until(other.done, 10, "the other future to settle")
+        assert other.cancelled()
+        assert list(concurrent.futures.as_completed([other], timeout=5)) == [other]
+        flag.write_text("go")
+        assert busy.result(30) == "freed"
+        ok = ex.submit(add, 5, y=6)
+        assert ok.result(30) == 11 and ok.cancel() is False and not ok.cancelled()
     finally:
         flag.write_text("go")
+        ex.shutdown(wait=False, cancel_futures=True)
 
 
 # --- item 8: large output is cut with a note, never a message the hub refuses ----------------
@@ -151,6 +151,8 @@ def test_large_output_is_cut_visibly_and_the_hub_refuses_nothing(hub: odium.Hub)
 
 
 def test_a_result_too_large_for_one_message_gives_way_with_notes() -> None:
+    from odium.executor import fit_result
+
     huge = {"status": "ok", "started": 0.0, "finished": 1.0, "stdout": "\x00" * 4_000_000,
             "stderr": "é" * 4_000_000, "value": list(range(3_000_000)), "value_json": True,
             "value_repr": "[0, 1, ...]",
@@ -167,9 +169,8 @@ def test_a_result_too_large_for_one_message_gives_way_with_notes() -> None:
 # --- item 10: results that read right ------------------------------------------------------
 
 
-def test_results_read_right(hub: odium.Hub) -> None:
+def test_a_timeout_says_timed_out_after_n_seconds(hub: odium.Hub) -> None:
     hub.start_local(1, prefix="r")
-    # a timeout says so, with the seconds, and where it was
     r = hub.run("import time\nx = 1\ntime.sleep(60)", timeout=1)
     e = r["r-1"]
     assert e.status.value == "timeout"
@@ -180,47 +181,57 @@ def test_results_read_right(hub: odium.Hub) -> None:
     text = str(err.value)
     assert "timed out after 1 s" in text and "KeyboardInterrupt: interrupted" not in text
     assert "time.sleep(60)" in text  # the line it was on
-    # a traceback shows the source lines, of this cell and of an earlier one
+    # a shell command's timeout says so too
+    r = hub.run("sleep 60", shell=True, timeout=1)
+    assert r["r-1"].error["evalue"].startswith("timed out after 1 s")  # type: ignore[index]
+    # and a job's
+    job = hub.submit("import time\ntime.sleep(60)", timeout=1)
+    with pytest.raises(RemoteError, match=r"timed out after 1 s"):
+        job.result(30)
+
+
+def test_tracebacks_show_the_lines_and_no_internal_frames(hub: odium.Hub) -> None:
+    hub.start_local(1, prefix="r")
+    # the lines of this cell and of the earlier one that defined the function
     hub.run("def f(v):\n    return 1 / v\n", session="tb")
     r = hub.run("y = 2\nf(0)", session="tb")
     tb = r["r-1"].error["traceback"]  # type: ignore[index]
-    assert "    f(0)" in tb and "    return 1 / v" in tb and "ZeroDivisionError" in tb
+    assert "    f(0)" in tb and "    return 1 / v" in tb and "ZeroDivisionError" in tb, tb
     # a SyntaxError shows the user's line, not the compiler's frames
     r = hub.run("x = 1\ndef broken(:\n    pass")
     tb = r["r-1"].error["traceback"]  # type: ignore[index]
     assert r["r-1"].error["ename"] == "SyntaxError"  # type: ignore[index]
     assert "ast.py" not in tb and "executor.py" not in tb and "def broken(:" in tb, tb
-    # a shell error says its exit status once
+    # a job's traceback shows its line
+    with pytest.raises(RemoteError) as err:
+        hub.submit("x = 0\n1 / x").result(30)
+    assert "    1 / x" in str(err.value)
+
+
+def test_a_shell_error_says_its_exit_status_once(hub: odium.Hub) -> None:
+    hub.start_local(1, prefix="r")
     r = hub.run("echo oops >&2; exit 3", shell=True)
     assert r["r-1"].exit == 3
     assert format_text(r).count("exit status 3") == 1, format_text(r)
     from odium.magics import display as D
 
     assert D.render_html(r).count("exit status 3") == 1
-    # the shell's timeout says so too
-    r = hub.run("sleep 60", shell=True, timeout=1)
-    assert r["r-1"].error["evalue"].startswith("timed out after 1 s")  # type: ignore[index]
 
 
-def test_jobs_bind_keywords_and_values_that_are_not_json_do_not_pretend(
-        hub: odium.Hub) -> None:
+def test_jobs_bind_keyword_arguments_as_names(hub: odium.Hub) -> None:
     hub.start_local(1, prefix="j")
     assert hub.submit("a + b", a=2, b=3).result(30) == 5
     assert hub.submit("sum(args) + kwargs['k'] + k", 1, 2, k=3).result(30) == 9
+
+
+def test_a_value_that_is_not_json_does_not_pretend_to_be_a_str(hub: odium.Hub) -> None:
+    hub.start_local(1, prefix="j")
     v = hub.submit("{1, 2}").result(30)
     assert isinstance(v, Repr) and not isinstance(v, str)
     assert repr(v) == str(v) == v.text == "{1, 2}"
     with pytest.raises(TypeError):
         len(v)  # type: ignore[arg-type]
     assert v == Repr("{1, 2}") and v != "{1, 2}"
-    # a job's timeout says so, with the seconds
-    job = hub.submit("import time\ntime.sleep(60)", timeout=1)
-    with pytest.raises(RemoteError, match=r"timed out after 1 s"):
-        job.result(30)
-    # a job's traceback shows its line
-    with pytest.raises(RemoteError) as err:
-        hub.submit("x = 0\n1 / x").result(30)
-    assert "    1 / x" in str(err.value)
 
 
 def test_the_state_hint_is_given_once_per_session(hub: odium.Hub, tmp_path: Path) -> None:
