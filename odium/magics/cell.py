@@ -160,6 +160,7 @@ class BackgroundRun:
         self.live = live
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._shown = False  # whether it was displayed once (as the cell's value)
         if live is not None:
             live.refresh(*progress(hub, handle)[:2], force=True)
             self._thread = threading.Thread(target=self._watch, daemon=True,
@@ -204,6 +205,20 @@ class BackgroundRun:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(repr(self))
+
+    def _ipython_display_(self) -> None:
+        """As the cell's value, the handle adds nothing to its live display, which turns into
+        the Result when it is there (a saved notebook shows that, not a stale "0 of n nodes
+        done"); shown again later, it is the Result, or where the command is now."""
+        from IPython.display import display
+
+        if self.live is not None and not self._shown:
+            self._shown = True
+            return
+        if self.handle.ready():
+            display(self.handle.wait(1.0))
+        else:
+            display({"text/plain": repr(self)}, raw=True)
 
 
 # --- the magics ---------------------------------------------------------------------------------
