@@ -239,7 +239,8 @@ class Hub:
         """Queue one job; it runs once, on one matching node with a free worker.
 
         A string is run like a cell in a fresh namespace (the value of its last expression
-        is the result; ``args``/``kwargs`` are bound when given). A function is called with
+        is the result; ``args``/``kwargs`` are bound when given, and each keyword argument
+        is a name too: ``submit("a + b", a=2, b=3)``). A function is called with
         ``*args, **kwargs`` (functions of importable modules travel by reference, others by
         value, with cloudpickle). ``retries``: runs again after an error or a lost node, up
         to that many times. ``timeout``: seconds one run may take. ``require_state``: as for
