@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -98,6 +99,7 @@ class Hub:
         self.inst: Instance | None = None
         self.local: list[LocalNode] = []
         self._local_seq = 0
+        self._hints: set[str] = set()  # hints already given: each once per Hub (session)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -189,11 +191,24 @@ class Hub:
         core = self.core
         b = self._call(lambda: core.broadcast(
             code, nodes, kind="shell" if shell else "python", timeout=timeout,
-            session=session or "default", require=require, on_done=handle._done,
+            session=session or "default", require=require,
+            on_done=lambda r: handle._done(self._hint_once(r)),
             on_output=on_output, on_node=handle._node))
         handle.cmd = b.cmd
         handle.targets = list(b.targets)
         return handle
+
+    def _hint_once(self, result: Result) -> Result:
+        """The Result, without the hint on how to version the application if this Hub gave
+        it before: once per session is enough (``extra["hinted"]`` says it was dropped)."""
+        hint = result.extra.get("hint")
+        if not hint:
+            return result
+        if hint not in self._hints:
+            self._hints.add(hint)
+            return result
+        extra = {k: v for k, v in result.extra.items() if k != "hint"}
+        return dataclasses.replace(result, extra={**extra, "hinted": True})
 
     # --- state -----------------------------------------------------------------------------
 
@@ -224,7 +239,8 @@ class Hub:
         """Queue one job; it runs once, on one matching node with a free worker.
 
         A string is run like a cell in a fresh namespace (the value of its last expression
-        is the result; ``args``/``kwargs`` are bound when given). A function is called with
+        is the result; ``args``/``kwargs`` are bound when given, and each keyword argument
+        is a name too: ``submit("a + b", a=2, b=3)``). A function is called with
         ``*args, **kwargs`` (functions of importable modules travel by reference, others by
         value, with cloudpickle). ``retries``: runs again after an error or a lost node, up
         to that many times. ``timeout``: seconds one run may take. ``require_state``: as for

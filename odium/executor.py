@@ -12,6 +12,7 @@ import ast
 import codecs
 import io
 import json
+import linecache
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -37,6 +38,9 @@ log = logging.getLogger("odium.executor")
 MAX_CAPTURE = 4 * 1024 * 1024  # characters of stdout/stderr kept for the final result
 MAX_REPR = 100_000
 MAX_OUTPUTS = 8 * 1024 * 1024  # characters of display outputs (base64 images…) per command
+OUT_CHUNK = 1024 * 1024  # characters of streamed output per 'output' message (at most)
+MAX_STREAM = MAX_CAPTURE  # characters of each stream of a command sent while it runs
+RESULT_BUDGET = 15 * 1024 * 1024  # bytes of JSON a result may take (a message is <= 16 MiB)
 FLUSH_EVERY = 0.05  # seconds between streamed output chunks
 KILL_GRACE = 2.0  # seconds between SIGINT and SIGKILL on timeout
 
@@ -107,26 +111,81 @@ def _safe_repr(value: Any) -> str:
     return r if len(r) <= MAX_REPR else r[:MAX_REPR] + "…"
 
 
-def _run_python(code: str, ns: dict[str, Any]) -> tuple[str, Any, dict[str, str] | None]:
+CELL_SOURCES = 1000  # cells of a worker whose source tracebacks can show (the latest ones)
+_cells = 0
+_cell_names: deque[str] = deque()
+
+
+def cell_name(code: str) -> str:
+    """A new ``<odium-cell-N>`` file name for a cell's code, with the source registered in
+    ``linecache``, so that tracebacks (and ``inspect``) show the lines of the cell."""
+    global _cells
+    _cells += 1
+    name = f"<odium-cell-{_cells}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(keepends=True), name)
+    _cell_names.append(name)
+    while len(_cell_names) > CELL_SOURCES:
+        linecache.cache.pop(_cell_names.popleft(), None)
+    return name
+
+
+def forget_cell(name: str) -> None:
+    """Drop a cell's source from ``linecache`` (a job's cell: nothing refers to it after)."""
+    linecache.cache.pop(name, None)
+
+
+def user_traceback(e: BaseException, internal: tuple[str, ...] = (__file__,)) -> str:
+    """The traceback text of an error in the user's code, without our own frames: the
+    leading frames of ``internal`` files, and, for a cell that does not compile, every frame
+    (it is only where the compiler was called)."""
+    if isinstance(e, SyntaxError) and e.filename and str(e.filename).startswith("<odium-cell"):
+        return "".join(traceback.format_exception_only(type(e), e))
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in internal:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb))
+
+
+def interrupted_error(e: BaseException | None = None) -> dict[str, str]:
+    """The error of a command stopped by SIGINT, with where it was when interrupted."""
+    return {"ename": "KeyboardInterrupt", "evalue": "interrupted",
+            "traceback": user_traceback(e) if e is not None else ""}
+
+
+def timeout_error(timeout: float | None, interrupted: dict[str, Any] | None = None,
+                  what: str = "") -> dict[str, str]:
+    """The error of a command stopped by its timeout: says so, with the seconds; keeps the
+    traceback of where it was when the interrupt came, with its last line saying why."""
+    secs = f"{timeout:g} s" if timeout else "its time limit"
+    evalue = f"timed out after {secs}" + (f"; {what}" if what else "")
+    tb = str((interrupted or {}).get("traceback") or "")
+    if tb:
+        lines = tb.rstrip("\n").split("\n")
+        if lines and lines[-1].startswith("KeyboardInterrupt"):
+            lines[-1] = f"TimeoutError: {evalue} (it was here)"
+        tb = "\n".join(lines) + "\n"
+    return {"ename": "TimeoutError", "evalue": evalue, "traceback": tb}
+
+
+def _run_python(code: str, ns: dict[str, Any],
+                name: str | None = None) -> tuple[str, Any, dict[str, str] | None]:
     """Run a cell like IPython does: the last expression's value is the result."""
+    name = name or cell_name(code)
     try:
-        tree = ast.parse(code, filename="<odium-cell>", mode="exec")
+        tree = ast.parse(code, filename=name, mode="exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = ast.Expression(tree.body[-1].value)
             tree.body.pop()
-        exec(compile(tree, "<odium-cell>", "exec"), ns)
-        value = eval(compile(last, "<odium-cell>", "eval"), ns) if last is not None else None
+        body = compile(tree, name, "exec")
+        tail = compile(last, name, "eval") if last is not None else None
+        exec(body, ns)
+        value = eval(tail, ns) if tail is not None else None
         return "ok", value, None
-    except KeyboardInterrupt:
-        return "interrupted", None, {"ename": "KeyboardInterrupt", "evalue": "interrupted",
-                                     "traceback": ""}
+    except KeyboardInterrupt as e:
+        return "interrupted", None, interrupted_error(e)
     except BaseException as e:  # noqa: BLE001 - every error of the user's code is a result
-        tb = e.__traceback__
-        # drop our own frames: show the user's code from the cell down
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(e), e, tb))
+        text = user_traceback(e)
         if isinstance(e, SystemExit):
             return "error", None, {"ename": "SystemExit", "evalue": str(e.code), "traceback": text}
         return "error", None, {"ename": type(e).__name__, "evalue": str(e), "traceback": text}
@@ -291,8 +350,7 @@ def worker_main(conn: Connection | None = None, parent: int | None = None) -> No
         try:
             status, value, error = _run_python(req["code"], ns)
         except KeyboardInterrupt:  # arrived after the code finished, before we noticed
-            status, value, error = "interrupted", None, {
-                "ename": "KeyboardInterrupt", "evalue": "interrupted", "traceback": ""}
+            status, value, error = "interrupted", None, interrupted_error()
         finally:
             sys.stdout, sys.stderr = saved
         try:
@@ -323,6 +381,51 @@ def worker_main(conn: Connection | None = None, parent: int | None = None) -> No
 # =============================================================================================
 # The node's side
 # =============================================================================================
+
+
+def _size(value: Any) -> int:
+    """Bytes of ``value`` as JSON on the wire (UTF-8, as the node's encoder writes it)."""
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode())
+
+
+def _cut(text: str, limit: int, what: str) -> str:
+    """``text`` within about ``limit`` bytes, with a visible note when it was cut."""
+    if _size(text) <= limit:
+        return text
+    keep = max(0, limit // 6 - 200)  # 6 bytes per character at worst (a JSON escape)
+    return (text[:keep] + f"\n[odium: {what} cut to {keep} of {len(text)} characters: the "
+            "result must fit in one message]\n")
+
+
+def fit_result(res: Event, budget: int = RESULT_BUDGET) -> Event:
+    """A result that fits in one message the hub accepts: a value, display outputs, streams
+    or a traceback too large for it give way, each with a visible note; never a message the
+    hub must refuse."""
+    if _size(res) <= budget:
+        return res
+    res = dict(res)
+    notes: list[str] = []
+    for strict in (False, True):  # first only what is large; then whatever it takes
+        if res.get("value") is not None and (strict or _size(res["value"]) > budget // 4):
+            notes.append(f"[odium: the value ({_size(res['value'])} bytes of JSON) was too "
+                         "large to send; its repr is shown]")
+            res["value"], res["value_json"] = None, False
+        if res.get("outputs") and (strict or _size(res["outputs"]) > budget // 4):
+            notes.append(f"[odium: {len(res['outputs'])} display outputs "
+                         f"({_size(res['outputs'])} bytes) were too large to send]")
+            res["outputs"] = []
+        if isinstance(res.get("error"), dict) and res["error"].get("traceback"):
+            err = dict(res["error"])
+            err["traceback"] = _cut(str(err["traceback"]), budget // 8, "the traceback")
+            res["error"] = err
+        for name in ("stdout", "stderr"):
+            if res.get(name):
+                res[name] = _cut(str(res[name]), budget // (4 if strict else 3), name)
+        if _size(res) + 1000 <= budget:
+            break
+    if notes:
+        res["stderr"] = (res.get("stderr") or "") + "\n".join(notes) + "\n"
+    return res
 
 
 @dataclass
@@ -427,6 +530,7 @@ class Executor:
         self.sessions: dict[str, _Worker] = {}
         self.spare: _Worker | None = None
         self.jobs: dict[str, _Job] = {}
+        self.streamed: dict[tuple[str, str], int] = {}  # (cmd, stream) -> characters sent
         self.closed = False
         if prestart:
             self.spare = self._spawn()
@@ -470,7 +574,7 @@ class Executor:
             w.ready = True
             self._next(w)
         elif op == "out":
-            self.on_event(ev)
+            self._out(ev)
         elif op == "done":
             job = w.job
             w.job = None
@@ -478,6 +582,8 @@ class Executor:
                 res = ev["result"]
                 if res["status"] == "interrupted" and job.reason:
                     res["status"] = job.reason
+                    if job.reason == "timeout":
+                        res["error"] = timeout_error(job.timeout, res.get("error"))
                 self._finish(job, res)
             self._next(w)
 
@@ -495,15 +601,15 @@ class Executor:
         lost = ([w.job] if w.job else []) + list(w.queue)
         for job in lost:
             if job.reason == "timeout":
-                status, ename = "timeout", "TimeoutError"
-                msg = (f"timed out after {job.timeout} s; the worker was killed and its "
-                       "namespace lost")
+                status = "timeout"
+                error = timeout_error(job.timeout, what="the worker was killed and its "
+                                      "namespace lost")
             else:
-                status, ename = "error", "WorkerDied"
-                msg = f"the worker process died (exit status {code}); its namespace is lost"
+                status = "error"
+                error = {"ename": "WorkerDied", "evalue": f"the worker process died (exit "
+                         f"status {code}); its namespace is lost", "traceback": ""}
             self._finish(job, {"status": status, "started": job.started or time.time(),
-                               "finished": time.time(),
-                               "error": {"ename": ename, "evalue": msg, "traceback": ""}})
+                               "finished": time.time(), "error": error})
         self.loop.call_soon_threadsafe(self._refill_spare)
 
     def _next(self, w: _Worker) -> None:
@@ -560,10 +666,12 @@ class Executor:
         else:  # still queued behind another command of the session
             w.queue.remove(job)
             now = time.time()
+            error = (timeout_error(job.timeout, what="it was still waiting for the session's "
+                                   "earlier command") if job.reason == "timeout" else
+                     {"ename": "KeyboardInterrupt", "evalue": "interrupted before it started",
+                      "traceback": ""})
             self._finish(job, {"status": job.reason, "started": now, "finished": now,
-                               "error": {"ename": "KeyboardInterrupt",
-                                         "evalue": f"{job.reason} before it started",
-                                         "traceback": ""}})
+                               "error": error})
         return True
 
     def close_session(self, session: str) -> None:
@@ -621,13 +729,36 @@ class Executor:
     def _finish(self, job: _Job, res: Event) -> None:
         if self.jobs.pop(job.cmd, None) is None:
             return
-        self.on_event({"op": "done", "cmd": job.cmd, "result": res})
+        self.streamed.pop((job.cmd, "stdout"), None)
+        self.streamed.pop((job.cmd, "stderr"), None)
+        self.on_event({"op": "done", "cmd": job.cmd, "result": fit_result(res)})
         if job.ephemeral and job.kind == "python":
             self.close_session(job.session)
 
     def _emit(self, ev: Event) -> None:
-        """From a reader thread: hand an event to the loop thread."""
-        self.loop.call_soon_threadsafe(lambda: self.on_event(ev))
+        """From a reader thread: hand an output event to the loop thread."""
+        self.loop.call_soon_threadsafe(lambda: self._out(ev))
+
+    def _out(self, ev: Event) -> None:
+        """Streamed output, in messages the hub accepts: chunks of at most OUT_CHUNK
+        characters, and no more than MAX_STREAM characters per stream of a command (then one
+        visible note; the result keeps the first MAX_CAPTURE)."""
+        key = (ev["cmd"], ev["stream"])
+        sent = self.streamed.get(key, 0)
+        if sent > MAX_STREAM or ev["cmd"] not in self.jobs:
+            return
+        text = ev["text"]
+        self.streamed[key] = sent + len(text)
+        cut = len(text) > MAX_STREAM - sent
+        if cut:
+            self.streamed[key] = MAX_STREAM + 1
+            text = text[:MAX_STREAM - sent]
+        for i in range(0, len(text), OUT_CHUNK):
+            self.on_event({**ev, "text": text[i:i + OUT_CHUNK]})
+        if cut:
+            self.on_event({**ev, "text": f"\n[odium: more than {MAX_STREAM} characters on "
+                           f"{ev['stream']}; the rest is not shown while it runs, the result "
+                           f"keeps the first {MAX_CAPTURE}]\n"})
 
     def _start_shell(self, job: _Job) -> None:
         job.started = time.time()
@@ -674,11 +805,12 @@ class Executor:
                       "stderr": "".join(kept["stderr"])[:MAX_CAPTURE]}
         if code == 0:
             res["status"] = "ok"
-        elif job.reason:
+        elif job.reason:  # the exit status is in the result's ``exit``, said once
             res["status"] = job.reason
-            res["error"] = {"ename": "KeyboardInterrupt" if job.reason == "interrupted"
-                            else "TimeoutError",
-                            "evalue": f"{job.reason} (exit status {code})", "traceback": ""}
+            res["error"] = (timeout_error(job.timeout, what="the command was interrupted")
+                            if job.reason == "timeout" else
+                            {"ename": "KeyboardInterrupt", "evalue": "interrupted",
+                             "traceback": ""})
         else:
             res["status"] = "error"
             res["error"] = {"ename": "ShellError", "evalue": f"exit status {code}",

@@ -246,16 +246,42 @@ def as_completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[
 
 
 class _JobFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A Future bound to a job: cancelling it cancels the job."""
+    """A Future bound to a job, keeping concurrent.futures' contract: cancelling it cancels
+    the job; a job cancelled (here or elsewhere) makes the future cancelled, so that
+    ``cancelled()`` is True and ``result()``/``exception()`` raise ``CancelledError``."""
 
     job: Job | None = None
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._settled = threading.Lock()
+        self._notified = False
+
     def cancel(self) -> bool:
+        if self.cancelled():
+            return True
         if self.done():
             return False
-        if self.job is not None and not self.job.cancel():
+        if self.job is None:
+            return super().cancel()
+        if not self.job.cancel() and not _was_cancelled(self.job):
             return False
-        return super().cancel()
+        return self._mark_cancelled()
+
+    def _mark_cancelled(self) -> bool:
+        """Cancelled, and waiters (``wait``, ``as_completed``) told so, exactly once."""
+        with self._settled:
+            if not super().cancel():
+                return False
+            if not self._notified:
+                self._notified = True
+                self.set_running_or_notify_cancel()
+            return True
+
+
+def _was_cancelled(job: Job) -> bool:
+    info = job._final()
+    return info is not None and info.get("status") == JobStatus.CANCELLED.value
 
 
 class JobExecutor(concurrent.futures.Executor):
@@ -285,8 +311,13 @@ class JobExecutor(concurrent.futures.Executor):
         def done(j: Job) -> None:
             with self._lock:
                 self._futures.discard(fut)
-            if not fut.set_running_or_notify_cancel():
+            if _was_cancelled(j):
+                fut._mark_cancelled()
                 return
+            with fut._settled:
+                if fut.cancelled():
+                    return
+                fut.set_running_or_notify_cancel()
             try:
                 fut.set_result(j.result(0))
             except (OdiumError, JobCancelledError) as e:

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,11 @@ from .executor import (
     _jsonable,
     _run_python,
     _safe_repr,
+    cell_name,
+    forget_cell,
     spawn_worker,
+    timeout_error,
+    user_traceback,
 )
 
 if TYPE_CHECKING:
@@ -114,10 +117,7 @@ class Channel:
 
 
 def _error(e: BaseException) -> dict[str, str]:
-    tb = e.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next  # show the job's frames, not ours
-    text = "".join(traceback.format_exception(type(e), e, tb))
+    text = user_traceback(e, (__file__,))  # the job's frames, not ours
     evalue = str(e.code) if isinstance(e, SystemExit) else str(e)
     return {"ename": type(e).__name__, "evalue": evalue, "traceback": text}
 
@@ -149,7 +149,13 @@ def run_job(req: dict[str, Any], fns: dict[str, bytes] | None = None) -> Event:
             ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
             if args or kwargs:
                 ns["args"], ns["kwargs"] = tuple(args), dict(kwargs)
-            status, value, error = _run_python(req["code"], ns)
+                # keyword arguments are names too: submit("a + b", a=2, b=3)
+                ns.update((k, v) for k, v in kwargs.items() if str(k).isidentifier())
+            name = cell_name(req["code"])
+            try:
+                status, value, error = _run_python(req["code"], ns, name)
+            finally:
+                forget_cell(name)  # a fresh namespace each job: nothing refers to it later
         else:
             data = (fns or {}).get(req["fn"]) if req.get("fn") else None
             if data is None:
@@ -243,6 +249,7 @@ class _JobWorker:
     ready: bool = False
     job: str = ""
     reason: str = ""  # why we signalled its job: "timeout" or "cancelled"
+    timeout: float | None = None  # the seconds its job may take
     run: int = 0  # counts the jobs it was given (a timer names the run it was armed for)
     fns: set[str] = field(default_factory=set)  # the functions it has been sent
 
@@ -302,7 +309,7 @@ class JobPool:
 
     def _run(self, w: _JobWorker, job_id: str, job: dict[str, Any],
              timeout: float | None) -> None:
-        w.job, w.reason = job_id, ""
+        w.job, w.reason, w.timeout = job_id, "", timeout
         w.run += 1
         self.by_job[job_id] = w
         fn = job.get("fn")
@@ -349,6 +356,8 @@ class JobPool:
             res = ev
             if res["status"] == "interrupted":
                 res["status"] = reason or "cancelled"
+                if reason == "timeout":
+                    res["error"] = timeout_error(w.timeout, res.get("error"))
             self._next(w)
             self.on_done(job_id, res)
 
@@ -369,16 +378,14 @@ class JobPool:
             job_id, reason = w.job, w.reason
             self.by_job.pop(job_id, None)
             if reason == "timeout":
-                msg = "timed out; its worker was killed"
-            elif reason == "cancelled":
-                msg = "cancelled; its worker was killed"
+                error = timeout_error(w.timeout, what="its worker was killed")
             else:
-                msg = f"the job's worker process died (exit status {code})"
+                msg = ("cancelled; its worker was killed" if reason == "cancelled" else
+                       f"the job's worker process died (exit status {code})")
+                error = {"ename": "WorkerDied", "evalue": msg, "traceback": ""}
             now = time.time()
             self.on_done(job_id, {"status": reason or "lost", "started": now, "finished": now,
-                                  "error": {"ename": "TimeoutError" if reason == "timeout"
-                                            else "WorkerDied", "evalue": msg,
-                                            "traceback": ""}})
+                                  "error": error})
         if self.waiting and len(self.workers) < self.capacity:
             self._spawn()
 

@@ -390,12 +390,31 @@ def _json_keeps(value: Any) -> bool:
     return False
 
 
-class Repr(str):
-    """The value of a job whose result was not JSON: its ``repr()`` text, which is what
-    travelled. It prints like the original value did."""
+class Repr:
+    """The value of a job whose result was not JSON (a set, an object): only its ``repr()``
+    text travelled, so this is that text and nothing more. ``repr()``/``str()`` give it, and
+    IPython shows it, as the original would print; it does not pretend to be the value (no
+    ``len()``, no indexing, not a ``str``). ``text`` is the text itself."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = str(text)
 
     def __repr__(self) -> str:
-        return str(self)
+        return self.text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Repr) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash((Repr, self.text))
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.text)
 
 
 def job_value(result: Mapping[str, Any] | None) -> Any:

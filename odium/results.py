@@ -167,7 +167,7 @@ def format_text(result: Result, color: bool = False) -> str:
                 lines.extend("  " + ln for ln in block(str(tb)))
             else:
                 lines.append(clean(f"  {r.error.get('ename', '')}: {r.error.get('evalue', '')}"))
-        if r.exit not in (None, 0):
+        if r.exit not in (None, 0) and not r.error:  # an error says it already
             lines.append(clean(f"  exit status {r.exit}"))
         if r.mismatch:
             lines.append(clean(f"  required state {r.mismatch.get('required')}, "

@@ -132,7 +132,7 @@ def test_quickstart(executed: dict[str, Any]) -> None:
     assert statuses(html_of(sh)) == ["ok"] * 4 and "Python 3" in html_of(sh)
 
     bg = cell(nb, "%%odium --bg -o job")
-    assert "background command" in text_of(bg)
+    assert "nodes done" not in text_of(bg)  # no stale progress after the result
     assert statuses(html_of(bg)) == ["ok"] * 4  # the live display became the result
     assert text_of(cell(nb, "job.result().values()")).strip() == str(["slept"] * 4)
     assert "hub stopped, and 4 local nodes" in text_of(cell(nb, "%odium stop"))

@@ -23,7 +23,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..cli import _requirement
 from ..client import BroadcastHandle, Hub
@@ -161,6 +161,7 @@ class BackgroundRun:
         self.live = live
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._shown = False  # whether it was displayed once (as the cell's value)
         if live is not None:
             live.refresh(*progress(hub, handle)[:2], force=True)
             self._thread = threading.Thread(target=self._watch, daemon=True,
@@ -205,6 +206,20 @@ class BackgroundRun:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(repr(self))
+
+    def _ipython_display_(self) -> None:
+        """As the cell's value, the handle adds nothing to its live display, which turns into
+        the Result when it is there (a saved notebook shows that, not a stale "0 of n nodes
+        done"); shown again later, it is the Result, or where the command is now."""
+        from IPython.display import display
+
+        if self.live is not None and not self._shown:
+            self._shown = True
+            return
+        if self.handle.ready():
+            display(self.handle.wait(1.0))
+        else:
+            display({"text/plain": repr(self)}, raw=True)
 
 
 # --- the magics ---------------------------------------------------------------------------------
@@ -334,12 +349,17 @@ class OdiumMagics(Magics):
 
     @staticmethod
     def _parse(fn: Callable[..., Any], line: str, prog: str) -> Any:
+        """Split ``line`` as a shell would (quotes, spaces; like the ``odium`` command), then
+        parse it with the magic's ``magic_arguments`` parser."""
+        see = "%odium help cell" if prog == "%%odium" else f"%odium help {prog.split()[-1]}"
         try:
-            return parse_argstring(fn, line)
-        except UsageError as e:
-            raise UsageError(f"{prog}: {e} (see: %odium help{prog[len('%odium'):]})") from None
+            argv = shlex.split(line)
         except ValueError as e:  # unbalanced quotes
             raise UsageError(f"{prog}: cannot split the arguments: {e}") from None
+        try:
+            return fn.parser.parse_args(argv)  # type: ignore[attr-defined]
+        except UsageError as e:
+            raise UsageError(f"{prog}: {e} (see: {see})") from None
 
     # --- %odium -----------------------------------------------------------------------------
 

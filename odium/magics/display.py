@@ -182,21 +182,75 @@ def _counts(result: Result) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
 
 
-def _detail_html(r: NodeResult) -> str:
-    """The right-hand cell of a node's row: streams, displays, value, error, mismatch."""
+GRID_MIN = 2  # nodes with outputs of the same shape that are laid out in a grid
+GRID_CELL = "260px"  # the narrowest column of that grid
+
+
+def output_kind(output: Mapping[str, Any]) -> str:
+    """What an output shows, as the renderer picks it: an image type, html, or text."""
+    data = output.get("data") if isinstance(output, Mapping) else None
+    if not isinstance(data, Mapping):
+        return ""
+    for mime in (*_IMAGE_TYPES, "image/svg+xml"):
+        if mime in data:
+            return "image"
+    return "html" if "text/html" in data else "text"
+
+
+def output_shape(r: NodeResult) -> tuple[str, ...]:
+    """The kinds of a node's outputs in order: nodes with the same shape line up."""
+    return tuple(output_kind(o) for o in outputs_of(r))
+
+
+def grid_nodes(result: Result) -> list[str]:
+    """The nodes whose display outputs go in a grid: at least GRID_MIN nodes whose outputs
+    have the same shape, with an image in it (plots from many nodes, side by side)."""
+    shapes: dict[tuple[str, ...], list[str]] = {}
+    for name, r in result.nodes.items():
+        shape = output_shape(r)
+        if "image" in shape:
+            shapes.setdefault(shape, []).append(name)
+    best = max(shapes.values(), key=len, default=[])
+    return best if len(best) >= GRID_MIN else []
+
+
+def grid_html(result: Result, names: Sequence[str]) -> str:
+    """Those nodes' outputs as a grid of cards, each under its node's name and status."""
+    cards = []
+    for name in names:
+        r = result.nodes[name]
+        outs = "".join(f'<div class="odium-output">{output_html(o)}</div>'
+                       for o in outputs_of(r))
+        cards.append(f'<figure class="odium-card" data-node="{e(name)}" style="margin:0;'
+                     f'padding:4px;border:1px solid rgba(128,128,128,.25);border-radius:4px;'
+                     f'min-width:0"><figcaption style="font-size:12px;margin-bottom:2px">'
+                     f'<b>{e(name)}</b> {badge(r.status.value)}</figcaption>{outs}</figure>')
+    return (f'<div class="odium-grid" style="display:grid;grid-template-columns:repeat('
+            f'auto-fill,minmax({GRID_CELL},1fr));gap:6px;margin:2px 0 6px 0">'
+            f'{"".join(cards)}</div>')
+
+
+def _detail_html(r: NodeResult, in_grid: bool = False) -> str:
+    """The right-hand cell of a node's row: streams, displays, value, error, mismatch.
+    ``in_grid``: its displays are in the grid above the table, so the row only says so."""
     parts: list[str] = []
     if r.stdout:
         parts.append(_pre(r.stdout.rstrip("\n"), "odium-stdout"))
     if r.stderr:
         parts.append(_pre(r.stderr.rstrip("\n"), "odium-stderr", _STDERR))
-    for out in outputs_of(r):
+    outs = outputs_of(r)
+    if in_grid and outs:
+        n = len(outs)
+        parts.append(f'<div class="odium-in-grid" style="{_MUTED}">{n} output'
+                     f'{"s" if n != 1 else ""}: in the grid above</div>')
+    for out in () if in_grid else outs:
         parts.append(f'<div class="odium-output">{output_html(out)}</div>')
     if r.value_repr is not None:
         note = ("" if r.value_json else
                 f' <span class="odium-note" style="{_MUTED}">(not JSON: shown as its repr)</span>')
         parts.append(f'<div class="odium-value"><span style="{_MUTED}">value</span> '
                      f'<code style="white-space:pre-wrap">{e(r.value_repr)}</code>{note}</div>')
-    if r.exit not in (None, 0):
+    if r.exit not in (None, 0) and not r.error:  # an error says it already
         parts.append(f'<div class="odium-exit" style="{_MUTED}">exit status {r.exit}</div>')
     if r.error and not r.ok and not r.mismatch:  # a mismatch says it better below
         head = f"{r.error.get('ename', '')}: {r.error.get('evalue', '')}"
@@ -218,14 +272,14 @@ def _detail_html(r: NodeResult) -> str:
     return "".join(parts) or f'<span style="{_MUTED}">no output</span>'
 
 
-def _row_html(name: str, r: NodeResult, hub_state: str) -> str:
+def _row_html(name: str, r: NodeResult, hub_state: str, in_grid: bool = False) -> str:
     return (f'<tr class="odium-row" data-node="{e(name)}" data-status="{e(r.status.value)}">'
             f'<td style="{_TD};font-weight:600;white-space:nowrap" class="odium-node">'
             f"{e(name)}</td>"
             f'<td style="{_TD}">{badge(r.status.value)}</td>'
             f'<td style="{_TD};white-space:nowrap">{state_html(r.state, hub_state)}</td>'
             f'<td style="{_TD};white-space:nowrap">{duration_text(r.duration)}</td>'
-            f'<td style="{_TD};width:100%">{_detail_html(r)}</td></tr>')
+            f'<td style="{_TD};width:100%">{_detail_html(r, in_grid)}</td></tr>')
 
 
 _HEAD = (f'<thead><tr><th style="{_TH}">node</th><th style="{_TH}">status</th>'
@@ -245,9 +299,12 @@ def render_html(result: Result) -> str:
     hint = result.extra.get("hint")
     note = (f'<div class="odium-hint" style="{_MUTED};margin-bottom:4px">ran without a state '
             f"requirement: {e(str(hint))}</div>") if hint else ""
-    rows = "".join(_row_html(n, r, result.hub_state) for n, r in result.nodes.items())
+    gridded = grid_nodes(result)
+    grid = grid_html(result, gridded) if gridded else ""
+    rows = "".join(_row_html(n, r, result.hub_state, n in gridded)
+                   for n, r in result.nodes.items())
     return (f'<div class="odium-result" data-command="{e(result.command)}" '
-            f'data-hub-state="{e(result.hub_state)}">{summary}{note}'
+            f'data-hub-state="{e(result.hub_state)}">{summary}{note}{grid}'
             f'<table class="odium-table" style="{_TABLE}">{_HEAD}<tbody>{rows}</tbody></table>'
             f"</div>")
 
