@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from .lifeline import die_with_parent, forked_by_forkserver
+
 if TYPE_CHECKING:
     from .transport import Loop
 
@@ -224,28 +226,9 @@ class _Displays:
         return outs
 
 
-def _die_with_parent(parent: int) -> None:
-    """A worker must not outlive its node (killed with SIGKILL, say)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the node died before we got here
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="odium-parent-watch", daemon=True).start()
-
-
 def _forked_worker(sock: socket.socket, app: str) -> None:
     """Entry point of a worker forked by the node's fork server (already imported)."""
+    forked_by_forkserver()
     os.chdir(app)
     worker_main(Connection(sock.detach()), os.getppid())
 
@@ -255,7 +238,7 @@ def worker_main(conn: Connection | None = None, parent: int | None = None) -> No
     if conn is None:  # started as a fresh interpreter: the fd is in the environment
         conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
         parent = int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid()
-    _die_with_parent(parent or os.getppid())
+    die_with_parent(parent or os.getppid())
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)
@@ -366,11 +349,12 @@ _FORK_CTX: Any = None
 
 
 def forkserver_context() -> Any:
-    """The multiprocessing fork server of this process, preloaded with this module."""
+    """The multiprocessing fork server of this process, preloaded with the workers' modules
+    (after ``odium.forkserver_guard``, which ties the fork server's life to this process)."""
     global _FORK_CTX
     if _FORK_CTX is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["odium.executor"])
+        ctx.set_forkserver_preload(["odium.forkserver_guard", "odium.executor", "odium.jobpool"])
         _FORK_CTX = ctx
     return _FORK_CTX
 

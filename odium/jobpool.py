@@ -31,12 +31,12 @@ import msgspec
 
 from .executor import (
     KILL_GRACE,
-    _die_with_parent,
     _jsonable,
     _run_python,
     _safe_repr,
     spawn_worker,
 )
+from .lifeline import die_with_parent, forked_by_forkserver
 
 if TYPE_CHECKING:
     from .transport import Loop
@@ -173,6 +173,7 @@ def run_job(req: dict[str, Any], fns: dict[str, bytes] | None = None) -> Event:
 
 def _forked_job_worker(sock: socket.socket, app: str) -> None:
     """Entry point of a job worker forked by the node's fork server (already imported)."""
+    forked_by_forkserver()
     os.chdir(app)
     job_worker_main(sock, os.getppid())
 
@@ -190,7 +191,7 @@ def job_worker_main(sock: socket.socket | None = None, parent: int | None = None
         sock = socket.socket(fileno=int(os.environ.pop("ODIUM_WORKER_FD")))
         parent = int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid()
     conn = Channel(sock)
-    _die_with_parent(parent or os.getppid())
+    die_with_parent(parent or os.getppid())
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)

@@ -1,0 +1,86 @@
+"""A node's process tree dies with the node: SIGKILL a real node process while its worker runs
+a long cell or job, and every process it had started (fork server, workers, resource
+tracker, anything) is gone within 2 s.
+
+The code under test writes its pid to a file before it sleeps; the test waits for that file
+(with a deadline), never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import odium
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+DEATH = 2.0  # seconds the whole tree may take to end after its node's death
+
+
+def sleeper(pidfile: Path) -> str:
+    """Code that notes its process id, then sleeps for ten minutes."""
+    return (f"import os, pathlib, time\n"
+            f"pathlib.Path({str(pidfile)!r}).write_text(str(os.getpid()))\n"
+            f"time.sleep(600)\n")
+
+
+def gone(p: psutil.Process) -> bool:
+    """Ended (a zombie has ended: only its exit status is left for its parent to read)."""
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def describe(procs: list[psutil.Process]) -> str:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} (ppid {p.ppid()}): {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            out.append(f"{p.pid}: ?")
+    return "; ".join(out)
+
+
+def kill_and_watch(hub: odium.Hub, pidfile: Path) -> None:
+    """SIGKILL the hub's one local node once the user's code runs in it; check its tree ends."""
+    node = hub.local[0]
+    worker_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 30,
+                                "the user's code to start"))
+    tree = psutil.Process(node.proc.pid).children(recursive=True)
+    assert worker_pid in {p.pid for p in tree}, describe(tree)
+    node.kill(signal.SIGKILL)
+    node.proc.wait(10)
+    died = time.monotonic()
+    deadline = died + DEATH
+    while time.monotonic() < deadline and not all(gone(p) for p in tree):
+        time.sleep(0.02)
+    left = [p for p in tree if not gone(p)]
+    for p in left:  # do not leave them behind even when the test fails
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not left, f"alive {DEATH} s after their node's death: {describe(left)}"
+
+
+def test_a_killed_nodes_broadcast_worker_and_fork_server_die(hub: odium.Hub,
+                                                             tmp_path: Path) -> None:
+    hub.start_local(1, prefix="tree")
+    pidfile = tmp_path / "worker.pid"
+    hub.submit_broadcast(sleeper(pidfile), "tree-1", require="any")
+    kill_and_watch(hub, pidfile)
+
+
+def test_a_killed_nodes_job_worker_and_fork_server_die(hub: odium.Hub, tmp_path: Path) -> None:
+    hub.start_local(1, prefix="tree", capacity=1)
+    pidfile = tmp_path / "job.pid"
+    hub.submit(sleeper(pidfile), nodes="tree-1")
+    kill_and_watch(hub, pidfile)
