@@ -338,6 +338,10 @@ class _ProcessHandle:
             raise subprocess.TimeoutExpired("odium-worker", timeout or 0)
         return self.p.exitcode
 
+    def send_signal(self, sig: int) -> None:
+        if self.pid > 0 and self.p.is_alive():
+            os.kill(self.pid, sig)
+
     def kill(self) -> None:
         self.p.kill()
 
@@ -346,6 +350,8 @@ class _ProcessHandle:
 
 
 _FORK_CTX: Any = None
+_START_LOCK = threading.Lock()  # one worker start at a time (multiprocessing's own state)
+START_TIMEOUT = 60.0  # seconds a worker may take to start before a signal gives up on it
 
 
 def forkserver_context() -> Any:
@@ -367,33 +373,105 @@ def warm_forkserver() -> None:
     forkserver.ensure_running()
 
 
-def spawn_worker(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
-                 name: str) -> tuple[Any, socket.socket]:
-    """A worker process and our end of a socketpair to it. Forked from the node's fork server
-    (``forked(sock, app)``: milliseconds, already imported), or, when there is none, a new
-    interpreter running the source ``fresh``, which finds its end in ODIUM_WORKER_FD."""
-    parent, child = socket.socketpair()
+class _Starting:
+    """A worker process started by a thread of its own, with the parts of ``subprocess.Popen``
+    the executor and the job pool use.
+
+    Starting a worker waits for the fork server to fork it, and the first time for the fork
+    server to finish its imports: a second or more on a loaded machine. The node's loop must
+    not wait (its heartbeats would stop, and its hub would call it lost), so it gets this
+    handle at once, and the worker's "ready" on the socketpair when it has started. Until
+    then the handle counts as running; a signal or a wait first waits for the start.
+    """
+
+    def __init__(self, forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+                 name: str, child: socket.socket) -> None:
+        self.proc: Any = None  # subprocess.Popen or _ProcessHandle, once started
+        self.started = threading.Event()
+        forkserver_context()
+        threading.Thread(target=self._start, args=(forked, fresh, app, name, child),
+                         name=f"odium-start-{name}", daemon=True).start()
+
+    def _start(self, forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+               name: str, child: socket.socket) -> None:
+        try:
+            with _START_LOCK:
+                self.proc = _start_process(forked, fresh, app, name, child)
+        except (OSError, ValueError, RuntimeError) as e:  # the worker's socket ends: it died
+            log.error("could not start a worker process: %s", e)
+        finally:
+            child.close()
+            self.started.set()
+
+    def _wait_started(self, timeout: float | None = START_TIMEOUT) -> bool:
+        return self.started.wait(timeout) and self.proc is not None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self._wait_started() else 0
+
+    def poll(self) -> int | None:
+        if not self.started.is_set():
+            return None
+        return self.proc.poll() if self.proc is not None else 1
+
+    def wait(self, timeout: float | None = None) -> int:
+        begun = time.monotonic()
+        if not self.started.wait(timeout):
+            raise subprocess.TimeoutExpired("odium-worker", timeout or 0)
+        if self.proc is None:
+            return 1
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - begun))
+        code: int = self.proc.wait(left)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self._wait_started():
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self._wait_started():
+            self.proc.kill()
+
+    def terminate(self) -> None:
+        if self._wait_started():
+            self.proc.terminate()
+
+
+def _start_process(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+                   name: str, child: socket.socket) -> Any:
+    """Fork a worker from the fork server or, when there is none, start a new interpreter."""
     try:
         p = forkserver_context().Process(target=forked, args=(child, app), daemon=False,
                                          name=name)
         p.start()
-        child.close()
-        return _ProcessHandle(p), parent
+        # ours alone to poll: multiprocessing polls its children when it starts another one
+        # (from another start thread), and the two would race to read the exit status
+        multiprocessing.process._children.discard(p)  # type: ignore[attr-defined]
+        return _ProcessHandle(p)
     except (OSError, ValueError, RuntimeError) as e:
         log.warning("fork server unavailable (%s); starting a new interpreter", e)
     env = dict(os.environ)
     env["ODIUM_WORKER_FD"] = str(child.fileno())
     env["ODIUM_PARENT_PID"] = str(os.getpid())
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen([sys.executable, "-c", fresh], cwd=app, env=env,
+    return subprocess.Popen([sys.executable, "-c", fresh], cwd=app, env=env,
                             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
-    child.close()
-    return proc, parent
+
+
+def spawn_worker(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+                 name: str) -> tuple[Any, socket.socket]:
+    """A worker process and our end of a socketpair to it, at once: the process starts in the
+    background (see ``_Starting``). Forked from the node's fork server (``forked(sock, app)``:
+    milliseconds, already imported), or, when there is none, a new interpreter running the
+    source ``fresh``, which finds its end in ODIUM_WORKER_FD."""
+    parent, child = socket.socketpair()
+    return _Starting(forked, fresh, app, name, child), parent
 
 
 @dataclass
 class _Worker:
-    proc: Any  # subprocess.Popen, or a _ProcessHandle
+    proc: Any  # a _Starting (over subprocess.Popen or a _ProcessHandle)
     conn: Connection
     ready: bool = False
     job: _Job | None = None
@@ -537,7 +615,7 @@ class Executor:
             return False
         if w.job is job:
             try:
-                os.kill(w.proc.pid, signal.SIGINT)
+                w.proc.send_signal(signal.SIGINT)
             except ProcessLookupError:
                 pass
             self.loop.call_later(KILL_GRACE, lambda: self._kill_if_stuck(job))

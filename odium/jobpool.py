@@ -239,7 +239,7 @@ def job_worker_main(sock: socket.socket | None = None, parent: int | None = None
 
 @dataclass
 class _JobWorker:
-    proc: Any  # subprocess.Popen, or the executor's _ProcessHandle over a forked Process
+    proc: Any  # the executor's handle on a worker process (see spawn_worker)
     conn: Channel
     ready: bool = False
     job: str = ""
@@ -399,7 +399,7 @@ class JobPool:
             return False
         w.reason = w.reason or reason
         try:
-            os.kill(w.proc.pid, signal.SIGINT)
+            w.proc.send_signal(signal.SIGINT)
         except ProcessLookupError:
             pass
         run = w.run
