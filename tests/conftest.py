@@ -40,11 +40,74 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "cond
         time.sleep(interval)
 
 
-def _children() -> set[int]:
+# Every process started during this session carries this tag in its environment, so that a
+# leak is found even once it is an orphan (its parent died; init, not pytest, is its parent).
+SESSION_TAG = "ODIUM_TEST_SESSION"
+_TAG = f"{os.getpid()}.{time.time_ns()}"
+os.environ[SESSION_TAG] = _TAG
+
+
+def _tagged() -> set[int]:
+    """Live processes (not zombies) started during this session, wherever they are now."""
+    needle = f"{SESSION_TAG}={_TAG}\0".encode()
+    found = set()
     try:
-        return {p.pid for p in psutil.Process().children(recursive=True)}
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+        except OSError:  # gone, or not ours to read
+            continue
+        if env.startswith(needle) or b"\0" + needle in env:
+            found.add(int(entry))
+    return found
+
+
+def _children() -> set[int]:
+    """This process's descendants, and the orphans it left (see SESSION_TAG)."""
+    try:
+        mine = {p.pid for p in psutil.Process().children(recursive=True)}
     except psutil.Error:
-        return set()
+        mine = set()
+    return mine | _tagged()
+
+
+def _describe(pids: set[int]) -> str:
+    out = []
+    for pid in sorted(pids):
+        try:
+            p = psutil.Process(pid)
+            out.append(f"{pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:160]}")
+        except psutil.Error:
+            out.append(f"{pid}: gone")
+    return "\n  ".join(out)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_processes_left_behind() -> Iterator[None]:
+    """When the session ends, every process it started has ended, orphans included; those
+    still there after 10 s are killed and reported as an error."""
+    yield
+    deadline = time.monotonic() + 10
+    left = _tagged()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = _tagged()
+    if not left:
+        return
+    described = _describe(left)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise AssertionError(f"the test session left {len(left)} process(es) behind (killed now):"
+                         f"\n  {described}")
 
 
 @pytest.fixture(autouse=True)
@@ -59,12 +122,13 @@ def no_leaked_processes() -> Iterator[None]:
         if not leaked:
             return
         time.sleep(0.05)
+    described = _describe(leaked)
     for pid in leaked:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    raise AssertionError(f"test leaked processes: {sorted(leaked)}")
+    raise AssertionError(f"test leaked processes: {sorted(leaked)}\n  {described}")
 
 
 @pytest.fixture
