@@ -1,6 +1,7 @@
-"""A node's process tree dies with the node: SIGKILL a real node process while its worker runs
-a long cell or job, and every process it had started (fork server, workers, resource
-tracker, anything) is gone within 2 s.
+"""A node's worker processes: the node's whole tree dies with the node (SIGKILL a real node
+process while its worker runs a long cell or job, and every process it had started, fork
+server, workers, resource tracker, is gone within 2 s), and starting them never stalls the
+node (a slow fork server does not make it lost).
 
 The code under test writes its pid to a file before it sleeps; the test waits for that file
 (with a deadline), never for a fixed time.
@@ -8,6 +9,7 @@ The code under test writes its pid to a file before it sleeps; the test waits fo
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ import psutil
 import pytest
 
 import odium
+from odium.results import Status
 
 from .conftest import wait_until
 
@@ -84,3 +87,24 @@ def test_a_killed_nodes_job_worker_and_fork_server_die(hub: odium.Hub, tmp_path:
     pidfile = tmp_path / "job.pid"
     hub.submit(sleeper(pidfile), nodes="tree-1")
     kill_and_watch(hub, pidfile)
+
+
+# --- a slow fork server ------------------------------------------------------------------------
+
+
+def test_a_slow_fork_server_does_not_make_the_node_lost(hub: odium.Hub, tmp_path: Path) -> None:
+    """The first worker waits for the fork server's imports (seconds on a loaded machine); the
+    node's loop must go on beating meanwhile, or its hub calls it lost (5 beats: 1 s here)."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    # a loaded machine, made certain: the fork server (only it) takes 3 s to start
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "if 'multiprocessing.forkserver' in ' '.join(getattr(sys, 'orig_argv', [])):\n"
+        "    time.sleep(3)\n")
+    path = os.pathsep.join(p for p in (str(slow), os.environ.get("PYTHONPATH", "")) if p)
+    hub.start_local(1, prefix="slow", capacity=1, env={"PYTHONPATH": path})
+    r = hub.run("1 + 1", require="any", timeout=30)
+    assert r["slow-1"].status is Status.OK and r["slow-1"].value == 2, r["slow-1"]
+    assert hub.submit("2 + 2", nodes="slow-1").result(30) == 4
+    assert hub.nodes("slow-1")[0]["status"] == "ready"
