@@ -381,27 +381,36 @@ class _Starting:
     server to finish its imports: a second or more on a loaded machine. The node's loop must
     not wait (its heartbeats would stop, and its hub would call it lost), so it gets this
     handle at once, and the worker's "ready" on the socketpair when it has started. Until
-    then the handle counts as running; a signal or a wait first waits for the start.
+    then the handle counts as running; a kill or terminate is done as soon as it has started,
+    a signal or a wait first waits for the start.
     """
 
     def __init__(self, forked: Callable[[socket.socket, str], None], fresh: str, app: str,
                  name: str, child: socket.socket) -> None:
         self.proc: Any = None  # subprocess.Popen or _ProcessHandle, once started
         self.started = threading.Event()
+        self._lock = threading.Lock()
+        self._doomed = ""  # "kill" or "terminate": asked before the start had finished
         forkserver_context()
         threading.Thread(target=self._start, args=(forked, fresh, app, name, child),
                          name=f"odium-start-{name}", daemon=True).start()
 
     def _start(self, forked: Callable[[socket.socket, str], None], fresh: str, app: str,
                name: str, child: socket.socket) -> None:
+        proc = None
         try:
             with _START_LOCK:
-                self.proc = _start_process(forked, fresh, app, name, child)
-        except (OSError, ValueError, RuntimeError) as e:  # the worker's socket ends: it died
-            log.error("could not start a worker process: %s", e)
+                proc = _start_process(forked, fresh, app, name, child)
+        except Exception:  # noqa: BLE001 - the worker's socket ends: the owner sees it died
+            log.exception("could not start a worker process")
         finally:
             child.close()
-            self.started.set()
+            with self._lock:
+                self.proc = proc
+                self.started.set()
+                doomed = self._doomed
+            if proc is not None and doomed:
+                getattr(proc, doomed)()
 
     def _wait_started(self, timeout: float | None = START_TIMEOUT) -> bool:
         return self.started.wait(timeout) and self.proc is not None
@@ -429,13 +438,19 @@ class _Starting:
         if self._wait_started():
             self.proc.send_signal(sig)
 
+    def _end(self, how: str) -> None:
+        with self._lock:
+            if not self.started.is_set():
+                self._doomed = "kill" if "kill" in (how, self._doomed) else how
+                return
+        if self.proc is not None:
+            getattr(self.proc, how)()
+
     def kill(self) -> None:
-        if self._wait_started():
-            self.proc.kill()
+        self._end("kill")
 
     def terminate(self) -> None:
-        if self._wait_started():
-            self.proc.terminate()
+        self._end("terminate")
 
 
 def _start_process(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
