@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -350,8 +351,45 @@ class _ProcessHandle:
 
 
 _FORK_CTX: Any = None
-_START_LOCK = threading.Lock()  # one worker start at a time (multiprocessing's own state)
 START_TIMEOUT = 60.0  # seconds a worker may take to start before a signal gives up on it
+
+
+class _Starter:
+    """The one thread that starts this process's fork server and worker processes, one at a
+    time, and lives as long as the process.
+
+    Long-lived on purpose: the kernel sends a child its parent-death signal when the
+    *thread* that made it ends, not the process; a worker (or the fork server) made by a
+    short-lived thread would be killed as soon as that thread was done.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or we forked
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,),
+                                                name="odium-starter", daemon=True)
+                self._pid = os.getpid()
+                self._thread.start()
+            self._queue.put(fn)
+
+    @staticmethod
+    def _run(q: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            fn = q.get()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - one failed start must not stop the others
+                log.exception("starting a process failed")
+
+
+_STARTER = _Starter()
 
 
 def forkserver_context() -> Any:
@@ -366,15 +404,16 @@ def forkserver_context() -> Any:
 
 
 def warm_forkserver() -> None:
-    """Start the fork server now (it imports in the background), so the first worker is fast."""
+    """Start the fork server now (it imports in the background), so the first worker is fast.
+    Returns at once: the starter thread starts it (see ``_Starter``)."""
     from multiprocessing import forkserver
 
     forkserver_context()
-    forkserver.ensure_running()
+    _STARTER.submit(forkserver.ensure_running)
 
 
 class _Starting:
-    """A worker process started by a thread of its own, with the parts of ``subprocess.Popen``
+    """A worker process started by the starter thread, with the parts of ``subprocess.Popen``
     the executor and the job pool use.
 
     Starting a worker waits for the fork server to fork it, and the first time for the fork
@@ -392,15 +431,13 @@ class _Starting:
         self._lock = threading.Lock()
         self._doomed = ""  # "kill" or "terminate": asked before the start had finished
         forkserver_context()
-        threading.Thread(target=self._start, args=(forked, fresh, app, name, child),
-                         name=f"odium-start-{name}", daemon=True).start()
+        _STARTER.submit(lambda: self._start(forked, fresh, app, name, child))
 
     def _start(self, forked: Callable[[socket.socket, str], None], fresh: str, app: str,
                name: str, child: socket.socket) -> None:
         proc = None
         try:
-            with _START_LOCK:
-                proc = _start_process(forked, fresh, app, name, child)
+            proc = _start_process(forked, fresh, app, name, child)
         except Exception:  # noqa: BLE001 - the worker's socket ends: the owner sees it died
             log.exception("could not start a worker process")
         finally:
@@ -464,8 +501,8 @@ def _start_process(forked: Callable[[socket.socket, str], None], fresh: str, app
         # (from another start thread), and the two would race to read the exit status
         multiprocessing.process._children.discard(p)  # type: ignore[attr-defined]
         return _ProcessHandle(p)
-    except (OSError, ValueError, RuntimeError) as e:
-        log.warning("fork server unavailable (%s); starting a new interpreter", e)
+    except (OSError, EOFError, ValueError, RuntimeError) as e:  # EOF: it died as it forked
+        log.warning("fork server unavailable (%r); starting a new interpreter", e)
     env = dict(os.environ)
     env["ODIUM_WORKER_FD"] = str(child.fileno())
     env["ODIUM_PARENT_PID"] = str(os.getpid())

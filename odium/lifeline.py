@@ -14,6 +14,10 @@ when there is no fork server (children of the node), and multiprocessing's resou
   get their parent-death signal). A forked worker therefore closes the copy of that write
   end it inherits, and its copy of the resource tracker's pipe, which otherwise keep the
   fork server and the tracker waiting for ever.
+
+The parent-death signal comes when the *thread* that made the child ends: the node makes
+its fork server and workers from one thread that lives as long as it does (the executor's
+starter thread), and the fork server forks from its only thread.
 """
 
 from __future__ import annotations

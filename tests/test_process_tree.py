@@ -108,3 +108,61 @@ def test_a_slow_fork_server_does_not_make_the_node_lost(hub: odium.Hub, tmp_path
     assert r["slow-1"].status is Status.OK and r["slow-1"].value == 2, r["slow-1"]
     assert hub.submit("2 + 2", nodes="slow-1").result(30) == 4
     assert hub.nodes("slow-1")[0]["status"] == "ready"
+
+
+# --- no fork server ----------------------------------------------------------------------------
+
+
+def no_forkserver_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which the fork server cannot start (it exits as it starts): workers
+    are then new interpreters, children of the node itself."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if 'multiprocessing.forkserver' in ' '.join(getattr(sys, 'orig_argv', [])):\n"
+        "    os._exit(3)\n")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(broken), os.environ.get("PYTHONPATH", ""))
+                                          if p)}
+
+
+def test_workers_without_a_fork_server_live_and_die_with_the_node(hub: odium.Hub,
+                                                                  tmp_path: Path) -> None:
+    hub.start_local(1, prefix="tree", env=no_forkserver_env(tmp_path))
+    r = hub.run("import os; os.getppid()", "tree-1", require="any", timeout=30)["tree-1"]
+    assert r.ok and r.value == hub.local[0].proc.pid, r  # a child of the node: no fork server
+    pidfile = tmp_path / "worker.pid"
+    hub.submit_broadcast(sleeper(pidfile), "tree-1", require="any")
+    kill_and_watch(hub, pidfile)
+
+
+# --- a fork server started again -----------------------------------------------------------------
+
+
+def forkservers(node_pid: int) -> set[int]:
+    out = set()
+    for p in psutil.Process(node_pid).children():
+        try:
+            if "multiprocessing.forkserver" in " ".join(p.cmdline()):
+                out.add(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_fork_server_started_again_lives_on_with_its_workers(hub: odium.Hub) -> None:
+    """The parent-death signal follows the node's *thread* that made the fork server: one
+    started again from a short-lived thread would die when that thread ended, and take the
+    session's worker, and its namespace, with it."""
+    hub.start_local(1, prefix="again")
+    node_pid = hub.local[0].proc.pid
+    assert hub.run("1", "again-1", require="any", timeout=30)["again-1"].ok
+    first = wait_until(lambda: forkservers(node_pid), 10, "the fork server")
+    for pid in first:
+        psutil.Process(pid).kill()
+    # the node's spare worker dies with it; the node starts another, from a new fork server
+    wait_until(lambda: forkservers(node_pid) - first, 20, "a new fork server")
+    assert hub.run("x = 41", "again-1", require="any", timeout=30)["again-1"].ok
+    r = hub.run("x + 1", "again-1", require="any", timeout=30)["again-1"]
+    assert r.ok and r.value == 42, r
+    assert forkservers(node_pid) - first
