@@ -452,10 +452,6 @@ class _Starting:
     def _wait_started(self, timeout: float | None = START_TIMEOUT) -> bool:
         return self.started.wait(timeout) and self.proc is not None
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self._wait_started() else 0
-
     def poll(self) -> int | None:
         if not self.started.is_set():
             return None
@@ -498,7 +494,7 @@ def _start_process(forked: Callable[[socket.socket, str], None], fresh: str, app
                                          name=name)
         p.start()
         # ours alone to poll: multiprocessing polls its children when it starts another one
-        # (from another start thread), and the two would race to read the exit status
+        # (in the starter thread), and would race the loop thread to read the exit status
         multiprocessing.process._children.discard(p)  # type: ignore[attr-defined]
         return _ProcessHandle(p)
     except (OSError, EOFError, ValueError, RuntimeError) as e:  # EOF: it died as it forked
