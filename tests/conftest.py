@@ -1,7 +1,9 @@
 """Fixtures that own what they start: hubs, node processes, git repositories, raw sockets.
 
 Every process and socket a fixture opens is closed at teardown, and teardown fails
-loudly when a test leaked a child process. Nothing here sleeps to synchronise:
+loudly when a test leaked a process: a child, or an orphan (found by a tag in the
+environment of every process the session starts), after each test and at the end of the
+session. Nothing here sleeps to synchronise:
 ``wait_until`` polls a condition against a deadline.
 """
 
@@ -77,6 +79,14 @@ def _children() -> set[int]:
     return mine | _tagged()
 
 
+def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie (ended, its exit status not yet read)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _describe(pids: set[int]) -> str:
     out = []
     for pid in sorted(pids):
@@ -117,8 +127,7 @@ def no_leaked_processes() -> Iterator[None]:
     deadline = time.monotonic() + 10
     leaked: set[int] = set()
     while time.monotonic() < deadline:
-        leaked = {p for p in _children() - before if psutil.pid_exists(p)}
-        leaked = {p for p in leaked if psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        leaked = {p for p in _children() - before if _alive(p)}
         if not leaked:
             return
         time.sleep(0.05)
