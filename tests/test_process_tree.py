@@ -52,13 +52,27 @@ def describe(procs: list[psutil.Process]) -> str:
     return "; ".join(out)
 
 
-def kill_and_watch(hub: odium.Hub, pidfile: Path) -> None:
-    """SIGKILL the hub's one local node once the user's code runs in it; check its tree ends."""
+def forkservers(node_pid: int) -> set[int]:
+    out = set()
+    for p in psutil.Process(node_pid).children():
+        try:
+            if "multiprocessing.forkserver" in " ".join(p.cmdline()):
+                out.add(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def kill_and_watch(hub: odium.Hub, pidfile: Path, forked: bool = True) -> None:
+    """SIGKILL the hub's one local node once the user's code runs in it; check its tree ends.
+    ``forked``: the worker is a child of the node's fork server (else of the node)."""
     node = hub.local[0]
     worker_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 30,
                                 "the user's code to start"))
     tree = psutil.Process(node.proc.pid).children(recursive=True)
     assert worker_pid in {p.pid for p in tree}, describe(tree)
+    servers = forkservers(node.proc.pid)
+    assert (psutil.Process(worker_pid).ppid() in servers) == forked, describe(tree)
     node.kill(signal.SIGKILL)
     node.proc.wait(10)
     died = time.monotonic()
@@ -133,21 +147,10 @@ def test_workers_without_a_fork_server_live_and_die_with_the_node(hub: odium.Hub
     assert r.ok and r.value == hub.local[0].proc.pid, r  # a child of the node: no fork server
     pidfile = tmp_path / "worker.pid"
     hub.submit_broadcast(sleeper(pidfile), "tree-1", require="any")
-    kill_and_watch(hub, pidfile)
+    kill_and_watch(hub, pidfile, forked=False)
 
 
 # --- a fork server started again -----------------------------------------------------------------
-
-
-def forkservers(node_pid: int) -> set[int]:
-    out = set()
-    for p in psutil.Process(node_pid).children():
-        try:
-            if "multiprocessing.forkserver" in " ".join(p.cmdline()):
-                out.add(p.pid)
-        except psutil.Error:
-            pass
-    return out
 
 
 def test_a_fork_server_started_again_lives_on_with_its_workers(hub: odium.Hub) -> None:
