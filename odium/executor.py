@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -29,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
+
+from .lifeline import die_with_parent, forked_by_forkserver
 
 if TYPE_CHECKING:
     from .transport import Loop
@@ -283,28 +286,9 @@ class _Displays:
         return outs
 
 
-def _die_with_parent(parent: int) -> None:
-    """A worker must not outlive its node (killed with SIGKILL, say)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the node died before we got here
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="odium-parent-watch", daemon=True).start()
-
-
 def _forked_worker(sock: socket.socket, app: str) -> None:
     """Entry point of a worker forked by the node's fork server (already imported)."""
+    forked_by_forkserver()
     os.chdir(app)
     worker_main(Connection(sock.detach()), os.getppid())
 
@@ -314,7 +298,7 @@ def worker_main(conn: Connection | None = None, parent: int | None = None) -> No
     if conn is None:  # started as a fresh interpreter: the fd is in the environment
         conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
         parent = int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid()
-    _die_with_parent(parent or os.getppid())
+    die_with_parent(parent or os.getppid())
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)
@@ -458,6 +442,10 @@ class _ProcessHandle:
             raise subprocess.TimeoutExpired("odium-worker", timeout or 0)
         return self.p.exitcode
 
+    def send_signal(self, sig: int) -> None:
+        if self.pid > 0 and self.p.is_alive():
+            os.kill(self.pid, sig)
+
     def kill(self) -> None:
         self.p.kill()
 
@@ -466,53 +454,175 @@ class _ProcessHandle:
 
 
 _FORK_CTX: Any = None
+START_TIMEOUT = 60.0  # seconds a worker may take to start before a signal gives up on it
+
+
+class _Starter:
+    """The one thread that starts this process's fork server and worker processes, one at a
+    time, and lives as long as the process.
+
+    Long-lived on purpose: the kernel sends a child its parent-death signal when the
+    *thread* that made it ends, not the process; a worker (or the fork server) made by a
+    short-lived thread would be killed as soon as that thread was done.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or we forked
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,),
+                                                name="odium-starter", daemon=True)
+                self._pid = os.getpid()
+                self._thread.start()
+            self._queue.put(fn)
+
+    @staticmethod
+    def _run(q: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            fn = q.get()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - one failed start must not stop the others
+                log.exception("starting a process failed")
+
+
+_STARTER = _Starter()
 
 
 def forkserver_context() -> Any:
-    """The multiprocessing fork server of this process, preloaded with this module."""
+    """The multiprocessing fork server of this process, preloaded with the workers' modules
+    (after ``odium.forkserver_guard``, which ties the fork server's life to this process)."""
     global _FORK_CTX
     if _FORK_CTX is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["odium.executor"])
+        ctx.set_forkserver_preload(["odium.forkserver_guard", "odium.executor", "odium.jobpool"])
         _FORK_CTX = ctx
     return _FORK_CTX
 
 
 def warm_forkserver() -> None:
-    """Start the fork server now (it imports in the background), so the first worker is fast."""
+    """Start the fork server now (it imports in the background), so the first worker is fast.
+    Returns at once: the starter thread starts it (see ``_Starter``)."""
     from multiprocessing import forkserver
 
     forkserver_context()
-    forkserver.ensure_running()
+    _STARTER.submit(forkserver.ensure_running)
 
 
-def spawn_worker(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
-                 name: str) -> tuple[Any, socket.socket]:
-    """A worker process and our end of a socketpair to it. Forked from the node's fork server
-    (``forked(sock, app)``: milliseconds, already imported), or, when there is none, a new
-    interpreter running the source ``fresh``, which finds its end in ODIUM_WORKER_FD."""
-    parent, child = socket.socketpair()
+class _Starting:
+    """A worker process started by the starter thread, with the parts of ``subprocess.Popen``
+    the executor and the job pool use.
+
+    Starting a worker waits for the fork server to fork it, and the first time for the fork
+    server to finish its imports: a second or more on a loaded machine. The node's loop must
+    not wait (its heartbeats would stop, and its hub would call it lost), so it gets this
+    handle at once, and the worker's "ready" on the socketpair when it has started. Until
+    then the handle counts as running; a kill or terminate is done as soon as it has started,
+    a signal or a wait first waits for the start.
+    """
+
+    def __init__(self, forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+                 name: str, child: socket.socket) -> None:
+        self.proc: Any = None  # subprocess.Popen or _ProcessHandle, once started
+        self.started = threading.Event()
+        self._lock = threading.Lock()
+        self._doomed = ""  # "kill" or "terminate": asked before the start had finished
+        forkserver_context()
+        _STARTER.submit(lambda: self._start(forked, fresh, app, name, child))
+
+    def _start(self, forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+               name: str, child: socket.socket) -> None:
+        proc = None
+        try:
+            proc = _start_process(forked, fresh, app, name, child)
+        except Exception:  # noqa: BLE001 - the worker's socket ends: the owner sees it died
+            log.exception("could not start a worker process")
+        finally:
+            child.close()
+            with self._lock:
+                self.proc = proc
+                self.started.set()
+                doomed = self._doomed
+            if proc is not None and doomed:
+                getattr(proc, doomed)()
+
+    def _wait_started(self, timeout: float | None = START_TIMEOUT) -> bool:
+        return self.started.wait(timeout) and self.proc is not None
+
+    def poll(self) -> int | None:
+        if not self.started.is_set():
+            return None
+        return self.proc.poll() if self.proc is not None else 1
+
+    def wait(self, timeout: float | None = None) -> int:
+        begun = time.monotonic()
+        if not self.started.wait(timeout):
+            raise subprocess.TimeoutExpired("odium-worker", timeout or 0)
+        if self.proc is None:
+            return 1
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - begun))
+        code: int = self.proc.wait(left)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self._wait_started():
+            self.proc.send_signal(sig)
+
+    def _end(self, how: str) -> None:
+        with self._lock:
+            if not self.started.is_set():
+                self._doomed = "kill" if "kill" in (how, self._doomed) else how
+                return
+        if self.proc is not None:
+            getattr(self.proc, how)()
+
+    def kill(self) -> None:
+        self._end("kill")
+
+    def terminate(self) -> None:
+        self._end("terminate")
+
+
+def _start_process(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+                   name: str, child: socket.socket) -> Any:
+    """Fork a worker from the fork server or, when there is none, start a new interpreter."""
     try:
         p = forkserver_context().Process(target=forked, args=(child, app), daemon=False,
                                          name=name)
         p.start()
-        child.close()
-        return _ProcessHandle(p), parent
-    except (OSError, ValueError, RuntimeError) as e:
-        log.warning("fork server unavailable (%s); starting a new interpreter", e)
+        # ours alone to poll: multiprocessing polls its children when it starts another one
+        # (in the starter thread), and would race the loop thread to read the exit status
+        multiprocessing.process._children.discard(p)  # type: ignore[attr-defined]
+        return _ProcessHandle(p)
+    except (OSError, EOFError, ValueError, RuntimeError) as e:  # EOF: it died as it forked
+        log.warning("fork server unavailable (%r); starting a new interpreter", e)
     env = dict(os.environ)
     env["ODIUM_WORKER_FD"] = str(child.fileno())
     env["ODIUM_PARENT_PID"] = str(os.getpid())
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen([sys.executable, "-c", fresh], cwd=app, env=env,
+    return subprocess.Popen([sys.executable, "-c", fresh], cwd=app, env=env,
                             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
-    child.close()
-    return proc, parent
+
+
+def spawn_worker(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
+                 name: str) -> tuple[Any, socket.socket]:
+    """A worker process and our end of a socketpair to it, at once: the process starts in the
+    background (see ``_Starting``). Forked from the node's fork server (``forked(sock, app)``:
+    milliseconds, already imported), or, when there is none, a new interpreter running the
+    source ``fresh``, which finds its end in ODIUM_WORKER_FD."""
+    parent, child = socket.socketpair()
+    return _Starting(forked, fresh, app, name, child), parent
 
 
 @dataclass
 class _Worker:
-    proc: Any  # subprocess.Popen, or a _ProcessHandle
+    proc: Any  # a _Starting (over subprocess.Popen or a _ProcessHandle)
     conn: Connection
     ready: bool = False
     job: _Job | None = None
@@ -659,7 +769,7 @@ class Executor:
             return False
         if w.job is job:
             try:
-                os.kill(w.proc.pid, signal.SIGINT)
+                w.proc.send_signal(signal.SIGINT)
             except ProcessLookupError:
                 pass
             self.loop.call_later(KILL_GRACE, lambda: self._kill_if_stuck(job))

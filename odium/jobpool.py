@@ -30,7 +30,6 @@ import msgspec
 
 from .executor import (
     KILL_GRACE,
-    _die_with_parent,
     _jsonable,
     _run_python,
     _safe_repr,
@@ -40,6 +39,7 @@ from .executor import (
     timeout_error,
     user_traceback,
 )
+from .lifeline import die_with_parent, forked_by_forkserver
 
 if TYPE_CHECKING:
     from .transport import Loop
@@ -179,6 +179,7 @@ def run_job(req: dict[str, Any], fns: dict[str, bytes] | None = None) -> Event:
 
 def _forked_job_worker(sock: socket.socket, app: str) -> None:
     """Entry point of a job worker forked by the node's fork server (already imported)."""
+    forked_by_forkserver()
     os.chdir(app)
     job_worker_main(sock, os.getppid())
 
@@ -196,7 +197,7 @@ def job_worker_main(sock: socket.socket | None = None, parent: int | None = None
         sock = socket.socket(fileno=int(os.environ.pop("ODIUM_WORKER_FD")))
         parent = int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid()
     conn = Channel(sock)
-    _die_with_parent(parent or os.getppid())
+    die_with_parent(parent or os.getppid())
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)
@@ -244,7 +245,7 @@ def job_worker_main(sock: socket.socket | None = None, parent: int | None = None
 
 @dataclass
 class _JobWorker:
-    proc: Any  # subprocess.Popen, or the executor's _ProcessHandle over a forked Process
+    proc: Any  # the executor's handle on a worker process (see spawn_worker)
     conn: Channel
     ready: bool = False
     job: str = ""
@@ -405,7 +406,7 @@ class JobPool:
             return False
         w.reason = w.reason or reason
         try:
-            os.kill(w.proc.pid, signal.SIGINT)
+            w.proc.send_signal(signal.SIGINT)
         except ProcessLookupError:
             pass
         run = w.run

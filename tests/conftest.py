@@ -1,7 +1,9 @@
 """Fixtures that own what they start: hubs, node processes, git repositories, raw sockets.
 
 Every process and socket a fixture opens is closed at teardown, and teardown fails
-loudly when a test leaked a child process. Nothing here sleeps to synchronise:
+loudly when a test leaked a process: a child, or an orphan (found by a tag in the
+environment of every process the session starts), after each test and at the end of the
+session. Nothing here sleeps to synchronise:
 ``wait_until`` polls a condition against a deadline.
 """
 
@@ -40,11 +42,82 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "cond
         time.sleep(interval)
 
 
-def _children() -> set[int]:
+# Every process started during this session carries this tag in its environment, so that a
+# leak is found even once it is an orphan (its parent died; init, not pytest, is its parent).
+SESSION_TAG = "ODIUM_TEST_SESSION"
+_TAG = f"{os.getpid()}.{time.time_ns()}"
+os.environ[SESSION_TAG] = _TAG
+
+
+def _tagged() -> set[int]:
+    """Live processes (not zombies) started during this session, wherever they are now."""
+    needle = f"{SESSION_TAG}={_TAG}\0".encode()
+    found = set()
     try:
-        return {p.pid for p in psutil.Process().children(recursive=True)}
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+        except OSError:  # gone, or not ours to read
+            continue
+        if env.startswith(needle) or b"\0" + needle in env:
+            found.add(int(entry))
+    return found
+
+
+def _children() -> set[int]:
+    """This process's descendants, and the orphans it left (see SESSION_TAG)."""
+    try:
+        mine = {p.pid for p in psutil.Process().children(recursive=True)}
     except psutil.Error:
-        return set()
+        mine = set()
+    return mine | _tagged()
+
+
+def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie (ended, its exit status not yet read)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _describe(pids: set[int]) -> str:
+    out = []
+    for pid in sorted(pids):
+        try:
+            p = psutil.Process(pid)
+            out.append(f"{pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:160]}")
+        except psutil.Error:
+            out.append(f"{pid}: gone")
+    return "\n  ".join(out)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_processes_left_behind() -> Iterator[None]:
+    """When the session ends, every process it started has ended, orphans included; those
+    still there after 10 s are killed and reported as an error."""
+    yield
+    deadline = time.monotonic() + 10
+    left = _tagged()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = _tagged()
+    if not left:
+        return
+    described = _describe(left)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise AssertionError(f"the test session left {len(left)} process(es) behind (killed now):"
+                         f"\n  {described}")
 
 
 @pytest.fixture(autouse=True)
@@ -54,17 +127,17 @@ def no_leaked_processes() -> Iterator[None]:
     deadline = time.monotonic() + 10
     leaked: set[int] = set()
     while time.monotonic() < deadline:
-        leaked = {p for p in _children() - before if psutil.pid_exists(p)}
-        leaked = {p for p in leaked if psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        leaked = {p for p in _children() - before if _alive(p)}
         if not leaked:
             return
         time.sleep(0.05)
+    described = _describe(leaked)
     for pid in leaked:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    raise AssertionError(f"test leaked processes: {sorted(leaked)}")
+    raise AssertionError(f"test leaked processes: {sorted(leaked)}\n  {described}")
 
 
 @pytest.fixture

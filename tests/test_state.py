@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -396,15 +397,34 @@ def build_wheel(dest: Path, name: str, version: str) -> Path:
 TINY = "odium-tiny-pkg"
 
 
+def outer_site_dirs() -> list[str]:
+    """The site directories of the interpreter running the tests: where odium, pip and the
+    project's dependencies are (a virtual environment's own, when the tests run in one)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return dirs
+
+
 class Venv:
-    """A real virtual environment that sees the system site-packages (odium, pip, GitPython)."""
+    """A real virtual environment of its own (a package installed here is installed here
+    only) that also sees the site directories of the Python running the tests (odium, pip,
+    GitPython, zmq…), behind its own.
+
+    Not ``--system-site-packages``: that is the site-packages of the *base* interpreter,
+    which lacks the project's dependencies when the tests themselves run in a venv. A .pth
+    file adds the outer site directories with ``site.addsitedir``, so their own .pth files
+    (an editable install of odium) count too.
+    """
 
     def __init__(self, root: Path, wheels: Path) -> None:
         self.root = root
         self.wheels = wheels
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
-                        str(root)], check=True, timeout=60)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True,
+                       timeout=60)
         self.python = str(root / "bin" / "python")
+        lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in outer_site_dirs())
+        (self.site_packages() / "zz_odium_tests_outer.pth").write_text(lines)
 
     def pip_install(self, version: str) -> None:
         r = subprocess.run([self.python, "-m", "pip", "install", "--no-index", "--no-deps",

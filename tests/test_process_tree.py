@@ -1,0 +1,171 @@
+"""A node's worker processes: the node's whole tree dies with the node (SIGKILL a real node
+process while its worker runs a long cell or job, and every process it had started, fork
+server, workers, resource tracker, is gone within 2 s), and starting them never stalls the
+node (a slow fork server does not make it lost).
+
+The code under test writes its pid to a file before it sleeps; the test waits for that file
+(with a deadline), never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import odium
+from odium.results import Status
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+DEATH = 2.0  # seconds the whole tree may take to end after its node's death
+
+
+def sleeper(pidfile: Path) -> str:
+    """Code that notes its process id, then sleeps for ten minutes."""
+    return (f"import os, pathlib, time\n"
+            f"pathlib.Path({str(pidfile)!r}).write_text(str(os.getpid()))\n"
+            f"time.sleep(600)\n")
+
+
+def gone(p: psutil.Process) -> bool:
+    """Ended (a zombie has ended: only its exit status is left for its parent to read)."""
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def describe(procs: list[psutil.Process]) -> str:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} (ppid {p.ppid()}): {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            out.append(f"{p.pid}: ?")
+    return "; ".join(out)
+
+
+def forkservers(node_pid: int) -> set[int]:
+    out = set()
+    for p in psutil.Process(node_pid).children():
+        try:
+            if "multiprocessing.forkserver" in " ".join(p.cmdline()):
+                out.add(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def kill_and_watch(hub: odium.Hub, pidfile: Path, forked: bool = True) -> None:
+    """SIGKILL the hub's one local node once the user's code runs in it; check its tree ends.
+    ``forked``: the worker is a child of the node's fork server (else of the node)."""
+    node = hub.local[0]
+    worker_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 30,
+                                "the user's code to start"))
+    tree = psutil.Process(node.proc.pid).children(recursive=True)
+    assert worker_pid in {p.pid for p in tree}, describe(tree)
+    servers = forkservers(node.proc.pid)
+    assert (psutil.Process(worker_pid).ppid() in servers) == forked, describe(tree)
+    node.kill(signal.SIGKILL)
+    node.proc.wait(10)
+    died = time.monotonic()
+    deadline = died + DEATH
+    while time.monotonic() < deadline and not all(gone(p) for p in tree):
+        time.sleep(0.02)
+    left = [p for p in tree if not gone(p)]
+    for p in left:  # do not leave them behind even when the test fails
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not left, f"alive {DEATH} s after their node's death: {describe(left)}"
+
+
+def test_a_killed_nodes_broadcast_worker_and_fork_server_die(hub: odium.Hub,
+                                                             tmp_path: Path) -> None:
+    hub.start_local(1, prefix="tree")
+    pidfile = tmp_path / "worker.pid"
+    hub.submit_broadcast(sleeper(pidfile), "tree-1", require="any")
+    kill_and_watch(hub, pidfile)
+
+
+def test_a_killed_nodes_job_worker_and_fork_server_die(hub: odium.Hub, tmp_path: Path) -> None:
+    hub.start_local(1, prefix="tree", capacity=1)
+    pidfile = tmp_path / "job.pid"
+    hub.submit(sleeper(pidfile), nodes="tree-1")
+    kill_and_watch(hub, pidfile)
+
+
+# --- a slow fork server ------------------------------------------------------------------------
+
+
+def test_a_slow_fork_server_does_not_make_the_node_lost(hub: odium.Hub, tmp_path: Path) -> None:
+    """The first worker waits for the fork server's imports (seconds on a loaded machine); the
+    node's loop must go on beating meanwhile, or its hub calls it lost (5 beats: 1 s here)."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    # a loaded machine, made certain: the fork server (only it) takes 3 s to start
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "if 'multiprocessing.forkserver' in ' '.join(getattr(sys, 'orig_argv', [])):\n"
+        "    time.sleep(3)\n")
+    path = os.pathsep.join(p for p in (str(slow), os.environ.get("PYTHONPATH", "")) if p)
+    hub.start_local(1, prefix="slow", capacity=1, env={"PYTHONPATH": path})
+    r = hub.run("1 + 1", require="any", timeout=30)
+    assert r["slow-1"].status is Status.OK and r["slow-1"].value == 2, r["slow-1"]
+    assert hub.submit("2 + 2", nodes="slow-1").result(30) == 4
+    assert hub.nodes("slow-1")[0]["status"] == "ready"
+
+
+# --- no fork server ----------------------------------------------------------------------------
+
+
+def no_forkserver_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which the fork server cannot start (it exits as it starts): workers
+    are then new interpreters, children of the node itself."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if 'multiprocessing.forkserver' in ' '.join(getattr(sys, 'orig_argv', [])):\n"
+        "    os._exit(3)\n")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(broken), os.environ.get("PYTHONPATH", ""))
+                                          if p)}
+
+
+def test_workers_without_a_fork_server_live_and_die_with_the_node(hub: odium.Hub,
+                                                                  tmp_path: Path) -> None:
+    hub.start_local(1, prefix="tree", env=no_forkserver_env(tmp_path))
+    r = hub.run("import os; os.getppid()", "tree-1", require="any", timeout=30)["tree-1"]
+    assert r.ok and r.value == hub.local[0].proc.pid, r  # a child of the node: no fork server
+    pidfile = tmp_path / "worker.pid"
+    hub.submit_broadcast(sleeper(pidfile), "tree-1", require="any")
+    kill_and_watch(hub, pidfile, forked=False)
+
+
+# --- a fork server started again -----------------------------------------------------------------
+
+
+def test_a_fork_server_started_again_lives_on_with_its_workers(hub: odium.Hub) -> None:
+    """The parent-death signal follows the node's *thread* that made the fork server: one
+    started again from a short-lived thread would die when that thread ended, and take the
+    session's worker, and its namespace, with it."""
+    hub.start_local(1, prefix="again")
+    node_pid = hub.local[0].proc.pid
+    assert hub.run("1", "again-1", require="any", timeout=30)["again-1"].ok
+    first = wait_until(lambda: forkservers(node_pid), 10, "the fork server")
+    for pid in first:
+        psutil.Process(pid).kill()
+    # the node's spare worker dies with it; the node starts another, from a new fork server
+    wait_until(lambda: forkservers(node_pid) - first, 20, "a new fork server")
+    assert hub.run("x = 41", "again-1", require="any", timeout=30)["again-1"].ok
+    r = hub.run("x + 1", "again-1", require="any", timeout=30)["again-1"]
+    assert r.ok and r.value == 42, r
+    assert forkservers(node_pid) - first
