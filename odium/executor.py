@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from .lifeline import die_with_parent, forked_by_forkserver
+from .lifeline import GroupReaper, die_with_parent, forked_by_forkserver
 
 if TYPE_CHECKING:
     from .transport import Loop
@@ -642,6 +642,7 @@ class Executor:
         self.jobs: dict[str, _Job] = {}
         self.streamed: dict[tuple[str, str], int] = {}  # (cmd, stream) -> characters sent
         self.closed = False
+        self.reaper = GroupReaper()  # shell commands' process groups end with the node
         if prestart:
             self.spare = self._spawn()
 
@@ -801,6 +802,7 @@ class Executor:
         for job in list(self.jobs.values()):
             if job.proc is not None:
                 _signal_group(job.proc, signal.SIGKILL)
+        self.reaper.close()
         for w in workers:
             try:
                 w.proc.wait(2)
@@ -873,6 +875,7 @@ class Executor:
     def _start_shell(self, job: _Job) -> None:
         job.started = time.time()
         try:
+            self.reaper.ready()
             job.proc = subprocess.Popen(
                 job.code, shell=True, cwd=self.app, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -882,6 +885,7 @@ class Executor:
                                "error": {"ename": type(e).__name__, "evalue": str(e),
                                          "traceback": ""}})
             return
+        self.reaper.watch(job.proc.pid)  # its session's group: pgid = its pid
         self._arm_timeout(job)
         threading.Thread(target=self._shell_reader, args=(job,), daemon=True,
                          name=f"odium-shell-{job.cmd[:8]}").start()
@@ -910,6 +914,8 @@ class Executor:
         pump(proc.stdout, "stdout")
         t.join()
         code = proc.wait()
+        pgid = proc.pid
+        self.loop.call_soon_threadsafe(lambda: self.reaper.forget(pgid))
         res: Event = {"started": job.started, "finished": time.time(), "exit": code,
                       "stdout": "".join(kept["stdout"])[:MAX_CAPTURE],
                       "stderr": "".join(kept["stderr"])[:MAX_CAPTURE]}

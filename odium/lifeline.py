@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -83,4 +85,123 @@ def in_forkserver() -> None:
     die_with_parent(os.getppid(), watch=False)
 
 
-__all__ = ["die_with_parent", "forked_by_forkserver", "in_forkserver"]
+# The reaper: a tiny interpreter (no site, no odium) that kills the process groups of the
+# shell commands a node started when the node dies (its parent-death signal, or end of file
+# on its stdin, whose write end only the node holds). Groups it is told of: "+PGID" / "-PGID"
+# lines; every few seconds it forgets groups that have no process left (so a number reused
+# later by an unrelated group is never killed).
+_REAPER = r"""
+import os, select, signal, sys
+groups = set()
+buf = b""
+def take(data):
+    global buf
+    buf += data
+    *lines, buf = buf.split(b"\n")
+    for line in lines:
+        if line[:1] == b"+":
+            groups.add(int(line[1:]))
+        elif line[:1] == b"-":
+            groups.discard(int(line[1:]))
+def end(*_):
+    os.set_blocking(0, False)  # the node may have died before we read what it wrote
+    try:
+        while True:
+            data = os.read(0, 65536)
+            if not data:
+                break
+            take(data)
+    except OSError:
+        pass
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, end)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    end()
+while True:
+    if not select.select([0], [], [], 5.0)[0]:
+        for g in list(groups):
+            try:
+                os.killpg(g, 0)
+            except ProcessLookupError:
+                groups.discard(g)
+            except OSError:
+                pass
+        continue
+    data = os.read(0, 65536)
+    if not data:
+        end()
+    take(data)
+"""
+
+
+class GroupReaper:
+    """Kills the process groups of a node's shell commands (each runs in a session of its
+    own, so that an interrupt reaches all its processes) when the node dies, even by SIGKILL:
+    the parent-death signal alone would end only each group's first process.
+
+    Started at the first shell command, from the thread that makes the node's processes."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def ready(self) -> None:
+        """Have the reaper running (call it before starting a command, so that the command's
+        group is known to it a moment after the command starts)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def _tell(self, line: str) -> None:
+        for _ in range(2):
+            self.ready()
+            assert self.proc is not None and self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(line.encode() + b"\n")
+                self.proc.stdin.flush()
+                return
+            except (BrokenPipeError, OSError):
+                self.proc = None
+
+    def watch(self, pgid: int) -> None:
+        self._tell(f"+{pgid}")
+
+    def forget(self, pgid: int) -> None:
+        """The group's leader ended: forget the group once nothing is left in it (the reaper
+        still ends what a command left running in the background when the node dies)."""
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            if self.proc is not None:
+                self._tell(f"-{pgid}")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """The node stops: the reaper ends what is left in its groups, and itself."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+__all__ = ["GroupReaper", "die_with_parent", "forked_by_forkserver", "in_forkserver"]

@@ -103,6 +103,18 @@ def test_a_killed_nodes_job_worker_and_fork_server_die(hub: odium.Hub, tmp_path:
     kill_and_watch(hub, pidfile)
 
 
+def test_a_killed_nodes_shell_command_and_its_children_die(hub: odium.Hub,
+                                                           tmp_path: Path) -> None:
+    """A shell command runs in a session of its own (so that an interrupt reaches all of it):
+    its processes are not the node's workers, and the parent-death signal would end only its
+    first one. The node's reaper ends the whole group, background children too."""
+    hub.start_local(1, prefix="tree")
+    pidfile = tmp_path / "shell.pid"
+    hub.submit_broadcast(f"sleep 600 & sleep 601 & echo $$ > {pidfile}; wait", "tree-1",
+                         shell=True, require="any")
+    kill_and_watch(hub, pidfile, forked=False)
+
+
 # --- a slow fork server ------------------------------------------------------------------------
 
 
