@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from .lifeline import GroupReaper, die_with_parent, forked_by_forkserver
+from .lifeline import REAPER, die_with_parent, forked_by_forkserver, own_group
 
 if TYPE_CHECKING:
     from .transport import Loop
@@ -299,6 +299,7 @@ def worker_main(conn: Connection | None = None, parent: int | None = None) -> No
         conn = Connection(int(os.environ.pop("ODIUM_WORKER_FD")))
         parent = int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid()
     die_with_parent(parent or os.getppid())
+    own_group()
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)
@@ -545,6 +546,8 @@ class _Starting:
             log.exception("could not start a worker process")
         finally:
             child.close()
+            if proc is not None and getattr(proc, "pid", None):
+                REAPER.watch(proc.pid)  # the worker's own group (own_group), and all in it
             with self._lock:
                 self.proc = proc
                 self.started.set()
@@ -642,7 +645,7 @@ class Executor:
         self.jobs: dict[str, _Job] = {}
         self.streamed: dict[tuple[str, str], int] = {}  # (cmd, stream) -> characters sent
         self.closed = False
-        self.reaper = GroupReaper()  # shell commands' process groups end with the node
+        self.reaper = REAPER  # shell commands' and workers' process groups end with the node
         if prestart:
             self.spare = self._spawn()
 

@@ -39,7 +39,7 @@ from .executor import (
     timeout_error,
     user_traceback,
 )
-from .lifeline import die_with_parent, forked_by_forkserver
+from .lifeline import die_with_parent, forked_by_forkserver, own_group
 
 if TYPE_CHECKING:
     from .transport import Loop
@@ -198,6 +198,7 @@ def job_worker_main(sock: socket.socket | None = None, parent: int | None = None
         parent = int(os.environ.pop("ODIUM_PARENT_PID", "0")) or os.getppid()
     conn = Channel(sock)
     die_with_parent(parent or os.getppid())
+    own_group()
     app = os.getcwd()
     if app not in sys.path:
         sys.path.insert(0, app)

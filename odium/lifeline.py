@@ -92,7 +92,8 @@ def in_forkserver() -> None:
 # later by an unrelated group is never killed).
 _REAPER = r"""
 import os, select, signal, sys
-groups = set()
+import time
+groups = {}
 buf = b""
 def take(data):
     global buf
@@ -100,9 +101,9 @@ def take(data):
     *lines, buf = buf.split(b"\n")
     for line in lines:
         if line[:1] == b"+":
-            groups.add(int(line[1:]))
+            groups[int(line[1:])] = time.monotonic()
         elif line[:1] == b"-":
-            groups.discard(int(line[1:]))
+            groups.pop(int(line[1:]), None)
 def end(*_):
     os.set_blocking(0, False)  # the node may have died before we read what it wrote
     try:
@@ -130,11 +131,13 @@ if os.getppid() != int(sys.argv[1]):
     end()
 while True:
     if not select.select([0], [], [], 5.0)[0]:
-        for g in list(groups):
+        for g, since in list(groups.items()):
+            if time.monotonic() - since < 10:
+                continue  # (a worker makes its group a moment after it is told of)
             try:
                 os.killpg(g, 0)
             except ProcessLookupError:
-                groups.discard(g)
+                del groups[g]
             except OSError:
                 pass
         continue
@@ -147,17 +150,24 @@ while True:
 
 class GroupReaper:
     """Kills the process groups of a node's shell commands (each runs in a session of its
-    own, so that an interrupt reaches all its processes) when the node dies, even by SIGKILL:
-    the parent-death signal alone would end only each group's first process.
+    own, so that an interrupt reaches all its processes) and of its workers (each in a group
+    of its own, with whatever the user's code starts there) when the node dies, even by
+    SIGKILL: the parent-death signal alone would end only each group's first process.
 
-    Started at the first shell command, from the thread that makes the node's processes."""
+    Started at the first command or worker, from a thread that lives as long as the node
+    (the loop thread or the starter thread); one per process (``REAPER``)."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()  # the loop thread and the starter thread both tell it
 
     def ready(self) -> None:
         """Have the reaper running (call it before starting a command, so that the command's
         group is known to it a moment after the command starts)."""
+        with self._lock:
+            self._ready()
+
+    def _ready(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid())],
@@ -165,15 +175,16 @@ class GroupReaper:
                 stderr=subprocess.DEVNULL, start_new_session=True)
 
     def _tell(self, line: str) -> None:
-        for _ in range(2):
-            self.ready()
-            assert self.proc is not None and self.proc.stdin is not None
-            try:
-                self.proc.stdin.write(line.encode() + b"\n")
-                self.proc.stdin.flush()
-                return
-            except (BrokenPipeError, OSError):
-                self.proc = None
+        with self._lock:
+            for _ in range(2):
+                self._ready()
+                assert self.proc is not None and self.proc.stdin is not None
+                try:
+                    self.proc.stdin.write(line.encode() + b"\n")
+                    self.proc.stdin.flush()
+                    return
+                except (BrokenPipeError, OSError):
+                    self.proc = None
 
     def watch(self, pgid: int) -> None:
         self._tell(f"+{pgid}")
@@ -191,7 +202,8 @@ class GroupReaper:
 
     def close(self) -> None:
         """The node stops: the reaper ends what is left in its groups, and itself."""
-        proc, self.proc = self.proc, None
+        with self._lock:
+            proc, self.proc = self.proc, None
         if proc is not None and proc.stdin is not None:
             try:
                 proc.stdin.close()
@@ -204,4 +216,17 @@ class GroupReaper:
                 proc.wait()
 
 
-__all__ = ["GroupReaper", "die_with_parent", "forked_by_forkserver", "in_forkserver"]
+REAPER = GroupReaper()  # this process's (a node's) reaper
+
+
+def own_group() -> None:
+    """In a worker, as it starts: a process group of its own, so that what the user's code
+    starts there ends with the node too (the node's reaper kills the group)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+
+
+__all__ = ["REAPER", "GroupReaper", "die_with_parent", "forked_by_forkserver",
+           "in_forkserver", "own_group"]

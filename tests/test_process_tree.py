@@ -115,6 +115,36 @@ def test_a_killed_nodes_shell_command_and_its_children_die(hub: odium.Hub,
     kill_and_watch(hub, pidfile, forked=False)
 
 
+def test_processes_the_users_code_starts_die_with_the_node(hub: odium.Hub,
+                                                          tmp_path: Path) -> None:
+    """A cell that starts a process of its own (in the worker's group): it ends with the node,
+    though its parent, the worker, is killed and it is left an orphan."""
+    hub.start_local(1, prefix="tree")
+    pidfile = tmp_path / "child.pid"
+    code = ("import subprocess, pathlib\n"
+            "child = subprocess.Popen(['sleep', '600'])\n"
+            f"pathlib.Path({str(pidfile)!r}).write_text(str(child.pid))\n"
+            "child.wait()\n")
+    hub.submit_broadcast(code, "tree-1", require="any")
+    node = hub.local[0]
+    child = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 30,
+                           "the user's process to start"))
+    tree = psutil.Process(node.proc.pid).children(recursive=True)
+    assert child in {p.pid for p in tree}, describe(tree)
+    node.kill(signal.SIGKILL)
+    node.proc.wait(10)
+    deadline = time.monotonic() + DEATH
+    while time.monotonic() < deadline and not all(gone(p) for p in tree):
+        time.sleep(0.02)
+    left = [p for p in tree if not gone(p)]
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not left, f"alive {DEATH} s after their node's death: {describe(left)}"
+
+
 # --- a slow fork server ------------------------------------------------------------------------
 
 
