@@ -96,6 +96,7 @@ QUERY_TYPES = {
     "log": ("admin",),
     "state_diff": ("admin",),
     "sync_nodes": ("admin",),
+    "forget": ("admin",),
     "bundle": ("node",),
     "submit": ("admin",),  # the job queue (odium.jobqueue)
     "job": ("admin",),
@@ -288,6 +289,7 @@ class HubCore:
             "nodes": self._h_nodes, "keys": self._h_keys, "key": self._h_key,
             "token": self._h_token, "log": self._h_log, "state_diff": self._h_state_diff,
             "sync_nodes": self._h_sync_nodes, "bundle": self._h_bundle,
+            "forget": self._h_forget,
         }
         self.result_handlers: dict[str, Callable[[P.Message, NodeInfo], None]] = {
             "node_hb": self._r_hb, "ack": self._r_ack, "output": self._r_output,
@@ -671,6 +673,12 @@ class HubCore:
             {"key": k.key_id, "name": k.name, "role": k.role, "fingerprint": self._fp(k.key_id)}
             for k in chosen]})
 
+    def _h_forget(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Query = msg.body  # type: ignore[assignment]
+        if not body.pattern:
+            raise OdiumError("forget needs a node name or glob")
+        reply({"forgotten": self.forget(body.pattern)})
+
     def _h_token(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.TokenRequest = msg.body  # type: ignore[assignment]
         reply({"token": self.make_token(body.ttl)})
@@ -974,9 +982,9 @@ class HubCore:
         if kind not in ("python", "shell"):
             raise ProtocolError(f"kind must be 'python' or 'shell', not {kind!r}")
         required, hint = self.resolve_requirement(require)
-        matched = match_nodes(nodes, sorted(self.nodes))
+        matched = match_nodes(nodes, self.targetable())
         if not matched:
-            known = ", ".join(sorted(self.nodes)) or "none yet (add some: odium token)"
+            known = ", ".join(self.targetable()) or "none yet (add some: odium token)"
             raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
         cmd = cmd or P.new_id()
         targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
@@ -1014,9 +1022,9 @@ class HubCore:
         if not re.fullmatch(r"[0-9a-f]{40}", target):
             raise StateMismatchError(f"cannot sync nodes to this hub's state {target!r}: it is "
                                      "not a clean commit; commit your changes first")
-        matched = match_nodes(nodes, sorted(self.nodes))
+        matched = match_nodes(nodes, self.targetable())
         if not matched:
-            known = ", ".join(sorted(self.nodes)) or "none yet"
+            known = ", ".join(self.targetable()) or "none yet"
             raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
         cmd = P.new_id()
         targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
@@ -1086,13 +1094,66 @@ class HubCore:
                 except Exception:
                     log.exception("result callback failed")
 
+    # --- the registry ----------------------------------------------------------------------
+
+    def targetable(self) -> list[str]:
+        """The names a pattern may target: nodes whose key is trusted as a node key. A node
+        whose key was revoked or rejected is still listed, never targeted; one that is only
+        off (a lab PC shut down for the night) is targeted, and answers ``not connected``."""
+        keys = self.keys
+        return sorted(n for n, node in self.nodes.items()
+                      if (k := keys.get(node.key_id)) is not None and k.role == "node")
+
+    def forget(self, pattern: str, *, force: bool = False) -> list[str]:
+        """Remove the nodes matching ``pattern`` (a name, glob or comma list) from the
+        registry and the store, with their node keys: such a node can come back only with a
+        new token, or by being accepted again as a pending key. A connected node is not
+        forgotten (stop it, or revoke its key, first) unless ``force`` (its process is known
+        to be gone: local nodes the hub stopped itself). Returns the names forgotten."""
+        matched = match_nodes(pattern, sorted(self.nodes))
+        if not matched:
+            known = ", ".join(sorted(self.nodes)) or "none yet"
+            raise OdiumError(f"no node matches {pattern!r}; nodes: {known}")
+        live = [n for n in matched if self.nodes[n].status in ("ready", "connecting",
+                                                               "restarting")]
+        if live and not force:
+            if len(live) == len(matched):
+                raise OdiumError(f"not forgotten: {', '.join(live)} "
+                                 f"{'is' if len(live) == 1 else 'are'} connected; stop "
+                                 f"{'it' if len(live) == 1 else 'them'} first, or revoke "
+                                 "the key (odium keys revoke NAME)")
+            matched = [n for n in matched if n not in live]
+        keys = dict(self.keys)
+        for name in matched:
+            node = self.nodes.pop(name)
+            self._lose_running(node, "the node was forgotten")
+            if self.by_key.get(node.key_id) == name:
+                del self.by_key[node.key_id]
+            k = keys.get(node.key_id)
+            drop = k is not None and k.role in ("node", "revoked", "rejected")
+            if drop:
+                del keys[node.key_id]
+            self.store.forget_node(name, node.key_id if drop else "")
+            self.store.event("node_forgotten", f"{name} forgotten ({node.status}"
+                             + (", its key dropped)" if drop else ")"), node=name,
+                             key_id=node.key_id)
+        self._publish_keys(keys)
+        return matched
+
     # --- admin views -----------------------------------------------------------------------
 
     def node_list(self, pattern: str | None = None) -> list[dict[str, Any]]:
         names = sorted(self.nodes)
         if pattern:
             names = match_nodes(pattern, names)
-        return [self.nodes[n].to_dict() for n in names]
+        out = []
+        for n in names:
+            d = self.nodes[n].to_dict()
+            k = self.keys.get(d["key"])
+            if k is None or k.role != "node":  # listed, never targeted
+                d["status"] = k.role if k is not None else "untrusted"
+            out.append(d)
+        return out
 
     def key_list(self) -> list[dict[str, Any]]:
         return [{"key": k.key_id if len(k.key_id) == 43 else f"(CURVE {k.key_id})",

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import stat
 import time
 from dataclasses import dataclass
@@ -227,13 +228,16 @@ def write_key(path: Path, ident: Identity) -> None:
 TOKEN_ENV = "ODIUM_TOKEN"
 
 
-def join_command(token: str, token_file: str | os.PathLike[str] | None = None) -> str:
+def join_command(token: str, token_file: str | os.PathLike[str] | None = None,
+                 name: str | None = None) -> str:
     """The command that joins a machine with a token, in a form that keeps the token off the
     node's command line (``ps`` shows every process's arguments to every local user): the
-    token in ``ODIUM_TOKEN`` (readable only by the node's user), or in a 0600 file."""
+    token in ``ODIUM_TOKEN`` (readable only by the node's user), or in a 0600 file. With
+    ``name`` the node takes that name; without, its host's name."""
+    tail = f" --name {shlex.quote(name)}" if name else ""
     if token_file is not None:
-        return f"odium node --token-file {token_file} --name NAME"
-    return f"{TOKEN_ENV}={token} odium node --name NAME"
+        return f"odium node --token-file {shlex.quote(str(token_file))}{tail}"
+    return f"{TOKEN_ENV}={token} odium node{tail}"
 
 
 def write_token_file(path: Path, token: str) -> None:

@@ -372,6 +372,16 @@ class Store:
 
         self.write(fn)
 
+    def forget_node(self, name: str, key_id: str = "") -> None:
+        """Delete a node's row, and its key's row when given (what the hub forgot)."""
+
+        def fn(s: Session) -> None:
+            s.query(NodeRow).filter_by(name=name).delete()
+            if key_id:
+                s.query(KeyRow).filter_by(key_id=key_id).delete()
+
+        self.write(fn)
+
     def put_state(self, state: str, declaration: dict[str, Any]) -> None:
         now = time.time()
 
