@@ -230,11 +230,13 @@ class NodeCore:
 
     def _on_error_reply(self, req: _Request, err: P.ErrorReply) -> None:
         text = f"hub refused {req.type}: {err.message}"
-        log.error(text)
         if req.on_error is not None:
+            log.error(text)
             req.on_error(text)
-        elif req.type in ("join", "register"):
+        elif req.type in ("join", "register"):  # said once, by whoever runs the node
             self._fail(AuthError(text) if err.kind == "AuthError" else OdiumError(text))
+        else:
+            log.error(text)
 
     # --- joining ---------------------------------------------------------------------------
 
@@ -294,7 +296,8 @@ class NodeCore:
             self.inst.loop.call_later(JOIN_PATIENCE, self._join_overdue)
 
     def _fail(self, err: OdiumError) -> None:
-        log.error("%s", err)
+        """Stop the node with an error: ``odium node`` prints it, once, and exits 1."""
+        log.debug("node stops: %s", err)
         self.error = err
         self.inst.notify()
         self.inst.loop.stop()
