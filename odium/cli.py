@@ -291,7 +291,8 @@ def cmd_node(args: argparse.Namespace) -> int:
               flush=True)
         if token is None and joined is None:
             print(f"if the hub does not know this key yet, accept it there with: odium keys "
-                  f"accept {inst.ident.key_id}", flush=True)
+                  f"accept {fingerprint(inst.ident.key_id)}", flush=True)
+        node.on_notice = lambda text: print(f"odium node: {clean(text)}", flush=True)
         _stop_on_signals(inst.loop.stop)
         _stop_with_parent(inst)
         inst.run()

@@ -115,6 +115,35 @@ def curve_fingerprint(curve_z85: bytes) -> str:
     return ":".join(h[i : i + 4] for i in range(0, 16, 4))
 
 
+def curve_form(text: str) -> str | None:
+    """The z85 CURVE key a pending key is shown by, from any form the CLI shows or a user
+    pastes: ``curve:<64 hex>`` (shell-safe, what odium keys list shows), 64 hex digits, the
+    40-character z85 itself, or ``(CURVE <z85>)``. None if the text is none of these."""
+    t = text.strip()
+    if t.startswith("(CURVE ") and t.endswith(")"):
+        t = t[7:-1].strip()
+    if t.startswith("curve:"):
+        t = t[6:]
+    if re.fullmatch(r"[0-9a-fA-F]{64}", t):
+        return zmq.utils.z85.encode(bytes.fromhex(t)).decode()
+    if len(t) == 40 and not t.startswith("(") and all(c in _Z85 for c in t):
+        try:
+            zmq.utils.z85.decode(t.encode())
+        except (ValueError, KeyError, IndexError):
+            return None
+        return t
+    return None
+
+
+_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                 ".-:+=^!/*?&<>()[]{}@%$#")
+
+
+def curve_shown(z85: str) -> str:
+    """How a key known only by its CURVE key is shown: shell-safe, pasteable."""
+    return "curve:" + zmq.utils.z85.decode(z85.encode()).hex()
+
+
 def join_proof_bytes(token_id: str, hub_key: str) -> bytes:
     """What a joining node signs with its own key to prove it holds it."""
     return f"odium-join\0{token_id}\0{hub_key}".encode()
