@@ -24,6 +24,10 @@ PORT_NAMES = list(DEFAULT_PORTS)  # pub, query, jobs, results
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # "--node" is an error, never "--nodes"
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"odium: error: {message} (see: {self.prog} --help)\n")
 
@@ -42,6 +46,15 @@ def _parse_ports(text: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError(
             f"give four ports PUB,QUERY,JOBS,RESULTS (0 = any free) or 0, not {text!r}")
     return dict(zip(PORT_NAMES, nums, strict=False))
+
+
+def _node_name(text: str) -> str:
+    from .protocol import NAME_RE
+
+    if not __import__("re").match(NAME_RE, text):
+        raise argparse.ArgumentTypeError(f"a node name is letters, digits, '.', '_', '-' "
+                                         f"(max 64), not {text!r}")
+    return text
 
 
 def _positive(text: str) -> float:
@@ -74,7 +87,10 @@ def _count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="odium", description="Run Python on many machines; know what ran where.")
+    p.add_argument("--version", action="version", version=f"odium {__version__}")
     p.add_argument("--log-level", default=os.environ.get("ODIUM_LOG", "warning"),
                    choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -109,10 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where a sync installs declared packages from (a directory of wheels)")
     sp.add_argument("--index-url", default=None, help="package index a sync installs from")
 
-    sp = sub.add_parser("nodes", help="list the hub's nodes")
+    sp = sub.add_parser("nodes", help="list the hub's nodes; nodes forget NAME|GLOB: remove "
+                        "ones that are not connected")
     home(sp)
-    sp.add_argument("pattern", nargs="?", default=None)
-    sp.set_defaults(_late_positionals=("pattern",))
+    sp.add_argument("pattern", nargs="?", default=None,
+                    help="the nodes to list (glob or comma list), or: forget")
+    sp.add_argument("forget", nargs="?", default=None, metavar="NAME|GLOB",
+                    help="after forget: the nodes to forget, with their keys")
+    sp.set_defaults(_late_positionals=("pattern", "forget"))
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("run", help="run code on nodes and print each node's result")
@@ -154,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ttl", type=_positive, default=3600.0, help="seconds it stays valid")
     sp.add_argument("--file", metavar="PATH", default=None,
                     help="write the token to this new 0600 file instead of printing it")
+    sp.add_argument("--name", type=_node_name, default=None,
+                    help="the name the node takes (in the command printed; default: its host "
+                    "name)")
 
     sp = sub.add_parser("log", help="recent events of the hub")
     home(sp)
@@ -268,7 +291,8 @@ def cmd_node(args: argparse.Namespace) -> int:
               flush=True)
         if token is None and joined is None:
             print(f"if the hub does not know this key yet, accept it there with: odium keys "
-                  f"accept {inst.ident.key_id}", flush=True)
+                  f"accept {fingerprint(inst.ident.key_id)}", flush=True)
+        node.on_notice = lambda text: print(f"odium node: {clean(text)}", flush=True)
         _stop_on_signals(inst.loop.stop)
         _stop_with_parent(inst)
         inst.run()
@@ -352,6 +376,19 @@ def _ago(ts: float) -> str:
 def cmd_nodes(args: argparse.Namespace) -> int:
     from .results import short_state
 
+    if args.forget is not None and args.pattern != "forget":
+        raise ConfigError(f"odium nodes takes one pattern, not {args.pattern!r} and "
+                          f"{args.forget!r} (to remove nodes: odium nodes forget NAME|GLOB)")
+    if args.pattern == "forget":
+        if not args.forget:
+            raise ConfigError("nodes forget needs a node name or glob (see: odium nodes)")
+        with _admin(args) as admin:
+            gone = admin.forget(args.forget)
+        if args.json:
+            print(json.dumps({"forgotten": gone}))
+        else:
+            print(f"forgot {len(gone)} node(s): {', '.join(gone)}")
+        return 0
     with _admin(args) as admin:
         data = admin.nodes(args.pattern)
     if args.json:
@@ -362,7 +399,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         same = "same as hub" if n["state"] == data["hub_state"] else "differs"
         rows.append((n["name"], n["status"], short_state(n["state"]), same, _ago(n["last_seen"])))
     _table(rows)
-    if len(rows) == 1:
+    if len(rows) == 1 and args.pattern:
+        print(f"no node matches {args.pattern!r}; see: odium nodes")
+    elif len(rows) == 1:
         print("no nodes yet; add one with: odium token")
     return 0
 
@@ -497,9 +536,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.file:
         path = Path(args.file).expanduser()
         write_token_file(path, tok)
-        print(join_command(tok, path))
+        print(join_command(tok, path, args.name))
     else:
-        print(join_command(tok))
+        print(join_command(tok, name=args.name))
     return 0
 
 

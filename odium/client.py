@@ -128,6 +128,7 @@ class Hub:
                 n.proc.terminate()
         for n in self.local:
             n.stop()
+        self._forget_local([n.name for n in self.local])
         self.local.clear()
         if self.inst is not None:
             self.inst.close()
@@ -352,11 +353,12 @@ class Hub:
         core = self.core
         return str(self._call(lambda: core.make_token(ttl)))
 
-    def join_command(self, ttl: float = 3600.0) -> str:
-        """The command that joins another machine, the token in ODIUM_TOKEN (never on argv)."""
+    def join_command(self, ttl: float = 3600.0, name: str | None = None) -> str:
+        """The command that joins another machine, the token in ODIUM_TOKEN (never on argv);
+        with ``name``, the node takes that name (else its host's)."""
         from .keys import join_command
 
-        return join_command(self.token(ttl))
+        return join_command(self.token(ttl), name=name)
 
     def keys(self) -> list[dict[str, Any]]:
         core = self.core
@@ -392,6 +394,20 @@ class Hub:
 
     def log(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.core.events(limit)
+
+    def forget(self, pattern: str) -> list[str]:
+        """Remove nodes that are not connected (a name, glob or comma list) from the
+        registry, with their keys; the names forgotten. ``*`` no longer targets them."""
+        core = self.core
+        return list(self._call(lambda: core.forget(pattern)))
+
+    def _forget_local(self, names: list[str]) -> None:
+        """Local nodes this hub started and has stopped itself are gone for good: forgotten."""
+        if self.inst is None or not names:
+            return
+        core = self.core
+        self._call(lambda: core.forget(",".join(names), force=True)
+                   if any(n in core.nodes for n in names) else [])
 
     # --- local nodes -----------------------------------------------------------------------
 
@@ -606,6 +622,10 @@ class Admin:
 
     def log(self, limit: int = 50) -> list[dict[str, Any]]:
         return list(self.request("log", P.Query(limit=limit))["events"])
+
+    def forget(self, pattern: str) -> list[str]:
+        """Remove nodes that are not connected from the hub's registry (see Hub.forget)."""
+        return list(self.request("forget", P.Query(pattern=pattern))["forgotten"])
 
     def state_report(self, nodes: str | None = None) -> dict[str, Any]:
         return dict(self.request("state_diff", P.Query(pattern=nodes)))

@@ -38,7 +38,9 @@ from .keys import (
     Token,
     check_key_id,
     curve_fingerprint,
+    curve_form,
     curve_public,
+    curve_shown,
     fingerprint,
     is_reserved_name,
     join_proof_bytes,
@@ -96,6 +98,7 @@ QUERY_TYPES = {
     "log": ("admin",),
     "state_diff": ("admin",),
     "sync_nodes": ("admin",),
+    "forget": ("admin",),
     "bundle": ("node",),
     "submit": ("admin",),  # the job queue (odium.jobqueue)
     "job": ("admin",),
@@ -288,6 +291,7 @@ class HubCore:
             "nodes": self._h_nodes, "keys": self._h_keys, "key": self._h_key,
             "token": self._h_token, "log": self._h_log, "state_diff": self._h_state_diff,
             "sync_nodes": self._h_sync_nodes, "bundle": self._h_bundle,
+            "forget": self._h_forget,
         }
         self.result_handlers: dict[str, Callable[[P.Message, NodeInfo], None]] = {
             "node_hb": self._r_hb, "ack": self._r_ack, "output": self._r_output,
@@ -346,6 +350,10 @@ class HubCore:
             return ZapDecision(False, reason=why)
         if info is None:
             info = by_curve_pending.get(client_key)
+            if info is not None and info.role == "node" and domain == "odium.query":
+                # accepted by its fingerprint or CURVE key: its first signed request says
+                # its key id, which _open checks against this CURVE key and binds
+                return ZapDecision(True, user_id=info.key_id)
         self.inst.loop.call_soon_threadsafe(
             lambda: self._note_denied(client_key, address, info, "unknown key"))
         return ZapDecision(False, reason="unknown key")
@@ -375,7 +383,7 @@ class HubCore:
             return
         self._set_key(KeyInfo(ck, "pending", "", None, f"from {address}"))
         self.store.event("key_pending", f"unknown key {fp} from {address} waits; accept it "
-                         "with: odium keys accept <the key id the node printed>")
+                         f"with: odium keys accept {fp}")
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -396,14 +404,48 @@ class HubCore:
                              node=self.by_key.get(uid, ""), key_id=uid)
             log.warning("rejected message on %s from %s: %s", where, uid[:12] or "?", err)
 
-    def _open(self, frame: zmq.Frame) -> tuple[P.Message, KeyInfo]:
+    def _uid(self, frame: zmq.Frame) -> str:
+        """The key id a frame came from. A key accepted by its CURVE key alone comes through
+        ZAP as that CURVE key (40 characters): its key id is the message's ``from``, if that
+        key's CURVE key is the one the link proved (the signature is checked in _open)."""
         uid = peer_user_id(frame)
+        if len(uid) == 40:
+            for cand in _FROM.findall(frame.bytes[:4096] + frame.bytes[-4096:]):
+                kid = cand.decode()
+                if P.is_key_point(kid) and curve_public(kid).decode() == uid:
+                    return kid
+        return uid
+
+    def _open(self, frame: zmq.Frame) -> tuple[P.Message, KeyInfo]:
+        link = peer_user_id(frame)
+        uid = self._uid(frame)
         info = self.keys.get(uid)
+        unbound = None
+        if info is None and uid != link:
+            unbound = self.keys.get(link)
+            if unbound is not None and unbound.role == "node":
+                info = KeyInfo(uid, "node", unbound.name, None, unbound.note)
         if info is None or info.role not in ALLOWED_ROLES:
             raise AuthError("sender's key is not trusted (revoked or unknown)")
         msg = P.open_message(frame.bytes, verify_key(uid), uid, max_size=self.max_message,
                              replay=self.replay)
+        if unbound is not None:  # proven: the CURVE link and the signature are one key's
+            self._bind(link, info)
         return msg, info
+
+    def _drop_key_row(self, key_id: str) -> None:
+        self.store.write(lambda s: s.query(KeyRow).filter_by(key_id=key_id).delete())
+
+    def _bind(self, curve: str, info: KeyInfo) -> None:
+        """A key known by its CURVE key alone becomes its key id (same role)."""
+        keys = dict(self.keys)
+        keys.pop(curve, None)
+        keys[info.key_id] = info
+        self._publish_keys(keys)
+        self._drop_key_row(curve)
+        self.store.put_key(info.key_id, info.role, name=info.name, note=info.note)
+        self.store.event("key_bound", f"{info.role} key {fingerprint(info.key_id)} is "
+                         f"{info.key_id}", key_id=info.key_id)
 
     def _on_query(self) -> None:
         each_message([(f, self._request(f)) for f in recv_frames(self.sockets["query"])],
@@ -411,7 +453,7 @@ class HubCore:
 
     def _request(self, frames: list[zmq.Frame]) -> _Request:
         """The answer-to-be of one request, for the connection and the CURVE key that sent it."""
-        rid, uid = frames[0].bytes, peer_user_id(frames[-1])
+        rid, uid = frames[0].bytes, self._uid(frames[-1])
         self._peer(rid, uid)
         return _Request(self, rid, uid)
 
@@ -668,8 +710,14 @@ class HubCore:
         body: P.KeyAction = msg.body  # type: ignore[assignment]
         chosen = self.key_action(body.action, body.pattern, body.role)
         reply({"changed": [k.key_id for k in chosen], "keys": [
-            {"key": k.key_id, "name": k.name, "role": k.role, "fingerprint": self._fp(k.key_id)}
-            for k in chosen]})
+            {"key": k.key_id if len(k.key_id) == 43 else curve_shown(k.key_id), "name": k.name,
+             "role": k.role, "fingerprint": self._fp(k.key_id)} for k in chosen]})
+
+    def _h_forget(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
+        body: P.Query = msg.body  # type: ignore[assignment]
+        if not body.pattern:
+            raise OdiumError("forget needs a node name or glob")
+        reply({"forgotten": self.forget(body.pattern)})
 
     def _h_token(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.TokenRequest = msg.body  # type: ignore[assignment]
@@ -974,9 +1022,9 @@ class HubCore:
         if kind not in ("python", "shell"):
             raise ProtocolError(f"kind must be 'python' or 'shell', not {kind!r}")
         required, hint = self.resolve_requirement(require)
-        matched = match_nodes(nodes, sorted(self.nodes))
+        matched = match_nodes(nodes, self.targetable())
         if not matched:
-            known = ", ".join(sorted(self.nodes)) or "none yet (add some: odium token)"
+            known = ", ".join(self.targetable()) or "none yet (add some: odium token)"
             raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
         cmd = cmd or P.new_id()
         targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
@@ -1014,9 +1062,9 @@ class HubCore:
         if not re.fullmatch(r"[0-9a-f]{40}", target):
             raise StateMismatchError(f"cannot sync nodes to this hub's state {target!r}: it is "
                                      "not a clean commit; commit your changes first")
-        matched = match_nodes(nodes, sorted(self.nodes))
+        matched = match_nodes(nodes, self.targetable())
         if not matched:
-            known = ", ".join(sorted(self.nodes)) or "none yet"
+            known = ", ".join(self.targetable()) or "none yet"
             raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
         cmd = P.new_id()
         targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
@@ -1086,56 +1134,112 @@ class HubCore:
                 except Exception:
                     log.exception("result callback failed")
 
+    # --- the registry ----------------------------------------------------------------------
+
+    def targetable(self) -> list[str]:
+        """The names a pattern may target: nodes whose key is trusted as a node key. A node
+        whose key was revoked or rejected is still listed, never targeted; one that is only
+        off (a lab PC shut down for the night) is targeted, and answers ``not connected``."""
+        keys = self.keys
+        return sorted(n for n, node in self.nodes.items()
+                      if (k := keys.get(node.key_id)) is not None and k.role == "node")
+
+    def forget(self, pattern: str, *, force: bool = False) -> list[str]:
+        """Remove the nodes matching ``pattern`` (a name, glob or comma list) from the
+        registry and the store, with their node keys: such a node can come back only with a
+        new token, or by being accepted again as a pending key. A connected node is not
+        forgotten (stop it, or revoke its key, first) unless ``force`` (its process is known
+        to be gone: local nodes the hub stopped itself). Returns the names forgotten."""
+        matched = match_nodes(pattern, sorted(self.nodes))
+        if not matched:
+            known = ", ".join(sorted(self.nodes)) or "none yet"
+            raise OdiumError(f"no node matches {pattern!r}; nodes: {known}")
+        live = [n for n in matched if self.nodes[n].status in ("ready", "connecting",
+                                                               "restarting")]
+        if live and not force:
+            if len(live) == len(matched):
+                raise OdiumError(f"not forgotten: {', '.join(live)} "
+                                 f"{'is' if len(live) == 1 else 'are'} connected; stop "
+                                 f"{'it' if len(live) == 1 else 'them'} first, or revoke "
+                                 "the key (odium keys revoke NAME)")
+            matched = [n for n in matched if n not in live]
+        keys = dict(self.keys)
+        for name in matched:
+            node = self.nodes.pop(name)
+            self._lose_running(node, "the node was forgotten")
+            if self.by_key.get(node.key_id) == name:
+                del self.by_key[node.key_id]
+            k = keys.get(node.key_id)
+            drop = k is not None and k.role in ("node", "revoked", "rejected")
+            if drop:
+                del keys[node.key_id]
+            self.store.forget_node(name, node.key_id if drop else "")
+            self.store.event("node_forgotten", f"{name} forgotten ({node.status}"
+                             + (", its key dropped)" if drop else ")"), node=name,
+                             key_id=node.key_id)
+        self._publish_keys(keys)
+        return matched
+
     # --- admin views -----------------------------------------------------------------------
 
     def node_list(self, pattern: str | None = None) -> list[dict[str, Any]]:
         names = sorted(self.nodes)
         if pattern:
             names = match_nodes(pattern, names)
-        return [self.nodes[n].to_dict() for n in names]
+        out = []
+        for n in names:
+            d = self.nodes[n].to_dict()
+            k = self.keys.get(d["key"])
+            if k is None or k.role != "node":  # listed, never targeted
+                d["status"] = k.role if k is not None else "untrusted"
+            out.append(d)
+        return out
 
     def key_list(self) -> list[dict[str, Any]]:
-        return [{"key": k.key_id if len(k.key_id) == 43 else f"(CURVE {k.key_id})",
+        """The keys, as a shell can paste them: a key id, or ``curve:<hex>`` for a key known
+        only by its CURVE key (a pending one: the handshake shows the hub nothing else)."""
+        return [{"key": k.key_id if len(k.key_id) == 43 else curve_shown(k.key_id),
                  "role": k.role, "name": k.name, "fingerprint": self._fp(k.key_id),
                  "note": k.note, "expires": k.expires}
                 for k in self.keys.values() if k.role not in ("used",)
                 and not (k.role == "token" and (k.expires or 0) < time.time())]
 
     def key_action(self, action: str, pattern: str, role: str | None = None) -> list[KeyInfo]:
-        """accept / reject / revoke keys chosen by key id or fingerprint (whatever their role),
-        or by a glob over their names (node keys; admin keys only with ``role="admin"``).
-        Returns the keys acted on, as they were. Never leaves the hub without an admin key."""
+        """accept / reject / revoke keys chosen by key id, fingerprint, CURVE key (any form
+        odium keys list shows: ``curve:<hex>``, or z85) whatever their role, or by a glob over
+        their names (node keys; admin keys only with ``role="admin"``). Returns the keys acted
+        on, as they were. Nothing changes unless the whole action can be done; every change is
+        a ``key_<action>`` event. Never leaves the hub without an admin key.
+
+        A pending key accepted by its key id becomes that key id at once; one accepted by its
+        fingerprint or CURVE key stays a CURVE key, admitted on the query socket only, until
+        its node's first signed request proves its key id (``key_bound``)."""
         if role not in (None, "node", "admin"):
             raise ConfigError(f"a key role to act on is 'node' or 'admin', not {role!r}")
+        if action not in ("accept", "reject", "revoke"):
+            raise ConfigError(f"a key action is accept, reject or revoke, not {action!r}")
         new_role = {"accept": "node", "reject": "rejected", "revoke": "revoked"}[action]
-        by_id = False
-        curve = ""
-        if re.match(P.KEY_RE, pattern) and not P.is_key_point(pattern):
+        pattern = pattern.strip()
+        ids: set[str] = set()  # the keys named exactly (any role), if named so
+        bind: dict[str, str] = {}  # a table entry known by its CURVE key -> its key id
+        curve = curve_form(pattern)
+        if curve is not None:
+            ids = {curve} | {k for k in self.keys if len(k) == 43
+                             and curve_public(k).decode() == curve}
+        elif re.match(P.KEY_RE, pattern) and P.is_key_point(pattern):
+            ids = {pattern}
+            c = curve_public(pattern).decode()
+            if c in self.keys and pattern not in self.keys:
+                ids.add(c)
+                bind[c] = pattern
+        elif re.match(P.KEY_RE, pattern):
             if not any(k.name == pattern for k in self.keys.values()):  # (a node's name?)
                 check_key_id(pattern)  # raises: it has a key's shape, but is not a key
-        elif re.match(P.KEY_RE, pattern):
-            by_id = True
-            curve = curve_public(pattern).decode()
-            unbound = self.keys.get(curve)
-            if unbound is not None:  # a key seen only as a CURVE key: bind it to its key id
-                keys = dict(self.keys)
-                del keys[curve]
-                new = pattern not in keys
-                if new:
-                    keys[pattern] = KeyInfo(pattern, unbound.role, "", None, unbound.note)
-                self._publish_keys(keys)
-                self.store.write(lambda s: s.query(KeyRow).filter_by(key_id=curve).delete())
-                if new:
-                    self.store.put_key(pattern, unbound.role, note=unbound.note)
         elif re.match(r"^[0-9a-f]{4}(:[0-9a-f]{4}){3}\Z", pattern):
-            hits = [k for k in self.keys.values() if self._fp(k.key_id) == pattern]
-            if hits and all(len(k.key_id) == 40 for k in hits) and action == "accept":
-                raise OdiumError("a pending key is accepted by its key id, not its fingerprint: "
-                                 "on the node, odium keys show prints it")
-            if hits:
-                pattern, by_id = hits[0].key_id, True
-        if by_id:  # one key, named exactly: whatever its role (if it is the one asked for)
-            chosen = [k for k in self.keys.values() if k.key_id == pattern
+            ids = {k.key_id for k in self.keys.values() if self._fp(k.key_id) == pattern}
+            ids = ids or {pattern}  # (nothing has it: "no key matches")
+        if ids:  # keys named exactly: whatever their role (if it is the one asked for)
+            chosen = [k for k in self.keys.values() if k.key_id in ids
                       and (role is None or (k.role == "admin") == (role == "admin"))]
         else:  # names and globs: node keys, or admin keys when asked for by role
             chosen = [k for k in self.keys.values() if k.name and match_nodes(pattern, [k.name])
@@ -1149,7 +1253,7 @@ class HubCore:
         else:
             chosen = [k for k in chosen if k.role in ("node", "admin")]
         if not chosen:
-            hint = "" if by_id or role == "admin" else (
+            hint = "" if ids or role == "admin" else (
                 " (names and globs choose node keys; for an admin key give its key id or "
                 "--role admin)")
             raise OdiumError(f"no key to {action} matches {pattern!r}{hint}; see: odium keys list")
@@ -1161,10 +1265,16 @@ class HubCore:
                 f"refused to {action} admin key {last.name or '?'} ({fingerprint(last.key_id)}): "
                 "it is this hub's last admin key, the one odium commands use from its home, "
                 "and you would be locked out; trust another admin key first")
-        for k in chosen:
-            self._set_key(KeyInfo(k.key_id, new_role, k.name, None, k.note))
+        for k in chosen:  # all checked: now change
+            kid = bind.get(k.key_id, k.key_id)
+            if kid != k.key_id:  # a pending key named by its key id: it is that key now
+                keys = dict(self.keys)
+                del keys[k.key_id]
+                self._publish_keys(keys)
+                self._drop_key_row(k.key_id)
+            self._set_key(KeyInfo(kid, new_role, k.name, None, k.note))
             self.store.event(f"key_{action}", f"{k.role} key {k.name or '?'} "
-                             f"{self._fp(k.key_id)}", key_id=k.key_id)
+                             f"{self._fp(kid)}", key_id=kid if len(kid) == 43 else "")
             if action == "revoke":
                 name = self.by_key.get(k.key_id)
                 if name and name in self.nodes:
@@ -1226,6 +1336,9 @@ class HubCore:
             s.close(linger=0)
         self.sockets.clear()
         self.zap.close()
+
+
+_FROM = re.compile(rb'"from":"([A-Za-z0-9_-]{43})"')
 
 
 def _refuse_reserved(name: str) -> None:

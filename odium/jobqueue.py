@@ -355,6 +355,16 @@ class JobQueue:
         info = self.hub.nodes.get(name)
         return info is not None and satisfies(require, info.state, info.state)
 
+    def _why_declined(self, rec: JobRecord, node: NodeInfo) -> str:
+        """Why a node declined a job, as far as the hub can tell from its view of the node: a
+        node declines a job it may not run (its name or state) as well as one it has no slot
+        for."""
+        if not name_matches(rec.nodes, node.name):
+            return f"not one of nodes={rec.nodes!r}"
+        if rec.require != "any" and not satisfies(rec.require, node.state, node.state):
+            return f"its state {node.state[:12]} is not the required {rec.require[:12]}"
+        return "no free slot"
+
     def credit(self) -> dict[str, int]:
         """Free slots per ready node, less what is on the way to it."""
         out: dict[str, int] = {}
@@ -516,7 +526,8 @@ class JobQueue:
                 continue
             self.holders[j].discard(node.name)
             if rec.status is A:
-                self._move(rec, Q, reason=f"declined by {node.name} (no free slot)")
+                why = self._why_declined(rec, node)
+                self._move(rec, Q, reason=f"declined by {node.name} ({why})")
         if refused:
             self._refuse(node, "taken/declined", refused)
         self.stats["taken"] += len(body.taken)
@@ -641,7 +652,7 @@ class JobQueue:
         (``any`` or a commit). Any thread: it reads only node names and the hub's state."""
         for _ in range(3):
             try:
-                names = list(self.hub.nodes)
+                names = self.hub.targetable()  # not revoked or rejected ones
                 break
             except RuntimeError:  # changed while we read it (another thread)
                 continue

@@ -284,11 +284,6 @@ def name_matches(pattern: str, name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p.strip()) for p in pattern.split(",") if p.strip())
 
 
-def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 # --- what travels: functions, arguments, values ----------------------------------------------
 
 

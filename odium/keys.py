@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import stat
 import time
 from dataclasses import dataclass
@@ -112,6 +113,35 @@ def fingerprint(key_id: str) -> str:
 def curve_fingerprint(curve_z85: bytes) -> str:
     h = hashlib.sha256(zmq.utils.z85.decode(curve_z85)).hexdigest()[:16]
     return ":".join(h[i : i + 4] for i in range(0, 16, 4))
+
+
+def curve_form(text: str) -> str | None:
+    """The z85 CURVE key a pending key is shown by, from any form the CLI shows or a user
+    pastes: ``curve:<64 hex>`` (shell-safe, what odium keys list shows), 64 hex digits, the
+    40-character z85 itself, or ``(CURVE <z85>)``. None if the text is none of these."""
+    t = text.strip()
+    if t.startswith("(CURVE ") and t.endswith(")"):
+        t = t[7:-1].strip()
+    if t.startswith("curve:"):
+        t = t[6:]
+    if re.fullmatch(r"[0-9a-fA-F]{64}", t):
+        return zmq.utils.z85.encode(bytes.fromhex(t)).decode()
+    if len(t) == 40 and not t.startswith("(") and all(c in _Z85 for c in t):
+        try:
+            zmq.utils.z85.decode(t.encode())
+        except (ValueError, KeyError, IndexError):
+            return None
+        return t
+    return None
+
+
+_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                 ".-:+=^!/*?&<>()[]{}@%$#")
+
+
+def curve_shown(z85: str) -> str:
+    """How a key known only by its CURVE key is shown: shell-safe, pasteable."""
+    return "curve:" + zmq.utils.z85.decode(z85.encode()).hex()
 
 
 def join_proof_bytes(token_id: str, hub_key: str) -> bytes:
@@ -227,13 +257,16 @@ def write_key(path: Path, ident: Identity) -> None:
 TOKEN_ENV = "ODIUM_TOKEN"
 
 
-def join_command(token: str, token_file: str | os.PathLike[str] | None = None) -> str:
+def join_command(token: str, token_file: str | os.PathLike[str] | None = None,
+                 name: str | None = None) -> str:
     """The command that joins a machine with a token, in a form that keeps the token off the
     node's command line (``ps`` shows every process's arguments to every local user): the
-    token in ``ODIUM_TOKEN`` (readable only by the node's user), or in a 0600 file."""
+    token in ``ODIUM_TOKEN`` (readable only by the node's user), or in a 0600 file. With
+    ``name`` the node takes that name; without, its host's name."""
+    tail = f" --name {shlex.quote(name)}" if name else ""
     if token_file is not None:
-        return f"odium node --token-file {token_file} --name NAME"
-    return f"{TOKEN_ENV}={token} odium node --name NAME"
+        return f"odium node --token-file {shlex.quote(str(token_file))}{tail}"
+    return f"{TOKEN_ENV}={token} odium node{tail}"
 
 
 def write_token_file(path: Path, token: str) -> None:

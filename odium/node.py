@@ -29,7 +29,14 @@ from . import protocol as P
 from .errors import AuthError, ConfigError, OdiumError, ProtocolError
 from .executor import Executor, warm_forkserver
 from .jobnode import NodeJobs
-from .keys import Identity, Token, is_reserved_name, join_proof_bytes, verify_key
+from .keys import (
+    Identity,
+    Token,
+    fingerprint,
+    is_reserved_name,
+    join_proof_bytes,
+    verify_key,
+)
 from .sealing import Keyring, open_inner
 from .state import (
     Declaration,
@@ -115,6 +122,14 @@ class NodeCore:
         self.error: OdiumError | None = None
         self.monitors: dict[str, zmq.Socket[Any]] = {}
         self._told_pending = False
+        # what this node says to whoever runs it (odium node prints it; else the log)
+        self.on_notice: Callable[[str], None] | None = None
+        self._refusal = ""  # what the hub's last refused handshake meant, once said
+        self._unreachable = False
+        self._said_ready = False
+        # a node admitted once (joined.json) that is refused now was revoked or rejected; one
+        # never admitted waits as pending (a refused CURVE handshake carries no reason)
+        self._admitted = inst.home.joinpath("joined.json").exists() and token is None
         self._token_expires = 0.0
         self._token_ident: Identity | None = None  # a join token's one-time key, until joined
         self._reject_budget = 20.0
@@ -190,6 +205,8 @@ class NodeCore:
         self.pull = client_socket(ctx, zmq.PULL, ident, key, self._endpoint(ports["jobs"]))
         self.jobs.attach(self.pull)
         self.inst.loop.add(self.sub, self._on_sub)
+        for sk, what in ((self.sub, "pub"), (self.push, "results"), (self.pull, "jobs")):
+            self._watch_handshakes(sk, what)
 
     # --- requests on the query socket ------------------------------------------------------
 
@@ -212,6 +229,7 @@ class NodeCore:
 
     def _answer(self, frames: list[zmq.Frame]) -> None:
         msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key, replay=self.replay)
+        self._heard()
         if msg.type == "sealed":  # a reply with something of this node's own in it
             inner = open_inner(self.keyring, msg, "query")
             if inner is None:
@@ -230,11 +248,17 @@ class NodeCore:
 
     def _on_error_reply(self, req: _Request, err: P.ErrorReply) -> None:
         text = f"hub refused {req.type}: {err.message}"
-        log.error(text)
+        if req.type == "register" and err.kind == "AuthError" and "not trusted" in err.message:
+            self._refused("query")  # revoked on a link made before: keep trying
+            self.inst.loop.call_later(REQUEST_RETRY, self._retry_register)
+            return
         if req.on_error is not None:
+            log.error(text)
             req.on_error(text)
-        elif req.type in ("join", "register"):
+        elif req.type in ("join", "register"):  # said once, by whoever runs the node
             self._fail(AuthError(text) if err.kind == "AuthError" else OdiumError(text))
+        else:
+            log.error(text)
 
     # --- joining ---------------------------------------------------------------------------
 
@@ -262,7 +286,10 @@ class NodeCore:
                 # a monitor event: u16 event, u32 value, then the endpoint (zmq_socket_monitor)
                 event = struct.unpack("=H", frames[0].bytes[:2])[0]
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    self._refused(what)
+                    if what in ("query", "join"):
+                        self._refused(what)
+                    else:
+                        self._cut_off(what)
                 elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and what == "query":
                     self._told_pending = False
 
@@ -274,15 +301,65 @@ class NodeCore:
             self.inst.loop.remove(mon)
             mon.close(linger=0)
 
+    def _notice(self, text: str) -> None:
+        """Tell whoever runs this node what is going on (odium node prints it)."""
+        if self.on_notice is not None:
+            log.info("%s", text)
+            self.on_notice(text)
+        else:
+            log.warning("%s", text)
+
     def _refused(self, what: str) -> None:
         if what == "join":
             self._fail(AuthError(f"the hub at {self.address} refused this join token: it was "
                                  "used already or has expired; ask for a new one (odium token)"))
-        elif not self._told_pending:
-            self._told_pending = True
-            log.warning("the hub at %s does not trust this node's key yet; waiting to be "
-                        "accepted there with: odium keys accept %s", self.address,
-                        self.inst.ident.key_id)
+            return
+        fp = fingerprint(self.inst.ident.key_id)
+        if self._admitted:
+            why = "revoked"
+            text = (f"the hub at {self.address} refuses this node's key (revoked or rejected "
+                    f"there); still trying: back as soon as it is accepted again (odium keys "
+                    f"accept {fp})")
+        else:
+            why = "pending"
+            text = (f"the hub at {self.address} does not trust this node's key yet (pending "
+                    f"there); still trying: accept it there with: odium keys accept {fp}")
+        self._told_pending = True
+        if why != self._refusal:
+            self._refusal = why
+            self._notice(text)
+
+    def _cut_off(self, what: str) -> None:
+        """A data socket's handshake was refused: the hub no longer trusts this key. Drop
+        the data sockets and register again (and again) until it does."""
+        if self.sub is None:
+            return
+        self._close_data()
+        self.registered = False
+        self.hub_boot = None
+        self._said_ready = False
+        self._refused(what)
+        self._reopen_query()
+        self._register()
+
+    def _close_data(self) -> None:
+        for what in ("pub", "results", "jobs"):
+            self._unwatch(what)
+        for sk in (self.sub, self.push, self.pull):
+            if sk is not None:
+                try:
+                    self.inst.loop.remove(sk)
+                except KeyError:
+                    pass
+                sk.close(linger=0)
+        self.sub = self.push = self.pull = None
+        self.jobs.pull = None
+
+    def _maybe_ready(self) -> None:
+        if self.registered and self.heard_boot == self.hub_boot and not self._said_ready:
+            self._said_ready = True
+            self._refusal = ""
+            self._notice(f"joined the hub at {self.address} as {self.name}; ready")
 
     def _join_overdue(self) -> None:
         if self.join_sock is None:
@@ -294,7 +371,8 @@ class NodeCore:
             self.inst.loop.call_later(JOIN_PATIENCE, self._join_overdue)
 
     def _fail(self, err: OdiumError) -> None:
-        log.error("%s", err)
+        """Stop the node with an error: ``odium node`` prints it, once, and exits 1."""
+        log.debug("node stops: %s", err)
         self.error = err
         self.inst.notify()
         self.inst.loop.stop()
@@ -311,6 +389,12 @@ class NodeCore:
         self._open_query()
         self._register()
 
+    def _retry_register(self) -> None:
+        if not self.registered and not any(r.type == "register"
+                                           for r in self.requests.values()):
+            self._reopen_query()
+            self._register()
+
     def _register(self) -> None:
         assert self.query is not None
         host = pysocket.gethostname()  # what the hub accepts (P.HOST_RE), or nothing
@@ -325,6 +409,7 @@ class NodeCore:
         self.hub_boot = data["hub_boot"]
         self.interval = float(data["interval"])
         self.registered = True
+        self._admitted = True
         self.last_heard = time.monotonic()
         self._open_data(data["ports"])
         if self.state_info is not None:  # it may have been computed while we registered
@@ -336,6 +421,7 @@ class NodeCore:
         if self.heard_boot == self.hub_boot:
             self._beat()
             self.executor.warm()
+        self._maybe_ready()
 
     def _fetch(self) -> None:
         if self.query is None or any(r.type == "fetch" for r in self.requests.values()):
@@ -364,7 +450,7 @@ class NodeCore:
         handler = self.sub_handlers.get(msg.type)
         if handler is None:
             raise ProtocolError(f"message type {msg.type!r} does not come on PUB")
-        self.last_heard = time.monotonic()
+        self._heard()
         handler(msg)
 
     def _failed(self, where: str, err: Exception) -> None:
@@ -423,6 +509,7 @@ class NodeCore:
             log.info("hub restarted; registering again")
             self.hub_boot = None
             self.registered = False
+            self._said_ready = False
             self._register()
             return
         if msg.env.seq > self.seq:
@@ -430,6 +517,7 @@ class NodeCore:
         if first and self.registered:
             self._beat()
             self.executor.warm()
+        self._maybe_ready()
 
     def _on_exec(self, msg: P.Message) -> None:
         if msg.env.seq > self.seq + 1 and self.registered:
@@ -664,8 +752,20 @@ class NodeCore:
         self._send("node_hb", P.NodeBeat(self.boot, self.heard_boot, self.seq,
                                          self.executor.running() + sorted(self.syncing)))
 
+    def _heard(self) -> None:
+        self.last_heard = time.monotonic()
+        if self._unreachable:
+            self._unreachable = False
+            self._notice(f"the hub at {self.address} is reachable again")
+
     def _tick(self) -> None:
         now = time.monotonic()
+        silent = now - self.last_heard
+        if (silent > max(5 * self.interval, 3.0) and not self._unreachable
+                and not self._refusal and self.join_sock is None):
+            self._unreachable = True
+            self._notice(f"the hub at {self.address} is unreachable: nothing heard for "
+                         f"{silent:.0f} s; still trying")
         for mid, req in list(self.requests.items()):
             if now - req.sent > REQUEST_RETRY:
                 del self.requests[mid]

@@ -419,6 +419,7 @@ BODIES: dict[str, type[Body]] = {
     "bundle": BundleRequest,
     "sync_nodes": SyncRequest,
     "state_diff": Query,
+    "forget": Query,  # pattern: the nodes to forget
     "reply": Reply,
     "error": ErrorReply,
     # the job queue

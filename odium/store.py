@@ -132,12 +132,6 @@ class EventRow(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
-class MetaRow(Base):
-    __tablename__ = "meta"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
 class JobRow(Base):
     """A queued job: what to run, where, its status now, and what came of it."""
 
@@ -372,6 +366,16 @@ class Store:
 
         self.write(fn)
 
+    def forget_node(self, name: str, key_id: str = "") -> None:
+        """Delete a node's row, and its key's row when given (what the hub forgot)."""
+
+        def fn(s: Session) -> None:
+            s.query(NodeRow).filter_by(name=name).delete()
+            if key_id:
+                s.query(KeyRow).filter_by(key_id=key_id).delete()
+
+        self.write(fn)
+
     def put_state(self, state: str, declaration: dict[str, Any]) -> None:
         now = time.time()
 
@@ -380,13 +384,6 @@ class Store:
                 s.add(StateRow(state=state, declaration=declaration, first_seen=now))
 
         self.write(fn)
-
-    def states(self) -> list[StateRow]:
-        with self.session() as s:
-            return list(s.scalars(select(StateRow).order_by(StateRow.first_seen)))
-
-    def set_meta(self, key: str, value: str) -> None:
-        self.write(lambda s: s.merge(MetaRow(key=key, value=value)))
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -405,20 +402,11 @@ class Store:
                 q = q.where(EventRow.kind == kind)
             return list(reversed(list(s.scalars(q))))
 
-    def meta(self, key: str, default: str = "") -> str:
-        with self.session() as s:
-            row = s.get(MetaRow, key)
-            return row.value if row else default
-
     def max_seq(self) -> int:
         with self.session() as s:
             from sqlalchemy import func
 
             return int(s.scalar(select(func.max(CommandRow.seq))) or 0)
-
-    def results_for(self, command_id: str) -> list[ResultRow]:
-        with self.session() as s:
-            return list(s.scalars(select(ResultRow).where(ResultRow.command_id == command_id)))
 
     # --- the job queue ---------------------------------------------------------------------
 

@@ -188,7 +188,7 @@ def joined(hub_process: HubProcess, node_processes: Callable[..., NodeProcess],
     nodes = {}
     for name in ("c1", "c2"):
         line = cli_ok("token", "--home", str(home)).stdout.strip()
-        m = re.fullmatch(r"ODIUM_TOKEN=(odt1\.\S+) odium node --name NAME", line)
+        m = re.fullmatch(r"ODIUM_TOKEN=(odt1\.\S+) odium node", line)
         assert m, line
         nodes[name] = node_processes(name, "--token", m.group(1), "--app", str(tmp_path))
     wait_until(lambda: node_status(home) == {"c1": "ready", "c2": "ready"}, 20,
@@ -270,7 +270,7 @@ def test_commands_against_a_running_hub(joined: Any, tmp_path: Path) -> None:
     for name, np in nodes.items():
         node_key = ok(f"key {name}").strip()
         assert node_key in listing and node_key in np.output(), name
-    assert re.fullmatch(r"ODIUM_TOKEN=odt1\.\S+ odium node --name NAME\n", ok("token"))
+    assert re.fullmatch(r"ODIUM_TOKEN=odt1\.\S+ odium node\n", ok("token"))
     log = ok("log")
     assert "join" in log and "c1" in log
     assert {"join", "node_ready", "command"} <= {e["kind"] for e in json.loads(ok("log json"))}
@@ -343,7 +343,7 @@ def test_pending_key_accept_then_revoke(hub_process: HubProcess,
                                  cli_json("keys", "list", "--home", h)}
     p = odium_cli("run", "--home", h, "--timeout", "10", "--json", "--nodes", "p1", "-c", "1")
     assert p.returncode != 0
-    assert json.loads(p.stdout)["nodes"]["p1"]["status"] == "not connected"
+    assert "no node matches" in p.stderr  # a revoked node is listed, never targeted
     # the revoked node keeps knocking, but stays out
     assert node_status(hub_process.home)["p1"] not in ("ready", "connecting")
 

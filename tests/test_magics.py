@@ -343,7 +343,7 @@ def test_nodes_table(ip: InteractiveShell) -> None:
 def test_token_keys_accept_and_log(ip: InteractiveShell) -> None:
     with capture_output() as cap:
         ip.run_line_magic("odium", "token --ttl 60")
-    assert re.search(r"ODIUM_TOKEN=odt1\.\S+ odium node --name NAME", cap.stdout)
+    assert re.search(r"ODIUM_TOKEN=odt1\.\S+ odium node", cap.stdout)
     assert "127.0.0.1 only" in cap.stdout
     keys = ip.run_line_magic("odium", "keys")
     assert any(k["role"] == "admin" for k in keys.data)

@@ -24,6 +24,13 @@ def test_db_url_holds_keys_nodes_commands_results_and_events(tmp_path: Path) -> 
         assert r.ok
         hub.core.store.flush()
         assert not (hub.home / "odium.db").exists()  # the URL was used, not the default
+        live = sqlite3.connect(db)
+        try:
+            assert sorted(n for (n,) in live.execute("SELECT name FROM nodes")) == ["s-1", "s-2"]
+            roles = {role for (role,) in live.execute("SELECT role FROM keys")}
+            assert {"admin", "node"} <= roles
+        finally:
+            live.close()
     con = sqlite3.connect(db)
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -33,9 +40,9 @@ def test_db_url_holds_keys_nodes_commands_results_and_events(tmp_path: Path) -> 
         cmd = con.execute("SELECT kind, code, status, targets FROM commands WHERE id = ?",
                           (r.command,)).fetchone()
         assert cmd[:3] == ("python", "print('hi'); 40 + 2", "ok")
-        assert sorted(n for (n,) in con.execute("SELECT name FROM nodes")) == ["s-1", "s-2"]
-        roles = {role for (role,) in con.execute("SELECT role FROM keys")}
-        assert {"admin", "node"} <= roles
+        # local nodes the hub stopped itself are forgotten, with their keys
+        assert list(con.execute("SELECT name FROM nodes")) == []
+        assert "node" not in {role for (role,) in con.execute("SELECT role FROM keys")}
         kinds = {k for (k,) in con.execute("SELECT kind FROM events")}
         assert {"hub_start", "register", "node_ready", "command"} <= kinds
     finally:

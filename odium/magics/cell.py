@@ -225,7 +225,7 @@ class BackgroundRun:
 # --- the magics ---------------------------------------------------------------------------------
 
 SUBCOMMANDS = ("local", "nodes", "token", "accept", "reject", "revoke", "keys", "state", "sync",
-               "log", "start", "stop", "autorun", "help")
+               "log", "forget", "start", "stop", "autorun", "help")
 
 
 @magics_class
@@ -372,6 +372,7 @@ class OdiumMagics(Magics):
         %odium token [--ttl S]                     the command that joins another machine
         %odium accept|reject|revoke PATTERN        decide about keys (id, or glob over names)
         %odium keys                                the keys this hub knows
+        %odium forget GLOB                         remove nodes that are not connected
         %odium state [diff] [--nodes GLOB]         how each node's state differs from the hub's
         %odium sync [GLOB] [--timeout S]           bring nodes to the hub's commit
         %odium log [-n N]                          the hub's recent events
@@ -475,7 +476,8 @@ class OdiumMagics(Magics):
         except OdiumError as e:
             raise self._usage(e, "%odium token") from None
         print(f"on the other machine, run:\n\n    {cmd}\n")
-        print(f"(single-use, valid {args.ttl:.0f} s; replace NAME with the node's name)")
+        print(f"(single-use, valid {args.ttl:.0f} s; the node takes its host's name, or add "
+              "--name NAME)")
         if hub.core.interface in ("127.0.0.1", "localhost", "::1"):
             print("note: this hub listens on 127.0.0.1 only, so other machines cannot reach it: "
                   "%odium stop, then %odium start --interface 0.0.0.0")
@@ -511,6 +513,19 @@ class OdiumMagics(Magics):
     def sub_revoke(self, line: str) -> list[str]:
         """Stop trusting keys; their nodes are cut off at once."""
         return self._key_action("revoke", line)
+
+    @magic_arguments(name="odium forget")
+    @argument("pattern", type=_glob, help="a node name, glob or comma list")
+    def sub_forget(self, line: str) -> list[str]:
+        """Remove nodes that are not connected (with their keys): * targets them no more."""
+        args = self._parse(self.sub_forget, line, "%odium forget")
+        hub = self._need_hub()
+        try:
+            gone = hub.forget(args.pattern)
+        except OdiumError as e:
+            raise self._usage(e, "%odium forget") from None
+        print(f"forgot {len(gone)} node{'s' if len(gone) != 1 else ''}: {', '.join(gone)}")
+        return gone
 
     @magic_arguments(name="odium keys")
     def sub_keys(self, line: str) -> D.Table:
