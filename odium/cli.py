@@ -239,7 +239,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
         print(f"odium hub {fingerprint(inst.ident.key_id)} on {args.interface} ports "
               f"pub={hub.ports['pub']} query={hub.ports['query']} jobs={hub.ports['jobs']} "
               f"results={hub.ports['results']}; state {inst.state}", flush=True)
-        print(f"add nodes with: odium token --home {inst.home}", flush=True)
+        print(f"add nodes with: odium token --home {inst.home} (or: odium node --join "
+              f"{hub.public_address()} --hub-key {inst.ident.key_id})", flush=True)
         _stop_on_signals(inst.loop.stop)
         inst.run()
     finally:
