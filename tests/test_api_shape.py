@@ -24,8 +24,7 @@ HUB_ONLY_KEYWORDS = {"run": {"on_output"}}  # Hub-only extras: keyword-only, def
 def test_same_methods_same_signatures() -> None:
     """Every shared method exists on both, with the same parameters (names, kinds,
     defaults) and the same return annotation."""
-    from odium.admin import Admin
-
+    Admin = odium.Admin
     for name in SHARED:
         hs = inspect.signature(getattr(Hub, name))
         as_ = inspect.signature(getattr(Admin, name))
