@@ -396,7 +396,9 @@ class Hub:
         self._call(lambda: core._set_key(KeyInfo(key_id, role, name, None, "trusted by API")))
 
     def log(self, limit: int = 50) -> list[dict[str, Any]]:
-        return self.core.events(limit)
+        """The hub's recent events."""
+        core = self.core
+        return list(self._call(lambda: core.events(limit)))
 
     # --- local nodes -----------------------------------------------------------------------
 

@@ -76,7 +76,8 @@ def test_same_shapes_against_one_hub(both: tuple[Hub, odium.Admin]) -> None:
         job = api.submit("1 + 1", job_id=f"shape-{type(api).__name__}")
         info = api.job(job.id, wait=20)
         assert info["status"] == "done" and info["value_repr"] == "2", info
-        assert [j.id for j in api.submit_many([("2 + 2", (), {}, None)])]
+        assert [j.result(20) for j in api.submit_many([("2 + 2", (), {}, None)])] == [4]
+        assert api.map("args[0] * 3", [1, 2], wait=20) == [3, 6]
         assert api.cancel_job(job.id) == "already done"
         assert api.cancel_jobs(["no-such-job"]) == {"no-such-job": "unknown"}
     ids = {type(api).__name__: {j["id"] for j in api.jobs()} for api in (hub, admin)}
