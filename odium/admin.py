@@ -93,10 +93,11 @@ class Admin:
         """Close this Admin's own session on the nodes it ran on, then the socket."""
         if self.sock.closed:
             return
+        limit = min(self.timeout, 10.0)
         for pattern in self._open:
             try:
-                self.run("pass", pattern, end_session=True, require="any",
-                         timeout=min(self.timeout, 10.0))
+                self.request("run", P.Run("pass", pattern, "python", self.session, limit, "any",
+                                          ephemeral=True), limit + 5.0)
             except OdiumError:
                 pass  # a hub gone or a node lost: its namespace went with it
         self._open.clear()
