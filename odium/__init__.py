@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "Hub", "Admin", "Result", "NodeResult", "Status", "Job", "JobStatus",
+    "Hub", "Admin", "HubAPI", "Result", "NodeResult", "Status", "Job", "JobStatus",
     "OdiumError", "ConfigError", "ProtocolError", "AuthError", "TimeoutError",
     "NotConnectedError", "RemoteError", "StateMismatchError",
 ]
 
 _WHERE = {
-    "Hub": "client", "Admin": "client",
+    "Hub": "client", "Admin": "admin", "HubAPI": "api",
     "Result": "results", "NodeResult": "results", "Status": "results",
     "Job": "jobclient", "JobStatus": "jobs",
     "OdiumError": "errors", "ConfigError": "errors", "ProtocolError": "errors",
@@ -27,7 +27,9 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
-    from .client import Admin, Hub
+    from .admin import Admin
+    from .api import HubAPI
+    from .client import Hub
     from .errors import (
         AuthError,
         ConfigError,

@@ -362,7 +362,7 @@ def _drop_option(argv: list[str], opt: str) -> list[str]:
 
 
 def _admin(args: argparse.Namespace) -> Any:
-    from .client import Admin
+    from .admin import Admin  # no hub code: the commands against a hub start fast
 
     return Admin(args.home)
 
@@ -391,7 +391,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             print(f"forgot {len(gone)} node(s): {', '.join(gone)}")
         return 0
     with _admin(args) as admin:
-        data = admin.nodes(args.pattern)
+        nodes = admin.nodes(args.pattern)
+        data = {"nodes": nodes, "hub_state": admin.state}
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -429,8 +430,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("nothing to run: give -c CODE, a FILE, or - to read stdin")
     with _admin(args) as admin:
+        # without --session: a namespace of its own, closed when it ends (nothing stays)
         result = admin.run(code, args.nodes, shell=args.shell, timeout=args.timeout,
-                           session=args.session, require=args.require_state)
+                           session=args.session, require=args.require_state,
+                           end_session=args.session is None)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -442,14 +445,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "show":
-        from .instance import Instance, default_home
+        from .api import default_home
         from .keys import ensure_home, fingerprint, load_or_create
 
         home = ensure_home(args.home or default_home())
         ident = load_or_create(home / "identity.key")
         print(ident.key_id if not args.json else json.dumps(
             {"key": ident.key_id, "fingerprint": fingerprint(ident.key_id)}))
-        del Instance
         return 0
     with _admin(args) as admin:
         if args.action == "list":

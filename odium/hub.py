@@ -692,7 +692,8 @@ class HubCore:
             raise ProtocolError("a run with this id is already going")
         self.broadcast(body.code, body.nodes, kind=body.kind, timeout=body.timeout,
                        session=body.session or f"cli-{msg.env.id[:12]}", issuer=info.key_id,
-                       cmd=msg.env.id, ephemeral=body.session is None, require=body.require,
+                       cmd=msg.env.id, ephemeral=body.session is None or body.ephemeral,
+                       require=body.require,
                        on_done=lambda r: reply({"result": r.to_dict()}))
 
     def _h_interrupt(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
 
+from .api import default_home
 from .errors import ConfigError, OdiumError
 from .errors import TimeoutError as OdiumTimeout
 from .keys import Identity, Token, ensure_home, load_or_create
@@ -35,10 +36,6 @@ T = TypeVar("T")
 
 
 _HUB_HOMES: set[Path] = set()  # homes of the hubs running in this process
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("ODIUM_HOME", "~/.odium")).expanduser()
 
 
 class Instance:

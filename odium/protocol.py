@@ -227,6 +227,7 @@ class Run(Body):
     timeout: Seconds | None = None
     require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})\Z")] = (
         "default")
+    ephemeral: bool = False  # close the session's namespace on each node when it ends
 
 
 class Query(Body):

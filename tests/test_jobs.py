@@ -316,7 +316,7 @@ def test_hub_killed_and_restarted_jobs_carry_on_results_recorded_once(
 
     def ready() -> bool:
         with admin() as a:
-            return sum(n["status"] == "ready" for n in a.nodes()["nodes"]) == 2
+            return sum(n["status"] == "ready" for n in a.nodes()) == 2
 
     wait_until(ready, 30, "two nodes ready")
     go, go2, log = tmp_path / "go", tmp_path / "go2", tmp_path / "restart.log"
