@@ -595,22 +595,49 @@ class _Starting:
 def _start_process(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
                    name: str, child: socket.socket) -> Any:
     """Fork a worker from the fork server or, when there is none, start a new interpreter."""
-    try:
-        p = forkserver_context().Process(target=forked, args=(child, app), daemon=False,
-                                         name=name)
-        p.start()
-        # ours alone to poll: multiprocessing polls its children when it starts another one
-        # (in the starter thread), and would race the loop thread to read the exit status
-        multiprocessing.process._children.discard(p)  # type: ignore[attr-defined]
-        return _ProcessHandle(p)
-    except (OSError, EOFError, ValueError, RuntimeError) as e:  # EOF: it died as it forked
-        log.warning("fork server unavailable (%r); starting a new interpreter", e)
+    for attempt in (1, 2):
+        try:
+            p = forkserver_context().Process(target=forked, args=(child, app), daemon=False,
+                                             name=name)
+            p.start()
+            # ours alone to poll: multiprocessing polls its children when it starts another
+            # one (in the starter thread), and would race the loop thread to read the status
+            multiprocessing.process._children.discard(p)  # type: ignore[attr-defined]
+            return _ProcessHandle(p)
+        except (OSError, EOFError, ValueError, RuntimeError) as e:  # EOF: it died as it forked
+            if attempt == 1 and _forkserver_ending():
+                continue  # it was dying as we asked: once it has ended, a new one starts
+            log.warning("fork server unavailable (%r); starting a new interpreter", e)
+            break
     env = dict(os.environ)
     env["ODIUM_WORKER_FD"] = str(child.fileno())
     env["ODIUM_PARENT_PID"] = str(os.getpid())
     env.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.Popen([sys.executable, "-c", fresh], cwd=app, env=env,
                             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+
+
+def _forkserver_ending(wait: float = 2.0) -> bool:
+    """Whether this process's fork server was killed (and has now ended, or does within
+    ``wait`` s): then ``ensure_running`` starts a new one. Not reaped here: multiprocessing
+    reaps it itself (a zombie is ended)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if not pid:
+        return False
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[-1].split()[0]
+        except (OSError, IndexError):
+            return True  # gone (reaped already)
+        if state in (b"Z", b"X"):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
 
 
 def spawn_worker(forked: Callable[[socket.socket, str], None], fresh: str, app: str,
@@ -663,6 +690,8 @@ class Executor:
     def _worker_for(self, session: str) -> _Worker:
         w = self.sessions.get(session)
         if w is None:
+            if self.spare is not None and self.spare.proc.poll() is not None:
+                self._worker_died(self.spare)  # it died before we heard: not for a session
             w, self.spare = (self.spare or self._spawn()), None
             self.sessions[session] = w
             self.loop.call_soon_threadsafe(self._refill_spare)
@@ -878,17 +907,16 @@ class Executor:
     def _start_shell(self, job: _Job) -> None:
         job.started = time.time()
         try:
-            self.reaper.ready()
-            job.proc = subprocess.Popen(
+            job.proc = subprocess.Popen(  # its group told to the reaper before it runs
                 job.code, shell=True, cwd=self.app, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=self.reaper.announce(),
             )
         except OSError as e:
             self._finish(job, {"status": "error", "started": job.started, "finished": time.time(),
                                "error": {"ename": type(e).__name__, "evalue": str(e),
                                          "traceback": ""}})
             return
-        self.reaper.watch(job.proc.pid)  # its session's group: pgid = its pid
         self._arm_timeout(job)
         threading.Thread(target=self._shell_reader, args=(job,), daemon=True,
                          name=f"odium-shell-{job.cmd[:8]}").start()

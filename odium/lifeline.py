@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 WATCH_EVERY = 1.0  # seconds between two looks at the parent, where there is no prctl
@@ -59,10 +60,16 @@ def die_with_parent(parent: int, watch: bool = True) -> None:
     threading.Thread(target=look, name="odium-parent-watch", daemon=True).start()
 
 
+_SERVER_PID = 0  # in the fork server, and so in every worker it forks: the fork server's pid
+
+
 def forked_by_forkserver() -> None:
     """In a worker just forked by the node's fork server: die with the fork server, and let go
-    of the pipes it inherited from it, so that the node's death ends the fork server."""
-    die_with_parent(os.getppid())
+    of the pipes it inherited from it, so that the node's death ends the fork server.
+
+    The fork server's pid comes from before the fork: should it have died already, the
+    worker's parent is no longer it (``getppid`` would name whoever adopted the worker)."""
+    die_with_parent(_SERVER_PID or os.getppid())
     from multiprocessing import forkserver, resource_tracker
 
     server: object = forkserver._forkserver
@@ -82,6 +89,8 @@ def forked_by_forkserver() -> None:
 def in_forkserver() -> None:
     """In the node's fork server, as it starts (it imports ``odium.forkserver_guard`` first):
     die with the node. Should the node be dead already, the alive pipe ends the server."""
+    global _SERVER_PID
+    _SERVER_PID = os.getpid()
     die_with_parent(os.getppid(), watch=False)
 
 
@@ -161,11 +170,24 @@ class GroupReaper:
         self.proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()  # the loop thread and the starter thread both tell it
 
-    def ready(self) -> None:
-        """Have the reaper running (call it before starting a command, so that the command's
-        group is known to it a moment after the command starts)."""
+    def ready(self) -> int:
+        """Have the reaper running; the file descriptor its groups are told on. A child can
+        tell its own group there itself, before it runs anything (see ``announce``)."""
         with self._lock:
             self._ready()
+            assert self.proc is not None and self.proc.stdin is not None
+            return self.proc.stdin.fileno()
+
+    def announce(self) -> Callable[[], None]:
+        """A ``preexec_fn`` for a child that is a process group's leader: it tells the reaper
+        its group itself, after the fork and before the exec, so no moment passes in which
+        the node could die with the group unknown to the reaper."""
+        fd = self.ready()
+
+        def tell() -> None:  # in the child: one write of one line (atomic on a pipe)
+            os.write(fd, b"+%d\n" % os.getpid())
+
+        return tell
 
     def _ready(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
