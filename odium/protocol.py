@@ -11,7 +11,7 @@ the end, verifies it with the key the link says the sender has, and only
 then parses and validates.
 """
 
-from __future__ import annotations
+
 
 import base64
 import binascii
@@ -534,7 +534,7 @@ def open_message(
     expected_sender: str,
     *,
     max_size: int = MAX_MESSAGE,
-    replay: ReplayCache | None = None,
+    replay: "ReplayCache | None" = None,
     now: float | None = None,
 ) -> Message:
     """Verify, then parse, then validate one message from ``expected_sender``.
