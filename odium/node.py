@@ -121,6 +121,7 @@ class NodeCore:
         self.join_sock: zmq.Socket[Any] | None = None
         self.error: OdiumError | None = None
         self.monitors: dict[str, zmq.Socket[Any]] = {}
+        self.monitored: dict[str, zmq.Socket[Any]] = {}  # the socket each monitor watches
         self._told_pending = False
         # what this node says to whoever runs it (odium node prints it; else the log)
         self.on_notice: Callable[[str], None] | None = None
@@ -280,6 +281,7 @@ class NodeCore:
         mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
                                       | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.monitors[what] = mon
+        self.monitored[what] = sock
 
         def on_event() -> None:
             for frames in recv_frames(mon):
@@ -296,6 +298,15 @@ class NodeCore:
         self.inst.loop.add(mon, on_event)
 
     def _unwatch(self, what: str) -> None:
+        """Stop watching a socket's handshakes: the monitor is switched off on the watched
+        socket *before* its end is closed (closed first, libzmq's I/O thread can block for
+        ever sending an event to it, and the node hears nothing more on any socket)."""
+        sock = self.monitored.pop(what, None)
+        if sock is not None and not sock.closed:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
         mon = self.monitors.pop(what, None)
         if mon is not None:
             self.inst.loop.remove(mon)
