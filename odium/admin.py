@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from . import protocol as P
-from .api import default_home
+from .api import KeyVerbs, default_home
 from .errors import (
     AuthError,
     ConfigError,
@@ -40,7 +40,7 @@ from .results import Result
 from .transport import client_socket
 
 
-class Admin:
+class Admin(KeyVerbs):
     """Talk to a running hub as its admin, using the admin key in its home directory.
 
     The methods are ``Hub``'s (``odium.api.HubAPI``): same names, arguments and shapes.
@@ -192,15 +192,6 @@ class Admin:
         """The keys acted on: key, name, the role each had, fingerprint."""
         data = self.request("key", P.KeyAction(action, pattern, role))  # type: ignore[arg-type]
         return list(data["keys"])
-
-    def accept(self, pattern: str, role: str | None = None) -> list[str]:
-        return [k["key"] for k in self.key_action("accept", pattern, role)]
-
-    def reject(self, pattern: str, role: str | None = None) -> list[str]:
-        return [k["key"] for k in self.key_action("reject", pattern, role)]
-
-    def revoke(self, pattern: str, role: str | None = None) -> list[str]:
-        return [k["key"] for k in self.key_action("revoke", pattern, role)]
 
     def token(self, ttl: float = 3600.0) -> str:
         return str(self.request("token", P.TokenRequest(ttl))["token"])

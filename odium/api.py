@@ -35,6 +35,24 @@ if TYPE_CHECKING:
 DEFAULT_SESSION = "default"  # Hub.run without a session
 
 
+class KeyVerbs:
+    """``accept``/``reject``/``revoke`` over a ``key_action`` (both ``Hub`` and ``Admin`` have
+    one): the key ids acted on."""
+
+    def key_action(self, action: str, pattern: str, role: str | None = None
+                   ) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def accept(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("accept", pattern, role)]
+
+    def reject(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("reject", pattern, role)]
+
+    def revoke(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("revoke", pattern, role)]
+
+
 def default_home() -> Path:
     """The instance home: ``$ODIUM_HOME`` or ``~/.odium``."""
     return Path(os.environ.get("ODIUM_HOME", "~/.odium")).expanduser()

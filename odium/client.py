@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol as P
-from .api import DEFAULT_SESSION
+from .api import DEFAULT_SESSION, KeyVerbs
 from .errors import ConfigError, NotConnectedError, OdiumError
 from .errors import TimeoutError as OdiumTimeout
 from .hub import DEFAULT_PORTS, HubCore, KeyInfo
@@ -74,7 +74,7 @@ class LocalNode:
                 self.proc.wait()
 
 
-class Hub:
+class Hub(KeyVerbs):
     """This process as a hub: bind the four sockets, trust nodes, broadcast, collect.
 
     The methods it shares with ``Admin`` (``odium.api.HubAPI``) have the same names,
@@ -392,15 +392,6 @@ class Hub:
         chosen = self._call(lambda: core.key_action(action, pattern, role))
         return [{"key": k.key_id, "name": k.name, "role": k.role,
                  "fingerprint": core._fp(k.key_id)} for k in chosen]
-
-    def accept(self, pattern: str, role: str | None = None) -> list[str]:
-        return [k["key"] for k in self.key_action("accept", pattern, role)]
-
-    def reject(self, pattern: str, role: str | None = None) -> list[str]:
-        return [k["key"] for k in self.key_action("reject", pattern, role)]
-
-    def revoke(self, pattern: str, role: str | None = None) -> list[str]:
-        return [k["key"] for k in self.key_action("revoke", pattern, role)]
 
     def trust(self, key_id: str, name: str, role: str = "node") -> None:
         """Trust a key directly (for nodes whose keys you made yourself)."""

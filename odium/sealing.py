@@ -99,9 +99,6 @@ class Keyring:
                                                                     self._sk)
         return k
 
-    def forget(self, key_id: str) -> None:
-        self._shared.pop(key_id, None)
-
     def seal(self, type_: str, body: Body, recipients: Iterable[str],
              to: list[str] | None = None) -> Sealed:
         """Seal a message body of ``type_`` for the given key ids (``to``: the names the inner
