@@ -126,7 +126,7 @@ def curve_form(text: str) -> str | None:
         t = t[6:]
     if re.fullmatch(r"[0-9a-fA-F]{64}", t):
         return zmq.utils.z85.encode(bytes.fromhex(t)).decode()
-    if len(t) == 40 and not t.startswith("(") and all(c in _Z85 for c in t):
+    if len(t) == 40 and all(c in _Z85 for c in t):  # (a z85 key may begin with "(" too)
         try:
             zmq.utils.z85.decode(t.encode())
         except (ValueError, KeyError, IndexError):
