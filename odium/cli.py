@@ -191,13 +191,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _key_words(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split off the words argparse would take for options though they are values: all after
+    a "--", and a whole key id that begins with "-" (base64url has "-"; ``-h…`` would even ask
+    for help). Only for a ``keys`` command; anything else is parsed as given."""
+    words = list(argv)
+    try:
+        at = words.index("keys")
+    except ValueError:
+        return words, []
+    head, tail = words[: at + 1], []
+    rest = words[at + 1 :]
+    if "--" in rest:
+        cut = rest.index("--")
+        rest, tail = rest[:cut], rest[cut + 1 :]
+    import re
+
+    from .protocol import KEY_RE
+
+    for w in rest:
+        (tail if w.startswith("-") and re.match(KEY_RE, w) else head).append(w)
+    return head, tail
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    words, values = _key_words(argv)
+    args, extra = parser.parse_known_args(words)
+    if values and args.command != "keys":  # "keys" was some other word: parse as given
+        args, extra = parser.parse_known_args(argv)
+        values = []
     # argparse fills optional positionals before it sees options ("keys accept --home H KEY"):
     # give words it left over to the positionals that are still empty, in order
+    extra = [w for w in extra if not w.startswith("-")] + values + \
+        [w for w in extra if w.startswith("-")]
     for dest in getattr(args, "_late_positionals", ()):
-        if extra and not extra[0].startswith("-") and getattr(args, dest) is None:
+        if extra and (not extra[0].startswith("-") or extra[0] in values) \
+                and getattr(args, dest) is None:
             setattr(args, dest, extra.pop(0))
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -330,9 +330,7 @@ def test_pending_key_accept_then_revoke(hub_process: HubProcess,
     wait_until(pending, 10, "the node's key to wait as pending")
     assert "p1" not in node_status(hub_process.home)
 
-    # by its key id, as the node printed it; one that begins with "-" (1 in 64) no command
-    # line takes as an argument, so then by the fingerprint the node printed beside it
-    out = cli_ok("keys", "accept", fp if key_id.startswith("-") else key_id, "--home", h).stdout
+    out = cli_ok("keys", "accept", key_id, "--home", h).stdout  # by its id, as the node printed it
     assert "accepted 1 key" in out
     wait_until(lambda: node_status(hub_process.home).get("p1") == "ready", 10, "p1 ready")
     res = cli_json("run", "--home", h, "--timeout", "10", "--nodes", "p1", "-c", "'hi'")

@@ -10,7 +10,7 @@ from odium import protocol as P
 from odium.hub import KeyInfo
 from odium.keys import Identity, Token, join_proof_bytes
 
-from .conftest import HubProcess
+from .conftest import HubProcess, odium_cli
 from .raw import Raw, Target, events
 from .test_cli import assert_one_line_error, cli_json, cli_ok, run_all
 
@@ -48,8 +48,6 @@ def test_register_with_a_reserved_name_is_refused(hub: odium.Hub, zctx) -> None:
 
 
 def test_a_node_refuses_a_reserved_name_itself(tmp_path) -> None:
-    from .conftest import odium_cli
-
     p = odium_cli("node", "--home", str(tmp_path / "n"), "--join", "tcp://127.0.0.1:9",
                   "--hub-key", Identity.generate().key_id, "--name", "hub")
     assert_one_line_error(p, "reserved")
@@ -85,15 +83,12 @@ def test_names_choose_node_keys_and_the_last_admin_key_stays(hub: odium.Hub) -> 
 def test_cli_key_actions_say_the_role_and_keep_the_owner_in(hub_process: HubProcess,
                                                             zctx) -> None:
     h = str(hub_process.home)
-    # the key by its fingerprint: a key id may begin with "-", which no command line takes
-    # as an argument (1 key in 64), so the CLI names keys by fingerprint for the shell
-    admin = next(k for k in cli_json("keys", "list", "--home", h)
-                 if k["role"] == "admin" and k["name"] == "admin")
-    admin_key, admin_fp = admin["key"], admin["fingerprint"]
+    admin_key = next(k["key"] for k in cli_json("keys", "list", "--home", h)
+                     if k["role"] == "admin" and k["name"] == "admin")
     out = run_all({"by name": ["keys", "revoke", "admin", "--home", h],
-                   "by key": ["keys", "revoke", admin_fp, "--home", h],
+                   "by key": ["keys", "revoke", admin_key, "--home", h],
                    "by role": ["keys", "revoke", "admin", "--role", "admin", "--home", h],
-                   "reject": ["keys", "reject", admin_fp, "--home", h]})
+                   "reject": ["keys", "reject", admin_key, "--home", h]})
     assert_one_line_error(out["by name"], "no key to revoke matches 'admin'", "--role admin")
     assert_one_line_error(out["by key"], "last admin key", "locked out")
     assert_one_line_error(out["by role"], "last admin key")
@@ -112,3 +107,34 @@ def test_cli_key_actions_say_the_role_and_keep_the_owner_in(hub_process: HubProc
                        ).type == "reply"
     line = cli_ok("keys", "revoke", "c9", "--home", h).stdout
     assert line.startswith("revoked 1 key(s): node key c9 ") and node.key_id in line, line
+
+
+def _key_beginning(prefix: str) -> Identity:
+    while True:  # 1 key in 64 begins with "-", 1 in 4096 with "-h"
+        ident = Identity.generate()
+        if ident.key_id.startswith(prefix):
+            return ident
+
+
+def test_cli_takes_a_key_id_that_begins_with_a_dash(hub_process: HubProcess, zctx) -> None:
+    """base64url has "-": a key id as the CLI printed it is taken as the key, wherever it
+    stands and even as ``-h…``, which argparse would read as --help; after "--" too."""
+    h = str(hub_process.home)
+    target = Target(hub_process.info["key"], hub_process.info["ports"])
+    nodes = {"d1": _key_beginning("-"), "d2": _key_beginning("-h"), "d3": _key_beginning("-")}
+    for name, node in nodes.items():
+        tok = Token.decode(cli_ok("token", "--home", h).stdout.split()[0].split("=", 1)[1])
+        raw = Raw(zctx, target, "query", tok.identity)
+        proof = node.sign(join_proof_bytes(tok.token_id, target.key))
+        assert raw.request(raw.seal("join", P.Join(tok.token_id, node.key_id, name, proof))
+                           ).type == "reply"
+    out = run_all({"d1": ["keys", "revoke", nodes["d1"].key_id, "--home", h],
+                   "d2": ["keys", "revoke", "--home", h, nodes["d2"].key_id],
+                   "d3": ["keys", "revoke", "--home", h, "--", nodes["d3"].key_id]})
+    for name, p in out.items():
+        assert p.returncode == 0, (name, p.stdout, p.stderr)
+        assert p.stdout.startswith(f"revoked 1 key(s): node key {name} "), p.stdout
+    roles = {k["name"]: k["role"] for k in cli_json("keys", "list", "--home", h)}
+    assert all(roles[name] == "revoked" for name in nodes), roles
+    # a word that only looks like an option is still refused as one
+    assert_one_line_error(odium_cli("keys", "list", "--home", h, "--nope"), "--nope")
