@@ -113,7 +113,7 @@ def _state_of(hub: Any) -> str:
 def bench_odium(n: int, rounds: int, warmup: int, shell_rounds: int, app: str | None,
                 budget: float) -> dict[str, Any]:
     t_imp = perf()
-    from odium.client import Hub
+    from odium.api.hub import Hub
 
     import_s = perf() - t_imp
     home = Path(tempfile.mkdtemp(prefix="odium-bench-"))

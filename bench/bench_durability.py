@@ -43,14 +43,14 @@ SETTINGS = ("NORMAL", "FULL")
 
 
 def set_synchronous(value: str) -> None:
-    import odium.store
+    import odium.hub.store
 
-    odium.store.SQLITE_SYNCHRONOUS = value
+    odium.hub.store.SQLITE_SYNCHRONOUS = value
 
 
 def bench_commits(n: int, where: Path) -> dict[str, Any]:
     """n single-row writes, each committed before the next is queued."""
-    from odium.store import Store, default_url
+    from odium.hub.store import Store, default_url
 
     home = Path(tempfile.mkdtemp(prefix="odium-bench-commit-", dir=where))
     try:

@@ -59,7 +59,7 @@ def summary(rates: list[float]) -> dict[str, Any]:
 
 def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int) -> dict[str, Any]:
     import odium
-    from odium.store import JobEventRow, JobRow
+    from odium.hub.store import JobEventRow, JobRow
 
     out: dict[str, Any] = {"nodes": nodes, "capacity": capacity or "default (cores)",
                            "jobs": jobs}

@@ -96,7 +96,7 @@ def cells(nodes: int, rounds: int, warmup: int) -> dict[str, Any]:
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
 
-    import odium.magics
+    import odium.jupyter
 
     ip = InteractiveShell.instance()
     work = Path(tempfile.mkdtemp(prefix="odium-bench-magics-"))
@@ -107,7 +107,7 @@ def cells(nodes: int, rounds: int, warmup: int) -> dict[str, Any]:
         with capture_output():
             ip.run_line_magic("load_ext", "odium")
             ip.run_line_magic("odium", f"local {nodes}")
-        magics = odium.magics.current()
+        magics = odium.jupyter.current()
         hub = magics.hub
 
         def measure(fn: Any) -> list[float]:

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from odium import protocol as P  # noqa: E402
-from odium.keys import Identity  # noqa: E402
-from odium.sealing import Keyring, open_inner  # noqa: E402
+from odium.core.keys import Identity  # noqa: E402
+from odium.core.sealing import Keyring, open_inner  # noqa: E402
 
 perf = time.perf_counter
 CODE = "import numpy as np\nx = np.arange(1000)\n" + "# padding to a typical cell\n" * 5

@@ -12,7 +12,7 @@ For each: ``state_id(app)`` + ``fingerprint(app, decl)`` together, and ``snapsho
 (which also reads the declaration and checks it against the installed packages):
   * cold     in this process after ``clear_cache()`` (every part recomputed);
   * warm     repeated calls, caches warm (the target: under 50 ms);
-  * process  a fresh ``python -c`` that imports odium.state and computes both once, timed
+  * process  a fresh ``python -c`` that imports odium.local.state and computes both once, timed
              inside the child from before the import (the target: under 300 ms), and the
              child's whole wall time including interpreter start-up.
 Sync: a clone one commit behind, ``make_bundle`` on the hub's repository and
@@ -120,7 +120,7 @@ def measure(app: Path, rounds: int) -> dict[str, Any]:
 CHILD = """
 import time
 t0 = time.perf_counter()
-from odium.state import fingerprint, load_declaration, state_id
+from odium.local.state import fingerprint, load_declaration, state_id
 from pathlib import Path
 app = Path({app!r})
 s = state_id(app)

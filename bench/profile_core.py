@@ -47,7 +47,7 @@ def med(xs: list[float]) -> float:
 
 
 def start(nodes: int) -> tuple[Any, Path]:
-    from odium.client import Hub
+    from odium.api.hub import Hub
 
     home = Path(tempfile.mkdtemp(prefix="odium-prof-"))
     hub = Hub(home, ports=0).start()
@@ -100,7 +100,7 @@ def cpu_per_round(hub: Any, rounds: int) -> None:
 
 
 def profile_hub(hub: Any, rounds: int, top: int, flush: bool = True) -> None:
-    import odium.store as S
+    import odium.hub.store as S
 
     core = hub.core
     loop_prof = cProfile.Profile()
@@ -149,8 +149,8 @@ def profile_hub(hub: Any, rounds: int, top: int, flush: bool = True) -> None:
 
 
 def ablate(nodes: int, rounds: int) -> None:
-    import odium.protocol as P
-    import odium.store as S
+    import odium.core.wire as P
+    import odium.hub.store as S
 
     print(f"\n== ablations ({rounds} rounds each, median / p90 ms; separate hubs) ==")
 
@@ -179,7 +179,7 @@ def ablate(nodes: int, rounds: int) -> None:
         nv: Any = NoVerify()
         return orig_open(data, nv, sender, **kw)
 
-    import odium.hub as H
+    import odium.hub.server as H
     H.P.open_message = fast_open  # type: ignore[assignment]
     one("hub skips Ed25519 verify (DIAGNOSTIC ONLY)")
     H.P.open_message = orig_open  # type: ignore[assignment]
@@ -196,7 +196,7 @@ def main() -> int:
                     help="drop the hub's store writes (diagnostic: what is left without them)")
     args = ap.parse_args()
     if args.no_store:
-        import odium.store as S
+        import odium.hub.store as S
 
         S.Store.write = lambda self, fn: None  # type: ignore[method-assign]
     hub, home = start(args.nodes)

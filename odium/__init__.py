@@ -16,20 +16,23 @@ __all__ = [
 ]
 
 _WHERE = {
-    "Hub": "client", "Admin": "admin", "HubAPI": "api",
-    "Result": "results", "NodeResult": "results", "Status": "results",
-    "Job": "jobclient", "JobStatus": "jobs",
+    "Hub": "api.hub", "Admin": "api.admin", "HubAPI": "api.interface",
+    "Result": "core.results", "NodeResult": "core.results", "Status": "core.results",
+    "Job": "api.jobs", "JobStatus": "core.jobs",
     "OdiumError": "errors", "ConfigError": "errors", "ProtocolError": "errors",
     "AuthError": "errors", "TimeoutError": "errors", "NotConnectedError": "errors",
     "RemoteError": "errors", "StateMismatchError": "errors",
     # %load_ext odium (IPython imported only then)
-    "load_ipython_extension": "magics", "unload_ipython_extension": "magics",
+    "load_ipython_extension": "jupyter", "unload_ipython_extension": "jupyter",
 }
 
 if TYPE_CHECKING:
-    from .admin import Admin
-    from .api import HubAPI
-    from .client import Hub
+    from .api.admin import Admin
+    from .api.hub import Hub
+    from .api.interface import HubAPI
+    from .api.jobs import Job
+    from .core.jobs import JobStatus
+    from .core.results import NodeResult, Result, Status
     from .errors import (
         AuthError,
         ConfigError,
@@ -40,9 +43,6 @@ if TYPE_CHECKING:
         StateMismatchError,
         TimeoutError,
     )
-    from .jobclient import Job
-    from .jobs import JobStatus
-    from .results import NodeResult, Result, Status
 
 
 def __getattr__(name: str) -> Any:

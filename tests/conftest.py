@@ -24,7 +24,7 @@ import pytest
 import zmq
 
 import odium
-from odium.client import Hub
+from odium.api.hub import Hub
 
 HB = 0.2  # heartbeat interval used by tests: fast failure detection
 

@@ -1,7 +1,7 @@
 """Raw clients for the security tests: hand-made frames on real CURVE sockets, handshake watching.
 
 A ``Raw`` is one socket on one of a hub's four ports, made by
-``odium.transport.client_socket`` (or, for ``ident=None``, a plain socket with no
+``odium.io.transport.client_socket`` (or, for ``ident=None``, a plain socket with no
 CURVE at all), with a socket monitor attached before it connects so a test can
 wait for the handshake's outcome instead of guessing with a sleep.
 """
@@ -18,8 +18,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 import odium
 from odium import protocol as P
-from odium.keys import Identity, verify_key
-from odium.transport import client_socket
+from odium.core.keys import Identity, verify_key
+from odium.io.transport import client_socket
 
 # hub socket name -> the kind of socket a client uses on it
 CLIENT_KINDS = {"pub": zmq.SUB, "query": zmq.DEALER, "jobs": zmq.PULL, "results": zmq.PUSH}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import odium
-from odium.api import SHARED
-from odium.client import Hub
+from odium.api.hub import Hub
+from odium.api.interface import SHARED
 
 HUB_ONLY_KEYWORDS = {"run": {"on_output"}}  # Hub-only extras: keyword-only, defaulted
 
@@ -123,11 +123,11 @@ CHECK_IMPORTS = """
 import json, sys
 import odium
 odium.Admin
-from odium.cli import main
+from odium.cli.commands import main
 rc = main(["nodes", "--home", sys.argv[1], "--json"])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "IPython")
-               or m in ("odium.hub", "odium.store", "odium.instance", "odium.node",
-                        "odium.client", "odium.state", "odium.executor", "odium.jobqueue"))
+               or m.split(".")[:2] in (["odium", "hub"], ["odium", "node"])
+               or m in ("odium.runtime", "odium.api.hub", "odium.local.state"))
 print(json.dumps({"rc": rc, "heavy": heavy}))
 """
 

@@ -17,7 +17,7 @@ import pytest
 
 import odium
 from odium import protocol as P
-from odium.keys import Identity
+from odium.core.keys import Identity
 
 from .conftest import HB, wait_until
 from .raw import Raw, craft, envelope, events, seal, sign_open

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from odium.keys import Identity
+from odium.core.keys import Identity
 
 from .conftest import HubProcess, NodeProcess, odium_cli, wait_until
 

@@ -16,8 +16,8 @@ import zmq
 
 import odium
 from odium import protocol as P
-from odium.keys import Identity
-from odium.sealing import Keyring, open_inner
+from odium.core.keys import Identity
+from odium.core.sealing import Keyring, open_inner
 
 from .conftest import wait_until
 from .raw import Raw, events, seal

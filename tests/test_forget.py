@@ -120,7 +120,7 @@ def test_magic_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
 
-    import odium.magics
+    import odium.jupyter
 
     monkeypatch.setenv("ODIUM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ODIUM_PORTS", "0")
@@ -131,7 +131,7 @@ def test_magic_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with capture_output():
         ip.run_line_magic("load_ext", "odium")
     try:
-        magics = odium.magics.current()
+        magics = odium.jupyter.current()
         assert magics is not None and magics.hub is not None
         hub = magics.hub
         with capture_output():

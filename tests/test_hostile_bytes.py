@@ -22,8 +22,8 @@ import pytest
 
 import odium
 from odium import protocol as P
-from odium.client import BroadcastHandle
-from odium.keys import Identity
+from odium.api.hub import BroadcastHandle
+from odium.core.keys import Identity
 
 from .conftest import wait_until
 from .raw import Raw, envelope, events, seal, sign_open

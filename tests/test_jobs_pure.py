@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from odium.errors import RemoteError
-from odium.jobpool import run_job
-from odium.jobs import (
+from odium.core.jobs import (
     TERMINAL,
     TRANSITIONS,
     JobCancelledError,
@@ -30,6 +28,8 @@ from odium.jobs import (
     raise_for_job,
     split_batch,
 )
+from odium.errors import RemoteError
+from odium.node.jobpool import run_job
 
 Q, A, R = JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING
 DONE, FAILED, TIMEOUT, CANCELLED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT,

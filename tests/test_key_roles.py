@@ -7,8 +7,8 @@ import pytest
 
 import odium
 from odium import protocol as P
-from odium.hub import KeyInfo
-from odium.keys import Identity, Token, join_proof_bytes
+from odium.core.keys import Identity, Token, join_proof_bytes
+from odium.hub.server import KeyInfo
 
 from .conftest import HubProcess, odium_cli
 from .raw import Raw, Target, events

@@ -18,7 +18,7 @@ from nacl import bindings
 import odium
 from odium import hub as hub_module
 from odium import protocol as P
-from odium.keys import Identity, Token, check_key_id
+from odium.core.keys import Identity, Token, check_key_id
 
 from .conftest import HubProcess, odium_cli
 from .raw import Raw, events

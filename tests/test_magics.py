@@ -22,10 +22,10 @@ from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from IPython.utils.capture import capture_output  # noqa: E402
 
 import odium  # noqa: E402
-import odium.magics  # noqa: E402
+import odium.jupyter  # noqa: E402
 from odium import NodeResult, Result, Status  # noqa: E402
-from odium.magics import display as D  # noqa: E402
-from odium.magics.cell import BackgroundRun  # noqa: E402
+from odium.jupyter import display as D  # noqa: E402
+from odium.jupyter.cell import BackgroundRun  # noqa: E402
 
 from .conftest import HB, wait_until  # noqa: E402
 
@@ -55,7 +55,7 @@ def ip(shell: InteractiveShell, tmp_path: Path,
         yield shell
     finally:
         shell.run_line_magic("unload_ext", "odium")
-        assert odium.magics.current() is None
+        assert odium.jupyter.current() is None
 
 
 def cell(ip: InteractiveShell, line: str, body: str) -> Any:
@@ -63,7 +63,7 @@ def cell(ip: InteractiveShell, line: str, body: str) -> Any:
 
 
 def hub_of(ip: InteractiveShell) -> odium.Hub:
-    magics = odium.magics.current()
+    magics = odium.jupyter.current()
     assert magics is not None and magics.hub is not None
     return magics.hub
 
@@ -101,7 +101,7 @@ def test_busy_ports_say_how_to_choose_others(shell: InteractiveShell, tmp_path: 
             with capture_output() as cap:
                 shell.run_line_magic("odium", "start --ports 0")
             assert "odium hub" in cap.stdout
-            assert odium.magics.current().hub.ports["query"] != busy
+            assert odium.jupyter.current().hub.ports["query"] != busy
         finally:
             shell.run_line_magic("unload_ext", "odium")
 
@@ -111,7 +111,7 @@ def test_unload_stops_the_hub_and_its_local_nodes(shell: InteractiveShell, tmp_p
     _env(monkeypatch, tmp_path)
     shell.run_line_magic("load_ext", "odium")
     shell.run_line_magic("odium", "local 2")
-    hub = odium.magics.current().hub
+    hub = odium.jupyter.current().hub
     procs = [ln.proc for ln in hub.local]
     shell.run_line_magic("unload_ext", "odium")
     assert all(p.poll() is not None for p in procs)

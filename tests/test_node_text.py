@@ -11,9 +11,9 @@ import pytest
 
 import odium
 from odium import protocol as P
-from odium.magics import display as D
-from odium.results import NodeResult, Result, Status, format_text
-from odium.term import clean, clean_lines
+from odium.core.results import NodeResult, Result, Status, format_text
+from odium.core.term import clean, clean_lines
+from odium.jupyter import display as D
 
 from .conftest import odium_cli, wait_until
 from .raw import Raw, events
@@ -179,8 +179,8 @@ def test_notebook_tables_escape_node_text() -> None:
 def test_cli_log_keys_and_run_escape_node_text(hub: odium.Hub) -> None:
     """Whatever reached the store by any path prints escaped: ``odium log``, ``odium keys``,
     and a node's output in ``odium run``."""
-    from odium.hub import KeyInfo
-    from odium.keys import Identity
+    from odium.core.keys import Identity
+    from odium.hub.server import KeyInfo
 
     core = hub.core
     hub.core.inst.call(lambda: core.store.event("node_event", "reported by rogue: x" + FAKE,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from odium.magics import display as D
-from odium.results import NodeResult, Result, Status
+from odium.core.results import NodeResult, Result, Status
+from odium.jupyter import display as D
 
 from .conftest import HB
 

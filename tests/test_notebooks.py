@@ -27,8 +27,8 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 jupyter_manager = pytest.importorskip("jupyter_client.manager")
 
-from odium.kernel import add_kernel_parser, cmd_kernel, kernel_spec  # noqa: E402
-from odium.results import NodeResult  # noqa: E402
+from odium.core.results import NodeResult  # noqa: E402
+from odium.jupyter.kernel import add_kernel_parser, cmd_kernel, kernel_spec  # noqa: E402
 
 from .conftest import HB, odium_cli, wait_until  # noqa: E402
 
@@ -188,7 +188,7 @@ def test_kernel_install_writes_the_kernelspec(tmp_path: Path) -> None:
     where = _install(tmp_path)
     spec = json.loads((where / "kernel.json").read_text())
     assert spec == kernel_spec(sys.executable)
-    assert spec["argv"][:3] == [sys.executable, "-m", "odium.kernel"]
+    assert spec["argv"][:3] == [sys.executable, "-m", "odium.jupyter.kernel"]
     shipped = json.loads((ROOT / "kernelspec" / "odium" / "kernel.json").read_text())
     assert shipped == kernel_spec("python")
 
@@ -196,7 +196,7 @@ def test_kernel_install_writes_the_kernelspec(tmp_path: Path) -> None:
 def test_kernel_install_from_the_command_line(tmp_path: Path) -> None:
     p = odium_cli("kernel", "install", "--prefix", str(tmp_path))
     if p.returncode == 2 and "invalid choice: 'kernel'" in p.stderr:
-        pytest.skip("odium/cli.py does not route 'odium kernel' to odium.kernel yet")
+        pytest.skip("odium/cli/commands.py does not route 'odium kernel' to odium.jupyter.kernel yet")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "share" / "jupyter" / "kernels" / "odium" / "kernel.json").exists()
 
@@ -277,8 +277,8 @@ def test_odium_kernel(odium_kernel: Kernel, tmp_path: Path) -> None:
 
     _, msgs = k.run("%odium local 2")
     assert "2 local nodes ready" in stdout(msgs)
-    _, msgs = k.run("%%local\nimport odium.magics\n"
-                    "[n['pid'] for n in odium.magics.current().hub.nodes()]")
+    _, msgs = k.run("%%local\nimport odium.jupyter\n"
+                    "[n['pid'] for n in odium.jupyter.current().hub.nodes()]")
     pids = json.loads(value(msgs))
     assert len(pids) == 2
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import odium
-from odium.keys import curve_public
+from odium.core.keys import curve_public
 
 from .conftest import HubProcess, NodeProcess, odium_cli, wait_until
 
@@ -140,7 +140,7 @@ def test_a_node_says_when_its_hub_is_unreachable_and_back(
 def test_every_z85_key_is_a_curve_form_even_one_that_begins_with_a_parenthesis() -> None:
     """z85's alphabet has "(": a pending key shown that way must still be accepted (one key in
     85 begins with it; the random keys of the test above met it now and then)."""
-    from odium.keys import curve_form
+    from odium.core.keys import curve_form
 
     z85 = "(U58U{om&.75h%!+7&$-6M3pp[]-Ksb*rE/r>$a["
     assert curve_form(z85) == z85

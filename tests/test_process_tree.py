@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import odium
-from odium.results import Status
+from odium.core.results import Status
 
 from .conftest import wait_until
 

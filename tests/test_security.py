@@ -13,10 +13,10 @@ import zmq
 
 import odium
 from odium import protocol as P
+from odium.core.keys import Identity, Token, fingerprint, join_proof_bytes
+from odium.core.sealing import Keyring
 from odium.errors import ConfigError
-from odium.keys import Identity, Token, fingerprint, join_proof_bytes
-from odium.sealing import Keyring
-from odium.transport import ZAP_DOMAIN, ZapDecision, ZapHandler, client_socket, server_socket
+from odium.io.transport import ZAP_DOMAIN, ZapDecision, ZapHandler, client_socket, server_socket
 
 from .conftest import wait_until
 from .raw import Raw, Target, craft, envelope, events, seal

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from odium import state as S
+from odium.core.wire import STATE_RE
 from odium.errors import ConfigError, ProtocolError
-from odium.protocol import STATE_RE
-from odium.state import (
+from odium.local.state import (
     Declaration,
     Fingerprint,
     StateError,
@@ -442,7 +442,7 @@ class Venv:
 
     def snapshot(self, app: Path) -> StateInfo:
         return StateInfo.from_dict(self.run(
-            "import json, sys; from odium.state import snapshot; "
+            "import json, sys; from odium.local.state import snapshot; "
             f"print(json.dumps(snapshot({str(app)!r}).to_dict()))"))
 
     def site_packages(self) -> Path:
@@ -500,7 +500,7 @@ def test_cache_recomputes_after_pip_install_in_the_same_process(venv: Venv,
     age_repo(app_repo)
     out = venv.run(f"""
 import json, subprocess, sys
-from odium.state import Declaration, fingerprint
+from odium.local.state import Declaration, fingerprint
 app, decl = {str(app_repo)!r}, Declaration()
 a = fingerprint(app, decl)
 hit = fingerprint(app, decl) is a

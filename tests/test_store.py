@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 import odium
 from odium.errors import ConfigError
-from odium.store import Store
+from odium.hub.store import Store
 
 from .conftest import HB
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import odium
+from odium.core.jobs import Repr
+from odium.core.results import format_text
 from odium.errors import RemoteError
-from odium.jobs import Repr
-from odium.results import format_text
 
 from .conftest import HB, wait_until
 
@@ -30,7 +30,7 @@ from IPython.core.error import UsageError  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from IPython.utils.capture import capture_output  # noqa: E402
 
-import odium.magics  # noqa: E402
+import odium.jupyter  # noqa: E402
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def ip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InteractiveS
         yield shell
     finally:
         shell.run_line_magic("unload_ext", "odium")
-        assert odium.magics.current() is None
+        assert odium.jupyter.current() is None
 
 
 def test_magics_take_quoted_globs_like_a_shell(ip: InteractiveShell) -> None:
@@ -66,7 +66,7 @@ def test_magics_take_quoted_globs_like_a_shell(ip: InteractiveShell) -> None:
     # autorun quotes its glob, and its cells parse it back
     with capture_output():
         ip.run_line_magic("odium", "autorun on --nodes 'local-1'")
-    magics = odium.magics.current()
+    magics = odium.jupyter.current()
     assert magics is not None and magics.autorun is not None
     line = magics.autorun.removeprefix("%%odium").strip()
     assert list(ip.run_cell_magic("odium", line, "4")) == ["local-1"]
@@ -151,7 +151,7 @@ def test_large_output_is_cut_visibly_and_the_hub_refuses_nothing(hub: odium.Hub)
 
 
 def test_a_result_too_large_for_one_message_gives_way_with_notes() -> None:
-    from odium.executor import fit_result
+    from odium.node.executor import fit_result
 
     huge = {"status": "ok", "started": 0.0, "finished": 1.0, "stdout": "\x00" * 4_000_000,
             "stderr": "é" * 4_000_000, "value": list(range(3_000_000)), "value_json": True,
@@ -213,7 +213,7 @@ def test_a_shell_error_says_its_exit_status_once(hub: odium.Hub) -> None:
     r = hub.run("echo oops >&2; exit 3", shell=True)
     assert r["r-1"].exit == 3
     assert format_text(r).count("exit status 3") == 1, format_text(r)
-    from odium.magics import display as D
+    from odium.jupyter import display as D
 
     assert D.render_html(r).count("exit status 3") == 1
 
@@ -243,7 +243,7 @@ def test_the_state_hint_is_given_once_per_session(hub: odium.Hub, tmp_path: Path
         again = hub.run("2")
         assert "hint" not in again.extra and again.extra.get("hinted") is True
         assert "ran without a state requirement" not in format_text(again)
-    from odium.magics import display as D
+    from odium.jupyter import display as D
 
     assert "ran without a state requirement" not in D.render_html(again)
     assert "ran without a state requirement" in D.render_html(first)

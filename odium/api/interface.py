@@ -1,0 +1,137 @@
+"""The one interface ``Hub`` and ``Admin`` share: method names, arguments, defaults, shapes.
+
+``Hub`` (odium/api/hub.py) is a hub in this process; ``Admin`` (odium/api/admin.py) talks to a hub
+running in another process, over its query socket. Whatever both can do, they do under the
+same name with the same signature and the same return shape, so code written against one runs
+against the other. This module imports neither: it is the contract, checked by mypy and by
+tests/test_api_shape.py.
+
+Sessions (``run(..., session=...)``): a session is a Python namespace on each node, kept
+between commands.
+
+* ``session="name"``: that namespace on every node it runs on, whoever asks: a ``Hub`` and an
+  ``Admin`` of the same hub that name the same session share it.
+* no session: the object's own session, ``obj.session``: ``"default"`` for a ``Hub`` (the
+  notebook's namespace), ``"admin-<random>"`` for an ``Admin`` (kept between the calls of that
+  one ``Admin``; another ``Admin``, such as the next ``odium run``, has another).
+* ``end_session=True``: the namespace is closed on each node once this command ends (its
+  worker stops), so the next command of that session starts fresh. ``odium run`` without
+  ``--session`` runs this way: nothing stays behind on the nodes.
+
+Shell commands (``shell=True``) run in a fresh shell each time, whatever the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..core.results import Result
+    from .jobs import Job
+
+DEFAULT_SESSION = "default"  # Hub.run without a session
+
+
+class KeyVerbs:
+    """``accept``/``reject``/``revoke`` over a ``key_action`` (both ``Hub`` and ``Admin`` have
+    one): the key ids acted on."""
+
+    def key_action(self, action: str, pattern: str, role: str | None = None
+                   ) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def accept(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("accept", pattern, role)]
+
+    def reject(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("reject", pattern, role)]
+
+    def revoke(self, pattern: str, role: str | None = None) -> list[str]:
+        return [k["key"] for k in self.key_action("revoke", pattern, role)]
+
+
+def default_home() -> Path:
+    """The instance home: ``$ODIUM_HOME`` or ``~/.odium``."""
+    return Path(os.environ.get("ODIUM_HOME", "~/.odium")).expanduser()
+
+
+class HubAPI(Protocol):
+    """What ``Hub`` and ``Admin`` both offer (see the module's docstring for sessions)."""
+
+    session: str  # the session ``run`` uses when none is named
+
+    @property
+    def state(self) -> str:
+        """The hub's state id."""
+        ...
+
+    def run(self, code: str, nodes: str = "*", *, shell: bool = False,
+            timeout: float | None = None, session: str | None = None,
+            require: str | None = None, end_session: bool = False) -> Result: ...
+
+    def nodes(self, pattern: str | None = None) -> list[dict[str, Any]]: ...
+
+    def keys(self) -> list[dict[str, Any]]: ...
+
+    def key_action(self, action: str, pattern: str, role: str | None = None
+                   ) -> list[dict[str, Any]]: ...
+
+    def accept(self, pattern: str, role: str | None = None) -> list[str]: ...
+
+    def reject(self, pattern: str, role: str | None = None) -> list[str]: ...
+
+    def revoke(self, pattern: str, role: str | None = None) -> list[str]: ...
+
+    def token(self, ttl: float = 3600.0) -> str: ...
+
+    def join_command(self, ttl: float = 3600.0, name: str | None = None) -> str: ...
+
+    def forget(self, pattern: str) -> list[str]: ...
+
+    def log(self, limit: int = 50) -> list[dict[str, Any]]: ...
+
+    def state_report(self, nodes: str | None = None) -> dict[str, Any]: ...
+
+    def sync(self, nodes: str = "*", timeout: float = 300.0) -> Result: ...
+
+    def submit(self, code_or_function: str | Callable[..., Any], *args: Any, nodes: str = "*",
+               retries: int = 0, timeout: float | None = None,
+               require_state: str | None = None, job_id: str | None = None,
+               **kwargs: Any) -> Job: ...
+
+    def submit_many(self, items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any],
+                                                str | None]], *, nodes: str = "*",
+                    retries: int = 0, timeout: float | None = None,
+                    require_state: str | None = None) -> list[Job]: ...
+
+    def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
+            nodes: str = "*", retries: int = 0, timeout: float | None = None,
+            require_state: str | None = None, wait: float | None = None) -> list[Any]: ...
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]: ...
+
+    def job(self, job_id: str, wait: float = 0.0) -> dict[str, Any]: ...
+
+    def cancel_job(self, job_id: str) -> str: ...
+
+    def cancel_jobs(self, ids: list[str]) -> dict[str, str]: ...
+
+    def close(self) -> None: ...
+
+
+# the names of HubAPI's methods, for tests and docs
+SHARED = ("run", "nodes", "keys", "key_action", "accept", "reject", "revoke", "token",
+          "join_command", "log", "state_report", "sync", "submit", "submit_many", "map", "jobs",
+          "job", "cancel_job", "cancel_jobs", "close")
+
+
+if TYPE_CHECKING:
+    from .admin import Admin
+    from .hub import Hub
+
+    def _both_conform(hub: Hub, admin: Admin) -> tuple[HubAPI, HubAPI]:
+        """Not called: mypy checks here that Hub and Admin both are a HubAPI."""
+        return hub, admin

@@ -1,0 +1,681 @@
+"""The wire: the signed JSON envelope, every message type and its body, sealing and opening.
+
+Pure: no sockets, no database. See docs/protocol.md for the written form.
+
+A message on the wire is one JSON object. Its last member is ``"sig"``: the
+Ed25519 signature (base64url, no padding) of the exact bytes of the object
+without that member. The sender writes the canonical JSON of the envelope
+(sorted keys, no spaces, ASCII), signs it, and splices ``,"sig":"..."`` in
+before the closing brace. The receiver checks size, cuts the signature off
+the end, verifies it with the key the link says the sender has, and only
+then parses and validates.
+"""
+
+
+
+import base64
+import binascii
+import re
+import secrets
+import time
+from collections import OrderedDict
+from typing import Annotated, Any, Literal
+
+import msgspec
+from nacl import bindings as _sodium
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from ..errors import AuthError, ProtocolError
+from .term import CONTROL
+
+VERSION = 1
+DEFAULT_PORTS = {"pub": 18202, "query": 18203, "jobs": 18220, "results": 18221}
+MAX_MESSAGE = 16 * 1024 * 1024  # default limit on one frame, bytes
+REPLAY_WINDOW = 300.0  # seconds a message stays acceptable (and remembered)
+MAX_DEPTH = 64  # deepest nesting of arrays and objects in one message (the envelope is 1)
+
+SIG_LEN = 86  # base64url of a 64-byte signature, no padding
+_SIG_HEAD = b',"sig":"'
+_SUFFIX_LEN = len(_SIG_HEAD) + SIG_LEN + 2  # ... ,"sig":"<86>"}
+
+# Identifiers: validated everywhere, never used raw as paths or SQL.
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"
+KEY_RE = r"^[A-Za-z0-9_-]{43}\Z"
+ID_RE = r"^[0-9a-f]{32}\Z"
+STATE_RE = r"^(unversioned|unknown|[0-9a-f]{40}(\+dirty\.[0-9a-f]{12,64})?)\Z"
+# (\Z, not $: a $ also matches before a trailing newline, and msgspec searches, unanchored)
+LINE_RE = f"^[^{CONTROL}]*\\Z"  # one line of text: no control characters (odium.core.term)
+HOST_RE = r"^([A-Za-z0-9_][A-Za-z0-9._-]{0,252})?\Z"
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
+KeyId = Annotated[str, msgspec.Meta(pattern=KEY_RE)]
+MsgId = Annotated[str, msgspec.Meta(pattern=ID_RE)]
+StateId = Annotated[str, msgspec.Meta(pattern=STATE_RE)]
+Text = Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
+Glob = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)]
+Line = Annotated[str, msgspec.Meta(max_length=4096, pattern=LINE_RE)]
+Host = Annotated[str, msgspec.Meta(pattern=HOST_RE)]
+
+
+class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every message body: unknown keys are errors."""
+
+
+class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What every message carries around its body."""
+
+    v: int
+    type: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}\Z")]
+    id: MsgId
+    from_: KeyId = msgspec.field(name="from")
+    ts: float
+    state: StateId
+    body: msgspec.Raw
+    to: list[Name] = []
+    seq: Annotated[int, msgspec.Meta(ge=0)] = 0
+    re: MsgId | None = None
+
+
+# --- bodies --------------------------------------------------------------------------------
+
+
+class HubBeat(Body):
+    """Hub heartbeat on PUB: who the hub is this run, and the newest command sequence."""
+
+    boot: MsgId
+    interval: Seconds
+
+
+class NodeBeat(Body):
+    """Node heartbeat on PUSH."""
+
+    boot: MsgId
+    hub_boot: MsgId | None = None  # the hub boot this node last heard on its SUB socket
+    seq: int = 0  # the newest command sequence the node has seen
+    running: list[MsgId] = []
+
+
+class Exec(Body):
+    """A command: Python source or a shell command, for the nodes named in ``to``."""
+
+    cmd: MsgId
+    kind: Literal["python", "shell"]
+    code: Text
+    session: Name = "default"
+    timeout: Seconds | None = None
+    issuer: KeyId | None = None  # the admin key that asked for it, when not the hub itself
+    ephemeral: bool = False  # close the session's namespace when the command ends
+    require: Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})\Z")] = "any"
+
+
+class Interrupt(Body):
+    cmd: MsgId
+
+
+class NodeEvent(Body):
+    """Something the hub should log on a node's behalf (e.g. a message the node rejected)."""
+
+    kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}\Z")]
+    detail: Annotated[str, msgspec.Meta(max_length=4000, pattern=LINE_RE)]
+    level: Literal["info", "warning", "error"] = "warning"
+
+
+class Ack(Body):
+    cmd: MsgId
+
+
+class Output(Body):
+    cmd: MsgId
+    stream: Literal["stdout", "stderr"]
+    text: Text
+
+
+class ErrorInfo(Body):
+    ename: str
+    evalue: str
+    traceback: str = ""
+
+
+Mime = Annotated[str, msgspec.Meta(pattern=r"^[a-z]+/[A-Za-z0-9.+_-]{1,100}\Z")]
+
+
+class Display(Body):
+    """One display output of a command (Jupyter's display_data): mime type -> content;
+    binary types (image/png…) are base64 text."""
+
+    data: dict[Mime, Any]
+    metadata: dict[str, Any] = {}
+
+
+class ResultBody(Body):
+    """What a node sends back for one command."""
+
+    cmd: MsgId
+    status: Literal["ok", "error", "timeout", "interrupted", "state_mismatch"]
+    started: float
+    finished: float
+    stdout: Text = ""
+    stderr: Text = ""
+    value: Any = None  # the last expression's value, as JSON
+    value_repr: str | None = None  # repr() of it; the only form when it is not JSON
+    value_json: bool = True
+    error: ErrorInfo | None = None
+    exit: int | None = None  # shell exit status
+    mismatch: dict[str, Any] | None = None  # with state_mismatch: what was required, what is
+    outputs: Annotated[list[Display], msgspec.Meta(max_length=1000)] = []  # display(), figures
+
+
+class Join(Body):
+    """Sent over a token's one-time key: the node's own key, with proof it holds it."""
+
+    token: MsgId
+    key: KeyId
+    name: Name
+    proof: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{86}\Z")]
+
+
+class Register(Body):
+    name: Name
+    boot: MsgId
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    pid: int = 0
+    host: Host = ""
+    app: Line = ""  # the node's application directory
+    info: dict[str, Any] | None = None  # the node's StateInfo (odium.local.state), as JSON
+
+
+class StateReport(Body):
+    """A node's state changed (or was asked for): its whole StateInfo."""
+
+    info: dict[str, Any]
+
+
+class Sync(Body):
+    """Hub -> nodes on PUB: bring yourself to this commit (then fetch the bundle)."""
+
+    cmd: MsgId
+    commit: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{40}\Z")]
+
+
+class BundleRequest(Body):
+    """Node -> hub: the commits of a sync, given the commits the node has."""
+
+    cmd: MsgId
+    have: list[Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{40}\Z")]] = []
+
+
+class SyncRequest(Body):
+    """Admin request: sync the matching nodes to the hub's commit."""
+
+    nodes: Glob = "*"
+    timeout: Seconds = 300.0
+
+
+class Fetch(Body):
+    since: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Run(Body):
+    """Admin request: broadcast a command and answer with the whole result."""
+
+    code: Text
+    nodes: Glob = "*"
+    kind: Literal["python", "shell"] = "python"
+    session: Name | None = None
+    timeout: Seconds | None = None
+    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})\Z")] = (
+        "default")
+    ephemeral: bool = False  # close the session's namespace on each node when it ends
+
+
+class Query(Body):
+    """Admin request with no arguments beyond an optional limit/filter."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
+    pattern: Glob | None = None
+
+
+class KeyAction(Body):
+    action: Literal["accept", "reject", "revoke"]
+    pattern: Glob  # a key id, a fingerprint, a node name, or a glob over names
+    role: Literal["node", "admin"] | None = None  # names and globs choose node keys by default
+
+
+class TokenRequest(Body):
+    ttl: Seconds = 3600.0
+
+
+class Reply(Body):
+    """Answer to a request on the query socket."""
+
+    data: Any = None
+
+
+class ErrorReply(Body):
+    kind: str
+    message: str
+
+
+class Empty(Body):
+    pass
+
+
+# --- the job queue (docs/protocol.md, "Job queue") ------------------------------------------
+
+JobId = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
+FnHash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}\Z")]
+B64 = Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
+Requirement = Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})\Z")]
+
+
+class JobSpec(Body):
+    """One job as a node runs it: a code string, or a function (by hash into the batch's
+    ``fns``) with arguments as JSON, or pickled when they are not JSON."""
+
+    id: JobId
+    kind: Literal["python", "call"]
+    code: Text = ""
+    fn: FnHash | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    args_pickle: B64 | None = None
+    timeout: Seconds | None = None
+    nodes: Glob = "*"  # the node checks its own name against it
+    require: Requirement = "any"  # the node checks its own state against it
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class JobBatch(Body):
+    """Hub -> nodes on the jobs socket (PUSH): jobs for whichever node gets the message."""
+
+    jobs: list[JobSpec]
+    fns: dict[FnHash, B64] = {}  # function hash -> base64 cloudpickle
+
+
+class JobOutcome(Body):
+    """How one job ended on a node."""
+
+    id: JobId
+    status: Literal["done", "failed", "timeout", "cancelled", "lost"]
+    attempt: Annotated[int, msgspec.Meta(ge=1)] = 1
+    started: float = 0.0
+    finished: float = 0.0
+    stdout: Text = ""
+    stderr: Text = ""
+    value: Any = None
+    value_repr: str | None = None
+    value_json: bool = True
+    error: ErrorInfo | None = None
+
+
+class JobReport(Body):
+    """Node -> hub: what it did with the batches that reached it (``batches`` it opened, and
+    of their jobs those ``taken`` and ``declined``: sent at once when it declined any; the
+    ``unopened`` ones, sealed to other nodes), and finished jobs (``results``; the node keeps
+    each until the hub acknowledges it). ``free``: its free job slots after all that. The hub
+    counts a job's report only from a node that reported the batch that carried it."""
+
+    batches: list[MsgId] = []
+    taken: list[JobId] = []
+    declined: list[JobId] = []
+    results: list[JobOutcome] = []
+    free: Annotated[int, msgspec.Meta(ge=0)] = 0
+    unopened: list[MsgId] = []  # batches that reached this node but were not sealed to it
+
+
+class JobState(Body):
+    """Node -> hub: its job slots and the jobs it runs (after registering, and every beat)."""
+
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    free: Annotated[int, msgspec.Meta(ge=0)]
+    running: list[JobId] = []
+
+
+class JobAck(Body):
+    """Hub -> nodes on PUB: results recorded (committed to the store), per node name."""
+
+    acks: dict[Name, list[JobId]]
+
+
+class JobCancel(Body):
+    """Admin -> hub (query): cancel these jobs. Hub -> nodes (PUB): stop running them."""
+
+    jobs: list[JobId]
+
+
+class JobRequest(Body):
+    """One job as an admin submits it."""
+
+    kind: Literal["python", "call"] = "python"
+    code: Text = ""
+    fn: FnHash | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    args_pickle: B64 | None = None
+    id: JobId | None = None  # idempotent: a job with this id already is that job
+    nodes: Glob = "*"
+    retries: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+    timeout: Seconds | None = None
+    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})\Z")] = (
+        "default")
+
+
+class Submit(Body):
+    """Admin request: queue jobs. Answered with their ids once they are in the store."""
+
+    jobs: list[JobRequest]
+    fns: dict[FnHash, B64] = {}
+
+
+class JobQuery(Body):
+    """Admin request: jobs by id (``job``; ``wait`` seconds for them to finish), or a list
+    (``jobs``; by status, newest first)."""
+
+    ids: list[JobId] = []
+    status: Literal["queued", "assigned", "running", "done", "failed", "timeout",
+                    "cancelled"] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 50
+    wait: Annotated[float, msgspec.Meta(ge=0, le=7 * 86400)] = 0.0
+
+
+# --- sealed payloads (odium.core.sealing) ---------------------------------------------------
+
+
+class Sealed(Body):
+    """The body of a ``sealed`` message (odium.core.sealing): nonce, one wrapped key per recipient
+    (by a tag only that recipient can compute), and the box holding the inner message."""
+
+    n: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32}$")]  # the nonce, base64url
+    # the wrapped keys: base64url of records of (9-byte tag, 48-byte wrapped key)
+    k: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]*$", max_length=8 * 1024 * 1024)]
+    box: Annotated[str, msgspec.Meta(max_length=64 * 1024 * 1024)]
+
+
+# type -> body struct. One entry per message type; see docs/protocol.md.
+BODIES: dict[str, type[Body]] = {
+    "hb": HubBeat,
+    "exec": Exec,
+    "interrupt": Interrupt,
+    "node_hb": NodeBeat,
+    "ack": Ack,
+    "event": NodeEvent,
+    "output": Output,
+    "result": ResultBody,
+    "join": Join,
+    "register": Register,
+    "fetch": Fetch,
+    "run": Run,
+    "nodes": Query,
+    "log": Query,
+    "keys": Query,
+    "key": KeyAction,
+    "token": TokenRequest,
+    "ping": Empty,
+    "bye": Empty,
+    "restarting": Empty,
+    "state": StateReport,
+    "sync": Sync,
+    "bundle": BundleRequest,
+    "sync_nodes": SyncRequest,
+    "state_diff": Query,
+    "forget": Query,  # pattern: the nodes to forget
+    "reply": Reply,
+    "error": ErrorReply,
+    # the job queue
+    "job_batch": JobBatch,
+    "job_report": JobReport,
+    "job_state": JobState,
+    "job_ack": JobAck,
+    "job_cancel": JobCancel,
+    "submit": Submit,
+    "job": JobQuery,
+    "jobs": JobQuery,
+    "sealed": Sealed,  # exec, sync, job_batch and node replies travel sealed
+}
+
+def _key_fields(body: type[Body]) -> tuple[str, ...]:
+    """The fields of a body that hold key ids (KeyId, KeyId | None, list[KeyId])."""
+    shapes = (KeyId, KeyId | None, list[KeyId], list[KeyId] | None)
+    return tuple(f.name for f in msgspec.structs.fields(body) if f.type in shapes)
+
+
+_KEY_FIELDS = {t: f for t, b in BODIES.items() if (f := _key_fields(b))}
+_env_decoder = msgspec.json.Decoder(Envelope)
+_body_decoders = {t: msgspec.json.Decoder(b) for t, b in BODIES.items()}
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64url(text: str | bytes) -> bytes:
+    if isinstance(text, str):
+        text = text.encode("ascii")
+    try:
+        return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as e:
+        raise ProtocolError(f"not base64url: {e}") from None
+
+
+class Message(msgspec.Struct, frozen=True):
+    """An opened message: its envelope and its decoded body."""
+
+    env: Envelope
+    body: Body
+
+    @property
+    def type(self) -> str:
+        return self.env.type
+
+    @property
+    def sender(self) -> str:
+        return self.env.from_
+
+
+def seal(
+    key: SigningKey,
+    sender: str,
+    state: str,
+    type_: str,
+    body: Body,
+    *,
+    to: list[str] | None = None,
+    seq: int = 0,
+    re: str | None = None,
+    msg_id: str | None = None,
+) -> bytes:
+    """Encode and sign one message; returns the exact bytes for the wire."""
+    if type(body) is not BODIES.get(type_):
+        raise ProtocolError(f"message type {type_!r} takes {BODIES.get(type_)}, not {type(body)}")
+    env: dict[str, Any] = {
+        "v": VERSION,
+        "type": type_,
+        "id": msg_id or new_id(),
+        "from": sender,
+        "ts": time.time(),
+        "state": state,
+        "body": body,
+    }
+    if to:
+        env["to"] = to
+    if seq:
+        env["seq"] = seq
+    if re:
+        env["re"] = re
+    raw = _encoder.encode(env)
+    sig = key.sign(raw).signature
+    return raw[:-1] + _SIG_HEAD + b64url(sig).encode("ascii") + b'"}'
+
+
+def split_signature(data: bytes, max_size: int = MAX_MESSAGE) -> tuple[bytes, bytes]:
+    """Check size and shape; return (signed bytes, signature). Parses nothing."""
+    if len(data) > max_size:
+        raise ProtocolError(f"message of {len(data)} bytes is over the limit of {max_size}")
+    if len(data) < _SUFFIX_LEN + 2 or not data.endswith(b'"}'):
+        raise ProtocolError("not a signed Odium message (no trailing signature)")
+    if data[-_SUFFIX_LEN : -_SUFFIX_LEN + len(_SIG_HEAD)] != _SIG_HEAD:
+        raise ProtocolError("not a signed Odium message (signature is not the last member)")
+    sig = unb64url(data[-SIG_LEN - 2 : -2])
+    if len(sig) != 64:
+        raise ProtocolError("signature is not 64 bytes")
+    return data[:-_SUFFIX_LEN] + b"}", sig
+
+
+def open_message(
+    data: bytes,
+    verify_key: VerifyKey,
+    expected_sender: str,
+    *,
+    max_size: int = MAX_MESSAGE,
+    replay: "ReplayCache | None" = None,
+    now: float | None = None,
+) -> Message:
+    """Verify, then parse, then validate one message from ``expected_sender``.
+
+    Raises ProtocolError for a malformed message and AuthError for one that fails
+    authentication (bad signature, wrong sender, stale, replayed).
+    """
+    signed, sig = split_signature(data, max_size)
+    try:
+        verify_key.verify(signed, sig)
+    except BadSignatureError:
+        raise AuthError("bad signature") from None
+    check_depth(signed)
+    try:
+        env = _env_decoder.decode(signed)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError(f"bad envelope: {e}") from None
+    if env.v != VERSION:
+        raise ProtocolError(f"protocol version {env.v} is not supported (expected {VERSION})")
+    if env.from_ != expected_sender:
+        raise AuthError(
+            f"'from' {env.from_[:12]}… does not match the link's identity {expected_sender[:12]}…"
+        )
+    if replay is not None:
+        replay.check(env.id, env.ts, now)
+    return Message(env, decode_body(env))
+
+
+def decode_body(env: Envelope) -> Body:
+    dec = _body_decoders.get(env.type)
+    if dec is None:
+        raise ProtocolError(f"unknown message type {env.type!r}")
+    try:
+        body = dec.decode(env.body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError(f"bad body for {env.type!r}: {e}") from None
+    for name in _KEY_FIELDS.get(env.type, ()):  # a key id must be a real key, not just its shape
+        value = getattr(body, name)
+        for key in value if isinstance(value, list) else (value,):
+            if key is not None and not is_key_point(key):
+                raise ProtocolError(f"bad body for {env.type!r}: {name} {key[:12]}… is not an "
+                                    "Ed25519 public key (not a point on the curve)")
+    return body
+
+
+def is_key_point(key_id: str) -> bool:
+    """Whether a key id (already of the right shape) is a real Ed25519 public key: a valid
+    point of the prime-order group, which is what every honest key is (and what the CURVE key
+    is derived from; anything else makes libsodium fail later, far from the input)."""
+    try:
+        raw = base64.urlsafe_b64decode(key_id + "=")
+    except (binascii.Error, ValueError):
+        return False
+    return (len(raw) == 32 and b64url(raw) == key_id  # one spelling per key
+            and bool(_sodium.crypto_core_ed25519_is_valid_point(raw)))
+
+
+_STRUCTURE = bytes.maketrans(b"{}", b"[]")  # count both kinds of bracket alike
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"')
+
+
+def too_deep(data: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON text nests arrays and objects deeper than ``limit``, without parsing it
+    (a recursive decoder would overflow the stack on it). Brackets inside strings do not
+    count; escapes are honoured. Malformed text may be judged too deep: it fails anyway."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False  # the common case: too few brackets to nest that deep
+    s = data
+    if b"\\" in s:  # an escaped backslash, then an escaped quote: neither ends a string
+        s = s.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # quotes now only open and close strings. Keep only quotes and brackets; drop every "":
+    # an empty string, or the end of one string and the start of the next with no bracket
+    # in between (the two merge); then keep what is outside the strings that are left
+    s = s.translate(_STRUCTURE, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in s:
+        s = b"".join(s.split(b'"')[::2])
+    if b"[" * (limit + 1) in s:
+        return True
+    passes = 0  # each pass takes away the innermost level
+    while True:
+        t = s.replace(b"[]", b"")
+        if len(t) == len(s):
+            break
+        passes += 1
+        if passes > limit:
+            return True
+        s = t
+    # what is left is unbalanced: "]]][[[": the opens that never close nest around the rest
+    return passes + s.count(b"[") > limit
+
+
+def check_depth(data: bytes, limit: int = MAX_DEPTH) -> None:
+    if too_deep(data, limit):
+        raise ProtocolError(f"message nested deeper than the limit of {limit} levels "
+                            "(MAX_DEPTH) of arrays and objects")
+
+
+def peek_id(data: bytes) -> str | None:
+    """Best-effort message id of a message that failed to open (to address an error reply)."""
+    head = data[: -_SUFFIX_LEN] + b"}" if data.endswith(b'"}') else data
+    if too_deep(head):  # not parsed: the last "id" (keys are sorted: the envelope's comes
+        ids = _ID_MEMBER.findall(head)  # after the body's, and nothing after it nests)
+        return ids[-1].decode() if ids else None
+    try:
+        env = msgspec.json.decode(head)
+        mid = env.get("id") if isinstance(env, dict) else None
+        return mid if isinstance(mid, str) and len(mid) == 32 else None
+    except Exception:
+        return None
+
+
+_ID_MEMBER = re.compile(rb'"id":"([0-9a-f]{32})"')
+
+
+class ReplayCache:
+    """Remembers message ids for the replay window; rejects repeats and stale messages."""
+
+    def __init__(self, window: float = REPLAY_WINDOW, max_entries: int = 1_000_000) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def check(self, msg_id: str, ts: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if abs(now - ts) > self.window:
+            raise AuthError(f"message timestamp is {now - ts:+.0f} s off (window {self.window} s)")
+        seen = self._seen
+        while seen:
+            oldest_id, t = next(iter(seen.items()))
+            if now - t > 2 * self.window or len(seen) >= self.max_entries:
+                seen.popitem(last=False)
+            else:
+                break
+        if msg_id in seen:
+            raise AuthError(f"replayed message {msg_id}")
+        seen[msg_id] = now
+
+
+def encode_json(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def to_builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj)

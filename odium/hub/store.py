@@ -1,0 +1,451 @@
+"""The store: SQLAlchemy models and sessions for keys, nodes, commands, results and the event log.
+
+SQLite in the instance's home by default (WAL), any SQLAlchemy URL by
+configuration. Writes go through one writer thread that commits in batches,
+so the hub's loop never waits on the disk; reads run in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from ..errors import ConfigError
+from ..errors import TimeoutError as OdiumTimeout
+
+log = logging.getLogger(__name__)
+
+QUIET = 0.003  # the writer waits this long for more writes before committing a batch
+QUIET_MAX = 0.05  # but never longer than this
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class KeyRow(Base):
+    """A public key the hub knows, and what it may do: admin, node, token, pending, rejected,
+    revoked. Only admin, node and unexpired token keys complete a handshake."""
+
+    __tablename__ = "keys"
+    key_id: Mapped[str] = mapped_column(String(43), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), index=True)
+    name: Mapped[str] = mapped_column(String(64), default="")
+    address: Mapped[str] = mapped_column(String(128), default="")
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+    expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    note: Mapped[str] = mapped_column(String(256), default="")
+
+
+class NodeRow(Base):
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(43), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(128), default="unknown")
+    host: Mapped[str] = mapped_column(String(256), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    capacity: Mapped[int] = mapped_column(Integer, default=1)
+    boot: Mapped[str] = mapped_column(String(32), default="")
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    info: Mapped[Any] = mapped_column(JSON, nullable=True)  # StateInfo: fingerprint and parts
+
+
+class StateRow(Base):
+    """Every state id the hub has seen, with the declaration its commit makes."""
+
+    __tablename__ = "states"
+    state: Mapped[str] = mapped_column(String(128), primary_key=True)
+    declaration: Mapped[Any] = mapped_column(JSON)
+    first_seen: Mapped[float] = mapped_column(Float)
+
+
+class CommandRow(Base):
+    __tablename__ = "commands"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    code: Mapped[str] = mapped_column(Text)
+    session: Mapped[str] = mapped_column(String(64))
+    nodes: Mapped[str] = mapped_column(String(4096))
+    targets: Mapped[list[str]] = mapped_column(JSON)
+    issuer: Mapped[str] = mapped_column(String(43))
+    state: Mapped[str] = mapped_column(String(128))
+    timeout: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+
+
+class ResultRow(Base):
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("command_id", "node"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    command_id: Mapped[str] = mapped_column(String(32), index=True)
+    node: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(128), default="unknown")
+    stdout: Mapped[str] = mapped_column(Text, default="")
+    stderr: Mapped[str] = mapped_column(Text, default="")
+    value: Mapped[Any] = mapped_column(JSON, nullable=True)
+    value_repr: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[Any] = mapped_column(JSON, nullable=True)
+    exit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class EventRow(Base):
+    """The log: joins, leaves, commands, rejected messages, errors."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    level: Mapped[str] = mapped_column(String(8))
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    node: Mapped[str] = mapped_column(String(64), default="")
+    key_id: Mapped[str] = mapped_column(String(43), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobRow(Base):
+    """A queued job: what to run, where, its status now, and what came of it."""
+
+    __tablename__ = "jobs"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # order
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # python | call
+    code: Mapped[str] = mapped_column(Text, default="")
+    fn: Mapped[str | None] = mapped_column(String(32), nullable=True)  # JobFnRow.hash
+    args: Mapped[Any] = mapped_column(JSON, nullable=True)
+    kwargs: Mapped[Any] = mapped_column(JSON, nullable=True)
+    args_pickle: Mapped[str | None] = mapped_column(Text, nullable=True)
+    nodes: Mapped[str] = mapped_column(String(4096), default="*")
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    timeout: Mapped[float | None] = mapped_column(Float, nullable=True)
+    require: Mapped[str] = mapped_column(String(64), default="any")
+    issuer: Mapped[str] = mapped_column(String(43), default="")
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    node: Mapped[str] = mapped_column(String(64), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    result: Mapped[Any] = mapped_column(JSON, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobEventRow(Base):
+    """Every move of every job: from, to, where, why."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_seq: Mapped[int] = mapped_column(Integer, index=True)  # JobRow.seq
+    job_id: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[float] = mapped_column(Float)
+    prev: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    node: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobFnRow(Base):
+    """A function jobs call, serialised once (base64 cloudpickle), by its hash."""
+
+    __tablename__ = "job_functions"
+    hash: Mapped[str] = mapped_column(String(32), primary_key=True)
+    data: Mapped[str] = mapped_column(Text)
+    created: Mapped[float] = mapped_column(Float)
+
+
+# What the hub acknowledges (a job's result: the node then forgets it) must survive an OS
+# crash or a power cut. In WAL mode, synchronous=NORMAL syncs the log only at checkpoints, so
+# the last commits can vanish; FULL syncs it at every commit (the writer thread's: one per
+# batch). bench/bench_durability.py measures what it costs. Not a user option: benchmarks
+# set it to compare.
+SQLITE_SYNCHRONOUS = "FULL"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    if SQLITE_SYNCHRONOUS not in ("FULL", "EXTRA", "NORMAL"):
+        raise ConfigError(f"SQLITE_SYNCHRONOUS is FULL, EXTRA or NORMAL, not "
+                          f"{SQLITE_SYNCHRONOUS!r}")
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def default_url(home: Path) -> str:
+    return f"sqlite:///{home / 'odium.db'}"
+
+
+class Store:
+    """Engine, schema, a batching writer thread and the reads the hub and CLI need."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            self.engine: Engine = create_engine(url, future=True)
+        except (SQLAlchemyError, ValueError, ImportError) as e:
+            raise ConfigError(f"cannot use database {url!r}: {e}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as e:
+            raise ConfigError(f"cannot open database {url!r}: {e}") from None
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="odium-store", daemon=True)
+        self._writer.start()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def write(self, fn: Callable[[Session], object],
+              on_commit: Callable[[], None] | None = None) -> None:
+        """Queue a change made through the ORM; the writer thread applies it in a batch.
+        ``on_commit`` is called (in the writer thread) once the transaction that holds this
+        change has committed (durably: see SQLITE_SYNCHRONOUS), and never if it failed."""
+        self._queue.put(fn if on_commit is None else ("write", fn, on_commit))
+
+    def insert(self, model: type[Base], values: dict[str, Any]) -> None:
+        """Queue a plain row insert (the cheap path: many become one executemany)."""
+        self._queue.put(("insert", model, values))
+
+    def update(self, model: type[Base], key: Any, values: dict[str, Any]) -> None:
+        """Queue an update of one row by primary key."""
+        self._queue.put(("update", model, key, values))
+
+    def _write_loop(self) -> None:
+        q = self._queue
+        while True:
+            batch = [q.get()]
+            # let a burst finish (bounded) so that one transaction takes it all and the
+            # writer does not compete with the loop thread in the middle of a round
+            deadline = time.monotonic() + QUIET_MAX
+            while len(batch) < 5000 and batch[-1] is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(q.get(timeout=min(QUIET, left)))
+                except queue.Empty:
+                    break
+            stop = None in batch
+            work = [f for f in batch if f is not None]
+            if work:
+                try:
+                    self._apply(work)
+                except Exception:  # noqa: BLE001 - the writer must outlive any one bad write
+                    log.exception("batch of %d writes failed; retrying one by one", len(work))
+                    for item in work:
+                        try:
+                            self._apply([item])
+                        except Exception:  # noqa: BLE001
+                            log.exception("write dropped")
+            for _ in batch:
+                q.task_done()
+            if stop:
+                return
+
+    def _apply(self, work: list[Any]) -> None:
+        committed: list[Callable[[], None]] = []
+        with self.session.begin() as s:
+            i = 0
+            while i < len(work):
+                item = work[i]
+                if isinstance(item, tuple) and item[0] == "insert":
+                    model = item[1]
+                    rows = [item[2]]
+                    while (i + 1 < len(work) and isinstance(work[i + 1], tuple)
+                           and work[i + 1][0] == "insert" and work[i + 1][1] is model):
+                        i += 1
+                        rows.append(work[i][2])
+                    s.execute(insert(model.__table__), rows)  # type: ignore[attr-defined]
+                elif isinstance(item, tuple) and item[0] == "update":
+                    _, model, key, values = item
+                    table = model.__table__  # type: ignore[attr-defined]
+                    pk = list(table.primary_key.columns)[0]
+                    s.execute(update(table).where(pk == key).values(**values))
+                elif isinstance(item, tuple) and item[0] == "write":
+                    item[1](s)
+                    s.flush()
+                    committed.append(item[2])
+                else:
+                    item(s)
+                    s.flush()
+                i += 1
+        for fn in committed:  # the transaction has committed: tell whoever waits for it
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a callback must not undo a commit
+                log.exception("after-commit callback failed")
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every queued write is committed."""
+        done = threading.Event()
+        self.write(lambda s: done.set())
+        if not done.wait(timeout):
+            raise OdiumTimeout(f"store writes not committed after {timeout} s")
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(10)
+        self.engine.dispose()
+
+    # --- convenience writes ----------------------------------------------------------------
+
+    def event(self, kind: str, detail: str = "", *, level: str = "info", node: str = "",
+              key_id: str = "") -> None:
+        self.insert(EventRow, {"ts": time.time(), "level": level, "kind": kind,
+                               "node": node[:64], "key_id": key_id[:43],
+                               "detail": detail[:4000]})
+
+    def put_key(self, key_id: str, role: str, *, name: str = "", address: str = "",
+                expires: float | None = None, note: str = "") -> None:
+        now = time.time()
+
+        def fn(s: Session) -> None:
+            row = s.get(KeyRow, key_id)
+            if row is None:
+                s.add(KeyRow(key_id=key_id, role=role, name=name, address=address, created=now,
+                             updated=now, expires=expires, note=note))
+            else:
+                row.role, row.updated = role, now
+                if name:
+                    row.name = name
+                if address:
+                    row.address = address
+                row.expires = expires
+                if note:
+                    row.note = note
+
+        self.write(fn)
+
+    def put_node(self, name: str, **fields: Any) -> None:
+        now = time.time()
+
+        def fn(s: Session) -> None:
+            row = s.get(NodeRow, name)
+            if row is None:
+                row = NodeRow(name=name, key_id=fields.get("key_id", ""), status="new",
+                              first_seen=now, last_seen=now)
+                s.add(row)
+            for k, v in fields.items():
+                setattr(row, k, v)
+
+        self.write(fn)
+
+    def forget_node(self, name: str, key_id: str = "") -> None:
+        """Delete a node's row, and its key's row when given (what the hub forgot)."""
+
+        def fn(s: Session) -> None:
+            s.query(NodeRow).filter_by(name=name).delete()
+            if key_id:
+                s.query(KeyRow).filter_by(key_id=key_id).delete()
+
+        self.write(fn)
+
+    def put_state(self, state: str, declaration: dict[str, Any]) -> None:
+        now = time.time()
+
+        def fn(s: Session) -> None:
+            if s.get(StateRow, state) is None:
+                s.add(StateRow(state=state, declaration=declaration, first_seen=now))
+
+        self.write(fn)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def keys(self) -> list[KeyRow]:
+        with self.session() as s:
+            return list(s.scalars(select(KeyRow).order_by(KeyRow.created)))
+
+    def nodes(self) -> list[NodeRow]:
+        with self.session() as s:
+            return list(s.scalars(select(NodeRow).order_by(NodeRow.name)))
+
+    def events(self, limit: int = 50, kind: str | None = None) -> list[EventRow]:
+        with self.session() as s:
+            q = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
+            if kind:
+                q = q.where(EventRow.kind == kind)
+            return list(reversed(list(s.scalars(q))))
+
+    def max_seq(self) -> int:
+        with self.session() as s:
+            from sqlalchemy import func
+
+            return int(s.scalar(select(func.max(CommandRow.seq))) or 0)
+
+    # --- the job queue ---------------------------------------------------------------------
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call fn (in the writer thread) once every write queued before it has been tried
+        (to know that one write itself committed, give it ``on_commit``)."""
+        self.write(lambda s: None, on_commit=fn)
+
+    def jobs_unfinished(self) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(
+                JobRow.status.in_(("queued", "assigned", "running"))).order_by(JobRow.seq)))
+
+    def job_rows(self, ids: list[str]) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.id.in_(ids))))
+
+    def job_list(self, status: str | None = None, limit: int = 50) -> list[JobRow]:
+        with self.session() as s:
+            q = select(JobRow).order_by(JobRow.seq.desc()).limit(limit)
+            if status:
+                q = q.where(JobRow.status == status)
+            return list(s.scalars(q))
+
+    def job_events(self, job_id: str) -> list[JobEventRow]:
+        with self.session() as s:
+            seq = s.scalar(select(JobRow.seq).where(JobRow.id == job_id))
+            if seq is None:
+                return []
+            return list(s.scalars(select(JobEventRow).where(JobEventRow.job_seq == seq)
+                                  .order_by(JobEventRow.id)))
+
+    def job_functions(self, hashes: list[str]) -> dict[str, str]:
+        with self.session() as s:
+            return {r.hash: r.data for r in s.scalars(
+                select(JobFnRow).where(JobFnRow.hash.in_(hashes)))}
+
+    def max_job_seq(self) -> int:
+        with self.session() as s:
+            from sqlalchemy import func
+
+            return int(s.scalar(select(func.max(JobRow.seq))) or 0)

@@ -1,0 +1,260 @@
+"""A node's side of the job queue: take or decline the batches that reach it on the jobs socket,
+run what it took in its job pool, and keep every result until the hub acknowledges it.
+
+Runs in the node's loop thread. What is said, and when, is in docs/protocol.md ("Job queue").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from ..core import wire as P
+from ..core.jobs import MAX_BATCH, name_matches, split_batch
+from ..core.sealing import open_inner
+from ..errors import ProtocolError
+from ..io.transport import each_message, recv_frames
+from ..local.state import satisfies
+from .jobpool import JobPool
+
+if TYPE_CHECKING:
+    from .agent import NodeCore
+
+log = logging.getLogger(__name__)
+
+TICK = 0.25  # seconds between checks for results to send again and slot reports
+REPORT_WAIT = 0.002  # seconds a report of jobs taken or finished waits for more news
+MAX_UNACKED = 100_000  # results kept for a hub that does not acknowledge them
+RESULT_BYTES = 4 * 1024 * 1024  # about this much result data in one message at most
+
+_STATUS = {"ok": "done", "error": "failed", "timeout": "timeout", "cancelled": "cancelled",
+           "interrupted": "cancelled", "lost": "lost"}
+
+
+class NodeJobs:
+    """Job slots (``capacity``), the pool that fills them, and the results not yet acknowledged."""
+
+    def __init__(self, node: NodeCore) -> None:
+        self.node = node
+        self.loop = node.inst.loop
+        self.capacity = node.capacity
+        self.pool = JobPool(self.loop, str(node.inst.app), self.capacity, self._done)
+        self.held: dict[str, P.JobSpec] = {}
+        self.unacked: OrderedDict[str, tuple[P.JobOutcome, float]] = OrderedDict()
+        self.pull: zmq.Socket[Any] | None = None
+        self._batches: list[str] = []
+        self._taken: list[str] = []
+        self._declined: list[str] = []
+        self._unopened: list[str] = []
+        self._results: list[P.JobOutcome] = []
+        self._flush_due = False
+        self._flush_now = False  # the report due is due at the end of this loop round
+        self._names: dict[str, bool] = {}
+        self._last_state = 0.0
+        node.sub_handlers["job_ack"] = self._on_ack
+        node.sub_handlers["job_cancel"] = self._on_cancel
+        self.loop.every(TICK, self._tick)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - len(self.held))
+
+    @property
+    def resend_after(self) -> float:
+        return max(2.0, 5 * self.node.interval)
+
+    # --- hooks called by NodeCore ----------------------------------------------------------
+
+    def attach(self, pull: zmq.Socket[Any]) -> None:
+        """The data sockets are open: listen on the jobs socket."""
+        self.pull = pull
+        self.loop.add(pull, self._on_pull)
+
+    def registered(self) -> None:
+        """(Re-)registered with a hub, perhaps one that restarted: send every result it has
+        not acknowledged, then say which jobs run here, so that it can claim them (what
+        cannot leave yet goes at the next tick)."""
+        for j, (o, _t) in list(self.unacked.items()):
+            self.unacked[j] = (o, 0.0)
+        self._last_state = 0.0
+        self._tick()
+
+    def close(self) -> None:
+        if self.pull is not None:
+            try:
+                self.loop.remove(self.pull)
+            except KeyError:
+                pass
+        self.pool.close()
+
+    # --- from the hub ----------------------------------------------------------------------
+
+    def _on_pull(self) -> None:
+        assert self.pull is not None
+        node = self.node
+        each_message(recv_frames(self.pull), self._from_jobs, lambda _f, e: node._failed("jobs", e))
+
+    def _from_jobs(self, frames: list[zmq.Frame]) -> None:
+        node = self.node
+        outer = P.open_message(frames[-1].bytes, node.vk, node.hub_key, replay=node.replay)
+        if outer.type != "sealed":
+            raise ProtocolError(f"message type {outer.type!r} does not come on the jobs socket")
+        msg = open_inner(node.keyring, outer, "jobs")
+        node.last_heard = time.monotonic()
+        if msg is None:  # jobs this node may not run: the hub sends them on at once
+            self._unopened.append(outer.env.id)
+            self._schedule()
+        else:
+            self._on_batch(msg)
+
+    def _name_ok(self, pattern: str) -> bool:
+        ok = self._names.get(pattern)
+        if ok is None:
+            ok = self._names[pattern] = name_matches(pattern, self.node.name)
+        return ok
+
+    def _on_batch(self, msg: P.Message) -> None:
+        body: P.JobBatch = msg.body  # type: ignore[assignment]
+        state = self.node.inst.state
+        fresh: list[P.JobSpec] = []
+        again: list[P.JobOutcome] = []
+        for spec in body.jobs:
+            held = self.held.get(spec.id)
+            done = self.unacked.get(spec.id)
+            if held is not None and held.attempt >= spec.attempt:
+                self._taken.append(spec.id)  # sent again: it runs here already
+            elif done is not None and (done[0].attempt >= spec.attempt
+                                       or done[0].status == "done"):
+                self._taken.append(spec.id)  # it ran here: its result goes (again) at once
+                again.append(done[0])
+            else:
+                fresh.append(spec)  # new, or a new run of a job whose last run failed
+        self._results.extend(again)
+        take, decline = split_batch(
+            [(s.id, self._name_ok(s.nodes) and satisfies(s.require, state, state)
+              and (s.kind == "python" or s.fn in body.fns)) for s in fresh], self.free)
+        chosen = set(take)
+        for spec in fresh:
+            if spec.id in chosen:
+                self.held[spec.id] = spec
+                self.pool.start(spec.id, {"op": "job", "id": spec.id, "kind": spec.kind,
+                                          "code": spec.code, "fn": spec.fn, "args": spec.args,
+                                          "kwargs": spec.kwargs,
+                                          "args_pickle": spec.args_pickle},
+                                spec.timeout, body.fns.get(spec.fn) if spec.fn else None)
+        self._batches.append(msg.env.id)
+        self._taken.extend(take)
+        self._declined.extend(decline)
+        self._schedule()
+
+    def _on_ack(self, msg: P.Message) -> None:
+        if self.node.name not in msg.env.to:
+            return
+        for j in msg.body.acks.get(self.node.name, ()):  # type: ignore[attr-defined]
+            self.unacked.pop(j, None)
+
+    def _on_cancel(self, msg: P.Message) -> None:
+        if self.node.name not in msg.env.to:
+            return
+        for j in msg.body.jobs:  # type: ignore[attr-defined]
+            if j in self.held:
+                self.pool.cancel(j, "cancelled")
+
+    # --- to the hub ------------------------------------------------------------------------
+
+    def _done(self, job_id: str, res: dict[str, Any]) -> None:
+        spec = self.held.pop(job_id, None)
+        if spec is None:
+            return
+        err = res.get("error")
+        o = P.JobOutcome(
+            job_id, _STATUS.get(res["status"], "failed"),  # type: ignore[arg-type]
+            spec.attempt, res.get("started", 0.0), res.get("finished", 0.0),
+            res.get("stdout", ""), res.get("stderr", ""), res.get("value"),
+            res.get("value_repr"), res.get("value_json", True),
+            P.ErrorInfo(err["ename"], err["evalue"], err.get("traceback", "")) if err else None)
+        self.unacked[job_id] = (o, 0.0)  # sent at the end of this loop round
+        while len(self.unacked) > MAX_UNACKED:
+            dropped, _ = self.unacked.popitem(last=False)
+            log.warning("result of job %s dropped: the hub has not acknowledged %d results",
+                        dropped, MAX_UNACKED)
+        self._results.append(o)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Report soon. At the end of this loop round when there is no point waiting: jobs
+        were declined (the hub sends them on at once), nothing else runs here, or results
+        for half the slots are waiting already. Otherwise up to REPORT_WAIT later, so that
+        jobs taken and several results leave in one message."""
+        now = (self._declined or self._unopened or not self.held
+               or 2 * len(self._results) >= self.capacity)
+        if self._flush_due and (self._flush_now or not now):
+            return
+        self._flush_due, self._flush_now = True, bool(now)
+        self.loop.call_later(0 if now else REPORT_WAIT, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = self._flush_now = False
+        results, self._results = self._results, []
+        taken = (self._batches, self._taken, self._declined, self._unopened)
+        self._batches, self._taken, self._declined, self._unopened = [], [], [], []
+        self._send_results(results, taken)
+
+    def _send(self, type_: str, body: P.Body) -> bool:
+        """Send now if the hub is connected (PUSH with IMMEDIATE); False if it is not."""
+        push = self.node.push
+        if push is None:
+            return False
+        ident = self.node.inst.ident
+        raw = P.seal(ident.signing, ident.key_id, self.node.inst.state, type_, body)
+        try:
+            push.send(raw, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _send_results(self, results: list[P.JobOutcome],
+                      taken: tuple[list[str], list[str], list[str], list[str]] = ([], [], [], [])
+                      ) -> None:
+        """Report jobs taken and results (in messages of a bounded size); remember when each
+        result left."""
+        now = time.monotonic()
+        i = 0
+        while i < len(results) or taken[0] or taken[3]:
+            chunk: list[P.JobOutcome] = []
+            size = 0
+            while i < len(results) and len(chunk) < MAX_BATCH and size < RESULT_BYTES:
+                o = results[i]
+                chunk.append(o)
+                size += len(o.stdout) + len(o.stderr) + len(o.value_repr or "") + 200
+                i += 1
+            batches, took, declined, unopened = taken
+            taken = ([], [], [], [])
+            if not self._send("job_report", P.JobReport(batches, took, declined, chunk,
+                                                        self.free, unopened)):
+                return  # the hub is not there: results stay due, and go when it is back
+            for o in chunk:
+                if o.id in self.unacked:
+                    self.unacked[o.id] = (o, now)
+
+    def _send_state(self) -> None:
+        if self._send("job_state", P.JobState(self.capacity, self.free, sorted(self.held))):
+            self._last_state = time.monotonic()
+
+    def _tick(self) -> None:
+        if not self.node.registered or self.node.push is None:
+            return
+        now = time.monotonic()
+        if self.unacked:
+            late = [o for o, t in self.unacked.values() if now - t > self.resend_after]
+            if late:
+                self._send_results(late)
+        if now - self._last_state >= self.node.interval:
+            self._send_state()
+
+
+__all__ = ["NodeJobs"]
