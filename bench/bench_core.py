@@ -103,7 +103,7 @@ def timed(fn: Callable[[], Any], check: Callable[[Any], str | None], warmup: int
 def _state_of(hub: Any) -> str:
     """The hub's state id, whether the API offers it as a property or a method."""
     try:
-        st = hub.core.inst.state
+        st = hub.core.rt.state
         st = st() if callable(st) else st
         return str(getattr(st, "id", st))
     except Exception as e:  # informative only

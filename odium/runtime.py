@@ -1,44 +1,36 @@
-"""One Odium process: identity, application state, the loop, and its hub and node parts.
+"""The runtime of one Odium process: its home and identity, the application and its state id,
+the ZeroMQ context and the loop. What the parts of a process share, and nothing more.
 
-An instance is always able to be a hub (``start_hub``) and a node (``start_node``),
-both at once in the middle of a tree; both parts share one loop thread.
+A part (a hub, ``odium.hub.server.start_hub``; a node, ``odium.node.agent.start_node``) is
+given the runtime and never its siblings or its owner; the owner (an ``odium`` command, an
+``odium.Hub``) starts the parts it wants, each registering how it closes. One process can run
+both parts on one runtime and one loop: a node to its hub and a hub to its own nodes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
 from .api.interface import default_home
-from .core.keys import Identity, Token, ensure_home, load_or_create
-from .core.wire import MAX_MESSAGE
-from .errors import ConfigError, OdiumError
+from .core.keys import Identity, ensure_home, load_or_create
+from .errors import OdiumError
 from .errors import TimeoutError as OdiumTimeout
 from .io.transport import Loop
 from .local.state import find_app, state_id
-from .node.agent import NodeCore
 
-if TYPE_CHECKING:  # the hub part (and SQLAlchemy) is imported only by instances that are hubs
-    from .hub.server import HubCore
-    from .hub.store import Store
-
-log = logging.getLogger("odium")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-_HUB_HOMES: set[Path] = set()  # homes of the hubs running in this process
-
-
-class Instance:
+class Runtime:
     def __init__(self, home: str | os.PathLike[str] | None = None,
                  app: str | os.PathLike[str] | None = None) -> None:
         self.home = ensure_home(home or default_home())
@@ -47,66 +39,14 @@ class Instance:
         self.state = state_id(self.app)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.loop = Loop()
-        self.hub: HubCore | None = None
-        self.node: NodeCore | None = None
-        self.store: Store | None = None
+        self._closers: list[tuple[str, Callable[[], None]]] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.closed = False
 
-    # --- parts -----------------------------------------------------------------------------
-
-    def start_hub(self, *, interface: str = "127.0.0.1", ports: dict[str, int] | None = None,
-                  db: str | None = None, hb_interval: float = 1.0,
-                  max_message: int = MAX_MESSAGE, wheelhouse: str | None = None) -> HubCore:
-        from .hub.server import HubCore
-        from .hub.store import Store, default_url
-
-        self._refuse_second_hub()
-        _HUB_HOMES.add(self.home)
-        self.store = Store(db or default_url(self.home))
-        admin = load_or_create(self.home / "admin.key")
-        try:
-            self.hub = self.call(lambda: HubCore(
-                self, self.store, interface=interface, ports=ports,  # type: ignore[arg-type]
-                hb_interval=hb_interval, max_message=max_message, admin=admin,
-                wheelhouse=Path(wheelhouse) if wheelhouse else None))
-        except BaseException:
-            _HUB_HOMES.discard(self.home)
-            self.store.close()
-            self.store = None
-            raise
-        self.hub.write_info(self.home)
-        return self.hub
-
-    def _refuse_second_hub(self) -> None:
-        """Two hubs on one home would share keys, store and hub.json: refuse the second."""
-        info = self.home / "hub.json"
-        try:
-            pid = int(json.loads(info.read_text())["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        if pid == os.getpid():
-            if self.home in _HUB_HOMES:
-                raise ConfigError(f"a hub is already running with home {self.home} in this "
-                                  "process; give this one another home")
-            return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return  # left behind by a hub that died
-        except PermissionError:
-            pass
-        raise ConfigError(f"another hub (pid {pid}) is running with home {self.home}; stop it, "
-                          "or give this one another home (--home)")
-
-    def start_node(self, address: str, hub_key: str, name: str, *, token: Token | None = None,
-                   capacity: int | None = None, find_links: str | None = None,
-                   index_url: str | None = None) -> NodeCore:
-        self.node = self.call(lambda: NodeCore(self, address, hub_key, name, token=token,
-                                               capacity=capacity, find_links=find_links,
-                                               index_url=index_url))
-        return self.node
+    def own(self, what: str, close: Callable[[], None]) -> None:
+        """Close ``what`` with the runtime, in the loop thread, the last started first."""
+        self._closers.append((what, close))
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -158,15 +98,12 @@ class Instance:
         self.closed = True
 
         def shutdown() -> None:
-            if self.node is not None:
-                self.node.close()
-            if self.hub is not None:
-                self.hub.close()
-                _HUB_HOMES.discard(self.home)
+            for what, close in reversed(self._closers):
                 try:
-                    (self.home / "hub.json").unlink()
-                except FileNotFoundError:
-                    pass
+                    close()
+                except Exception:  # noqa: BLE001 - the other parts still close
+                    log.exception("closing the %s failed", what)
+            self._closers.clear()
 
         try:
             if self._thread is not None and self._thread.is_alive():
@@ -178,7 +115,5 @@ class Instance:
         self.loop.stop()
         if self._thread is not None:
             self._thread.join(10)
-        if self.store is not None:
-            self.store.close()
         self.loop.close()
         self.ctx.term()

@@ -164,7 +164,7 @@ def test_unsealed_command_is_refused_by_a_node(hub: odium.Hub, tmp_path: Path) -
     mark = tmp_path / "ran"
     core = hub.core
     body = P.Exec(P.new_id(), "python", f"open({str(mark)!r}, 'w')")
-    raw = P.seal(core.inst.ident.signing, core.inst.ident.key_id, core.inst.state, "exec", body,
+    raw = P.seal(core.rt.ident.signing, core.rt.ident.key_id, core.rt.state, "exec", body,
                  to=["n-1"])
     hub._call(lambda: core.sockets["pub"].send(raw))
     wait_until(lambda: [e for e in events(hub, "rejected") if e["node"] == "n-1"

@@ -65,7 +65,7 @@ def loop_held(hub: odium.Hub) -> Iterator[None]:
         held.set()
         release.wait(10)
 
-    hub.core.inst.loop.call_soon_threadsafe(hold)
+    hub.core.rt.loop.call_soon_threadsafe(hold)
     assert held.wait(5), "the hub's loop did not come round"
     try:
         yield
@@ -262,7 +262,7 @@ def test_node_rejects_deep_frames_from_its_hub_within_its_rate_limit(hub: odium.
     hub.start_local(1, prefix="n")
     core = hub.core
     n = 100
-    frame = deep_frame(core.inst.ident, "hb", {"boot": core.boot, "interval": 1.0}, "x")
+    frame = deep_frame(core.rt.ident, "hb", {"boot": core.boot, "interval": 1.0}, "x")
     t0 = time.monotonic()
     for _ in range(n):
         hub._call(lambda: core.sockets["pub"].send(frame))

@@ -115,7 +115,7 @@ def test_unload_stops_the_hub_and_its_local_nodes(shell: InteractiveShell, tmp_p
     procs = [ln.proc for ln in hub.local]
     shell.run_line_magic("unload_ext", "odium")
     assert all(p.poll() is not None for p in procs)
-    assert hub.inst is None
+    assert hub.rt is None
     with pytest.raises(UsageError, match="not found"):
         shell.run_line_magic("odium", "nodes")
 

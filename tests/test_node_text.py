@@ -183,10 +183,10 @@ def test_cli_log_keys_and_run_escape_node_text(hub: odium.Hub) -> None:
     from odium.hub.server import KeyInfo
 
     core = hub.core
-    hub.core.inst.call(lambda: core.store.event("node_event", "reported by rogue: x" + FAKE,
+    hub.core.rt.call(lambda: core.store.event("node_event", "reported by rogue: x" + FAKE,
                                                 level="warning", node="rogue"))
     k = Identity.generate().key_id
-    hub.core.inst.call(lambda: core._set_key(KeyInfo(k, "node", "rogue", None,
+    hub.core.rt.call(lambda: core._set_key(KeyInfo(k, "node", "rogue", None,
                                                      "note" + FAKE)))
     hub.start_local(1, prefix="t")
     h = str(hub.home)

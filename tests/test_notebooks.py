@@ -195,8 +195,6 @@ def test_kernel_install_writes_the_kernelspec(tmp_path: Path) -> None:
 
 def test_kernel_install_from_the_command_line(tmp_path: Path) -> None:
     p = odium_cli("kernel", "install", "--prefix", str(tmp_path))
-    if p.returncode == 2 and "invalid choice: 'kernel'" in p.stderr:
-        pytest.skip("odium/cli/commands.py does not route 'odium kernel' to odium.jupyter.kernel yet")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "share" / "jupyter" / "kernels" / "odium" / "kernel.json").exists()
 

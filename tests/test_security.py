@@ -492,7 +492,7 @@ def test_node_runs_only_commands_signed_by_its_hub(hub: odium.Hub, tmp_path: Pat
     """Forged, stale, malformed and replayed commands put on the hub's own PUB socket: the node
     runs none of them, reports each rejection to the hub, and runs the next good command."""
     hub.start_local(1, prefix="n")
-    hub_ident = hub.core.inst.ident
+    hub_ident = hub.core.rt.ident
     evil = Identity.generate()
     marks = tmp_path / "marks"
     marks.mkdir()

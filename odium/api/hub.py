@@ -30,8 +30,9 @@ from ..core.results import NodeResult, Result
 from ..errors import ConfigError, NotConnectedError, OdiumError
 from ..errors import TimeoutError as OdiumTimeout
 from ..hub.server import DEFAULT_PORTS, HubCore, KeyInfo
+from ..hub.start import start_hub
 from ..node.agent import save_joined
-from ..runtime import Instance
+from ..runtime import Runtime
 from .interface import DEFAULT_SESSION, KeyVerbs
 from .jobs import Job, JobExecutor, as_completed, check_options, pack_jobs
 
@@ -94,7 +95,8 @@ class Hub(KeyVerbs):
                           hb_interval=hb_interval, max_message=max_message,
                           wheelhouse=str(wheelhouse) if wheelhouse else None)
         self._app = app
-        self.inst: Instance | None = None
+        self.rt: Runtime | None = None
+        self._core: HubCore | None = None
         self.local: list[LocalNode] = []
         self._local_seq = 0
         self._hints: set[str] = set()  # hints already given: each once per Hub (session)
@@ -102,16 +104,16 @@ class Hub(KeyVerbs):
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Hub:
-        if self.inst is not None:
+        if self.rt is not None:
             return self
-        inst = Instance(self._home_arg, self._app)
-        inst.start_thread()
+        rt = Runtime(self._home_arg, self._app)
+        rt.start_thread()
         try:
-            inst.start_hub(**self._opts)  # type: ignore[arg-type]
+            self._core = start_hub(rt, **self._opts)  # type: ignore[arg-type]
         except BaseException:
-            inst.close()
+            rt.close()
             raise
-        self.inst = inst
+        self.rt = rt
         return self
 
     def __enter__(self) -> Hub:
@@ -128,21 +130,21 @@ class Hub(KeyVerbs):
             n.stop()
         self._forget_local([n.name for n in self.local])
         self.local.clear()
-        if self.inst is not None:
-            self.inst.close()
-            self.inst = None
+        if self.rt is not None:
+            self.rt.close()
+            self.rt = self._core = None
 
     @property
     def core(self) -> HubCore:
-        if self.inst is None or self.inst.hub is None:
+        if self._core is None:
             raise NotConnectedError("the hub is not running (use it in a with block or call "
                                     "start())")
-        return self.inst.hub
+        return self._core
 
     @property
     def home(self) -> Path:
-        assert self.inst is not None
-        return self.inst.home
+        assert self.rt is not None
+        return self.rt.home
 
     @property
     def ports(self) -> dict[str, int]:
@@ -150,7 +152,7 @@ class Hub(KeyVerbs):
 
     @property
     def key(self) -> str:
-        return self.core.inst.ident.key_id
+        return self.core.rt.ident.key_id
 
     @property
     def address(self) -> str:
@@ -158,11 +160,11 @@ class Hub(KeyVerbs):
 
     @property
     def state(self) -> str:
-        return self.core.inst.state
+        return self.core.rt.state
 
     def _call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
-        assert self.inst is not None
-        return self.inst.call(fn, timeout)
+        assert self.rt is not None
+        return self.rt.call(fn, timeout)
 
     # --- commands --------------------------------------------------------------------------
 
@@ -270,9 +272,9 @@ class Hub(KeyVerbs):
         core = self.core
         q = core.jobq
         required = q.target(nodes, require_state)
-        fields, fns = pack_jobs(items, str(core.inst.app))
+        fields, fns = pack_jobs(items, str(core.rt.app))
         now = time.time()
-        issuer = core.inst.ident.key_id
+        issuer = core.rt.ident.key_id
         recs = [q.record(f, nodes=nodes, retries=retries, timeout=timeout, required=required,
                          issuer=issuer, now=now) for f in fields]
         backend = _HubJobs(self)
@@ -359,7 +361,7 @@ class Hub(KeyVerbs):
                        status: str = "ready") -> None:
         """Wait until the named nodes (or that many nodes) have the given status."""
         core = self.core
-        assert self.inst is not None
+        assert self.rt is not None
 
         def ok() -> bool:
             ready = {n for n, i in list(core.nodes.items()) if i.status == status}
@@ -367,7 +369,7 @@ class Hub(KeyVerbs):
                 return len(ready) >= names
             return set(names) <= ready
 
-        self.inst.wait_for(ok, timeout, f"nodes {names!r} to be {status}")
+        self.rt.wait_for(ok, timeout, f"nodes {names!r} to be {status}")
 
     def token(self, ttl: float = 3600.0) -> str:
         core = self.core
@@ -416,7 +418,7 @@ class Hub(KeyVerbs):
 
     def _forget_local(self, names: list[str]) -> None:
         """Local nodes this hub started and has stopped itself are gone for good: forgotten."""
-        if self.inst is None or not names:
+        if self.rt is None or not names:
             return
         core = self.core
         self._call(lambda: core.forget(",".join(names), force=True)
@@ -458,14 +460,14 @@ class Hub(KeyVerbs):
             self.trust(ident.key_id, name)
             save_joined(home, addr, self.key, name)
             cmd = [python or sys.executable, "-m", "odium", "node", "--home", str(home),
-                   "--app", str(app or core.inst.app), *extra_args]
+                   "--app", str(app or core.rt.app), *extra_args]
             if capacity:
                 cmd += ["--capacity", str(capacity)]
             logf = open(home / "node.log", "ab")
             # its own session: a Ctrl-C meant for this process (the notebook's stop button
             # signals the kernel's whole process group) must not stop the node
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, cwd=str(app or core.inst.app),
+                                    stderr=subprocess.STDOUT, cwd=str(app or core.rt.app),
                                     start_new_session=True,
                                     env={**os.environ, **(env or {}),
                                          "ODIUM_DIE_WITH_PARENT": str(os.getpid())})

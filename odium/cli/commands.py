@@ -13,9 +13,12 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..core.term import clean, clean_lines
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 from ..core.wire import DEFAULT_PORTS
 from ..errors import ConfigError, OdiumError
 from ..jupyter.kernel import add_kernel_parser, cmd_kernel
@@ -259,33 +262,34 @@ def _stop_on_signals(loop_stop: Any) -> None:
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from ..runtime import Instance
+    from ..hub.start import start_hub
+    from ..runtime import Runtime
 
-    inst = Instance(args.home, args.app)
+    rt = Runtime(args.home, args.app)
     try:
-        hub = inst.start_hub(interface=args.interface, ports=args.ports, db=args.db,
+        hub = start_hub(rt, interface=args.interface, ports=args.ports, db=args.db,
                              hb_interval=args.heartbeat, wheelhouse=args.wheelhouse)
         from ..core.keys import fingerprint
 
-        print(f"odium hub {fingerprint(inst.ident.key_id)} on {args.interface} ports "
+        print(f"odium hub {fingerprint(rt.ident.key_id)} on {args.interface} ports "
               f"pub={hub.ports['pub']} query={hub.ports['query']} jobs={hub.ports['jobs']} "
-              f"results={hub.ports['results']}; state {inst.state}", flush=True)
-        print(f"add nodes with: odium token --home {inst.home} (or: odium node --join "
-              f"{hub.public_address()} --hub-key {inst.ident.key_id})", flush=True)
-        _stop_on_signals(inst.loop.stop)
-        inst.run()
+              f"results={hub.ports['results']}; state {rt.state}", flush=True)
+        print(f"add nodes with: odium token --home {rt.home} (or: odium node --join "
+              f"{hub.public_address()} --hub-key {rt.ident.key_id})", flush=True)
+        _stop_on_signals(rt.loop.stop)
+        rt.run()
     finally:
-        inst.close()
+        rt.close()
     return 0
 
 
 def cmd_node(args: argparse.Namespace) -> int:
     from ..core.keys import Token
-    from ..node.agent import load_joined
-    from ..runtime import Instance
+    from ..node.agent import load_joined, start_node
+    from ..runtime import Runtime
 
     text = _token_text(args)
-    inst = Instance(args.home, args.app)
+    rt = Runtime(args.home, args.app)
     try:
         token = Token.decode(text) if text else None
         if args.token:
@@ -293,7 +297,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                   "(ps) while the node runs; use --token-file PATH or $ODIUM_TOKEN instead",
                   file=sys.stderr, flush=True)
         text = args.token = None  # decoded: keep only what joining needs, until joined
-        joined = load_joined(inst.home)
+        joined = load_joined(rt.home)
         name = args.name or (joined or {}).get("name") or socket.gethostname().split(".")[0]
         if token is not None:
             address, hub_key = args.join or token.address, token.hub_key
@@ -302,7 +306,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         elif joined is not None and args.join in (None, joined["address"]):
             address, hub_key = joined["address"], joined["hub_key"]
         elif joined is not None:
-            raise ConfigError(f"this home ({inst.home}) already belongs to the hub at "
+            raise ConfigError(f"this home ({rt.home}) already belongs to the hub at "
                               f"{joined['address']}; use another --home to join {args.join}")
         elif args.join:
             raise ConfigError("--join needs a join token (--token-file PATH or $ODIUM_TOKEN, "
@@ -314,24 +318,24 @@ def cmd_node(args: argparse.Namespace) -> int:
         from ..core.keys import check_key_id
 
         check_key_id(hub_key)
-        node = inst.start_node(address, hub_key, name, token=token, capacity=args.capacity,
+        node = start_node(rt, address, hub_key, name, token=token, capacity=args.capacity,
                                find_links=args.find_links, index_url=args.index_url)
         from ..core.keys import fingerprint
 
-        print(f"odium node {name} key {inst.ident.key_id} ({fingerprint(inst.ident.key_id)}) "
-              f"joining {address}; state {inst.state}",
+        print(f"odium node {name} key {rt.ident.key_id} ({fingerprint(rt.ident.key_id)}) "
+              f"joining {address}; state {rt.state}",
               flush=True)
         if token is None and joined is None:
             print(f"if the hub does not know this key yet, accept it there with: odium keys "
-                  f"accept {fingerprint(inst.ident.key_id)}", flush=True)
+                  f"accept {fingerprint(rt.ident.key_id)}", flush=True)
         node.on_notice = lambda text: print(f"odium node: {clean(text)}", flush=True)
-        _stop_on_signals(inst.loop.stop)
-        _stop_with_parent(inst)
-        inst.run()
+        _stop_on_signals(rt.loop.stop)
+        _stop_with_parent(rt)
+        rt.run()
         if node.error is not None:
             raise node.error
     finally:
-        inst.close()
+        rt.close()
     if node.restart:  # a sync checked out a new commit: run this same command again, in place
         sys.stdout.flush()
         argv = list(getattr(sys, "orig_argv", [sys.executable, "-m", "odium", *sys.argv[1:]]))
@@ -355,7 +359,7 @@ def _token_text(args: argparse.Namespace) -> str | None:
     return env.strip() if env and env.strip() else None
 
 
-def _stop_with_parent(inst: Any) -> None:
+def _stop_with_parent(rt: Runtime) -> None:
     """A local node (started by a hub process, in a session of its own) stops when that
     process is gone, even if it was killed with SIGKILL."""
     parent = os.environ.get("ODIUM_DIE_WITH_PARENT", "")
@@ -371,9 +375,9 @@ def _stop_with_parent(inst: Any) -> None:
             alive = False
         if not alive:
             logging.getLogger("odium").warning("the hub that started this node is gone; stopping")
-            inst.loop.stop()
+            rt.loop.stop()
 
-    inst.loop.every(1.0, check)
+    rt.loop.every(1.0, check)
 
 
 def _drop_option(argv: list[str], opt: str) -> list[str]:

@@ -89,7 +89,7 @@ class JobQueue:
     def __init__(self, hub: HubCore) -> None:
         self.hub = hub
         self.store = hub.store
-        self.loop = hub.inst.loop
+        self.loop = hub.rt.loop
         hb = hub.hb_interval
         self.flight_timeout = max(2.0, 3 * hb)  # a batch nobody reported on goes back
         self.orphan_grace = max(2.0, 5 * hb)  # after a restart, nodes claim their jobs
@@ -387,7 +387,7 @@ class JobQueue:
             return
         queues = {k: self._live(dq) for k, dq in self.queues.items() if dq}
         plan = plan_dispatch(queues, credit, self._eligible)
-        ident, mono = self.hub.inst.ident, time.monotonic()
+        ident, mono = self.hub.rt.ident, time.monotonic()
         hub_nodes = self.hub.nodes
         live = [n for n, i in hub_nodes.items() if i.status in ("ready", "connecting")]
         may_run: dict[tuple[str, str], frozenset[str]] = {}
@@ -422,7 +422,7 @@ class JobQueue:
                 mid = P.new_id()
                 sealed = self.hub.keyring.seal("job_batch", P.JobBatch(specs, fns),
                                                readers(chunk))
-                raw = P.seal(ident.signing, ident.key_id, self.hub.inst.state, "sealed", sealed,
+                raw = P.seal(ident.signing, ident.key_id, self.hub.rt.state, "sealed", sealed,
                              msg_id=mid)
                 try:
                     sock.send(raw, zmq.NOBLOCK)

@@ -71,7 +71,7 @@ from .jobqueue import JobQueue
 from .store import CommandRow, KeyRow, ResultRow, Store
 
 if TYPE_CHECKING:
-    from ..runtime import Instance
+    from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +221,18 @@ class _Request:
 class HubCore:
     """The hub: four CURVE server sockets, the key table behind ZAP, the registry, broadcasts."""
 
-    def __init__(self, inst: Instance, store: Store, *, interface: str = "127.0.0.1",
+    def __init__(self, rt: Runtime, store: Store, *, interface: str = "127.0.0.1",
                  ports: dict[str, int] | None = None, hb_interval: float = 1.0,
                  max_message: int = P.MAX_MESSAGE, admin: Identity | None = None,
                  wheelhouse: Path | None = None) -> None:
-        self.inst = inst
+        self.rt = rt
         self.store = store
         self.interface = interface
         self.hb_interval = hb_interval
         self.max_message = max_message
         self.boot = P.new_id()
         self.replay = P.ReplayCache()
-        self.keyring = Keyring(inst.ident)  # keys shared with each node: sealed payloads
+        self.keyring = Keyring(rt.ident)  # keys shared with each node: sealed payloads
         self._peers: OrderedDict[bytes, str] = OrderedDict()  # query routing id -> CURVE key id
         self.nodes: dict[str, NodeInfo] = {}
         self.by_key: dict[str, str] = {}  # node key id -> name
@@ -257,28 +257,28 @@ class HubCore:
                 continue
             keys[row.key_id] = KeyInfo(row.key_id, row.role, row.name, row.expires, row.note)
         self._publish_keys(keys)
-        self._set_key(KeyInfo(inst.ident.key_id, "admin", "hub", None, "this hub"))
+        self._set_key(KeyInfo(rt.ident.key_id, "admin", "hub", None, "this hub"))
         if admin is not None:
             self._set_key(KeyInfo(admin.key_id, "admin", "admin", None, "admin key in home"))
         for n in store.nodes():
             self.nodes[n.name] = NodeInfo(n.name, n.key_id, "offline", n.state, n.boot, n.host,
                                           n.pid, n.capacity, n.last_seen, info=n.info)
             self.by_key[n.key_id] = n.name
-        ctx = inst.ctx
+        ctx = rt.ctx
         self.zap = ZapHandler(ctx, self._zap)
         ports = {**DEFAULT_PORTS, **(ports or {})}
         self.ports: dict[str, int] = {}
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         try:
             for name, kind in SOCKET_KINDS.items():
-                s, p = server_socket(ctx, kind, inst.ident, self.zap, interface, ports[name],
+                s, p = server_socket(ctx, kind, rt.ident, self.zap, interface, ports[name],
                                      max_message=max_message, domain=f"odium.{name}".encode())
                 self.sockets[name], self.ports[name] = s, p
         except OdiumError:
             self.close()
             raise
         # no ROUTER_HANDOVER: a connection never takes over the routing id of another one
-        loop = inst.loop
+        loop = rt.loop
         loop.add(self.sockets["query"], self._on_query)
         loop.add(self.sockets["results"], self._on_results)
         loop.every(hb_interval, self._heartbeat)
@@ -301,7 +301,7 @@ class HubCore:
         self.jobq = JobQueue(self)  # the job queue: its own handlers, in the same tables
         self.query_handlers.update(self.jobq.query_handlers)
         self.result_handlers.update(self.jobq.result_handlers)
-        store.event("hub_start", f"hub {fingerprint(inst.ident.key_id)} listening on "
+        store.event("hub_start", f"hub {fingerprint(rt.ident.key_id)} listening on "
                     f"{interface} ports {self.ports}")
         self._heartbeat()
 
@@ -345,7 +345,7 @@ class HubCore:
                 return ZapDecision(True, user_id=info.key_id)
             why = "join token expired" if (info.expires or 0) < time.time() else \
                 f"a join token may only join (not on {domain})"
-            self.inst.loop.call_soon_threadsafe(
+            self.rt.loop.call_soon_threadsafe(
                 lambda: self._note_denied(client_key, address, info, why))
             return ZapDecision(False, reason=why)
         if info is None:
@@ -354,7 +354,7 @@ class HubCore:
                 # accepted by its fingerprint or CURVE key: its first signed request says
                 # its key id, which _open checks against this CURVE key and binds
                 return ZapDecision(True, user_id=info.key_id)
-        self.inst.loop.call_soon_threadsafe(
+        self.rt.loop.call_soon_threadsafe(
             lambda: self._note_denied(client_key, address, info, "unknown key"))
         return ZapDecision(False, reason="unknown key")
 
@@ -510,7 +510,7 @@ class HubCore:
         if self._peers.get(rid) != uid:
             log.warning("reply to %s dropped: its connection is gone", uid[:12] or "?")
             return
-        raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state, type_,
+        raw = P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state, type_,
                      body, re=re)
         try:
             self.sockets["query"].send_multipart([rid, raw], zmq.NOBLOCK)
@@ -558,14 +558,14 @@ class HubCore:
         if any(n.status == "connecting" for n in self.nodes.values()) and self._connecting_fast:
             self._connecting_fast -= 1
             self._heartbeat()
-            self.inst.loop.call_later(0.02, self._fast_heartbeat)
+            self.rt.loop.call_later(0.02, self._fast_heartbeat)
         else:
             self._connecting_fast = 0
 
     def _kick_fast_heartbeat(self) -> None:
         if not self._connecting_fast:
             self._connecting_fast = 250
-            self.inst.loop.call_later(0.005, self._fast_heartbeat)
+            self.rt.loop.call_later(0.005, self._fast_heartbeat)
         else:
             self._connecting_fast = 250
 
@@ -608,13 +608,13 @@ class HubCore:
     # --- query handlers --------------------------------------------------------------------
 
     def _h_ping(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
-        reply({"boot": self.boot, "seq": self.seq, "key": self.inst.ident.key_id})
+        reply({"boot": self.boot, "seq": self.seq, "key": self.rt.ident.key_id})
 
     def _h_join(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.Join = msg.body  # type: ignore[assignment]
         if info.note != body.token or (info.expires or 0) < time.time():
             raise AuthError("join token does not match or has expired")
-        verify_proof(body.key, join_proof_bytes(body.token, self.inst.ident.key_id), body.proof)
+        verify_proof(body.key, join_proof_bytes(body.token, self.rt.ident.key_id), body.proof)
         _refuse_reserved(body.name)
         taken = self.nodes.get(body.name)
         if taken is not None and taken.key_id != body.key:
@@ -624,7 +624,7 @@ class HubCore:
         self._set_key(KeyInfo(body.key, "node", body.name, None, "joined with a token"))
         self.store.event("join", f"{body.name} joined with a token ({fingerprint(body.key)})",
                          node=body.name, key_id=body.key)
-        reply({"name": body.name, "hub": self.inst.ident.key_id})
+        reply({"name": body.name, "hub": self.rt.ident.key_id})
 
     def _h_register(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.Register = msg.body  # type: ignore[assignment]
@@ -683,7 +683,7 @@ class HubCore:
         """A missed command again, sealed to the one node that asks for it."""
         assert b.inner is not None
         type_, body = b.inner
-        return P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state,
+        return P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state,
                       "sealed", self.keyring.seal(type_, body, [key_id], to=[name]), seq=b.seq)
 
     def _h_run(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
@@ -702,7 +702,7 @@ class HubCore:
 
     def _h_nodes(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.Query = msg.body  # type: ignore[assignment]
-        reply({"nodes": self.node_list(body.pattern), "hub_state": self.inst.state})
+        reply({"nodes": self.node_list(body.pattern), "hub_state": self.rt.state})
 
     def _h_keys(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         reply({"keys": self.key_list()})
@@ -739,7 +739,7 @@ class HubCore:
         b = self.broadcasts.get(body.cmd)
         if b is None or b.kind != "sync" or name not in b.targets:
             raise AuthError("no sync of this node is going on")
-        target, app, wheelhouse = b.code, self.inst.app, self.wheelhouse
+        target, app, wheelhouse = b.code, self.rt.app, self.wheelhouse
 
         def work() -> None:
             try:
@@ -753,11 +753,11 @@ class HubCore:
                         f"the sync would be {size} bytes, over the message limit of "
                         f"{self.max_message}: serve the wheels from an index the nodes reach "
                         "(odium node --index-url/--find-links), or raise the limit")
-                self.inst.loop.call_soon_threadsafe(lambda: reply(out, sealed=True))
+                self.rt.loop.call_soon_threadsafe(lambda: reply(out, sealed=True))
             except Exception as e:  # noqa: BLE001 - every request gets an answer
                 err = e if isinstance(e, OdiumError) else OdiumError(
                     f"the hub failed to make the bundle: {type(e).__name__}: {e}")
-                self.inst.loop.call_soon_threadsafe(lambda: reply(error=err))
+                self.rt.loop.call_soon_threadsafe(lambda: reply(error=err))
 
         threading.Thread(target=work, name="odium-bundle", daemon=True).start()
 
@@ -775,7 +775,7 @@ class HubCore:
             node.status = "ready"
             self.store.put_node(node.name, status="ready", last_seen=node.last_seen)
             self.store.event("node_ready", f"{node.name} is ready", node=node.name)
-            self.inst.notify()
+            self.rt.notify()
         # a command the hub thinks is running that the node does not know: it was lost
         for cmd in list(node.running):
             b = self.broadcasts.get(cmd)
@@ -815,7 +815,7 @@ class HubCore:
             if re.fullmatch(r"[0-9a-f]{40}", b.required) and re.fullmatch(r"[0-9a-f]{40}",
                                                                          node_commit):
                 # where the node stands against what was required (ahead, behind, ...)
-                mismatch["relation"] = commit_relation(self.inst.app, b.required, node_commit)
+                mismatch["relation"] = commit_relation(self.rt.app, b.required, node_commit)
         self._record(b, NodeResult(
             node.name, status, body.stdout, body.stderr, body.value, body.value_repr,
             body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
@@ -864,9 +864,9 @@ class HubCore:
             info: StateInfo | None
             try:
                 try:
-                    info = snapshot(self.inst.app)
+                    info = snapshot(self.rt.app)
                 except ConfigError:
-                    info = snapshot(self.inst.app, Declaration())
+                    info = snapshot(self.rt.app, Declaration())
             except OdiumError as e:
                 log.warning("state check failed: %s", e)
                 info = None
@@ -875,9 +875,9 @@ class HubCore:
                 self._refreshing = False
                 if info is not None:
                     self._state_info = info
-                    self.inst.state = info.state
+                    self.rt.state = info.state
 
-            self.inst.loop.call_soon_threadsafe(done)
+            self.rt.loop.call_soon_threadsafe(done)
 
         threading.Thread(target=work, name="odium-state", daemon=True).start()
 
@@ -885,11 +885,11 @@ class HubCore:
     def state_info(self) -> StateInfo:
         if self._state_info is None:
             try:
-                self._state_info = snapshot(self.inst.app)
+                self._state_info = snapshot(self.rt.app)
             except ConfigError as e:  # a bad declaration: say so, fingerprint without it
                 self.store.event("bad_declaration", f"this hub's declaration: {e}",
                                  level="error")
-                self._state_info = snapshot(self.inst.app, Declaration())
+                self._state_info = snapshot(self.rt.app, Declaration())
         return self._state_info
 
     @state_info.setter
@@ -901,7 +901,7 @@ class HubCore:
 
     def resolve_requirement(self, require: str | None) -> tuple[str, str | None]:
         """The state a command requires, as the node will check it: ``any`` or a commit."""
-        own = self.inst.state
+        own = self.rt.state
         if require in (None, "default"):
             kind, hint = default_requirement(own)
             return (own if kind == "match" else "any"), hint
@@ -917,7 +917,7 @@ class HubCore:
             raise ConfigError(f"a required state is 'any', 'match' or a commit id (7 to 40 hex "
                               f"digits), not {require!r}")
         try:  # a short id the hub knows becomes the full commit
-            return resolve_state(self.inst.app, str(require)), None
+            return resolve_state(self.rt.app, str(require)), None
         except ConfigError:
             return str(require), None
 
@@ -925,13 +925,13 @@ class HubCore:
         """How a node's state differs from this hub's, part by part."""
         if node.info is None:  # only its state id so far: compare commits, say the rest is unknown
             d: dict[str, Any] = {}
-            mine, theirs_state = self.inst.state, node.state
+            mine, theirs_state = self.rt.state, node.state
             hub_commit, node_commit = mine.split("+")[0], theirs_state.split("+")[0]
             if hub_commit != node_commit:
                 rel = "unknown"
                 if re.fullmatch(r"[0-9a-f]{40}", hub_commit) and re.fullmatch(
                         r"[0-9a-f]{40}", node_commit):
-                    rel = commit_relation(self.inst.app, hub_commit, node_commit)
+                    rel = commit_relation(self.rt.app, hub_commit, node_commit)
                 d["commit"] = {"hub": hub_commit, "node": node_commit, "relation": rel}
             if "+dirty" in theirs_state:
                 d["dirty"] = ["(files not reported yet)"]
@@ -940,12 +940,12 @@ class HubCore:
         theirs = StateInfo.from_dict(node.info)
         relation = None
         if self.state_info.commit and theirs.commit:
-            relation = commit_relation(self.inst.app, self.state_info.commit, theirs.commit)
+            relation = commit_relation(self.rt.app, self.state_info.commit, theirs.commit)
         d = state_diff(self.state_info, theirs, relation)
         return {"diff": d, "text": format_diff(d)}
 
     def state_report(self, pattern: str | None = None) -> dict[str, Any]:
-        self.state_info = snapshot(self.inst.app)
+        self.state_info = snapshot(self.rt.app)
         names = match_nodes(pattern, sorted(self.nodes)) if pattern else sorted(self.nodes)
         return {"hub": self.state_info.to_dict(),
                 "nodes": {n: {"status": self.nodes[n].status, "state": self.nodes[n].state,
@@ -965,7 +965,7 @@ class HubCore:
 
     def _publish(self, type_: str, body: P.Body, *, to: list[str] | None = None, seq: int = 0,
                  msg_id: str | None = None) -> bytes:
-        raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state, type_, body,
+        raw = P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state, type_, body,
                      to=to, seq=seq, msg_id=msg_id)
         pub = self.sockets.get("pub")
         if pub is None:  # being rebound: nodes catch up over fetch
@@ -988,22 +988,22 @@ class HubCore:
             s = self.sockets.pop(name, None)
             if s is not None:
                 if name == "results":
-                    self.inst.loop.remove(s)
+                    self.rt.loop.remove(s)
                 s.close(linger=0)
         left = []
         for name in names:
             try:
-                s, _ = server_socket(self.inst.ctx, SOCKET_KINDS[name], self.inst.ident,
+                s, _ = server_socket(self.rt.ctx, SOCKET_KINDS[name], self.rt.ident,
                                      self.zap, self.interface, self.ports[name],
                                      max_message=self.max_message,
                                      domain=f"odium.{name}".encode())
                 self.sockets[name] = s
                 if name == "results":
-                    self.inst.loop.add(s, self._on_results)
+                    self.rt.loop.add(s, self._on_results)
             except OdiumError:
                 left.append(name)  # the old socket still holds the port for a moment
         if left and tries > 0:
-            self.inst.loop.call_later(0.02, lambda: self._rebind(tuple(left), tries - 1))
+            self.rt.loop.call_later(0.02, lambda: self._rebind(tuple(left), tries - 1))
         elif left:
             self.store.event("error", f"could not listen again on {left}", level="error")
 
@@ -1031,7 +1031,7 @@ class HubCore:
         targets = [n for n in matched if self.nodes[n].status in ("ready", "connecting")]
         self.seq += 1
         body = P.Exec(cmd, kind, code, session, timeout,  # type: ignore[arg-type]
-                      issuer if issuer != self.inst.ident.key_id else None, ephemeral, required)
+                      issuer if issuer != self.rt.ident.key_id else None, ephemeral, required)
         if targets:
             self._publish_sealed("exec", body, targets, self.seq)
         grace = max(2.0, 3 * self.hb_interval)
@@ -1048,7 +1048,7 @@ class HubCore:
         self.broadcasts[cmd] = b
         self.store.insert(CommandRow, dict(
             id=cmd, seq=self.seq, kind=kind, code=code, session=session, nodes=nodes,
-            targets=matched, issuer=issuer or self.inst.ident.key_id, state=self.inst.state,
+            targets=matched, issuer=issuer or self.rt.ident.key_id, state=self.rt.state,
             timeout=timeout, created=b.issued, finished=None, status="running"))
         self.store.event("command", f"{kind} {cmd[:12]} to {nodes!r} ({len(targets)} of "
                          f"{len(matched)} connected)", key_id=issuer or "")
@@ -1058,8 +1058,8 @@ class HubCore:
     def sync_nodes(self, nodes: str = "*", *, timeout: float = 300.0, issuer: str | None = None,
                    on_done: Callable[[Result], None] | None = None) -> Broadcast:
         """Bring the matching nodes to this hub's commit (git bundle over the query socket)."""
-        self.state_info = snapshot(self.inst.app)
-        self.inst.state = target = self.state_info.state
+        self.state_info = snapshot(self.rt.app)
+        self.rt.state = target = self.state_info.state
         if not re.fullmatch(r"[0-9a-f]{40}", target):
             raise StateMismatchError(f"cannot sync nodes to this hub's state {target!r}: it is "
                                      "not a clean commit; commit your changes first")
@@ -1081,7 +1081,7 @@ class HubCore:
         self.broadcasts[cmd] = b
         self.store.insert(CommandRow, dict(
             id=cmd, seq=self.seq, kind="sync", code=target, session="-", nodes=nodes,
-            targets=matched, issuer=issuer or self.inst.ident.key_id, state=target,
+            targets=matched, issuer=issuer or self.rt.ident.key_id, state=target,
             timeout=timeout, created=b.issued, finished=None, status="running"))
         self.store.event("sync", f"sync {cmd[:12]} of {nodes!r} to {target[:12]} "
                          f"({len(targets)} of {len(matched)} connected)", key_id=issuer or "")
@@ -1124,7 +1124,7 @@ class HubCore:
             extra: dict[str, Any] = {"required": b.required}
             if b.hint:
                 extra["hint"] = b.hint
-            result = Result(b.cmd, dict((n, b.results[n]) for n in b.targets), self.inst.state,
+            result = Result(b.cmd, dict((n, b.results[n]) for n in b.targets), self.rt.state,
                             b.issued, extra)
             status = "ok" if result.ok else "failed"
             fin = time.time()
@@ -1246,7 +1246,7 @@ class HubCore:
             chosen = [k for k in self.keys.values() if k.name and match_nodes(pattern, [k.name])
                       and (k.role == "admin") == (role == "admin")]
         chosen = [k for k in chosen if k.role not in ("used", "token")
-                  and k.key_id != self.inst.ident.key_id]
+                  and k.key_id != self.rt.ident.key_id]
         if action == "accept":
             chosen = [k for k in chosen if k.role in ("pending", "rejected", "revoked")]
         elif action == "reject":
@@ -1259,7 +1259,7 @@ class HubCore:
                 "--role admin)")
             raise OdiumError(f"no key to {action} matches {pattern!r}{hint}; see: odium keys list")
         admins = [k for k in self.keys.values()
-                  if k.role == "admin" and k.key_id != self.inst.ident.key_id]
+                  if k.role == "admin" and k.key_id != self.rt.ident.key_id]
         if action != "accept" and admins and all(k in chosen for k in admins):
             last = admins[0]
             raise OdiumError(
@@ -1290,7 +1290,7 @@ class HubCore:
 
     def make_token(self, ttl: float = 3600.0) -> str:
         address = self.public_address()
-        tok = Token.new(address, self.inst.ident.key_id, ttl)
+        tok = Token.new(address, self.rt.ident.key_id, ttl)
         self._set_key(KeyInfo(tok.identity.key_id, "token", "", tok.expires, tok.token_id))
         self.store.event("token", f"join token issued, expires in {ttl:.0f} s")
         return tok.encode()
@@ -1308,7 +1308,7 @@ class HubCore:
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "interface": self.interface, "ports": self.ports,
-                "key": self.inst.ident.key_id, "boot": self.boot}
+                "key": self.rt.ident.key_id, "boot": self.boot}
 
     def write_info(self, home: Path) -> None:
         path = home / "hub.json"
@@ -1331,7 +1331,7 @@ class HubCore:
             self.jobq.close()
         for s in self.sockets.values():
             try:
-                self.inst.loop.remove(s)
+                self.rt.loop.remove(s)
             except KeyError:
                 pass
             s.close(linger=0)

@@ -125,8 +125,7 @@ def progress(hub: Hub, handle: BroadcastHandle) -> tuple[list[str], list[str],
     if partial is not None and targets is not None:
         entries = dict(partial)
         return list(entries), list(targets), entries
-    inst = hub.inst
-    core = inst.hub if inst is not None else None
+    core = hub._core
     b = core.broadcasts.get(handle.cmd) if core is not None else None
     if b is None:
         return [], [], {}
@@ -186,7 +185,7 @@ class BackgroundRun:
         assert live is not None
         try:
             while not self.handle.ready():
-                if self.hub.inst is None:  # the hub stopped under us
+                if self.hub.rt is None:  # the hub stopped under us
                     return
                 try:
                     self.handle.wait(POLL * 2)
@@ -266,7 +265,7 @@ class OdiumMagics(Magics):
                   interface: str | None = None, heartbeat: float | None = None,
                   app: str | None = None) -> Hub:
         """Start the hub; options default to the ODIUM_* environment variables."""
-        if self.hub is not None and self.hub.inst is not None:
+        if self.hub is not None and self.hub.rt is not None:
             raise UsageError(f"the hub is already running on {self.hub.address}; "
                              "%odium stop first to start it with other options")
         try:
@@ -331,7 +330,7 @@ class OdiumMagics(Magics):
 
     def _need_hub(self) -> Hub:
         hub = self.hub
-        if hub is None or hub.inst is None:
+        if hub is None or hub.rt is None:
             why = f" (it could not start: {self.start_error})" if self.start_error else ""
             raise UsageError(f"the hub is not running{why}; start it with %odium start "
                              "(options: %odium help start)")

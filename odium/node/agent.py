@@ -53,7 +53,7 @@ from .executor import Executor, warm_forkserver
 from .jobs import NodeJobs
 
 if TYPE_CHECKING:
-    from ..runtime import Instance
+    from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,10 @@ def parse_endpoint(address: str) -> tuple[str, int]:
 class NodeCore:
     """Joins one hub and serves it."""
 
-    def __init__(self, inst: Instance, address: str, hub_key: str, name: str, *,
+    def __init__(self, rt: Runtime, address: str, hub_key: str, name: str, *,
                  token: Token | None = None, capacity: int | None = None,
                  find_links: str | None = None, index_url: str | None = None) -> None:
-        self.inst = inst
+        self.rt = rt
         self.name = name
         if not __import__("re").match(P.NAME_RE, name):
             raise ConfigError(f"bad node name {name!r}: letters, digits, '.', '_', '-' (max 64)")
@@ -98,7 +98,7 @@ class NodeCore:
         self.address = address
         self.hub_key = hub_key
         self.vk = verify_key(hub_key)
-        self.keyring = Keyring(inst.ident)  # opens what the hub sealed to this node
+        self.keyring = Keyring(rt.ident)  # opens what the hub sealed to this node
         self.keyring.shared(hub_key)
         self.capacity = capacity or os.cpu_count() or 1
         self.find_links, self.index_url = find_links, index_url
@@ -130,14 +130,14 @@ class NodeCore:
         self._said_ready = False
         # a node admitted once (joined.json) that is refused now was revoked or rejected; one
         # never admitted waits as pending (a refused CURVE handshake carries no reason)
-        self._admitted = inst.home.joinpath("joined.json").exists() and token is None
+        self._admitted = rt.home.joinpath("joined.json").exists() and token is None
         self._token_expires = 0.0
         self._token_ident: Identity | None = None  # a join token's one-time key, until joined
         self._reject_budget = 20.0
         self._reject_at = time.monotonic()
         # the first worker starts once the node is ready, so that joining is not slowed down;
         # the fork server that makes workers starts now and imports in the background
-        self.executor = Executor(inst.loop, str(inst.app), self._on_exec_event, prestart=False)
+        self.executor = Executor(rt.loop, str(rt.app), self._on_exec_event, prestart=False)
         # what code running here can ask: which node am I on? (workers inherit it)
         os.environ["ODIUM_NODE"] = name
         os.environ["ODIUM_NODE_PID"] = str(os.getpid())
@@ -155,14 +155,14 @@ class NodeCore:
         self.jobs = NodeJobs(self)  # the job queue's slots and pool (odium.node.jobs)
         self.syncing: set[str] = set()
         self.restart = False  # set by a sync: the process runs itself again when the loop ends
-        # the state id (inst.state) is known already; the fingerprint is computed off the loop
+        # the state id (rt.state) is known already; the fingerprint is computed off the loop
         # and reported when ready, so that it never delays joining
         self.state_info: StateInfo | None = None
         self._checking_state = False
         self._said_bad_declaration = ""
-        inst.loop.every(STATE_EVERY, self._check_state)
-        inst.loop.call_later(0, self._check_state)
-        inst.loop.every(TICK, self._tick)
+        rt.loop.every(STATE_EVERY, self._check_state)
+        rt.loop.call_later(0, self._check_state)
+        rt.loop.every(TICK, self._tick)
         if token is not None:
             self._join(token)
         else:
@@ -176,10 +176,10 @@ class NodeCore:
 
     def _open_query(self) -> None:
         # no routing id of our own: the hub's ROUTER gives each connection one nobody can claim
-        self.query = client_socket(self.inst.ctx, zmq.DEALER, self.inst.ident, self.hub_key,
+        self.query = client_socket(self.rt.ctx, zmq.DEALER, self.rt.ident, self.hub_key,
                                    self.address)
         q = self.query
-        self.inst.loop.add(q, lambda: self._on_query(q))
+        self.rt.loop.add(q, lambda: self._on_query(q))
         self._unwatch("query")
         self._watch_handshakes(q, "query")
 
@@ -187,7 +187,7 @@ class NodeCore:
         self._unwatch("query")
         old = self.query
         if old is not None:
-            self.inst.loop.remove(old)
+            self.rt.loop.remove(old)
             old.close(linger=0)
             for mid, req in list(self.requests.items()):
                 if req.sock is old:
@@ -199,13 +199,13 @@ class NodeCore:
     def _open_data(self, ports: dict[str, int]) -> None:
         if self.sub is not None:
             return
-        ctx, ident, key = self.inst.ctx, self.inst.ident, self.hub_key
+        ctx, ident, key = self.rt.ctx, self.rt.ident, self.hub_key
         self.sub = client_socket(ctx, zmq.SUB, ident, key, self._endpoint(ports["pub"]))
         self.push = client_socket(ctx, zmq.PUSH, ident, key, self._endpoint(ports["results"]),
                                   immediate=True)
         self.pull = client_socket(ctx, zmq.PULL, ident, key, self._endpoint(ports["jobs"]))
         self.jobs.attach(self.pull)
-        self.inst.loop.add(self.sub, self._on_sub)
+        self.rt.loop.add(self.sub, self._on_sub)
         for sk, what in ((self.sub, "pub"), (self.push, "results"), (self.pull, "jobs")):
             self._watch_handshakes(sk, what)
 
@@ -214,11 +214,11 @@ class NodeCore:
     def _request(self, sock: zmq.Socket[Any], type_: str, body: P.Body,
                  on_reply: Callable[[P.Message], None],
                  on_error: Callable[[str], None] | None = None) -> None:
-        ident = self.inst.ident if sock is self.query else self._token_ident
+        ident = self.rt.ident if sock is self.query else self._token_ident
         if ident is None:  # the join is done and its token forgotten: nothing more to send
             return
         mid = P.new_id()
-        raw = P.seal(ident.signing, ident.key_id, self.inst.state, type_, body, msg_id=mid)
+        raw = P.seal(ident.signing, ident.key_id, self.rt.state, type_, body, msg_id=mid)
         self.requests[mid] = _Request(type_, body, on_reply, time.monotonic(), sock, on_error)
         try:
             sock.send(raw, zmq.NOBLOCK)
@@ -251,7 +251,7 @@ class NodeCore:
         text = f"hub refused {req.type}: {err.message}"
         if req.type == "register" and err.kind == "AuthError" and "not trusted" in err.message:
             self._refused("query")  # revoked on a link made before: keep trying
-            self.inst.loop.call_later(REQUEST_RETRY, self._retry_register)
+            self.rt.loop.call_later(REQUEST_RETRY, self._retry_register)
             return
         if req.on_error is not None:
             log.error(text)
@@ -265,15 +265,15 @@ class NodeCore:
 
     def _join(self, token: Token) -> None:
         self._token_ident = token.identity
-        self.join_sock = client_socket(self.inst.ctx, zmq.DEALER, token.identity, self.hub_key,
+        self.join_sock = client_socket(self.rt.ctx, zmq.DEALER, token.identity, self.hub_key,
                                        self.address)
         js = self.join_sock
-        self.inst.loop.add(js, lambda: self._on_query(js))
+        self.rt.loop.add(js, lambda: self._on_query(js))
         self._watch_handshakes(js, "join")
         self._token_expires = token.expires
-        self.inst.loop.call_later(JOIN_PATIENCE, self._join_overdue)
-        proof = self.inst.ident.sign(join_proof_bytes(token.token_id, self.hub_key))
-        self._request(js, "join", P.Join(token.token_id, self.inst.ident.key_id, self.name,
+        self.rt.loop.call_later(JOIN_PATIENCE, self._join_overdue)
+        proof = self.rt.ident.sign(join_proof_bytes(token.token_id, self.hub_key))
+        self._request(js, "join", P.Join(token.token_id, self.rt.ident.key_id, self.name,
                                          proof), self._joined)
 
     def _watch_handshakes(self, sock: zmq.Socket[Any], what: str) -> None:
@@ -295,7 +295,7 @@ class NodeCore:
                 elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and what == "query":
                     self._told_pending = False
 
-        self.inst.loop.add(mon, on_event)
+        self.rt.loop.add(mon, on_event)
 
     def _unwatch(self, what: str) -> None:
         """Stop watching a socket's handshakes: the monitor is switched off on the watched
@@ -309,7 +309,7 @@ class NodeCore:
                 pass
         mon = self.monitors.pop(what, None)
         if mon is not None:
-            self.inst.loop.remove(mon)
+            self.rt.loop.remove(mon)
             mon.close(linger=0)
 
     def _notice(self, text: str) -> None:
@@ -325,7 +325,7 @@ class NodeCore:
             self._fail(AuthError(f"the hub at {self.address} refused this join token: it was "
                                  "used already or has expired; ask for a new one (odium token)"))
             return
-        fp = fingerprint(self.inst.ident.key_id)
+        fp = fingerprint(self.rt.ident.key_id)
         if self._admitted:
             why = "revoked"
             text = (f"the hub at {self.address} refuses this node's key (revoked or rejected "
@@ -359,7 +359,7 @@ class NodeCore:
         for sk in (self.sub, self.push, self.pull):
             if sk is not None:
                 try:
-                    self.inst.loop.remove(sk)
+                    self.rt.loop.remove(sk)
                 except KeyError:
                     pass
                 sk.close(linger=0)
@@ -379,23 +379,23 @@ class NodeCore:
             self._fail(AuthError("the join token has expired; ask for a new one (odium token)"))
         else:
             log.warning("no answer from the hub at %s yet; still trying", self.address)
-            self.inst.loop.call_later(JOIN_PATIENCE, self._join_overdue)
+            self.rt.loop.call_later(JOIN_PATIENCE, self._join_overdue)
 
     def _fail(self, err: OdiumError) -> None:
         """Stop the node with an error: ``odium node`` prints it, once, and exits 1."""
         log.debug("node stops: %s", err)
         self.error = err
-        self.inst.notify()
-        self.inst.loop.stop()
+        self.rt.notify()
+        self.rt.loop.stop()
 
     def _joined(self, msg: P.Message) -> None:
         self._unwatch("join")
         self._token_ident = None  # the token is spent: forget it
         if self.join_sock is not None:
-            self.inst.loop.remove(self.join_sock)
+            self.rt.loop.remove(self.join_sock)
             self.join_sock.close(linger=0)
             self.join_sock = None
-        save_joined(self.inst.home, self.address, self.hub_key, self.name)
+        save_joined(self.rt.home, self.address, self.hub_key, self.name)
         log.info("joined hub at %s as %s", self.address, self.name)
         self._open_query()
         self._register()
@@ -411,7 +411,7 @@ class NodeCore:
         host = pysocket.gethostname()  # what the hub accepts (P.HOST_RE), or nothing
         host = host if __import__("re").match(P.HOST_RE, host) else ""
         body = P.Register(self.name, self.boot, self.capacity, os.getpid(), host,
-                          clean(self.inst.app)[:4096],
+                          clean(self.rt.app)[:4096],
                           self.state_info.to_dict() if self.state_info else None)
         self._request(self.query, "register", body, self._registered)
 
@@ -425,8 +425,8 @@ class NodeCore:
         self._open_data(data["ports"])
         if self.state_info is not None:  # it may have been computed while we registered
             self._send("state", P.StateReport(self.state_info.to_dict()), keep=True)
-        if not self.inst.home.joinpath("joined.json").exists():
-            save_joined(self.inst.home, self.address, self.hub_key, self.name)
+        if not self.rt.home.joinpath("joined.json").exists():
+            save_joined(self.rt.home, self.address, self.hub_key, self.name)
         self._fetch()
         self.jobs.registered()
         if self.heard_boot == self.hub_boot:
@@ -538,19 +538,19 @@ class NodeCore:
         self.done[body.cmd] = None
         while len(self.done) > 100_000:
             self.done.popitem(last=False)
-        if not satisfies(body.require, self.inst.state, self.inst.state):
+        if not satisfies(body.require, self.rt.state, self.rt.state):
             now = time.time()
             self._send("result", P.ResultBody(
                 body.cmd, "state_mismatch", now, now,
-                error=P.ErrorInfo("StateMismatch", f"this node's state is {self.inst.state}, the "
+                error=P.ErrorInfo("StateMismatch", f"this node's state is {self.rt.state}, the "
                                   f"command requires {body.require}"),
-                mismatch={"required": body.require, "state": self.inst.state}), keep=True)
+                mismatch={"required": body.require, "state": self.rt.state}), keep=True)
             return
         self.executor.submit(body.cmd, body.kind, body.code, body.session, body.timeout,
                              ephemeral=body.ephemeral)
         # a command still running after ACK_AFTER is acknowledged; quick ones just answer
         cmd = body.cmd
-        self.inst.loop.call_later(ACK_AFTER, lambda: self._send("ack", P.Ack(cmd))
+        self.rt.loop.call_later(ACK_AFTER, lambda: self._send("ack", P.Ack(cmd))
                                   if cmd in self.executor.jobs else None)
 
     # --- state ------------------------------------------------------------------------------
@@ -565,18 +565,18 @@ class NodeCore:
             info: StateInfo | None
             try:
                 try:
-                    info = snapshot(self.inst.app)
+                    info = snapshot(self.rt.app)
                 except ConfigError as e:  # a bad declaration: say so (once), fingerprint without
                     why = clean(e)[:4000]
                     if why != self._said_bad_declaration:
                         self._said_bad_declaration = why
-                        self.inst.loop.call_soon_threadsafe(lambda: self._send(
+                        self.rt.loop.call_soon_threadsafe(lambda: self._send(
                             "event", P.NodeEvent("bad_declaration", why, "error")))
-                    info = snapshot(self.inst.app, Declaration())
+                    info = snapshot(self.rt.app, Declaration())
             except Exception as e:  # noqa: BLE001 - reported, never fatal
                 log.warning("state check failed: %s", e)
                 info = None
-            self.inst.loop.call_soon_threadsafe(lambda: self._state_checked(info))
+            self.rt.loop.call_soon_threadsafe(lambda: self._state_checked(info))
 
         threading.Thread(target=work, name="odium-state", daemon=True).start()
 
@@ -591,7 +591,7 @@ class NodeCore:
         changed = (old is None or info.state != old.state
                    or info.fingerprint.id != old.fingerprint.id)
         self.state_info = info
-        self.inst.state = info.state
+        self.rt.state = info.state
         if changed and self.registered:
             self._send("state", P.StateReport(info.to_dict()), keep=True)
 
@@ -613,7 +613,7 @@ class NodeCore:
                                               error=P.ErrorInfo(ename, why)), keep=True)
 
         try:
-            info = snapshot(self.inst.app)
+            info = snapshot(self.rt.app)
         except ConfigError as e:
             fail(f"refused: this node's declaration is malformed: {e}")
             return
@@ -652,7 +652,7 @@ class NodeCore:
         if data.get("commit") != commit:
             fail("the hub sent a bundle for another commit")
             return
-        app = self.inst.app
+        app = self.rt.app
         before = head_ref(app)
 
         def work() -> None:
@@ -670,7 +670,7 @@ class NodeCore:
                             Path(d, fname).write_bytes(base64.b64decode(b64))
                         done = install_declared(decl, find_links=d if data.get("wheels")
                                                 else self.find_links, index_url=self.index_url)
-                self.inst.loop.call_soon_threadsafe(lambda: self._synced(commit, done))
+                self.rt.loop.call_soon_threadsafe(lambda: self._synced(commit, done))
             except OdiumError as e:
                 why = str(e)
                 if moved:  # never leave the node on code it cannot run: go back where it was
@@ -679,13 +679,13 @@ class NodeCore:
                         why += f"; the checkout was put back to {before[1][:12]}"
                     except OdiumError as e2:
                         why += f"; putting the checkout back failed too: {e2}"
-                self.inst.loop.call_soon_threadsafe(lambda: fail(why, "SyncFailed"))
+                self.rt.loop.call_soon_threadsafe(lambda: fail(why, "SyncFailed"))
 
         threading.Thread(target=work, name="odium-sync", daemon=True).start()
 
     def _take_sync_note(self, cmd: str) -> str:
         """What the process before the restart did for this sync (it left a note)."""
-        path = self.inst.home / "sync.json"
+        path = self.rt.home / "sync.json"
         try:
             note = json.loads(path.read_text())
             path.unlink()
@@ -700,13 +700,13 @@ class NodeCore:
         if installed:
             text += "; " + "; ".join(installed)
         cmd = next(iter(self.syncing), "")
-        note = self.inst.home / "sync.json"
+        note = self.rt.home / "sync.json"
         note.write_text(json.dumps({"cmd": cmd, "text": text + "; restarted"}))
         log.info("%s; restarting", text)
         self._send("event", P.NodeEvent("synced", clean(f"{text}; restarting")[:4000], "info"))
         self._send("restarting", P.Empty())
         self.restart = True
-        self.inst.loop.call_later(0.05, self.inst.loop.stop)
+        self.rt.loop.call_later(0.05, self.rt.loop.stop)
 
     def _on_interrupt(self, msg: P.Message) -> None:
         if self.name in msg.env.to:
@@ -729,7 +729,7 @@ class NodeCore:
             self._send("result", body, keep=True)
 
     def _send(self, type_: str, body: P.Body, keep: bool = False) -> None:
-        raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state, type_,
+        raw = P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state, type_,
                      body)
         if self.push is None:
             if keep:
@@ -788,7 +788,7 @@ class NodeCore:
     def close(self) -> None:
         if self.push is not None and self.registered and not self.restart:
             try:
-                raw = P.seal(self.inst.ident.signing, self.inst.ident.key_id, self.inst.state,
+                raw = P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state,
                              "bye", P.Empty())
                 self.push.send(raw, zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -800,7 +800,7 @@ class NodeCore:
         for s in (self.sub, self.push, self.pull, self.query, self.join_sock):
             if s is not None:
                 try:
-                    self.inst.loop.remove(s)
+                    self.rt.loop.remove(s)
                 except KeyError:
                     pass
                 s.close(linger=0 if s is not self.push else 200)
@@ -828,3 +828,14 @@ def load_joined(home: Any) -> dict[str, str] | None:
 
 
 __all__ = ["NodeCore", "Identity"]
+
+
+def start_node(rt: Runtime, address: str, hub_key: str, name: str, *, token: Token | None = None,
+               capacity: int | None = None, find_links: str | None = None,
+               index_url: str | None = None) -> NodeCore:
+    """Start the node part of ``rt``'s process, joined to the hub at ``address``; it closes with
+    the runtime."""
+    node = rt.call(lambda: NodeCore(rt, address, hub_key, name, token=token, capacity=capacity,
+                                    find_links=find_links, index_url=index_url))
+    rt.own("node", node.close)
+    return node

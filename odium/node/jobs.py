@@ -40,9 +40,9 @@ class NodeJobs:
 
     def __init__(self, node: NodeCore) -> None:
         self.node = node
-        self.loop = node.inst.loop
+        self.loop = node.rt.loop
         self.capacity = node.capacity
-        self.pool = JobPool(self.loop, str(node.inst.app), self.capacity, self._done)
+        self.pool = JobPool(self.loop, str(node.rt.app), self.capacity, self._done)
         self.held: dict[str, P.JobSpec] = {}
         self.unacked: OrderedDict[str, tuple[P.JobOutcome, float]] = OrderedDict()
         self.pull: zmq.Socket[Any] | None = None
@@ -119,7 +119,7 @@ class NodeJobs:
 
     def _on_batch(self, msg: P.Message) -> None:
         body: P.JobBatch = msg.body  # type: ignore[assignment]
-        state = self.node.inst.state
+        state = self.node.rt.state
         fresh: list[P.JobSpec] = []
         again: list[P.JobOutcome] = []
         for spec in body.jobs:
@@ -209,8 +209,8 @@ class NodeJobs:
         push = self.node.push
         if push is None:
             return False
-        ident = self.node.inst.ident
-        raw = P.seal(ident.signing, ident.key_id, self.node.inst.state, type_, body)
+        ident = self.node.rt.ident
+        raw = P.seal(ident.signing, ident.key_id, self.node.rt.state, type_, body)
         try:
             push.send(raw, zmq.NOBLOCK)
             return True
