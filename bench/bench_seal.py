@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from odium import protocol as P  # noqa: E402
+from odium.core import wire as P  # noqa: E402
 from odium.core.keys import Identity  # noqa: E402
 from odium.core.sealing import Keyring, open_inner  # noqa: E402
 

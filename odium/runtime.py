@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import zmq
 
 from .api.interface import default_home
+from .core import wire as P
 from .core.keys import Identity, ensure_home, load_or_create
 from .errors import OdiumError
 from .errors import TimeoutError as OdiumTimeout
@@ -37,6 +38,8 @@ class Runtime:
         self.ident: Identity = load_or_create(self.home / "identity.key")
         self.app = find_app(app)
         self.state = state_id(self.app)
+        # every message this process sends is signed here, with the state id of the moment
+        self.sign = P.Signer(self.ident.signing, self.ident.key_id, lambda: self.state)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.loop = Loop()
         self._closers: list[tuple[str, Callable[[], None]]] = []

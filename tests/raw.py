@@ -17,7 +17,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 import odium
-from odium import protocol as P
+from odium.core import wire as P
 from odium.core.keys import Identity, verify_key
 from odium.io.transport import client_socket
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import odium
-from odium import protocol as P
+from odium.core import wire as P
 from odium.core.keys import Identity
 
 from .conftest import HB, wait_until

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 import odium
-from odium import protocol as P
+from odium.core import wire as P
 from odium.core.keys import Identity
 from odium.core.sealing import Keyring, open_inner
 

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 import odium
-from odium import protocol as P
+from odium.core import wire as P
 from odium.core.keys import Identity
 from odium.core.sealing import Keyring, open_inner
 

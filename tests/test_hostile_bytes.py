@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 import odium
-from odium import protocol as P
 from odium.api.hub import BroadcastHandle
+from odium.core import wire as P
 from odium.core.keys import Identity
 
 from .conftest import wait_until

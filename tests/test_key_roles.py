@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import odium
-from odium import protocol as P
+from odium.core import wire as P
 from odium.core.keys import Identity, Token, join_proof_bytes
 from odium.hub.server import KeyInfo
 

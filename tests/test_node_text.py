@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import odium
-from odium import protocol as P
+from odium.core import wire as P
 from odium.core.results import NodeResult, Result, Status, format_text
 from odium.core.term import clean, clean_lines
 from odium.jupyter import display as D

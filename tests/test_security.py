@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 import odium
-from odium import protocol as P
+from odium.core import wire as P
 from odium.core.keys import Identity, Token, fingerprint, join_proof_bytes
 from odium.core.sealing import Keyring
 from odium.errors import ConfigError

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from odium import state as S
 from odium.core.wire import STATE_RE
 from odium.errors import ConfigError, ProtocolError
+from odium.local import state as S
 from odium.local.state import (
     Declaration,
     Fingerprint,

@@ -70,6 +70,8 @@ class Admin(KeyVerbs):
         if not admin_path.exists():
             raise AuthError(f"no admin key in {home_path}")
         self.ident = load_or_create(admin_path)
+        # an admin has no application: it signs as state "unknown"
+        self.sign = P.Signer(self.ident.signing, self.ident.key_id, lambda: "unknown")
         self.timeout = timeout
         host = "127.0.0.1" if iface in ("0.0.0.0", "*") else iface
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -113,7 +115,7 @@ class Admin(KeyVerbs):
     def request(self, type_: str, body: P.Body, timeout: float | None = None,
                 msg_id: str | None = None) -> Any:
         mid = msg_id or P.new_id()
-        raw = P.seal(self.ident.signing, self.ident.key_id, "unknown", type_, body, msg_id=mid)
+        raw = self.sign(type_, body, msg_id=mid)
         self.sock.send(raw)
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit

@@ -19,6 +19,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -512,6 +513,20 @@ def seal(
     raw = _encoder.encode(env)
     sig = key.sign(raw).signature
     return raw[:-1] + _SIG_HEAD + b64url(sig).encode("ascii") + b'"}'
+
+
+class Signer:
+    """One sender's signing endpoint: its key and key id, and its state id, read afresh for
+    every message (a node's state changes while it runs). Every message an instance sends is
+    made here."""
+
+    def __init__(self, key: SigningKey, sender: str, state: Callable[[], str]) -> None:
+        self.key, self.sender, self._state = key, sender, state
+
+    def __call__(self, type_: str, body: Body, *, to: list[str] | None = None, seq: int = 0,
+                 re: str | None = None, msg_id: str | None = None) -> bytes:
+        return seal(self.key, self.sender, self._state(), type_, body, to=to, seq=seq, re=re,
+                    msg_id=msg_id)
 
 
 def split_signature(data: bytes, max_size: int = MAX_MESSAGE) -> tuple[bytes, bytes]:

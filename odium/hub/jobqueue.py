@@ -387,7 +387,7 @@ class JobQueue:
             return
         queues = {k: self._live(dq) for k, dq in self.queues.items() if dq}
         plan = plan_dispatch(queues, credit, self._eligible)
-        ident, mono = self.hub.rt.ident, time.monotonic()
+        mono = time.monotonic()
         hub_nodes = self.hub.nodes
         live = [n for n, i in hub_nodes.items() if i.status in ("ready", "connecting")]
         may_run: dict[tuple[str, str], frozenset[str]] = {}
@@ -422,8 +422,7 @@ class JobQueue:
                 mid = P.new_id()
                 sealed = self.hub.keyring.seal("job_batch", P.JobBatch(specs, fns),
                                                readers(chunk))
-                raw = P.seal(ident.signing, ident.key_id, self.hub.rt.state, "sealed", sealed,
-                             msg_id=mid)
+                raw = self.hub.rt.sign("sealed", sealed, msg_id=mid)
                 try:
                     sock.send(raw, zmq.NOBLOCK)
                 except zmq.Again:  # no node connected on the jobs socket (yet): try later

@@ -38,6 +38,7 @@ from ..core.keys import (
     verify_key,
     verify_proof,
 )
+from ..core.ratelimit import TokenBucket
 from ..core.results import NodeResult, Result, Status
 from ..core.sealing import Keyring
 from ..errors import (
@@ -242,8 +243,7 @@ class HubCore:
         threading.Thread(target=lambda: self.state_info, name="odium-state", daemon=True).start()
         self.watchers: list[Callable[[], bool]] = []  # re-checked when a node's state changes
         self.wheelhouse: Path | None = wheelhouse
-        self._rejected_budget = 50.0
-        self._rejected_at = time.monotonic()
+        self._bad_input_log = TokenBucket(50, 10)  # 50 lines, then 10 a second
         self._pending_seen: dict[str, float] = {}
         self._connecting_fast = 0
         # keys: a snapshot dict replaced on every change, so the ZAP thread can read it
@@ -388,15 +388,8 @@ class HubCore:
     # --- receiving -------------------------------------------------------------------------
 
     def _may_log_bad_input(self) -> bool:
-        """A token bucket (50, refilled at 10 a second) for logging bad input, so that a flood
-        of it cannot fill the disk."""
-        now = time.monotonic()
-        self._rejected_budget = min(50.0, self._rejected_budget + (now - self._rejected_at) * 10)
-        self._rejected_at = now
-        if self._rejected_budget < 1:
-            return False
-        self._rejected_budget -= 1
-        return True
+        """May bad input be logged now? (A flood of it must not fill the disk.)"""
+        return self._bad_input_log.take()
 
     def _reject(self, where: str, uid: str, err: Exception) -> None:
         if self._may_log_bad_input():
@@ -510,8 +503,7 @@ class HubCore:
         if self._peers.get(rid) != uid:
             log.warning("reply to %s dropped: its connection is gone", uid[:12] or "?")
             return
-        raw = P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state, type_,
-                     body, re=re)
+        raw = self.rt.sign(type_, body, re=re)
         try:
             self.sockets["query"].send_multipart([rid, raw], zmq.NOBLOCK)
         except zmq.Again:
@@ -683,8 +675,8 @@ class HubCore:
         """A missed command again, sealed to the one node that asks for it."""
         assert b.inner is not None
         type_, body = b.inner
-        return P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state,
-                      "sealed", self.keyring.seal(type_, body, [key_id], to=[name]), seq=b.seq)
+        return self.rt.sign("sealed", self.keyring.seal(type_, body, [key_id], to=[name]),
+                           seq=b.seq)
 
     def _h_run(self, msg: P.Message, info: KeyInfo, reply: Callable[..., None]) -> None:
         body: P.Run = msg.body  # type: ignore[assignment]
@@ -965,8 +957,7 @@ class HubCore:
 
     def _publish(self, type_: str, body: P.Body, *, to: list[str] | None = None, seq: int = 0,
                  msg_id: str | None = None) -> bytes:
-        raw = P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state, type_, body,
-                     to=to, seq=seq, msg_id=msg_id)
+        raw = self.rt.sign(type_, body, to=to, seq=seq, msg_id=msg_id)
         pub = self.sockets.get("pub")
         if pub is None:  # being rebound: nodes catch up over fetch
             return raw

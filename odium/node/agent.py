@@ -34,6 +34,7 @@ from ..core.keys import (
     join_proof_bytes,
     verify_key,
 )
+from ..core.ratelimit import TokenBucket
 from ..core.sealing import Keyring, open_inner
 from ..core.term import clean
 from ..errors import AuthError, ConfigError, OdiumError, ProtocolError
@@ -132,9 +133,8 @@ class NodeCore:
         # never admitted waits as pending (a refused CURVE handshake carries no reason)
         self._admitted = rt.home.joinpath("joined.json").exists() and token is None
         self._token_expires = 0.0
-        self._token_ident: Identity | None = None  # a join token's one-time key, until joined
-        self._reject_budget = 20.0
-        self._reject_at = time.monotonic()
+        self._token_sign: P.Signer | None = None  # signs with a join token's one-time key
+        self._bad_input_log = TokenBucket(20, 2)  # 20 lines, then 2 a second
         # the first worker starts once the node is ready, so that joining is not slowed down;
         # the fork server that makes workers starts now and imports in the background
         self.executor = Executor(rt.loop, str(rt.app), self._on_exec_event, prestart=False)
@@ -214,11 +214,11 @@ class NodeCore:
     def _request(self, sock: zmq.Socket[Any], type_: str, body: P.Body,
                  on_reply: Callable[[P.Message], None],
                  on_error: Callable[[str], None] | None = None) -> None:
-        ident = self.rt.ident if sock is self.query else self._token_ident
-        if ident is None:  # the join is done and its token forgotten: nothing more to send
+        sign = self.rt.sign if sock is self.query else self._token_sign
+        if sign is None:  # the join is done and its token forgotten: nothing more to send
             return
         mid = P.new_id()
-        raw = P.seal(ident.signing, ident.key_id, self.rt.state, type_, body, msg_id=mid)
+        raw = sign(type_, body, msg_id=mid)
         self.requests[mid] = _Request(type_, body, on_reply, time.monotonic(), sock, on_error)
         try:
             sock.send(raw, zmq.NOBLOCK)
@@ -264,7 +264,8 @@ class NodeCore:
     # --- joining ---------------------------------------------------------------------------
 
     def _join(self, token: Token) -> None:
-        self._token_ident = token.identity
+        tok = token.identity
+        self._token_sign = P.Signer(tok.signing, tok.key_id, lambda: self.rt.state)
         self.join_sock = client_socket(self.rt.ctx, zmq.DEALER, token.identity, self.hub_key,
                                        self.address)
         js = self.join_sock
@@ -390,7 +391,7 @@ class NodeCore:
 
     def _joined(self, msg: P.Message) -> None:
         self._unwatch("join")
-        self._token_ident = None  # the token is spent: forget it
+        self._token_sign = None  # the token is spent: forget it
         if self.join_sock is not None:
             self.rt.loop.remove(self.join_sock)
             self.join_sock.close(linger=0)
@@ -497,15 +498,9 @@ class NodeCore:
                 self._send("event", P.NodeEvent("rejected", clean(f"on {where}: {err}")[:4000]))
 
     def _may_log(self) -> bool:
-        """A token bucket (20, refilled at 2 a second) for what bad input makes this node log
-        and report, so that a flood of it fills neither the log nor the hub's."""
-        now = time.monotonic()
-        self._reject_budget = min(20.0, self._reject_budget + (now - self._reject_at) * 2)
-        self._reject_at = now
-        if self._reject_budget < 1:
-            return False
-        self._reject_budget -= 1
-        return True
+        """May bad input be logged and reported now? (A flood of it must fill neither this
+        node's log nor the hub's.)"""
+        return self._bad_input_log.take()
 
     def _on_hb(self, msg: P.Message) -> None:
         body: P.HubBeat = msg.body  # type: ignore[assignment]
@@ -729,8 +724,7 @@ class NodeCore:
             self._send("result", body, keep=True)
 
     def _send(self, type_: str, body: P.Body, keep: bool = False) -> None:
-        raw = P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state, type_,
-                     body)
+        raw = self.rt.sign(type_, body)
         if self.push is None:
             if keep:
                 self.outbox.append(raw)
@@ -788,8 +782,7 @@ class NodeCore:
     def close(self) -> None:
         if self.push is not None and self.registered and not self.restart:
             try:
-                raw = P.seal(self.rt.ident.signing, self.rt.ident.key_id, self.rt.state,
-                             "bye", P.Empty())
+                raw = self.rt.sign("bye", P.Empty())
                 self.push.send(raw, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass

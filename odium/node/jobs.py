@@ -209,8 +209,7 @@ class NodeJobs:
         push = self.node.push
         if push is None:
             return False
-        ident = self.node.rt.ident
-        raw = P.seal(ident.signing, ident.key_id, self.node.rt.state, type_, body)
+        raw = self.node.rt.sign(type_, body)
         try:
             push.send(raw, zmq.NOBLOCK)
             return True
