@@ -26,6 +26,7 @@ from .errors import OdiumError
 from .errors import TimeoutError as OdiumTimeout
 from .io.transport import Loop
 from .local.state import find_app, state_id
+from .local.watch import StateWatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,10 +43,15 @@ class Runtime:
         self.sign = P.Signer(self.ident.signing, self.ident.key_id, lambda: self.state)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.loop = Loop()
+        # one view of the application's state for the whole process (its hub and node parts)
+        self.watch = StateWatch(self.app, self.loop.call_soon_threadsafe, self._set_state)
         self._closers: list[tuple[str, Callable[[], None]]] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.closed = False
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
 
     def own(self, what: str, close: Callable[[], None]) -> None:
         """Close ``what`` with the runtime, in the loop thread, the last started first."""

@@ -58,14 +58,12 @@ from ..io.transport import (
     server_socket,
 )
 from ..local.state import (
-    Declaration,
     StateInfo,
     commit_relation,
     default_requirement,
     format_diff,
     make_bundle,
     resolve_state,
-    snapshot,
 )
 from ..local.state import diff as state_diff
 from .jobqueue import JobQueue
@@ -239,8 +237,9 @@ class HubCore:
         self.by_key: dict[str, str] = {}  # node key id -> name
         self.broadcasts: dict[str, Broadcast] = {}
         self.seq = store.max_seq()
-        self._state_info: StateInfo | None = None  # this hub's own state (computed lazily)
-        threading.Thread(target=lambda: self.state_info, name="odium-state", daemon=True).start()
+        rt.watch.on_bad.append(lambda text: store.event(
+            "bad_declaration", f"this hub's declaration: {text}", level="error"))
+        rt.watch.warm()
         self.watchers: list[Callable[[], bool]] = []  # re-checked when a node's state changes
         self.wheelhouse: Path | None = wheelhouse
         self._bad_input_log = TokenBucket(50, 10)  # 50 lines, then 10 a second
@@ -283,8 +282,7 @@ class HubCore:
         loop.add(self.sockets["results"], self._on_results)
         loop.every(hb_interval, self._heartbeat)
         loop.every(min(hb_interval / 2, 0.25), self._check_liveness)
-        loop.every(STATE_EVERY, self._refresh_state)
-        self._refreshing = False
+        loop.every(STATE_EVERY, rt.watch.refresh)
         self.query_handlers: dict[str, QueryHandler] = {
             "join": self._h_join, "register": self._h_register, "fetch": self._h_fetch,
             "ping": self._h_ping, "run": self._h_run, "interrupt": self._h_interrupt,
@@ -846,47 +844,10 @@ class HubCore:
                              f"missing: {', '.join(node.missing_system)} (Odium never installs "
                              "them)", level="warning", node=node.name)
 
-    def _refresh_state(self) -> None:
-        """This hub's own state id moves with its application: recompute it off the loop."""
-        if self._refreshing:
-            return
-        self._refreshing = True
-
-        def work() -> None:
-            info: StateInfo | None
-            try:
-                try:
-                    info = snapshot(self.rt.app)
-                except ConfigError:
-                    info = snapshot(self.rt.app, Declaration())
-            except OdiumError as e:
-                log.warning("state check failed: %s", e)
-                info = None
-
-            def done() -> None:
-                self._refreshing = False
-                if info is not None:
-                    self._state_info = info
-                    self.rt.state = info.state
-
-            self.rt.loop.call_soon_threadsafe(done)
-
-        threading.Thread(target=work, name="odium-state", daemon=True).start()
-
     @property
     def state_info(self) -> StateInfo:
-        if self._state_info is None:
-            try:
-                self._state_info = snapshot(self.rt.app)
-            except ConfigError as e:  # a bad declaration: say so, fingerprint without it
-                self.store.event("bad_declaration", f"this hub's declaration: {e}",
-                                 level="error")
-                self._state_info = snapshot(self.rt.app, Declaration())
-        return self._state_info
-
-    @state_info.setter
-    def state_info(self, value: StateInfo) -> None:
-        self._state_info = value
+        """This hub's own state (the process's one view of it)."""
+        return self.rt.watch.current()
 
     def _check_watchers(self) -> None:
         self.watchers = [w for w in self.watchers if not w()]
@@ -937,7 +898,7 @@ class HubCore:
         return {"diff": d, "text": format_diff(d)}
 
     def state_report(self, pattern: str | None = None) -> dict[str, Any]:
-        self.state_info = snapshot(self.rt.app)
+        self.rt.watch.now()
         names = match_nodes(pattern, sorted(self.nodes)) if pattern else sorted(self.nodes)
         return {"hub": self.state_info.to_dict(),
                 "nodes": {n: {"status": self.nodes[n].status, "state": self.nodes[n].state,
@@ -1049,8 +1010,7 @@ class HubCore:
     def sync_nodes(self, nodes: str = "*", *, timeout: float = 300.0, issuer: str | None = None,
                    on_done: Callable[[Result], None] | None = None) -> Broadcast:
         """Bring the matching nodes to this hub's commit (git bundle over the query socket)."""
-        self.state_info = snapshot(self.rt.app)
-        self.rt.state = target = self.state_info.state
+        target = self.rt.watch.now().state
         if not re.fullmatch(r"[0-9a-f]{40}", target):
             raise StateMismatchError(f"cannot sync nodes to this hub's state {target!r}: it is "
                                      "not a clean commit; commit your changes first")

@@ -40,7 +40,6 @@ from ..core.term import clean
 from ..errors import AuthError, ConfigError, OdiumError, ProtocolError
 from ..io.transport import client_socket, each_message, recv_frames
 from ..local.state import (
-    Declaration,
     StateInfo,
     apply_bundle,
     head_ref,
@@ -157,11 +156,11 @@ class NodeCore:
         self.restart = False  # set by a sync: the process runs itself again when the loop ends
         # the state id (rt.state) is known already; the fingerprint is computed off the loop
         # and reported when ready, so that it never delays joining
-        self.state_info: StateInfo | None = None
-        self._checking_state = False
-        self._said_bad_declaration = ""
-        rt.loop.every(STATE_EVERY, self._check_state)
-        rt.loop.call_later(0, self._check_state)
+        rt.watch.on_change.append(self._state_changed)
+        rt.watch.on_bad.append(lambda why: self._send(
+            "event", P.NodeEvent("bad_declaration", why, "error")))
+        rt.loop.every(STATE_EVERY, rt.watch.refresh)
+        rt.loop.call_later(0, rt.watch.refresh)
         rt.loop.every(TICK, self._tick)
         if token is not None:
             self._join(token)
@@ -550,44 +549,14 @@ class NodeCore:
 
     # --- state ------------------------------------------------------------------------------
 
-    def _check_state(self) -> None:
-        """Recompute state off the loop (cheap when nothing changed); report any change."""
-        if self._checking_state:
-            return
-        self._checking_state = True
+    @property
+    def state_info(self) -> StateInfo | None:
+        """This node's latest view of its state (the process's one view of it), if any yet."""
+        return self.rt.watch.info
 
-        def work() -> None:
-            info: StateInfo | None
-            try:
-                try:
-                    info = snapshot(self.rt.app)
-                except ConfigError as e:  # a bad declaration: say so (once), fingerprint without
-                    why = clean(e)[:4000]
-                    if why != self._said_bad_declaration:
-                        self._said_bad_declaration = why
-                        self.rt.loop.call_soon_threadsafe(lambda: self._send(
-                            "event", P.NodeEvent("bad_declaration", why, "error")))
-                    info = snapshot(self.rt.app, Declaration())
-            except Exception as e:  # noqa: BLE001 - reported, never fatal
-                log.warning("state check failed: %s", e)
-                info = None
-            self.rt.loop.call_soon_threadsafe(lambda: self._state_checked(info))
-
-        threading.Thread(target=work, name="odium-state", daemon=True).start()
-
-    def _state_checked(self, info: StateInfo | None) -> None:
-        self._checking_state = False
-        if info is not None:
-            self._set_state_info(info)
-
-    def _set_state_info(self, info: StateInfo) -> None:
-        """Take a new view of this node's state; tell the hub when it changed."""
-        old = self.state_info
-        changed = (old is None or info.state != old.state
-                   or info.fingerprint.id != old.fingerprint.id)
-        self.state_info = info
-        self.rt.state = info.state
-        if changed and self.registered:
+    def _state_changed(self, info: StateInfo) -> None:
+        """The state moved: tell the hub."""
+        if self.registered:
             self._send("state", P.StateReport(info.to_dict()), keep=True)
 
     # --- sync ------------------------------------------------------------------------------
@@ -612,7 +581,7 @@ class NodeCore:
         except ConfigError as e:
             fail(f"refused: this node's declaration is malformed: {e}")
             return
-        self._set_state_info(info)
+        self.rt.watch.take(info)
         if info.commit == body.commit and not info.dirty_files and info.state == body.commit:
             if info.unsatisfied:
                 fail("at the hub's commit, but installed packages do not satisfy its "
