@@ -25,8 +25,8 @@ from .core.keys import Identity
 from .errors import OdiumError
 from .errors import TimeoutError as OdiumTimeout
 from .io.transport import Loop
+from .local.appstate import find_app, state_id
 from .local.home import ensure_home, load_or_create
-from .local.state import find_app, state_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
