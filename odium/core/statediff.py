@@ -63,7 +63,8 @@ def canon(obj: Any) -> bytes:
 
 @dataclass(frozen=True)
 class Declaration:
-    """What the application declares matters to its state (see ``load_declaration``)."""
+    """What the application declares matters to its state (odium.local.appstate reads it:
+    ``load_declaration``)."""
 
     pip: tuple[str, ...] = ()
     system: tuple[str, ...] = ()

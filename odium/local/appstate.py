@@ -50,6 +50,7 @@ class _Tree:
 
 
 def open_repo(app: str | os.PathLike[str]) -> git.Repo | None:
+    """The git repository at ``app`` (use it in a ``with``), or None when there is none."""
     try:
         import git
     except ImportError:  # pragma: no cover - GitPython is a dependency
