@@ -12,7 +12,7 @@ For each: ``state_id(app)`` + ``fingerprint(app, decl)`` together, and ``snapsho
 (which also reads the declaration and checks it against the installed packages):
   * cold     in this process after ``clear_cache()`` (every part recomputed);
   * warm     repeated calls, caches warm (the target: under 50 ms);
-  * process  a fresh ``python -c`` that imports odium.local.state and computes both once, timed
+  * process  a fresh ``python -c`` that imports odium.local.appstate and computes both once, timed
              inside the child from before the import (the target: under 300 ms), and the
              child's whole wall time including interpreter start-up.
 Sync: a clone one commit behind, ``make_bundle`` on the hub's repository and
@@ -35,7 +35,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from odium.local import state as S  # noqa: E402
+from odium.core.requirements import UNVERSIONED, commit_of  # noqa: E402
+from odium.local.appstate import load_declaration, snapshot, state_id  # noqa: E402
+from odium.local.fingerprint import clear_cache, fingerprint  # noqa: E402
+from odium.local.sync import apply_bundle, make_bundle  # noqa: E402
 
 perf = time.perf_counter
 GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@example.invalid",
@@ -85,24 +88,24 @@ def ms(xs: list[float]) -> dict[str, float]:
 
 
 def check_state(s: str) -> None:
-    assert s == S.UNVERSIONED or S.commit_of(s), s
+    assert s == UNVERSIONED or commit_of(s), s
 
 
 def measure(app: Path, rounds: int) -> dict[str, Any]:
-    decl = S.load_declaration(app)
+    decl = load_declaration(app)
 
     def pair() -> None:
-        check_state(S.state_id(app))
-        S.fingerprint(app, decl)
+        check_state(state_id(app))
+        fingerprint(app, decl)
 
     def snap() -> None:
-        check_state(S.snapshot(app).state)
+        check_state(snapshot(app).state)
 
-    out: dict[str, Any] = {"state": S.state_id(app)}
+    out: dict[str, Any] = {"state": state_id(app)}
     for name, fn in (("state_id+fingerprint", pair), ("snapshot", snap)):
         cold: list[float] = []
         for _ in range(max(5, rounds // 5)):
-            S.clear_cache()
+            clear_cache()
             t = perf()
             fn()
             cold.append(perf() - t)
@@ -120,7 +123,8 @@ def measure(app: Path, rounds: int) -> dict[str, Any]:
 CHILD = """
 import time
 t0 = time.perf_counter()
-from odium.local.state import fingerprint, load_declaration, state_id
+from odium.local.appstate import load_declaration, state_id
+from odium.local.fingerprint import fingerprint
 from pathlib import Path
 app = Path({app!r})
 s = state_id(app)
@@ -154,10 +158,10 @@ def measure_sync(root: Path, app: Path, rounds: int) -> dict[str, Any]:
         git(app, "commit", "-q", "-am", f"advance {i}")
         target = git(app, "rev-parse", "HEAD").strip()
         t = perf()
-        data = S.make_bundle(app, target, [have])
-        S.apply_bundle(node, data, target)
+        data = make_bundle(app, target, [have])
+        apply_bundle(node, data, target)
         times.append(perf() - t)
-        assert S.state_id(node) == target
+        assert state_id(node) == target
     return {"make+apply": ms(times), "bundle_bytes": len(data)}
 
 

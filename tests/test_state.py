@@ -22,29 +22,26 @@ from typing import Any
 
 import pytest
 
+from odium.core.requirements import (
+    UNVERSIONED,
+    commit_of,
+    default_requirement,
+    normalize_requirement,
+    satisfies,
+)
+from odium.core.statediff import PARTS, Declaration, Fingerprint, StateInfo, diff, format_diff
 from odium.core.wire import STATE_RE
 from odium.errors import ConfigError, ProtocolError
-from odium.local import state as S
-from odium.local.state import (
-    Declaration,
-    Fingerprint,
-    StateError,
-    StateInfo,
-    apply_bundle,
+from odium.local.appstate import (
     commit_relation,
-    default_requirement,
-    diff,
-    fingerprint,
-    format_diff,
-    install_declared,
+    find_app,
     load_declaration,
-    make_bundle,
-    missing_system,
-    satisfies,
+    resolve_state,
     snapshot,
     state_id,
-    unsatisfied,
 )
+from odium.local.fingerprint import clear_cache, fingerprint, missing_system, unsatisfied
+from odium.local.sync import StateError, apply_bundle, install_declared, make_bundle
 
 from .conftest import git
 
@@ -122,7 +119,7 @@ def test_two_different_dirty_trees_differ_and_the_same_tree_is_deterministic(
     (app_repo / "extra.txt").write_text("one\n")
     a = state_id(app_repo)
     assert state_id(app_repo) == a
-    S.clear_cache()
+    clear_cache()
     assert state_id(app_repo) == a  # deterministic, cache or not
     (app_repo / "extra.txt").write_text("two\n")  # same name and size, other contents
     b = state_id(app_repo)
@@ -160,20 +157,20 @@ def test_unversioned_outside_git_and_without_a_commit(tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "a.py").write_text("x = 1\n")
-    assert state_id(plain) == S.UNVERSIONED
-    assert state_id(tmp_path / "does-not-exist") == S.UNVERSIONED
+    assert state_id(plain) == UNVERSIONED
+    assert state_id(tmp_path / "does-not-exist") == UNVERSIONED
     empty = tmp_path / "empty"
     empty.mkdir()
     git(empty, "init", "-q")
     (empty / "a.py").write_text("x = 1\n")
     info = snapshot(empty)
-    assert info.state == S.UNVERSIONED and info.commit is None
+    assert info.state == UNVERSIONED and info.commit is None
 
 
 def test_find_app_finds_the_work_tree(app_repo: Path) -> None:
     sub = app_repo / "pkg" / "sub"
     sub.mkdir(parents=True)
-    assert S.find_app(sub) == app_repo.resolve()
+    assert find_app(sub) == app_repo.resolve()
 
 
 # --------------------------------------------------------------------------- declaration
@@ -266,7 +263,7 @@ def test_declaration_from_dict_rejects_bad_input() -> None:
 
 def test_fingerprint_parts_and_canonical_id(app_repo: Path) -> None:
     fp = fingerprint(app_repo, Declaration(), use_cache=False)
-    assert set(fp.parts) == set(S.PARTS) == set(fp.detail)
+    assert set(fp.parts) == set(PARTS) == set(fp.detail)
     canon = json.dumps(fp.parts, sort_keys=True, separators=(",", ":")).encode()
     assert fp.id == hashlib.sha256(canon).hexdigest()
     py = fp.detail["python"]
@@ -312,7 +309,7 @@ def test_declared_file_changes_the_files_part(app_repo: Path) -> None:
     params.write_text('{"k": 2}\n')  # same size, within the same second: not cached on
     b = fingerprint(app_repo, decl)
     assert b.parts["files"] != a.parts["files"] and b.parts["python"] == a.parts["python"]
-    ha, hb = S.StateInfo(C1, C1, (), decl, a), S.StateInfo(C1, C1, (), decl, b)
+    ha, hb = StateInfo(C1, C1, (), decl, a), StateInfo(C1, C1, (), decl, b)
     assert diff(ha, hb) == {"files": ["data/params.json"]}
 
 
@@ -352,7 +349,7 @@ def test_fingerprint_cache_hits_and_recomputes_when_head_moves(app_repo: Path,
     c = fingerprint(app_repo, decl)
     assert c.parts["env"] != b.parts["env"]
 
-    S.clear_cache()
+    clear_cache()
     assert fingerprint(app_repo, decl) is not c
 
 
@@ -442,7 +439,7 @@ class Venv:
 
     def snapshot(self, app: Path) -> StateInfo:
         return StateInfo.from_dict(self.run(
-            "import json, sys; from odium.local.state import snapshot; "
+            "import json, sys; from odium.local.appstate import snapshot; "
             f"print(json.dumps(snapshot({str(app)!r}).to_dict()))"))
 
     def site_packages(self) -> Path:
@@ -500,7 +497,8 @@ def test_cache_recomputes_after_pip_install_in_the_same_process(venv: Venv,
     age_repo(app_repo)
     out = venv.run(f"""
 import json, subprocess, sys
-from odium.local.state import Declaration, fingerprint
+from odium.core.statediff import Declaration
+from odium.local.fingerprint import fingerprint
 app, decl = {str(app_repo)!r}, Declaration()
 a = fingerprint(app, decl)
 hit = fingerprint(app, decl) is a
@@ -530,13 +528,13 @@ def test_install_declared_from_local_wheels(venv: Venv, app_repo: Path) -> None:
 
 @pytest.mark.parametrize("required, state, own, ok", [
     ("any", C1, C2, True),
-    ("any", S.UNVERSIONED, C2, True),
+    ("any", UNVERSIONED, C2, True),
     ("any", C1 + "+dirty.0123456789abcdef", C1, True),
     ("match", C1, C1, True),
     ("match", C1, C2, False),
     ("match", C1 + "+dirty.0123456789abcdef", C1 + "+dirty.0123456789abcdef", False),
     ("match", C1, C1 + "+dirty.0123456789abcdef", False),
-    ("match", S.UNVERSIONED, S.UNVERSIONED, False),
+    ("match", UNVERSIONED, UNVERSIONED, False),
     ("match", "unknown", C1, False),
     (C1, C1, C2, True),
     (C1.upper(), C1, C2, True),
@@ -556,24 +554,24 @@ def test_default_requirement_and_hints() -> None:
     assert default_requirement(C1) == ("match", None)
     req, hint = default_requirement(C1 + "+dirty.0123456789abcdef")
     assert req == "any" and hint and "git commit" in hint and "\n" not in hint
-    req, hint = default_requirement(S.UNVERSIONED)
+    req, hint = default_requirement(UNVERSIONED)
     assert req == "any" and hint and "git init" in hint and "\n" not in hint
 
 
 def test_normalize_and_resolve_requirements(app_repo: Path) -> None:
-    assert S.normalize_requirement(" Match ") == "match"
-    assert S.normalize_requirement(C1.upper()) == C1
+    assert normalize_requirement(" Match ") == "match"
+    assert normalize_requirement(C1.upper()) == C1
     with pytest.raises(ConfigError, match="expected 'any', 'match' or a commit id"):
-        S.normalize_requirement("latest")
+        normalize_requirement("latest")
     first = head(app_repo)
     second = commit_file(app_repo, "b.py", "b = 1\n")
-    assert S.resolve_state(app_repo, "HEAD~1") == first
-    assert S.resolve_state(app_repo, "main") == second
-    assert S.resolve_state(app_repo, second[:8]) == second
+    assert resolve_state(app_repo, "HEAD~1") == first
+    assert resolve_state(app_repo, "main") == second
+    assert resolve_state(app_repo, second[:8]) == second
     with pytest.raises(ConfigError, match="no such commit"):
-        S.resolve_state(app_repo, "f" * 40)
+        resolve_state(app_repo, "f" * 40)
     with pytest.raises(ConfigError):
-        S.resolve_state(app_repo, "--output=/tmp/x")
+        resolve_state(app_repo, "--output=/tmp/x")
 
 
 # --------------------------------------------------------------------------- commit relation
@@ -599,7 +597,7 @@ def test_commit_relation(app_repo: Path, history: dict[str, str]) -> None:
     assert commit_relation(app_repo, h["c2"], h["s1"]) == "diverged"
     assert commit_relation(app_repo, h["c2"], "e" * 40) == "unknown"
     assert commit_relation(app_repo, h["c2"], h["c0"] + "+dirty.0123456789abcdef") == "behind"
-    assert commit_relation(app_repo, h["c2"], S.UNVERSIONED) == "unknown"
+    assert commit_relation(app_repo, h["c2"], UNVERSIONED) == "unknown"
     assert commit_relation(app_repo.parent, h["c2"], h["c0"]) == "unknown"  # not a repo
 
 
@@ -613,10 +611,10 @@ def _info(state: str, packages: dict[str, str], python: str = "3.11.7",
                    "platform": "linux-x86_64"},
         "packages": packages, "system": {}, "env": {}, "files": {}}
     parts = {k: hashlib.sha256(json.dumps(detail[k], sort_keys=True).encode()).hexdigest()
-             for k in S.PARTS}
+             for k in PARTS}
     fp = Fingerprint(hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(),
                      parts, detail)
-    return StateInfo(state, S.commit_of(state), dirty, Declaration(), fp, unsat)
+    return StateInfo(state, commit_of(state), dirty, Declaration(), fp, unsat)
 
 
 def test_diff_part_by_part() -> None:

@@ -24,7 +24,7 @@ import zmq
 
 from ..core import wire as P
 from ..core.jobs import JobStatus
-from ..core.keys import check_home, load_or_create, verify_key
+from ..core.keys import verify_key
 from ..core.results import Result
 from ..errors import (
     AuthError,
@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..errors import TimeoutError as OdiumTimeout
 from ..io.transport import client_socket
+from ..local.home import check_home, load_or_create
 from .interface import KeyVerbs, default_home
 from .jobs import Job, check_options, known, pack_jobs
 

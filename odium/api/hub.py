@@ -25,12 +25,13 @@ from typing import Any
 
 from ..core import wire as P
 from ..core.jobs import JobStatus
-from ..core.keys import check_key_id, ensure_home, load_or_create
+from ..core.keys import check_key_id
 from ..core.results import NodeResult, Result
 from ..errors import ConfigError, NotConnectedError, OdiumError
 from ..errors import TimeoutError as OdiumTimeout
 from ..hub.server import DEFAULT_PORTS, HubCore, KeyInfo
 from ..hub.start import start_hub
+from ..local.home import ensure_home, load_or_create
 from ..node.agent import save_joined
 from ..runtime import Runtime
 from .interface import DEFAULT_SESSION, KeyVerbs

@@ -347,7 +347,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 def _token_text(args: argparse.Namespace) -> str | None:
     """The join token from --token-file, $ODIUM_TOKEN or --token. ODIUM_TOKEN leaves this
     process's environment at once, so that no command the node runs inherits it."""
-    from ..core.keys import TOKEN_ENV, read_token_file
+    from ..core.keys import TOKEN_ENV
+    from ..local.home import read_token_file
 
     env = os.environ.pop(TOKEN_ENV, None)
     if args.token and args.token_file:
@@ -481,7 +482,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "show":
         from ..api.interface import default_home
-        from ..core.keys import ensure_home, fingerprint, load_or_create
+        from ..core.keys import fingerprint
+        from ..local.home import ensure_home, load_or_create
 
         home = ensure_home(args.home or default_home())
         ident = load_or_create(home / "identity.key")
@@ -510,7 +512,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_state(args: argparse.Namespace) -> int:
     from ..core.results import format_text, short_state
-    from ..local.state import find_app, snapshot
+    from ..local.appstate import find_app, snapshot
 
     if args.action == "show":
         info = snapshot(find_app(args.app))
@@ -567,7 +569,8 @@ def format_state(info: Any) -> str:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from ..core.keys import join_command, write_token_file
+    from ..core.keys import join_command
+    from ..local.home import write_token_file
 
     with _admin(args) as admin:
         tok = admin.token(args.ttl)

@@ -1,9 +1,10 @@
-"""Identities and keys: Ed25519 signing keys, their CURVE keys, key files, join tokens.
+"""Identities and keys: Ed25519 signing keys, their CURVE keys, join tokens (pure).
 
 One key pair is one identity. Its public half, base64url without padding (43
 characters), is the *key id* that appears in every message's ``from``; the CURVE
 key pair used to encrypt the ZeroMQ links is derived from it (Ed25519 ->
-X25519), so a node publishes one public key and nothing else.
+X25519), so a node publishes one public key and nothing else. Key and token *files* (the home
+directory) are odium.local.home's.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ import json
 import os
 import re
 import shlex
-import stat
 import time
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from pathlib import Path
 
-import zmq
-import zmq.utils.z85
 from nacl import bindings
 from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import AuthError, ConfigError
 from .wire import KEY_RE, b64url, is_key_point, new_id, unb64url
+from .z85 import CHARS as _Z85_CHARS
+from .z85 import decode as z85_decode
+from .z85 import encode as z85_encode
 
 _KEY_RE = re.compile(KEY_RE)
 TOKEN_PREFIX = "odt1."
@@ -57,7 +57,7 @@ class Identity:
         sk = bindings.crypto_sign_ed25519_sk_to_curve25519(
             bytes(self.signing) + bytes(self.signing.verify_key)
         )
-        return zmq.utils.z85.encode(sk)
+        return z85_encode(sk)
 
     @property
     def seed(self) -> bytes:
@@ -99,7 +99,7 @@ def verify_key(key_id: str) -> VerifyKey:
 def curve_public(key_id: str) -> bytes:
     """The z85 CURVE public key that belongs to an Ed25519 key id."""
     pk = bindings.crypto_sign_ed25519_pk_to_curve25519(unb64url(check_key_id(key_id)))
-    return zmq.utils.z85.encode(pk)
+    return z85_encode(pk)
 
 
 def fingerprint(key_id: str) -> str:
@@ -111,7 +111,7 @@ def fingerprint(key_id: str) -> str:
 
 
 def curve_fingerprint(curve_z85: bytes) -> str:
-    h = hashlib.sha256(zmq.utils.z85.decode(curve_z85)).hexdigest()[:16]
+    h = hashlib.sha256(z85_decode(curve_z85)).hexdigest()[:16]
     return ":".join(h[i : i + 4] for i in range(0, 16, 4))
 
 
@@ -125,23 +125,22 @@ def curve_form(text: str) -> str | None:
     if t.startswith("curve:"):
         t = t[6:]
     if re.fullmatch(r"[0-9a-fA-F]{64}", t):
-        return zmq.utils.z85.encode(bytes.fromhex(t)).decode()
+        return z85_encode(bytes.fromhex(t)).decode()
     if len(t) == 40 and all(c in _Z85 for c in t):  # (a z85 key may begin with "(" too)
         try:
-            zmq.utils.z85.decode(t.encode())
-        except (ValueError, KeyError, IndexError):
+            z85_decode(t.encode())
+        except ValueError:
             return None
         return t
     return None
 
 
-_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                 ".-:+=^!/*?&<>()[]{}@%$#")
+_Z85 = frozenset(_Z85_CHARS.decode())
 
 
 def curve_shown(z85: str) -> str:
     """How a key known only by its CURVE key is shown: shell-safe, pasteable."""
-    return "curve:" + zmq.utils.z85.decode(z85.encode()).hex()
+    return "curve:" + z85_decode(z85.encode()).hex()
 
 
 def join_proof_bytes(token_id: str, hub_key: str) -> bytes:
@@ -154,102 +153,6 @@ def verify_proof(key_id: str, data: bytes, proof: str) -> None:
         verify_key(key_id).verify(data, unb64url(proof))
     except Exception:
         raise AuthError("proof of key possession does not verify") from None
-
-
-# --- files -----------------------------------------------------------------------------------
-
-
-def _user_name(uid: int) -> str | None:
-    try:
-        import pwd
-
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return None
-
-
-def _owner(uid: int) -> str:
-    name = _user_name(uid)
-    return f"uid {uid} ({name})" if name else f"uid {uid}"
-
-
-def check_private(path: Path, what: str, st: os.stat_result | None = None) -> None:
-    """Refuse a home or secret file another user owns or may write (the way ssh treats
-    ``~/.ssh``): its keys could have been planted. One-line error saying how to fix it."""
-    st = st or path.stat()
-    me = os.geteuid()
-    if st.st_uid != me:
-        raise ConfigError(
-            f"{what} {path} is owned by {_owner(st.st_uid)}, not by you ({_owner(me)}): "
-            f"another user could have planted its keys; use one of your own, or if it is yours: "
-            f"chown {_user_name(me) or me} {path}")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022:
-        fix = "chmod 700" if stat.S_ISDIR(st.st_mode) else "chmod 600"
-        raise ConfigError(f"{what} {path} is writable by group or others (mode {mode:o}): "
-                          f"anyone could plant keys in it; run: {fix} {path}")
-
-
-def check_home(home: str | os.PathLike[str]) -> Path:
-    """An existing home directory, checked as ``ensure_home`` checks it, without creating it."""
-    path = Path(home).expanduser().resolve()
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise ConfigError(f"cannot use {path} as home: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"home {path} exists and is not a directory")
-    check_private(path, "home", st)
-    return path
-
-
-def ensure_home(home: str | os.PathLike[str]) -> Path:
-    """Create the home directory (0700) if needed; refuse one another user owns or can write
-    to; make one others can read private (0700)."""
-    path = Path(home).expanduser().resolve()
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except FileExistsError:
-        raise ConfigError(f"home {path} exists and is not a directory") from None
-    except OSError as e:
-        raise ConfigError(f"cannot use {path} as home: {e.strerror}") from None
-    check_home(path)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
-
-
-def check_secret_file(path: Path, what: str = "key file") -> None:
-    """A key or token file must be the running user's and private (no group/other bits)."""
-    st = path.stat()
-    check_private(path, what, st)
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise ConfigError(f"{what} {path} is readable by others (mode {mode:o}); "
-                          f"run: chmod 600 {path}")
-
-
-def load_or_create(path: Path) -> Identity:
-    """Read a key file (hex seed, mode 0600, the running user's) or make a new one atomically."""
-    if path.exists():
-        check_secret_file(path)
-        text = path.read_text().strip()
-        try:
-            return Identity.from_seed(bytes.fromhex(text))
-        except ValueError:
-            raise ConfigError(f"key file {path} is damaged (expected 64 hex digits)") from None
-    ident = Identity.generate()
-    write_key(path, ident)
-    return ident
-
-
-def write_key(path: Path, ident: Identity) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(ident.seed.hex() + "\n")
-    os.replace(tmp, path)
 
 
 # --- join tokens -----------------------------------------------------------------------------
@@ -267,31 +170,6 @@ def join_command(token: str, token_file: str | os.PathLike[str] | None = None,
     if token_file is not None:
         return f"odium node --token-file {shlex.quote(str(token_file))}{tail}"
     return f"{TOKEN_ENV}={token} odium node{tail}"
-
-
-def write_token_file(path: Path, token: str) -> None:
-    """Write a token to a new private file (0600), atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise ConfigError(f"cannot write the token to {path}: {e.strerror}") from None
-
-
-def read_token_file(path: Path) -> str:
-    """A token from a file the running user owns and nobody else can read (checked like a key
-    file). The file is left where it is: it is the user's; the token in it is single-use."""
-    try:
-        check_secret_file(path, "token file")
-        return path.read_text().strip()
-    except FileNotFoundError:
-        raise ConfigError(f"no token file {path}; write one with: odium token --file "
-                          f"{path}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read the token file {path}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from ..core.jobs import (
     path_to,
     plan_dispatch,
 )
+from ..core.requirements import satisfies
 from ..errors import AuthError, ConfigError, NotConnectedError, OdiumError
-from ..local.state import satisfies
 from .store import JobFnRow, JobRow
 
 if TYPE_CHECKING:

@@ -39,8 +39,11 @@ from ..core.keys import (
     verify_proof,
 )
 from ..core.ratelimit import TokenBucket
+from ..core.requirements import default_requirement
 from ..core.results import NodeResult, Result, Status
 from ..core.sealing import Keyring
+from ..core.statediff import StateInfo, format_diff
+from ..core.statediff import diff as state_diff
 from ..errors import (
     AuthError,
     ConfigError,
@@ -57,15 +60,8 @@ from ..io.transport import (
     recv_frames,
     server_socket,
 )
-from ..local.state import (
-    StateInfo,
-    commit_relation,
-    default_requirement,
-    format_diff,
-    make_bundle,
-    resolve_state,
-)
-from ..local.state import diff as state_diff
+from ..local.appstate import commit_relation, resolve_state
+from ..local.sync import make_bundle
 from .jobqueue import JobQueue
 from .store import CommandRow, KeyRow, ResultRow, Store
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core import wire as P
-from ..core.keys import load_or_create
 from ..errors import ConfigError
+from ..local.home import load_or_create
 from .server import HubCore
 from .store import Store, default_url
 

@@ -12,9 +12,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.statediff import Declaration, StateInfo
 from ..core.term import clean
 from ..errors import ConfigError
-from .state import Declaration, StateInfo, snapshot
+from .appstate import snapshot
 
 log = logging.getLogger(__name__)
 

@@ -35,20 +35,14 @@ from ..core.keys import (
     verify_key,
 )
 from ..core.ratelimit import TokenBucket
+from ..core.requirements import satisfies
 from ..core.sealing import Keyring, open_inner
+from ..core.statediff import StateInfo
 from ..core.term import clean
 from ..errors import AuthError, ConfigError, OdiumError, ProtocolError
 from ..io.transport import client_socket, each_message, recv_frames
-from ..local.state import (
-    StateInfo,
-    apply_bundle,
-    head_ref,
-    install_declared,
-    load_declaration,
-    restore_head,
-    satisfies,
-    snapshot,
-)
+from ..local.appstate import load_declaration, snapshot
+from ..local.sync import apply_bundle, head_ref, install_declared, restore_head
 from .executor import Executor, warm_forkserver
 from .jobs import NodeJobs
 

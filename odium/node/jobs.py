@@ -15,10 +15,10 @@ import zmq
 
 from ..core import wire as P
 from ..core.jobs import MAX_BATCH, name_matches, split_batch
+from ..core.requirements import satisfies
 from ..core.sealing import open_inner
 from ..errors import ProtocolError
 from ..io.transport import each_message, recv_frames
-from ..local.state import satisfies
 from .jobpool import JobPool
 
 if TYPE_CHECKING:
