@@ -1,4 +1,7 @@
-"""The one error tree of Odium: every error the package raises is an OdiumError."""
+"""The one error tree of Odium: every error the package raises is an OdiumError.
+
+Errors of the libraries underneath (PyNaCl's, pyzmq's, SQLAlchemy's, GitPython's) are caught
+where they arise and raised again as one of these, with what it means for the user."""
 
 from __future__ import annotations
 
@@ -44,3 +47,7 @@ class RemoteError(OdiumError):
 
 class StateMismatchError(OdiumError):
     """A node's state does not satisfy a command's required state."""
+
+
+class StateError(OdiumError):
+    """Sync or install could not bring this instance to the wanted state (nothing was lost)."""

@@ -18,17 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.requirements import is_commit_id
 from ..core.statediff import Declaration
-from ..errors import OdiumError, TimeoutError
+from ..errors import StateError, TimeoutError
 from .appstate import git_status, head_commit, open_repo, rev_commit
 
 if TYPE_CHECKING:
     import git
 
 SYNC_REF = "refs/odium/sync"
-
-
-class StateError(OdiumError):
-    """Sync or install could not bring this instance to the wanted state (nothing was lost)."""
 
 
 _BUNDLE_LOCK = threading.Lock()
