@@ -39,22 +39,15 @@ def progress(hub: Hub, handle: BroadcastHandle) -> tuple[list[str], list[str],
                                                          dict[str, NodeResult]]:
     """(nodes done, nodes targeted, their entries so far) of a running command.
 
-    Uses ``handle.targets`` / ``handle.partial`` when the Hub API offers them; until then it
-    takes a read-only copy of the hub's table of running broadcasts.
+    The handle has them as the hub's loop thread hands them over (``targets``, ``partial``,
+    each replaced whole); a handle that was given no targets asks the hub for a copy taken
+    in its loop thread (``Hub.progress``).
     """
-    partial = getattr(handle, "partial", None)
-    targets = getattr(handle, "targets", None)
-    if partial is not None and targets is not None:
-        entries = dict(partial)
-        return list(entries), list(targets), entries
-    core = hub._core
-    b = core.broadcasts.get(handle.cmd) if core is not None else None
-    if b is None:
-        return [], [], {}
-    entries = dict(b.results)
-    return list(entries), list(b.targets), entries
-
-
+    if handle.targets:
+        entries = dict(handle.partial)
+        return list(entries), list(handle.targets), entries
+    targets, entries = hub.progress(handle.cmd)
+    return list(entries), targets, entries
 
 
 # --- a command running in the background ------------------------------------------------------
