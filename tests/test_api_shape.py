@@ -123,11 +123,12 @@ CHECK_IMPORTS = """
 import json, sys
 import odium
 odium.Admin
-from odium.cli.commands import main
+from odium.cli.main import main
 rc = main(["nodes", "--home", sys.argv[1], "--json"])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "IPython")
                or m.split(".")[:2] in (["odium", "hub"], ["odium", "node"])
-               or m in ("odium.runtime", "odium.api.hub", "odium.local.state"))
+               or m in ("odium.runtime", "odium.api.hub", "odium.local.appstate",
+                        "odium.local.fingerprint", "odium.local.sync", "git"))
 print(json.dumps({"rc": rc, "heavy": heavy}))
 """
 

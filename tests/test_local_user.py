@@ -223,7 +223,7 @@ def test_bad_token_files_are_refused(tmp_path: Path, case: str) -> None:
 
 
 def test_restart_after_a_sync_runs_again_without_the_spent_token() -> None:
-    from odium.cli.commands import _drop_option
+    from odium.cli.serve import _drop_option
 
     argv = ["python", "-m", "odium", "node", "--token-file", "/t", "--token=x", "--name", "n"]
     assert _drop_option(_drop_option(argv, "--token"), "--token-file") == [

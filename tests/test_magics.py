@@ -26,6 +26,7 @@ import odium.jupyter  # noqa: E402
 from odium import NodeResult, Result, Status  # noqa: E402
 from odium.jupyter import display as D  # noqa: E402
 from odium.jupyter.cell import BackgroundRun  # noqa: E402
+from odium.jupyter.live import LiveView  # noqa: E402
 
 from .conftest import HB, wait_until  # noqa: E402
 
@@ -213,7 +214,7 @@ def test_live_output_while_the_cell_runs(ip: InteractiveShell) -> None:
 
 
 def test_live_view_html_has_progress_and_each_nodes_streams() -> None:
-    live = D.LiveView(rich=True, label="python on *")
+    live = LiveView(rich=True, label="python on *")
     live.add("a", "stdout", "hello\n")
     live.add("a", "stderr", "warn\n")
     done_entry = NodeResult("b", Status.OK)

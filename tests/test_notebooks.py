@@ -27,8 +27,9 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 jupyter_manager = pytest.importorskip("jupyter_client.manager")
 
+from odium.cli.kernel import add_kernel_parser, cmd_kernel  # noqa: E402
 from odium.core.results import NodeResult  # noqa: E402
-from odium.jupyter.kernel import add_kernel_parser, cmd_kernel, kernel_spec  # noqa: E402
+from odium.jupyter.kernel import kernel_spec  # noqa: E402
 
 from .conftest import HB, odium_cli, wait_until  # noqa: E402
 

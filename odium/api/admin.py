@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -38,7 +38,7 @@ from ..errors import TimeoutError as OdiumTimeout
 from ..io.transport import client_socket
 from ..local.home import check_home, load_or_create
 from .interface import KeyVerbs, default_home
-from .jobs import Job, check_options, known, pack_jobs
+from .jobs import Job, check_options, check_status, known, pack_jobs
 
 
 class Admin(KeyVerbs):
@@ -133,14 +133,7 @@ class Admin(KeyVerbs):
             if msg.env.re != mid:
                 continue
             self._hub_state = msg.env.state
-            if msg.type == "error":
-                err: P.ErrorReply = msg.body  # type: ignore[assignment]
-                cls = {"AuthError": AuthError, "NotConnectedError": NotConnectedError,
-                       "ProtocolError": ProtocolError, "ConfigError": ConfigError,
-                       "StateMismatchError": StateMismatchError, "StateError": OdiumError,
-                       "TimeoutError": OdiumTimeout}.get(err.kind, OdiumError)
-                raise cls(err.message)
-            return msg.body.data  # type: ignore[attr-defined]
+            return _answer(msg)
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         return dict(self.request("ping", P.Empty(), timeout))
@@ -179,8 +172,8 @@ class Admin(KeyVerbs):
         while time.monotonic() < deadline:
             if self.sock.poll(int((deadline - time.monotonic()) * 1000) + 1):
                 msg = P.open_message(self.sock.recv(), self.vk, self.hub_key, replay=self.replay)
-                if msg.env.re == mid and msg.type == "reply":
-                    return msg.body.data  # type: ignore[attr-defined]
+                if msg.env.re == mid and isinstance(msg.body, P.Reply):
+                    return msg.body.data
         raise OdiumTimeout("no result after the interrupt")
 
     def nodes(self, pattern: str | None = None) -> list[dict[str, Any]]:
@@ -264,9 +257,7 @@ class Admin(KeyVerbs):
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Recent jobs, newest first (optionally only those with a status)."""
-        if status is not None and status not in {s.value for s in JobStatus}:
-            raise ConfigError(f"unknown job status {status!r}; one of: "
-                              f"{', '.join(s.value for s in JobStatus)}")
+        check_status(status)
         return list(self.request("jobs", P.JobQuery(status=status, limit=limit))["jobs"])  # type: ignore[arg-type]
 
     def job(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
@@ -321,6 +312,23 @@ class _AdminJobs:
         return self.admin.cancel_jobs(ids)
 
 
+_ERRORS: dict[str, type[OdiumError]] = {
+    "AuthError": AuthError, "NotConnectedError": NotConnectedError,
+    "ProtocolError": ProtocolError, "ConfigError": ConfigError,
+    "StateMismatchError": StateMismatchError, "StateError": OdiumError,
+    "TimeoutError": OdiumTimeout}
+
+
+def _answer(msg: P.Message) -> Any:
+    """The data of the hub's answer to a request; an error answer raised as the error it
+    names (an answer of another kind is the hub breaking the protocol)."""
+    if isinstance(msg.body, P.ErrorReply):
+        raise _ERRORS.get(msg.body.kind, OdiumError)(msg.body.message)
+    if isinstance(msg.body, P.Reply):
+        return msg.body.data
+    raise ProtocolError(f"the hub answered with a {msg.type!r} message, not a reply")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -329,3 +337,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+if TYPE_CHECKING:
+    from .interface import HubAPI
+
+    def _conforms(admin: Admin) -> HubAPI:
+        """Not called: mypy checks here that Admin is a HubAPI (odium/api/interface.py)."""
+        return admin

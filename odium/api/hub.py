@@ -10,34 +10,36 @@ process, lives in odium/api/admin.py; both follow odium/api/interface.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core import wire as P
-from ..core.jobs import JobStatus
 from ..core.keys import check_key_id
 from ..core.results import NodeResult, Result
-from ..errors import ConfigError, NotConnectedError, OdiumError
+from ..errors import ConfigError, NotConnectedError
 from ..errors import TimeoutError as OdiumTimeout
 from ..hub.server import DEFAULT_PORTS, HubCore, KeyInfo
 from ..hub.start import start_hub
 from ..local.home import ensure_home, load_or_create
 from ..node.agent import save_joined
 from ..runtime import Runtime
+from .hubjobs import HubJobs
 from .interface import DEFAULT_SESSION, KeyVerbs
-from .jobs import Job, JobExecutor, as_completed, check_options, pack_jobs
+from .jobs import Job, JobExecutor, as_completed, check_options, check_status
+from .local import MAX_LOCAL, LocalNode, free_name, launch
+
+if TYPE_CHECKING:
+    from .interface import HubAPI
 
 OutputFn = Callable[[str, str, str], None]
+T = TypeVar("T")
 
 
 def _ports(ports: int | dict[str, int] | None) -> dict[str, int]:
@@ -52,28 +54,6 @@ def _ports(ports: int | dict[str, int] | None) -> dict[str, int]:
     if unknown:
         raise ConfigError(f"unknown port names {sorted(unknown)}; use {sorted(DEFAULT_PORTS)}")
     return {**DEFAULT_PORTS, **ports}
-
-
-@dataclass
-class LocalNode:
-    """A node process started on this machine by the hub."""
-
-    name: str
-    home: Path
-    proc: subprocess.Popen[bytes]
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Hub(KeyVerbs):
@@ -92,14 +72,13 @@ class Hub(KeyVerbs):
                  hb_interval: float = 1.0, max_message: int = P.MAX_MESSAGE,
                  wheelhouse: str | os.PathLike[str] | None = None) -> None:
         self._home_arg = home
-        self._opts = dict(interface=interface, ports=_ports(ports), db=db,
-                          hb_interval=hb_interval, max_message=max_message,
-                          wheelhouse=str(wheelhouse) if wheelhouse else None)
+        self._start = functools.partial(
+            start_hub, interface=interface, ports=_ports(ports), db=db, hb_interval=hb_interval,
+            max_message=max_message, wheelhouse=str(wheelhouse) if wheelhouse else None)
         self._app = app
         self.rt: Runtime | None = None
         self._core: HubCore | None = None
         self.local: list[LocalNode] = []
-        self._local_seq = 0
         self._hints: set[str] = set()  # hints already given: each once per Hub (session)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -110,7 +89,7 @@ class Hub(KeyVerbs):
         rt = Runtime(self._home_arg, self._app)
         rt.start_thread()
         try:
-            self._core = start_hub(rt, **self._opts)  # type: ignore[arg-type]
+            self._core = self._start(rt)
         except BaseException:
             rt.close()
             raise
@@ -163,7 +142,15 @@ class Hub(KeyVerbs):
     def state(self) -> str:
         return self.core.rt.state
 
-    def _call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+    @property
+    def _queue(self) -> HubJobs:
+        """The job queue's view for this thread (and the backend of the Job handles)."""
+        core = self.core
+        return HubJobs(core.jobq, self._call, str(core.rt.app), core.rt.ident.key_id)
+
+    def _call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
+        """fn's value, run in the hub's loop thread: the one place the hub's state is read or
+        changed (this thread reads only what the loop replaces whole, or hands over)."""
         assert self.rt is not None
         return self.rt.call(fn, timeout)
 
@@ -233,6 +220,17 @@ class Hub(KeyVerbs):
         handle.cmd = b.cmd
         return handle.wait()
 
+    def progress(self, cmd: str) -> tuple[list[str], dict[str, NodeResult]]:
+        """A running command's targets and the entries it has so far (both empty once it
+        has ended), copied in the hub's loop thread."""
+        core = self.core
+
+        def snapshot() -> tuple[list[str], dict[str, NodeResult]]:
+            b = core.broadcasts.get(cmd)
+            return ([], {}) if b is None else (list(b.targets), dict(b.results))
+
+        return self._call(snapshot)
+
     def interrupt(self, cmd: str) -> bool:
         core = self.core
         return bool(self._call(lambda: core.interrupt(cmd)))
@@ -269,20 +267,8 @@ class Hub(KeyVerbs):
     def _submit_jobs(self, items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any],
                                                  str | None]], *, nodes: str, retries: int,
                      timeout: float | None, require_state: str | None) -> list[Job]:
-        check_options(retries, timeout, nodes)
-        core = self.core
-        q = core.jobq
-        required = q.target(nodes, require_state)
-        fields, fns = pack_jobs(items, str(core.rt.app))
-        now = time.time()
-        issuer = core.rt.ident.key_id
-        recs = [q.record(f, nodes=nodes, retries=retries, timeout=timeout, required=required,
-                         issuer=issuer, now=now) for f in fields]
-        backend = _HubJobs(self)
-        jobs = [Job(r.id, backend, pushed=True) for r in recs]
-        q.submit_threadsafe(recs, fns, {j.id: j._finished for j in jobs},
-                            {f["id"] for f in fields if f["id"]})
-        return jobs
+        return self._queue.submit(items, nodes=nodes, retries=retries, timeout=timeout,
+                                  require_state=require_state)
 
     def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
             nodes: str = "*", retries: int = 0, timeout: float | None = None,
@@ -324,24 +310,13 @@ class Hub(KeyVerbs):
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Recent jobs, newest first (optionally only those with a status)."""
-        if status is not None and status not in {s.value for s in JobStatus}:
-            raise ConfigError(f"unknown job status {status!r}; one of: "
-                              f"{', '.join(s.value for s in JobStatus)}")
-        q = self.core.jobq
-        return list(self._call(lambda: q.listing(status, limit)))
+        check_status(status)
+        return self._queue.listing(status, limit)
 
     def job(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
         """Everything about one job, with every move it made (``events``); ``wait`` seconds
         for it to finish first."""
-        q = self.core.jobq
-        if wait > 0:
-            finished = threading.Event()
-            self._call(lambda: q.watch(job_id, lambda _info: finished.set()))
-            finished.wait(wait)
-        info = self._call(lambda: q.info(job_id, events=True))
-        if info is None:
-            raise OdiumError(f"no job {job_id!r}; see: hub.jobs()")
-        return dict(info)
+        return self._queue.job(job_id, wait)
 
     def cancel_job(self, job_id: str) -> str:
         """Cancel a job: ``cancelled``, ``already <status>`` (it had finished) or
@@ -350,7 +325,7 @@ class Hub(KeyVerbs):
 
     def cancel_jobs(self, ids: list[str]) -> dict[str, str]:
         """Cancel jobs; id -> ``cancelled``, ``already <status>`` or ``unknown``."""
-        return _HubJobs(self).cancel_jobs(list(ids))
+        return self._queue.cancel_jobs(list(ids))
 
     # --- nodes and keys --------------------------------------------------------------------
 
@@ -361,16 +336,23 @@ class Hub(KeyVerbs):
     def wait_for_nodes(self, names: Sequence[str] | int, timeout: float = 30.0,
                        status: str = "ready") -> None:
         """Wait until the named nodes (or that many nodes) have the given status."""
-        core = self.core
-        assert self.rt is not None
+        core, rt = self.core, self.rt
+        assert rt is not None
+        seen: list[set[str]] = [set()]  # the nodes with that status, as the loop last saw them
+
+        def look() -> None:  # in the loop thread; wakes the waiter when the answer changed
+            now = {n for n, i in core.nodes.items() if i.status == status}
+            if now != seen[0]:
+                seen[0] = now  # replaced whole: read by the waiting thread
+                rt.notify()
 
         def ok() -> bool:
-            ready = {n for n, i in list(core.nodes.items()) if i.status == status}
+            rt.loop.call_soon_threadsafe(look)  # the next look, taken in the loop thread
             if isinstance(names, int):
-                return len(ready) >= names
-            return set(names) <= ready
+                return len(seen[0]) >= names
+            return set(names) <= seen[0]
 
-        self.rt.wait_for(ok, timeout, f"nodes {names!r} to be {status}")
+        rt.wait_for(ok, timeout, f"nodes {names!r} to be {status}")
 
     def token(self, ttl: float = 3600.0) -> str:
         core = self.core
@@ -392,9 +374,13 @@ class Hub(KeyVerbs):
         """accept / reject / revoke keys; the keys acted on (key, name, role they had,
         fingerprint). Names and globs choose node keys unless ``role="admin"``."""
         core = self.core
-        chosen = self._call(lambda: core.key_action(action, pattern, role))
-        return [{"key": k.key_id, "name": k.name, "role": k.role,
-                 "fingerprint": core._fp(k.key_id)} for k in chosen]
+
+        def act() -> list[dict[str, Any]]:
+            return [{"key": k.key_id, "name": k.name, "role": k.role,
+                     "fingerprint": core._fp(k.key_id)}
+                    for k in core.key_action(action, pattern, role)]
+
+        return self._call(act)
 
     def trust(self, key_id: str, name: str, role: str = "node") -> None:
         """Trust a key directly (for nodes whose keys you made yourself)."""
@@ -434,46 +420,23 @@ class Hub(KeyVerbs):
                     ) -> list[LocalNode]:
         """Start n node processes on this machine, trusted already, in the hub's app dir
         (or ``app``), with this Python (or ``python``, e.g. a virtual environment's)."""
-        if not isinstance(n, int) or n < 1 or n > 256:
-            raise ConfigError(f"number of local nodes must be 1..256, not {n!r}")
+        if not isinstance(n, int) or n < 1 or n > MAX_LOCAL:
+            raise ConfigError(f"number of local nodes must be 1..{MAX_LOCAL}, not {n!r}")
         core = self.core
-        started = []
-        base = self.home / "local"
-        ensure_home(base)
+        base = ensure_home(self.home / "local")
         addr = f"tcp://127.0.0.1:{core.ports['query']}" if core.interface in (
             "0.0.0.0", "*", "127.0.0.1") else core.public_address()
+        known = self._call(lambda: set(core.nodes))
         running = {ln.name for ln in self.local if ln.proc.poll() is None}
+        started = []
         for _ in range(n):
-            # reuse the first local name whose node is not running (same home, same key), so a
-            # hub started again with the same home gets its local nodes back, not new ones
-            self._local_seq = 0
-            while True:
-                self._local_seq += 1
-                name = f"{prefix}-{self._local_seq}"
-                info = core.nodes.get(name)
-                if name in running:
-                    continue
-                if info is None or (base / name / "identity.key").exists():
-                    break
+            name = free_name(prefix, base, running, known)
             running.add(name)
             home = ensure_home(base / name)
-            ident = load_or_create(home / "identity.key")
-            self.trust(ident.key_id, name)
+            self.trust(load_or_create(home / "identity.key").key_id, name)
             save_joined(home, addr, self.key, name)
-            cmd = [python or sys.executable, "-m", "odium", "node", "--home", str(home),
-                   "--app", str(app or core.rt.app), *extra_args]
-            if capacity:
-                cmd += ["--capacity", str(capacity)]
-            logf = open(home / "node.log", "ab")
-            # its own session: a Ctrl-C meant for this process (the notebook's stop button
-            # signals the kernel's whole process group) must not stop the node
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, cwd=str(app or core.rt.app),
-                                    start_new_session=True,
-                                    env={**os.environ, **(env or {}),
-                                         "ODIUM_DIE_WITH_PARENT": str(os.getpid())})
-            logf.close()
-            node = LocalNode(name, home, proc)
+            node = launch(name, home, str(app or core.rt.app), python=python,
+                          capacity=capacity, extra_args=extra_args, env=env)
             self.local.append(node)
             started.append(node)
         if wait:
@@ -519,33 +482,6 @@ class BroadcastHandle:
         return self._result
 
 
-class _HubJobs:
-    """Job handles' view of an in-process hub."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-
-    def job_status(self, job_id: str) -> str:
-        q = self.hub.core.jobq
-        rec = q.jobs.get(job_id) or q.finished.get(job_id)
-        if rec is not None:
-            return rec.status.value
-        info = self.job_info(job_id)
-        return str(info["status"])
-
-    def job_info(self, job_id: str) -> dict[str, Any]:
-        q = self.hub.core.jobq
-        info = self.hub._call(lambda: q.info(job_id))
-        return dict(info) if info else {"id": job_id, "status": "unknown"}
-
-    def wait_jobs(self, ids: list[str], timeout: float | None) -> list[dict[str, Any]]:
-        return [self.job_info(j) for j in ids]  # pushed handles never ask
-
-    def cancel_jobs(self, ids: list[str]) -> dict[str, str]:
-        q = self.hub.core.jobq
-        return dict(self.hub._call(lambda: q.cancel(ids, by="api")))
-
-
 def __getattr__(name: str) -> Any:
     """``odium.api.hub.Admin``, as before it moved to odium/api/admin.py."""
     if name == "Admin":
@@ -561,3 +497,9 @@ def temporary_home(prefix: str = "odium-") -> Path:
 
 def remove_home(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+if TYPE_CHECKING:
+    def _conforms(hub: Hub) -> HubAPI:
+        """Not called: mypy checks here that Hub is a HubAPI (odium/api/interface.py)."""
+        return hub

@@ -3,7 +3,8 @@
 ``Hub`` (odium/api/hub.py) is a hub in this process; ``Admin`` (odium/api/admin.py) talks to a hub
 running in another process, over its query socket. Whatever both can do, they do under the
 same name with the same signature and the same return shape, so code written against one runs
-against the other. This module imports neither: it is the contract, checked by mypy and by
+against the other. This module imports neither: it is the contract, checked by mypy (each of
+hub.py and admin.py ends with the check that its class is a ``HubAPI``) and by
 tests/test_api_shape.py.
 
 Sessions (``run(..., session=...)``): a session is a Python namespace on each node, kept
@@ -127,11 +128,3 @@ SHARED = ("run", "nodes", "keys", "key_action", "accept", "reject", "revoke", "t
           "join_command", "log", "state_report", "sync", "submit", "submit_many", "map", "jobs",
           "job", "cancel_job", "cancel_jobs", "close")
 
-
-if TYPE_CHECKING:
-    from .admin import Admin
-    from .hub import Hub
-
-    def _both_conform(hub: Hub, admin: Admin) -> tuple[HubAPI, HubAPI]:
-        """Not called: mypy checks here that Hub and Admin both are a HubAPI."""
-        return hub, admin

@@ -72,6 +72,13 @@ def check_options(retries: Any, timeout: Any, nodes: Any) -> None:
         raise ConfigError(f"nodes must be a glob or a comma list of names, not {nodes!r}")
 
 
+def check_status(status: str | None) -> None:
+    """A job status to list jobs by: one of JobStatus's values, or None (every job)."""
+    if status is not None and status not in {s.value for s in JobStatus}:
+        raise ConfigError(f"unknown job status {status!r}; one of: "
+                          f"{', '.join(s.value for s in JobStatus)}")
+
+
 class Backend(Protocol):
     def job_status(self, job_id: str) -> str: ...
     def job_info(self, job_id: str) -> dict[str, Any]: ...

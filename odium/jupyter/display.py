@@ -1,7 +1,8 @@
-"""How results look in Jupyter: per-node HTML tables, readable text, and live per-node output.
+"""How results look in Jupyter: per-node HTML tables and readable text (the live per-node
+output while a command runs is odium/jupyter/live.py).
 
 The renderers are pure functions from Odium's data (``Result``, node lists, state reports)
-to HTML or text; only ``LiveView.show``/``update`` talk to IPython, and they import it lazily.
+to HTML or text; IPython is only told about them (``register_formatters``).
 
 HTML from nodes (``text/html`` outputs) is shown in a sandboxed iframe without scripts: a
 node must never be able to run code in the notebook, which is the hub's admin.
@@ -11,106 +12,27 @@ from __future__ import annotations
 
 import base64
 import html
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..core.results import NodeResult, Result, Status, format_text, short_state
-from ..core.term import clean, clean_lines
-
-# --- colours and small pieces ------------------------------------------------------------------
-
-BADGE_COLORS = {
-    "ok": "#1a7f37",
-    "error": "#cf222e",
-    "timeout": "#9a6700",
-    "interrupted": "#6e7781",
-    "state mismatch": "#8250df",
-    "not connected": "#57606a",
-    "lost": "#bc4c00",
-    "running": "#0969da",
-    "waiting": "#8c959f",
-    # node statuses (the nodes table)
-    "ready": "#1a7f37",
-    "connecting": "#0969da",
-    "restarting": "#8250df",
-    "offline": "#6e7781",
-    "left": "#6e7781",
-    # key roles
-    "admin": "#0969da",
-    "node": "#1a7f37",
-    "pending": "#9a6700",
-    "rejected": "#cf222e",
-    "revoked": "#cf222e",
-    "token": "#6e7781",
-}
-
-_TABLE = ("border-collapse:collapse;font-size:13px;margin:2px 0;"
-          "font-family:var(--jp-ui-font-family,system-ui,sans-serif)")
-_TH = ("text-align:left;padding:4px 10px;border-bottom:2px solid rgba(128,128,128,.45);"
-       "white-space:nowrap")
-_TD = ("text-align:left;vertical-align:top;padding:4px 10px;"
-       "border-bottom:1px solid rgba(128,128,128,.2)")
-_PRE = ("margin:0 0 2px 0;padding:2px 4px;white-space:pre-wrap;word-break:break-word;"
-        "max-height:24em;overflow:auto;font-size:12px;background:transparent;"
-        "font-family:var(--jp-code-font-family,monospace)")
-_STDERR = "background:rgba(207,34,46,.07);border-left:3px solid rgba(207,34,46,.5);"
-_STATE_SAME = "font-family:monospace"
-_STATE_DIFF = ("font-family:monospace;background:#fff8c5;color:#6a4a00;font-weight:600;"
-               "padding:0 3px;border-radius:3px")
-_MUTED = "opacity:.65;font-size:11px"
-
-def e(text: str, quote: bool = True) -> str:
-    """HTML for foreign text: markup escaped, control characters shown as escapes."""
-    return html.escape(clean_lines(text), quote)
-
-
-def badge(text: str, kind: str | None = None) -> str:
-    """A coloured status label; ``data-status`` carries the plain value for tests and tools."""
-    color = BADGE_COLORS.get(kind or text, "#57606a")
-    return (f'<span class="odium-badge" data-status="{e(text)}" style="background:{color};'
-            f'color:#fff;border-radius:9px;padding:1px 8px;font-size:12px;white-space:nowrap">'
-            f"{e(text)}</span>")
-
-
-def duration_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.1f} ms"
-    if seconds < 120:
-        return f"{seconds:.2f} s"
-    return f"{seconds / 60:.1f} min"
-
-
-def ago_text(ts: float | None, now: float | None = None) -> str:
-    if not ts:
-        return "never"
-    d = max(0.0, (now or time.time()) - ts)
-    if d < 1:
-        return "just now"
-    if d < 90:
-        return f"{d:.0f} s ago"
-    if d < 5400:
-        return f"{d / 60:.0f} min ago"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
-
-
-def state_html(state: str, hub_state: str) -> str:
-    same = state == hub_state
-    note = "= hub" if same else "≠ hub"
-    title = f"{state} (hub: {hub_state})"
-    style = _STATE_SAME if same else _STATE_DIFF
-    cls = "odium-state-same" if same else "odium-state-differs"
-    return (f'<span class="odium-state {cls}" data-state="{e(state)}" title="{e(title)}" '
-            f'style="{style}">{e(short_state(state))}</span> <span style="{_MUTED}">{note}</span>')
-
-
-def _pre(text: str, cls: str, extra: str = "") -> str:
-    return f'<pre class="{cls}" style="{_PRE}{extra}">{e(text)}</pre>'
-
+from ..core.term import clean
+from .style import (
+    MUTED,
+    PRE,
+    STDERR,
+    TABLE,
+    TD,
+    TH,
+    ago_text,
+    badge,
+    duration_text,
+    e,
+    pre,
+    state_html,
+)
 
 # --- rich outputs from nodes -------------------------------------------------------------------
 
@@ -161,7 +83,7 @@ def output_html(output: Mapping[str, Any]) -> str:
                 f'resize:vertical;background:#fff"></iframe>')
     for mime in ("text/markdown", "text/latex", "application/json", "text/plain"):
         if mime in data:
-            return _pre(_text(data[mime]), "odium-display")
+            return pre(_text(data[mime]), "odium-display")
     return ""
 
 
@@ -235,29 +157,29 @@ def _detail_html(r: NodeResult, in_grid: bool = False) -> str:
     ``in_grid``: its displays are in the grid above the table, so the row only says so."""
     parts: list[str] = []
     if r.stdout:
-        parts.append(_pre(r.stdout.rstrip("\n"), "odium-stdout"))
+        parts.append(pre(r.stdout.rstrip("\n"), "odium-stdout"))
     if r.stderr:
-        parts.append(_pre(r.stderr.rstrip("\n"), "odium-stderr", _STDERR))
+        parts.append(pre(r.stderr.rstrip("\n"), "odium-stderr", STDERR))
     outs = outputs_of(r)
     if in_grid and outs:
         n = len(outs)
-        parts.append(f'<div class="odium-in-grid" style="{_MUTED}">{n} output'
+        parts.append(f'<div class="odium-in-grid" style="{MUTED}">{n} output'
                      f'{"s" if n != 1 else ""}: in the grid above</div>')
     for out in () if in_grid else outs:
         parts.append(f'<div class="odium-output">{output_html(out)}</div>')
     if r.value_repr is not None:
         note = ("" if r.value_json else
-                f' <span class="odium-note" style="{_MUTED}">(not JSON: shown as its repr)</span>')
-        parts.append(f'<div class="odium-value"><span style="{_MUTED}">value</span> '
+                f' <span class="odium-note" style="{MUTED}">(not JSON: shown as its repr)</span>')
+        parts.append(f'<div class="odium-value"><span style="{MUTED}">value</span> '
                      f'<code style="white-space:pre-wrap">{e(r.value_repr)}</code>{note}</div>')
     if r.exit not in (None, 0) and not r.error:  # an error says it already
-        parts.append(f'<div class="odium-exit" style="{_MUTED}">exit status {r.exit}</div>')
+        parts.append(f'<div class="odium-exit" style="{MUTED}">exit status {r.exit}</div>')
     if r.error and not r.ok and not r.mismatch:  # a mismatch says it better below
         head = f"{r.error.get('ename', '')}: {r.error.get('evalue', '')}"
         tb = r.error.get("traceback") or ""
         if tb:
             parts.append(f'<details class="odium-error"><summary style="cursor:pointer;'
-                         f'color:#cf222e">{e(head)}</summary>{_pre(tb.rstrip(), "odium-traceback")}'
+                         f'color:#cf222e">{e(head)}</summary>{pre(tb.rstrip(), "odium-traceback")}'
                          f"</details>")
         else:
             parts.append(f'<div class="odium-error" style="color:#cf222e">{e(head)}</div>')
@@ -268,23 +190,23 @@ def _detail_html(r: NodeResult, in_grid: bool = False) -> str:
         parts.append(f'<div class="odium-mismatch">required state <code>{e(required)}</code>, '
                      f"the node has <code>{e(have)}</code></div>")
         if text:
-            parts.append(_pre(text, "odium-mismatch-diff"))
-    return "".join(parts) or f'<span style="{_MUTED}">no output</span>'
+            parts.append(pre(text, "odium-mismatch-diff"))
+    return "".join(parts) or f'<span style="{MUTED}">no output</span>'
 
 
 def _row_html(name: str, r: NodeResult, hub_state: str, in_grid: bool = False) -> str:
     return (f'<tr class="odium-row" data-node="{e(name)}" data-status="{e(r.status.value)}">'
-            f'<td style="{_TD};font-weight:600;white-space:nowrap" class="odium-node">'
+            f'<td style="{TD};font-weight:600;white-space:nowrap" class="odium-node">'
             f"{e(name)}</td>"
-            f'<td style="{_TD}">{badge(r.status.value)}</td>'
-            f'<td style="{_TD};white-space:nowrap">{state_html(r.state, hub_state)}</td>'
-            f'<td style="{_TD};white-space:nowrap">{duration_text(r.duration)}</td>'
-            f'<td style="{_TD};width:100%">{_detail_html(r, in_grid)}</td></tr>')
+            f'<td style="{TD}">{badge(r.status.value)}</td>'
+            f'<td style="{TD};white-space:nowrap">{state_html(r.state, hub_state)}</td>'
+            f'<td style="{TD};white-space:nowrap">{duration_text(r.duration)}</td>'
+            f'<td style="{TD};width:100%">{_detail_html(r, in_grid)}</td></tr>')
 
 
-_HEAD = (f'<thead><tr><th style="{_TH}">node</th><th style="{_TH}">status</th>'
-         f'<th style="{_TH}">state</th><th style="{_TH}">duration</th>'
-         f'<th style="{_TH}">output</th></tr></thead>')
+_HEAD = (f'<thead><tr><th style="{TH}">node</th><th style="{TH}">status</th>'
+         f'<th style="{TH}">state</th><th style="{TH}">duration</th>'
+         f'<th style="{TH}">output</th></tr></thead>')
 
 
 def render_html(result: Result) -> str:
@@ -294,10 +216,10 @@ def render_html(result: Result) -> str:
     req = f" · required <code>{e(short_state(str(required)))}</code>" if required else ""
     summary = (f'<div class="odium-summary" style="margin:2px 0 4px 0">'
                f'<b>{len(result)} node{"s" if len(result) != 1 else ""}</b> {counts} '
-               f'<span style="{_MUTED}">· command {e(result.command[:12])} · hub state '
+               f'<span style="{MUTED}">· command {e(result.command[:12])} · hub state '
                f'<code>{e(short_state(result.hub_state))}</code>{req}</span></div>')
     hint = result.extra.get("hint")
-    note = (f'<div class="odium-hint" style="{_MUTED};margin-bottom:4px">ran without a state '
+    note = (f'<div class="odium-hint" style="{MUTED};margin-bottom:4px">ran without a state '
             f"requirement: {e(str(hint))}</div>") if hint else ""
     gridded = grid_nodes(result)
     grid = grid_html(result, gridded) if gridded else ""
@@ -305,13 +227,13 @@ def render_html(result: Result) -> str:
                    for n, r in result.nodes.items())
     return (f'<div class="odium-result" data-command="{e(result.command)}" '
             f'data-hub-state="{e(result.hub_state)}">{summary}{note}{grid}'
-            f'<table class="odium-table" style="{_TABLE}">{_HEAD}<tbody>{rows}</tbody></table>'
+            f'<table class="odium-table" style="{TABLE}">{_HEAD}<tbody>{rows}</tbody></table>'
             f"</div>")
 
 
 def render_node_html(r: NodeResult, hub_state: str | None = None) -> str:
     """One NodeResult alone (``r["gpu-01"]``): the same row as in its Result's table."""
-    return (f'<table class="odium-table" style="{_TABLE}">{_HEAD}<tbody>'
+    return (f'<table class="odium-table" style="{TABLE}">{_HEAD}<tbody>'
             f"{_row_html(r.node, r, hub_state or r.state)}</tbody></table>")
 
 
@@ -355,14 +277,14 @@ class Table:
     kind: str = "table"
 
     def _repr_html_(self) -> str:
-        head = "".join(f'<th style="{_TH}">{e(c)}</th>' for c in self.columns)
+        head = "".join(f'<th style="{TH}">{e(c)}</th>' for c in self.columns)
         body = "".join(
-            "<tr>" + "".join(f'<td style="{_TD}">{c.html if c.html is not None else e(c.text)}'
+            "<tr>" + "".join(f'<td style="{TD}">{c.html if c.html is not None else e(c.text)}'
                              "</td>" for c in row) + "</tr>" for row in self.rows)
-        notes = "".join(f'<div style="{_MUTED}">{e(n)}</div>' for n in self.notes)
-        empty = (f'<div style="{_MUTED}">(none)</div>' if not self.rows else "")
+        notes = "".join(f'<div style="{MUTED}">{e(n)}</div>' for n in self.notes)
+        empty = (f'<div style="{MUTED}">(none)</div>' if not self.rows else "")
         return (f'<div class="odium-{e(self.kind)}"><div style="font-weight:600;margin:2px 0">'
-                f'{e(self.title)}</div><table class="odium-table" style="{_TABLE}"><thead><tr>'
+                f'{e(self.title)}</div><table class="odium-table" style="{TABLE}"><thead><tr>'
                 f"{head}</tr></thead><tbody>{body}</tbody></table>{empty}{notes}</div>")
 
     def text(self) -> str:
@@ -406,7 +328,7 @@ def nodes_table(nodes: Iterable[Mapping[str, Any]], hub_state: str,
             text = differs  # same commit, different environment
         state_cell = Cell(f"{short_state(state)} ({text})",
                           f'{state_html(state, hub_state)}'
-                          + (f'<div style="{_MUTED};white-space:pre-wrap">{e(text)}</div>'
+                          + (f'<div style="{MUTED};white-space:pre-wrap">{e(text)}</div>'
                              if text != "same as hub" else ""))
         status = str(n.get("status", "?"))
         running = n.get("running") or []
@@ -467,8 +389,8 @@ def state_table(report: Mapping[str, Any], details: bool = False) -> Table:
                      Cell(str(n.get("status", "?")), badge(str(n.get("status", "?")))),
                      Cell(short_state(state), state_html(state, hub_state)),
                      Cell("same as hub" if same else shown,
-                          f'<span style="{_MUTED}">same as hub</span>' if same else
-                          f'<pre style="{_PRE}">{e(shown)}</pre>')])
+                          f'<span style="{MUTED}">same as hub</span>' if same else
+                          f'<pre style="{PRE}">{e(shown)}</pre>')])
     title = (f"state of the hub: {short_state(hub_state)}"
              + (f", environment {fp}" if fp else "")
              + (f"; uncommitted: {', '.join(hub.get('dirty_files') or [])}"
@@ -476,141 +398,6 @@ def state_table(report: Mapping[str, Any], details: bool = False) -> Table:
     return Table(title, ["node", "status", "state", "differences from the hub"], rows, data,
                  [], "state")
 
-
-# --- live output while a cell runs --------------------------------------------------------------
-
-LIVE_KEEP = 8_000  # the last characters of each node's stream shown live (the Result has all)
-LIVE_LINES = 30  # and at most this many lines of it
-
-
-@dataclass
-class _NodeLive:
-    stdout: str = ""
-    stderr: str = ""
-    cut: bool = False
-
-
-def _tail(text: str, lines: int = LIVE_LINES) -> tuple[str, bool]:
-    """The last lines of a live stream, and whether some were left out."""
-    parts = text.splitlines(keepends=True)
-    if len(parts) <= lines:
-        return text, False
-    return "".join(parts[-lines:]), True
-
-
-class LiveView:
-    """Each node's output while a command runs, shown in one display updated in place.
-
-    ``add`` is called from the hub's loop thread (it only appends under a lock); ``refresh``
-    from the thread that owns the display. Without a kernel (terminal IPython) the view
-    prints new output as ``[node] line`` instead of updating a display.
-    """
-
-    def __init__(self, rich: bool, label: str = "") -> None:
-        self.rich = rich
-        self.label = label
-        self._lock = threading.Lock()
-        self._nodes: dict[str, _NodeLive] = {}
-        self._fresh: list[tuple[str, str, str]] = []  # for the terminal form
-        self._dirty = False
-        self._shown_key: tuple[Any, ...] | None = None
-        self._shown_at = 0.0
-        self._handle: Any = None
-        self.started = time.monotonic()
-
-    def add(self, node: str, stream: str, text: str) -> None:
-        with self._lock:
-            nl = self._nodes.setdefault(node, _NodeLive())
-            if stream == "stderr":
-                nl.stderr += text
-                if len(nl.stderr) > LIVE_KEEP:
-                    nl.stderr, nl.cut = nl.stderr[-LIVE_KEEP:], True
-            else:
-                nl.stdout += text
-                if len(nl.stdout) > LIVE_KEEP:
-                    nl.stdout, nl.cut = nl.stdout[-LIVE_KEEP:], True
-            self._fresh.append((node, stream, text))
-            self._dirty = True
-
-    @property
-    def shown(self) -> bool:
-        return self._handle is not None
-
-    def html(self, done: Sequence[str], targets: Sequence[str],
-             finals: Mapping[str, NodeResult] | None = None) -> str:
-        with self._lock:
-            nodes = {k: (v.stdout, v.stderr, v.cut) for k, v in self._nodes.items()}
-        k, n = len(done), len(targets)
-        pct = 100 * k // n if n else 0
-        progress = (f'<div class="odium-progress" style="margin:2px 0 4px 0">'
-                    f'<b>{k} of {n} nodes done</b> <span style="{_MUTED}">{e(self.label)} · '
-                    f'{time.monotonic() - self.started:.1f} s</span>'
-                    f'<div style="height:4px;background:rgba(128,128,128,.2);width:240px;'
-                    f'border-radius:2px"><div style="height:4px;width:{pct}%;'
-                    f'background:#0969da;border-radius:2px"></div></div></div>')
-        rows = []
-        for name in targets or sorted(nodes):
-            out, err, cut = nodes.get(name, ("", "", False))
-            final = (finals or {}).get(name)
-            status = final.status.value if final else ("done" if name in done else "running")
-            out, cut_out = _tail(out)
-            err, cut_err = _tail(err)
-            cell = ""
-            if cut or cut_out or cut_err:
-                cell += f'<div style="{_MUTED}">(earlier lines hidden; the result has all)</div>'
-            if out:
-                cell += _pre(out.rstrip("\n"), "odium-stdout")
-            if err:
-                cell += _pre(err.rstrip("\n"), "odium-stderr", _STDERR)
-            rows.append(f'<tr class="odium-live-row" data-node="{e(name)}">'
-                        f'<td style="{_TD};font-weight:600;white-space:nowrap">{e(name)}</td>'
-                        f'<td style="{_TD}">{badge(status, status)}</td>'
-                        f'<td style="{_TD};width:100%">{cell}</td></tr>')
-        return (f'<div class="odium-live">{progress}<table style="{_TABLE}"><tbody>'
-                f'{"".join(rows)}</tbody></table></div>')
-
-    def text(self, done: Sequence[str], targets: Sequence[str]) -> str:
-        return f"{len(done)} of {len(targets)} nodes done"
-
-    def refresh(self, done: Sequence[str], targets: Sequence[str], force: bool = False,
-                finals: Mapping[str, NodeResult] | None = None) -> None:
-        """Show what is new: update the display (kernel) or print new lines (terminal)."""
-        if not self.rich:
-            with self._lock:
-                fresh, self._fresh = self._fresh, []
-            for node, stream, text in fresh:
-                import sys
-
-                dest = sys.stderr if stream == "stderr" else sys.stdout
-                for line in text.split("\n"):
-                    print(f"[{node}] {clean(line)}", file=dest)
-            return
-        now = time.monotonic()
-        key = (len(done), len(targets), tuple(sorted((finals or {}).keys())))
-        if not (force or self._dirty or key != self._shown_key or now - self._shown_at >= 1.0):
-            return
-        with self._lock:
-            self._dirty = False
-        self._shown_key, self._shown_at = key, now
-        bundle = {"text/html": self.html(done, targets, finals),
-                  "text/plain": self.text(done, targets)}
-        self._publish(bundle)
-
-    def _publish(self, bundle: dict[str, str]) -> None:
-        from IPython.display import display
-
-        if self._handle is None:
-            self._handle = display(bundle, raw=True, display_id=True)
-        else:
-            self._handle.update(bundle, raw=True)
-
-    def replace(self, bundle: dict[str, str]) -> None:
-        """Put something else in the live display's place (the final result, or nothing)."""
-        if self._handle is not None:
-            self._handle.update(bundle, raw=True)
-
-    def clear(self) -> None:
-        self.replace({"text/plain": ""})
 
 
 def result_bundle(result: Result) -> dict[str, str]:
