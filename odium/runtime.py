@@ -19,14 +19,13 @@ from typing import Any, TypeVar
 
 import zmq
 
-from .api.interface import default_home
 from .core import wire as P
 from .core.keys import Identity
 from .errors import OdiumError
 from .errors import TimeoutError as OdiumTimeout
 from .io.transport import Loop
 from .local.appstate import find_app, state_id
-from .local.home import ensure_home, load_or_create
+from .local.home import default_home, ensure_home, load_or_create
 from .local.watch import StateWatch
 
 log = logging.getLogger(__name__)

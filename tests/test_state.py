@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from odium.core.requirements import (
+    STATE_RE,
     UNVERSIONED,
     commit_of,
     default_requirement,
@@ -30,7 +31,6 @@ from odium.core.requirements import (
     satisfies,
 )
 from odium.core.statediff import PARTS, Declaration, Fingerprint, StateInfo, diff, format_diff
-from odium.core.wire import STATE_RE
 from odium.errors import ConfigError, ProtocolError
 from odium.local.appstate import (
     commit_relation,

@@ -36,8 +36,8 @@ from ..errors import (
 )
 from ..errors import TimeoutError as OdiumTimeout
 from ..io.transport import client_socket
-from ..local.home import check_home, load_or_create
-from .interface import KeyVerbs, default_home
+from ..local.home import check_home, default_home, load_or_create
+from .interface import KeyVerbs
 from .jobs import Job, check_options, check_status, known, pack_jobs
 
 

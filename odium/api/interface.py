@@ -24,9 +24,7 @@ Shell commands (``shell=True``) run in a fresh shell each time, whatever the ses
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -52,11 +50,6 @@ class KeyVerbs:
 
     def revoke(self, pattern: str, role: str | None = None) -> list[str]:
         return [k["key"] for k in self.key_action("revoke", pattern, role)]
-
-
-def default_home() -> Path:
-    """The instance home: ``$ODIUM_HOME`` or ``~/.odium``."""
-    return Path(os.environ.get("ODIUM_HOME", "~/.odium")).expanduser()
 
 
 class HubAPI(Protocol):

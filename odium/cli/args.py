@@ -118,11 +118,9 @@ def is_key_id(word: str) -> bool:
 
 
 def requirement(text: str) -> str:
-    """``--require-state``: any, match or a commit id (the one requirement parser of
-    odium/core/requirements.py replaces this body when it is there)."""
-    import re
+    """``--require-state``: any, match or a commit id (odium/core/requirements.py)."""
+    from ..core.requirements import is_requirement, not_a_requirement
 
-    if text in ("any", "match") or re.fullmatch(r"[0-9a-f]{7,40}", text):
+    if is_requirement(text):
         return text
-    raise argparse.ArgumentTypeError(
-        f"a required state is 'any', 'match' or a commit id (7 to 40 hex digits), not {text!r}")
+    raise argparse.ArgumentTypeError(not_a_requirement(text))

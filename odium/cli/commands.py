@@ -104,9 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "show":
-        from ..api.interface import default_home
         from ..core.keys import fingerprint
-        from ..local.home import ensure_home, load_or_create
+        from ..local.home import default_home, ensure_home, load_or_create
 
         home = ensure_home(args.home or default_home())
         ident = load_or_create(home / "identity.key")

@@ -28,6 +28,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import AuthError, ProtocolError
+from .requirements import ASKED_RE, SENT_RE, STATE_RE
 from .term import CONTROL
 
 VERSION = 1
@@ -44,7 +45,6 @@ _SUFFIX_LEN = len(_SIG_HEAD) + SIG_LEN + 2  # ... ,"sig":"<86>"}
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"
 KEY_RE = r"^[A-Za-z0-9_-]{43}\Z"
 ID_RE = r"^[0-9a-f]{32}\Z"
-STATE_RE = r"^(unversioned|unknown|[0-9a-f]{40}(\+dirty\.[0-9a-f]{12,64})?)\Z"
 # (\Z, not $: a $ also matches before a trailing newline, and msgspec searches, unanchored)
 LINE_RE = f"^[^{CONTROL}]*\\Z"  # one line of text: no control characters (odium.core.term)
 HOST_RE = r"^([A-Za-z0-9_][A-Za-z0-9._-]{0,252})?\Z"
@@ -108,7 +108,7 @@ class Exec(Body):
     timeout: Seconds | None = None
     issuer: KeyId | None = None  # the admin key that asked for it, when not the hub itself
     ephemeral: bool = False  # close the session's namespace when the command ends
-    require: Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})\Z")] = "any"
+    require: Annotated[str, msgspec.Meta(pattern=SENT_RE)] = "any"
 
 
 class Interrupt(Body):
@@ -226,7 +226,7 @@ class Run(Body):
     kind: Literal["python", "shell"] = "python"
     session: Name | None = None
     timeout: Seconds | None = None
-    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})\Z")] = (
+    require: Annotated[str, msgspec.Meta(pattern=ASKED_RE)] = (
         "default")
     ephemeral: bool = False  # close the session's namespace on each node when it ends
 
@@ -268,7 +268,7 @@ class Empty(Body):
 JobId = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
 FnHash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}\Z")]
 B64 = Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
-Requirement = Annotated[str, msgspec.Meta(pattern=r"^(any|[0-9a-f]{7,40})\Z")]
+Requirement = Annotated[str, msgspec.Meta(pattern=SENT_RE)]
 
 
 class JobSpec(Body):
@@ -359,7 +359,7 @@ class JobRequest(Body):
     nodes: Glob = "*"
     retries: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
     timeout: Seconds | None = None
-    require: Annotated[str, msgspec.Meta(pattern=r"^(default|any|match|[0-9a-f]{7,40})\Z")] = (
+    require: Annotated[str, msgspec.Meta(pattern=ASKED_RE)] = (
         "default")
 
 

@@ -17,6 +17,11 @@ from ..errors import ConfigError
 from .files import atomic_write
 
 
+def default_home() -> Path:
+    """The instance home: ``$ODIUM_HOME`` or ``~/.odium``."""
+    return Path(os.environ.get("ODIUM_HOME", "~/.odium")).expanduser()
+
+
 def _user_name(uid: int) -> str | None:
     try:
         import pwd
