@@ -47,6 +47,7 @@ class Runtime:
         self.watch = StateWatch(self.app, self.loop.call_soon_threadsafe, self._set_state)
         self._closers: list[tuple[str, Callable[[], None]]] = []
         self._cond = threading.Condition()
+        self._notified = False
         self._thread: threading.Thread | None = None
         self.closed = False
 
@@ -89,17 +90,26 @@ class Runtime:
             raise OdiumTimeout(f"the instance did not answer within {timeout} s") from None
 
     def notify(self) -> None:
+        """Something a waiter may be waiting for changed (see ``wait_for``)."""
         with self._cond:
+            self._notified = True
             self._cond.notify_all()
 
     def wait_for(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait until ``pred`` is true. It runs in the loop thread (so it may read what the
+        loop owns), again whenever a part notifies and at least every 50 ms."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while not pred():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise OdiumTimeout(f"timed out after {timeout} s waiting for {what}")
-                self._cond.wait(min(left, 0.05))
+        while True:
+            with self._cond:
+                self._notified = False
+            if self.call(pred, timeout=max(deadline - time.monotonic(), 1.0)):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OdiumTimeout(f"timed out after {timeout} s waiting for {what}")
+            with self._cond:
+                if not self._notified:  # (a notice that came while pred ran is not lost)
+                    self._cond.wait(min(left, 0.05))
 
     def close(self) -> None:
         if self.closed:

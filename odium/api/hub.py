@@ -338,19 +338,10 @@ class Hub(KeyVerbs):
         """Wait until the named nodes (or that many nodes) have the given status."""
         core, rt = self.core, self.rt
         assert rt is not None
-        seen: list[set[str]] = [set()]  # the nodes with that status, as the loop last saw them
 
-        def look() -> None:  # in the loop thread; wakes the waiter when the answer changed
+        def ok() -> bool:  # in the loop thread (Runtime.wait_for)
             now = {n for n, i in core.nodes.items() if i.status == status}
-            if now != seen[0]:
-                seen[0] = now  # replaced whole: read by the waiting thread
-                rt.notify()
-
-        def ok() -> bool:
-            rt.loop.call_soon_threadsafe(look)  # the next look, taken in the loop thread
-            if isinstance(names, int):
-                return len(seen[0]) >= names
-            return set(names) <= seen[0]
+            return len(now) >= names if isinstance(names, int) else set(names) <= now
 
         rt.wait_for(ok, timeout, f"nodes {names!r} to be {status}")
 
