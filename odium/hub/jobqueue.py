@@ -33,11 +33,11 @@ from ..core.jobs import (
     advance,
     after_failure,
     known,
-    name_matches,
     new_job_id,
     path_to,
     plan_dispatch,
 )
+from ..core.targeting import name_matches
 from ..errors import AuthError, ConfigError, NotConnectedError, OdiumError
 from ..local.state import satisfies
 from .store import JobFnRow, JobRow

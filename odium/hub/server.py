@@ -7,7 +7,6 @@ Everything here runs in the instance's loop thread, except the ZAP policy
 from __future__ import annotations
 
 import base64
-import fnmatch
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from ..core.keys import (
 from ..core.ratelimit import TokenBucket
 from ..core.results import NodeResult, Result, Status
 from ..core.sealing import Keyring
+from ..core.targeting import match_nodes
 from ..errors import (
     AuthError,
     ConfigError,
@@ -112,12 +112,6 @@ RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
 
 
 QueryHandler = Callable[[P.Message, "KeyInfo", Callable[..., None]], None]
-
-
-def match_nodes(pattern: str, names: list[str]) -> list[str]:
-    """Names matching a glob or a comma-separated list of globs, in the order given."""
-    pats = [p.strip() for p in pattern.split(",") if p.strip()]
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
 
 
 @dataclass
