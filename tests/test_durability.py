@@ -157,7 +157,7 @@ def test_no_ack_for_a_result_whose_write_failed(hub: odium.Hub, node: RawNode,
     so it keeps the result to send again, instead of forgetting what the hub never stored."""
     job = hub.submit("1 + 1", nodes=node.name)
     bid, _batch = node.batch()
-    monkeypatch.setitem(hub.core.jobq._sql, "update", "UPDATE no_such_table SET x = ?")
+    monkeypatch.setitem(hub.core.store._job_sql, "update", "UPDATE no_such_table SET x = ?")
     node.report(bid, done(job.id, 2))
     assert node.ack(1.5) is None, "acknowledged a result the store did not keep"
     hub.core.store.flush()

@@ -24,6 +24,7 @@ import odium
 from odium.api.hub import BroadcastHandle
 from odium.core import wire as P
 from odium.core.keys import Identity
+from odium.hub.asking import Asker
 
 from .conftest import wait_until
 from .raw import Raw, envelope, events, seal, sign_open
@@ -228,7 +229,7 @@ def test_handler_that_raises_still_answers(hub: odium.Hub, zctx,
     def broken(*_a: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(hub.core.query_handlers, "nodes", broken)
+    monkeypatch.setitem(hub.core.query_dispatch._handlers, "nodes", (P.Query, broken))
     mid, after = P.new_id(), P.new_id()
     with loop_held(hub):
         admin.send(admin.seal("nodes", P.Query(), msg_id=mid))
@@ -243,7 +244,7 @@ def test_handler_that_raises_still_answers(hub: odium.Hub, zctx,
                5, "the handler_failed event")
     # the same on the results socket: the report behind the failing one is handled
     me, _q, push, boot, hub_boot = registered(hub, zctx, "buggy")
-    monkeypatch.setitem(hub.core.result_handlers, "state", broken)
+    monkeypatch.setitem(hub.core.result_dispatch._handlers, "state", (P.StateReport, broken))
     with loop_held(hub):
         push.send(seal(me, "state", P.StateReport({})))
         push.send(seal(me, "node_hb", P.NodeBeat(boot, hub_boot)))
@@ -285,17 +286,17 @@ def test_node_handler_that_raises_does_not_drop_the_rest(hub: odium.Hub,
     the command that came in the same reply."""
     hub.start_local(1, prefix="n")
     core = hub.core
-    real = core.query_handlers["fetch"]
+    _body, real = core.query_dispatch._handlers["fetch"]
 
-    def spoiled(msg: P.Message, info: Any, reply: Any) -> None:
+    def spoiled(msg: P.Message, body: P.Fetch, ask: Asker) -> None:
         def spoil(data: Any = None, error: Exception | None = None, **kw: Any) -> None:
             if error is not None:
-                reply(error=error)
+                ask.reply(error=error)
             else:
-                reply({**data, "commands": [123, *data["commands"]]}, **kw)
-        real(msg, info, spoil)
+                ask.reply({**data, "commands": [123, *data["commands"]]}, **kw)
+        real(msg, body, Asker(ask.key, spoil))
 
-    monkeypatch.setitem(core.query_handlers, "fetch", spoiled)
+    monkeypatch.setitem(core.query_dispatch._handlers, "fetch", (P.Fetch, spoiled))
     handle = BroadcastHandle(hub, 15.0)
 
     def unheard() -> None:

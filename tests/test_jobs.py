@@ -140,9 +140,9 @@ def test_every_move_is_recorded_and_jobs_are_stored_before_dispatch(hub2: odium.
         job = hub2.submit("1 + 1")
         q = hub2.core.jobq
         wait_until(lambda: job.id in q.jobs, 10, "the hub to take the job")
-        hub2._call(q._dispatch)  # a dispatch round: nothing may go before the job is stored
+        hub2._call(q.sender.dispatch)  # a dispatch round: nothing may go before the job is stored
         assert job.status == "queued"
-        assert not q.flights
+        assert not q.sender.flights
     finally:
         gate.set()
     assert job.result(20) == 2

@@ -20,7 +20,6 @@ from odium.core.jobs import (
     advance,
     after_failure,
     job_value,
-    name_matches,
     pack_args,
     pack_function,
     path_to,
@@ -28,6 +27,7 @@ from odium.core.jobs import (
     raise_for_job,
     split_batch,
 )
+from odium.core.targeting import match_nodes, name_matches
 from odium.errors import RemoteError
 from odium.node.jobpool import run_job
 
@@ -187,6 +187,11 @@ def test_node_globs() -> None:
     assert name_matches("gpu*,cpu-2", "cpu-2")
     assert not name_matches("gpu*", "cpu-1")
     assert not name_matches(" , ", "x")
+    assert not name_matches("n-1", "n-10")  # a glob matches the whole name
+    assert not name_matches("n-1", "n-1\n")  # anchored with \Z, not $
+    assert not name_matches("N-1", "n-1")  # case-sensitive
+    assert match_nodes(" b* , a ", ["a", "b1", "c", "b2"]) == ["a", "b1", "b2"]
+    assert match_nodes("", ["a"]) == []
 
 
 # --- what travels ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from nacl import bindings
 import odium
 from odium.core import wire as P
 from odium.core.keys import Identity, Token, check_key_id
-from odium.hub import server as hub_module
+from odium.hub import keytable as hub_module
 
 from .conftest import HubProcess, odium_cli
 from .raw import Raw, events

@@ -134,7 +134,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_state(args: argparse.Namespace) -> int:
     from ..core.results import format_text, short_state
-    from ..local.state import find_app, snapshot
+    from ..local.appstate import find_app, snapshot
 
     if args.action == "show":
         info = snapshot(find_app(args.app))

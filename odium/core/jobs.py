@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import fnmatch
 import hashlib
 import heapq
 import itertools
@@ -277,11 +276,6 @@ def split_batch(jobs: Iterable[tuple[str, bool]], free: int) -> tuple[list[str],
         else:
             decline.append(job)
     return take, decline
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    """A node name against a glob or a comma-separated list of globs (as for broadcasts)."""
-    return any(fnmatch.fnmatchcase(name, p.strip()) for p in pattern.split(",") if p.strip())
 
 
 # --- what travels: functions, arguments, values ----------------------------------------------

@@ -5,21 +5,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..core import wire as P
 from ..errors import ConfigError
 from ..local.home import load_or_create
+from .links import HubHost
 from .server import HubCore
 from .store import Store, default_url
-
-if TYPE_CHECKING:
-    from ..runtime import Runtime
 
 _HUB_HOMES: set[Path] = set()  # homes of the hubs running in this process
 
 
-def start_hub(rt: Runtime, *, interface: str = "127.0.0.1", ports: dict[str, int] | None = None,
+def start_hub(rt: HubHost, *, interface: str = "127.0.0.1", ports: dict[str, int] | None = None,
               db: str | None = None, hb_interval: float = 1.0, max_message: int = P.MAX_MESSAGE,
               wheelhouse: str | None = None) -> HubCore:
     """Start the hub part of ``rt``'s process; it closes with the runtime."""

@@ -7,6 +7,7 @@ so the hub's loop never waits on the disk; reads run in the caller's thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from sqlalchemy import (
     JSON,
     Float,
@@ -39,6 +41,13 @@ log = logging.getLogger(__name__)
 
 QUIET = 0.003  # the writer waits this long for more writes before committing a batch
 QUIET_MAX = 0.05  # but never longer than this
+# the job queue's hot writes (Store.write_jobs) take plain tuples, in these columns' order
+JOB_COLS = ("id", "seq", "kind", "code", "fn", "args", "kwargs", "args_pickle", "nodes",
+            "retries", "timeout", "require", "issuer", "status", "node", "attempts", "created",
+            "updated", "started", "finished", "result", "reason")
+JOB_MUTABLE = ("status", "node", "attempts", "updated", "started", "finished", "result",
+               "reason")  # an update's columns, then the seq of its row
+JOB_EVENT_COLS = ("job_seq", "job_id", "ts", "prev", "status", "node", "detail")
 
 
 class Base(DeclarativeBase):
@@ -221,6 +230,7 @@ class Store:
         except SQLAlchemyError as e:
             raise ConfigError(f"cannot open database {url!r}: {e}") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self._job_sql = _job_statements(self.engine.dialect.paramstyle)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="odium-store", daemon=True)
         self._writer.start()
@@ -376,6 +386,10 @@ class Store:
 
         self.write(fn)
 
+    def drop_key(self, key_id: str) -> None:
+        """Delete one key's row (a pending key known by its CURVE key that became its key id)."""
+        self.write(lambda s: s.query(KeyRow).filter_by(key_id=key_id).delete())
+
     def put_state(self, state: str, declaration: dict[str, Any]) -> None:
         now = time.time()
 
@@ -415,6 +429,33 @@ class Store:
         (to know that one write itself committed, give it ``on_commit``)."""
         self.write(lambda s: None, on_commit=fn)
 
+    def write_jobs(self, jobs: list[tuple[Any, ...]], updates: list[tuple[Any, ...]],
+                   events: list[tuple[Any, ...]], fns: list[tuple[str, str]],
+                   on_commit: Callable[[], None]) -> None:
+        """Queue the job queue's changes as one write: new jobs (tuples in ``JOB_COLS``
+        order), updates (``JOB_MUTABLE`` then the row's seq), job events (``JOB_EVENT_COLS``)
+        and functions (hash, data). Plain executemany: this is the queue's hot path.
+        ``on_commit`` as for ``write``."""
+        created = time.time()
+        sql = self._job_sql
+
+        def work(s: Session) -> None:
+            for h, data in fns:
+                s.merge(JobFnRow(hash=h, data=data, created=created))
+            conn = s.connection()
+            dumps = _dumps
+            if jobs:
+                conn.exec_driver_sql(sql["insert"], sql["fit"]([
+                    r[:5] + (dumps(r[5]), dumps(r[6])) + r[7:20] + (dumps(r[20]), r[21])
+                    for r in jobs]))
+            if updates:
+                conn.exec_driver_sql(sql["update"], sql["fit"]([
+                    u[:6] + (dumps(u[6]), u[7], u[8]) for u in updates]))
+            if events:
+                conn.exec_driver_sql(sql["event"], sql["fit"](events))
+
+        self.write(work, on_commit=on_commit)
+
     def jobs_unfinished(self) -> list[JobRow]:
         with self.session() as s:
             return list(s.scalars(select(JobRow).where(
@@ -449,3 +490,43 @@ class Store:
             from sqlalchemy import func
 
             return int(s.scalar(select(func.max(JobRow.seq))) or 0)
+
+
+def _dumps(value: Any, _encode: Callable[[Any], bytes] = msgspec.json.encode) -> str | None:
+    """A JSON column's text (what SQLAlchemy's JSON type reads back)."""
+    if value is None:
+        return None
+    try:
+        return _encode(value).decode()
+    except (TypeError, OverflowError, msgspec.EncodeError):
+        return json.dumps(value, default=str)
+
+
+def _job_statements(paramstyle: str) -> dict[str, Any]:
+    """The job queue's three hot statements in the driver's own parameter style, and a function
+    that shapes rows (tuples in column order) for it. The column types are the models'."""
+    def marks(names: tuple[str, ...]) -> list[str]:
+        if paramstyle == "qmark":
+            return ["?"] * len(names)
+        if paramstyle == "format":
+            return ["%s"] * len(names)
+        if paramstyle == "numeric":
+            return [f":{i + 1}" for i in range(len(names))]
+        if paramstyle == "named":
+            return [f":p{i}" for i in range(len(names))]
+        return [f"%(p{i})s" for i in range(len(names))]  # pyformat
+
+    def insert_sql(table: str, cols: tuple[str, ...]) -> str:
+        return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(marks(cols))})"
+
+    m = marks(JOB_MUTABLE + ("seq",))
+    sets = ", ".join(f"{c} = {x}" for c, x in zip(JOB_MUTABLE, m[:-1], strict=True))
+    update_sql = f"UPDATE jobs SET {sets} WHERE seq = {m[-1]}"
+
+    def fit(rows: list[tuple[Any, ...]]) -> list[Any]:
+        if paramstyle in ("named", "pyformat"):
+            return [{f"p{i}": v for i, v in enumerate(r)} for r in rows]
+        return rows
+
+    return {"insert": insert_sql("jobs", JOB_COLS), "update": update_sql,
+            "event": insert_sql("job_events", JOB_EVENT_COLS), "fit": fit}

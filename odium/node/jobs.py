@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ..core import wire as P
-from ..core.jobs import MAX_BATCH, name_matches, split_batch
+from ..core.jobs import MAX_BATCH, split_batch
 from ..core.requirements import satisfies
 from ..core.sealing import open_inner
+from ..core.targeting import name_matches
 from ..errors import ProtocolError
 from ..io.transport import each_message, recv_frames
 from .jobpool import JobPool

@@ -1,0 +1,302 @@
+"""Broadcasts: commands published to the nodes a pattern matches, and what each node answers.
+
+A broadcast gets one entry per matched node: its result, or ``not connected`` at once, ``lost``
+when the node goes, ``timeout`` past the deadline. A node that missed the command (its SUB
+socket was late) fetches it on the query socket, sealed again for it alone. Everything here
+runs in the hub's loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import wire as P
+from ..core.dispatch import Dispatch
+from ..core.results import NodeResult, Result, Status
+from ..core.sealing import Keyring
+from ..core.targeting import match_nodes
+from ..errors import NotConnectedError, ProtocolError
+from ..local.appstate import commit_relation
+from .asking import Asker
+from .links import HubRuntime, Publisher
+from .nodes import LIVE, NodeInfo, Registry
+from .store import CommandRow, ResultRow, Store
+
+log = logging.getLogger(__name__)
+
+Resolve = Callable[[str | None], tuple[str, str | None]]  # a required state, resolved
+DiffFor = Callable[[NodeInfo], dict[str, Any]]  # how a node's state differs from the hub's
+
+
+@dataclass
+class Broadcast:
+    cmd: str
+    seq: int
+    inner: tuple[str, P.Body] | None  # the sealed message's type and body (sealed again on fetch)
+    targets: list[str]
+    results: dict[str, NodeResult]
+    deadline: float | None
+    issued: float
+    callbacks: list[Callable[[Result], None]] = field(default_factory=list)
+    output: list[Callable[[str, str, str], None]] = field(default_factory=list)
+    on_node: list[Callable[[NodeResult], None]] = field(default_factory=list)
+    acked: set[str] = field(default_factory=set)
+    required: str = "any"
+    hint: str | None = None
+    kind: str = "python"
+    code: str = ""
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == len(self.targets)
+
+
+def _error(ename: str, evalue: str) -> dict[str, Any]:
+    return {"ename": ename, "evalue": evalue, "traceback": ""}
+
+
+class Broadcasts:
+    """The broadcasts going on, their sequence numbers, and their results.
+
+    ``resolve``: a required state as nodes check it; ``diff_for``: what a mismatched node
+    is told of its state."""
+
+    def __init__(self, rt: HubRuntime, store: Store, registry: Registry, wire: Publisher,
+                 keyring: Keyring, *, hb_interval: float, resolve: Resolve,
+                 diff_for: DiffFor) -> None:
+        self.rt, self.store, self.registry, self.wire = rt, store, registry, wire
+        self.keyring = keyring
+        self.hb_interval = hb_interval
+        self._resolve, self._diff_for = resolve, diff_for
+        self.broadcasts: dict[str, Broadcast] = {}
+        self.seq = store.max_seq()
+        self.queries: Dispatch[Asker] = Dispatch("query (broadcasts)")
+        self.queries.on("run", P.Run, self._h_run)
+        self.queries.on("interrupt", P.Interrupt, self._h_interrupt)
+        self.queries.on("fetch", P.Fetch, self._h_fetch)
+        self.results: Dispatch[NodeInfo] = Dispatch("results (broadcasts)")
+        self.results.on("ack", P.Ack, self._r_ack)
+        self.results.on("output", P.Output, self._r_output)
+        self.results.on("result", P.ResultBody, self._r_result)
+
+    # --- starting --------------------------------------------------------------------------
+
+    def targets(self, nodes: str, none_yet: str) -> tuple[list[str], list[str]]:
+        """The targetable nodes a pattern matches, and those of them connected now."""
+        matched = match_nodes(nodes, self.registry.targetable())
+        if not matched:
+            known = ", ".join(self.registry.targetable()) or none_yet
+            raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
+        reg = self.registry.nodes
+        return matched, [n for n in matched if reg[n].status in LIVE]
+
+    def publish_sealed(self, type_: str, body: P.Body, targets: list[str], seq: int) -> bytes:
+        """Publish a message whose body only its targets can read (odium.core.sealing)."""
+        keys = [self.registry.nodes[n].key_id for n in targets]
+        return self.wire.publish_sealed(type_, body, keys, targets, seq)
+
+    def broadcast(self, code: str, nodes: str = "*", *, kind: str = "python",
+                  timeout: float | None = None, session: str = "default",
+                  issuer: str | None = None, cmd: str | None = None, ephemeral: bool = False,
+                  require: str | None = None,
+                  on_done: Callable[[Result], None] | None = None,
+                  on_output: Callable[[str, str, str], None] | None = None,
+                  on_node: Callable[[NodeResult], None] | None = None) -> Broadcast:
+        """Publish a command to the nodes matching ``nodes``; ``on_done`` gets the Result,
+        ``on_node`` each node's entry as it comes, ``on_output`` streamed output.
+
+        ``require``: ``any``, ``match`` (this hub's own commit), an explicit state id, or
+        ``default``/None (``match`` when this hub's application is a clean commit, else ``any``).
+        """
+        if kind not in ("python", "shell"):
+            raise ProtocolError(f"kind must be 'python' or 'shell', not {kind!r}")
+        required, hint = self._resolve(require)
+        matched, targets = self.targets(nodes, "none yet (add some: odium token)")
+        cmd = cmd or P.new_id()
+        own = self.rt.ident.key_id
+        self.seq += 1
+        body = P.Exec(cmd, kind, code, session, timeout,  # type: ignore[arg-type]
+                      issuer if issuer != own else None, ephemeral, required)
+        if targets:
+            self.publish_sealed("exec", body, targets, self.seq)
+        grace = max(2.0, 3 * self.hb_interval)
+        b = Broadcast(cmd, self.seq, ("exec", body), matched, {}, time.monotonic() + timeout
+                      + grace if timeout else None, time.time())
+        b.required, b.hint = required, hint
+        b.callbacks.extend([on_done] if on_done else [])
+        b.output.extend([on_output] if on_output else [])
+        b.on_node.extend([on_node] if on_node else [])
+        self.broadcasts[cmd] = b
+        self.store.insert(CommandRow, dict(
+            id=cmd, seq=self.seq, kind=kind, code=code, session=session, nodes=nodes,
+            targets=matched, issuer=issuer or own, state=self.rt.state,
+            timeout=timeout, created=b.issued, finished=None, status="running"))
+        self.store.event("command", f"{kind} {cmd[:12]} to {nodes!r} ({len(targets)} of "
+                         f"{len(matched)} connected)", key_id=issuer or "")
+        self.not_connected(b, targets)
+        return b
+
+    def not_connected(self, b: Broadcast, connected: list[str]) -> None:
+        """Every matched node that is not connected gets its entry at once."""
+        nodes = self.registry.nodes
+        for name in b.targets:
+            if name not in connected:
+                self.record(b, NodeResult(name, Status.NOT_CONNECTED, state=nodes[name].state,
+                                          error=_error("NotConnected",
+                                                       f"node is {nodes[name].status.value}")))
+
+    def interrupt(self, cmd: str) -> bool:
+        b = self.broadcasts.get(cmd)
+        if b is None:
+            return False
+        left = [n for n in b.targets if n not in b.results]
+        if left:
+            self.wire.publish("interrupt", P.Interrupt(cmd), to=left)
+        return bool(left)
+
+    # --- results ---------------------------------------------------------------------------
+
+    def record(self, b: Broadcast, r: NodeResult) -> None:
+        if r.node in b.results:
+            return
+        b.results[r.node] = r
+        for on_node in b.on_node:
+            try:
+                on_node(r)
+            except Exception:
+                log.exception("node entry callback failed")
+        self.store.insert(ResultRow, dict(
+            command_id=b.cmd, node=r.node, status=r.status.value, state=r.state,
+            stdout=r.stdout, stderr=r.stderr, value=r.value, value_repr=r.value_repr,
+            error=r.error, exit=r.exit, started=r.started, finished=r.finished))
+        if b.done:
+            self._finish(b)
+
+    def _finish(self, b: Broadcast) -> None:
+        del self.broadcasts[b.cmd]
+        extra: dict[str, Any] = {"required": b.required}
+        if b.hint:
+            extra["hint"] = b.hint
+        result = Result(b.cmd, dict((n, b.results[n]) for n in b.targets), self.rt.state,
+                        b.issued, extra)
+        status = "ok" if result.ok else "failed"
+        fin = time.time()
+        self.store.update(CommandRow, b.cmd, {"status": status, "finished": fin})
+        for fn in b.callbacks:
+            try:
+                fn(result)
+            except Exception:
+                log.exception("result callback failed")
+
+    def lose_running(self, node: NodeInfo, why: str, restart: bool = False) -> None:
+        """A node is gone: what it was running is lost (a sync's restart is on purpose)."""
+        for b in list(self.broadcasts.values()):
+            if restart and b.kind == "sync":
+                continue  # a sync restarts the node on purpose; it answers when it is back
+            if node.name in b.targets and node.name not in b.results:
+                self.record(b, NodeResult(node.name, Status.LOST, state=node.state, error=_error(
+                    "NodeLost", f"node lost while running: {why}")))
+
+    def check_deadlines(self) -> None:
+        for b in list(self.broadcasts.values()):
+            if b.deadline is not None and time.monotonic() > b.deadline:
+                for name in b.targets:
+                    if name not in b.results:
+                        self.record(b, NodeResult(
+                            name, Status.TIMEOUT, state=self.registry.nodes[name].state,
+                            error=_error("TimeoutError", "no result from the node in time")))
+
+    def check_running(self, node: NodeInfo, body: P.NodeBeat) -> None:
+        """A command the hub thinks is running that the node does not know: it was lost."""
+        for cmd in list(node.running):
+            b = self.broadcasts.get(cmd)
+            if b is None or node.name in b.results:
+                node.running.discard(cmd)
+            elif cmd not in body.running and body.seq >= b.seq and cmd in b.acked:
+                self.record(b, NodeResult(node.name, Status.LOST, state=node.state, error=_error(
+                    "NodeLost", "the node no longer runs this command")))
+
+    def stop(self) -> None:
+        """The hub stops: every broadcast still waiting gets its answer (nobody waits on a hub
+        that is gone)."""
+        nodes = self.registry.nodes
+        for b in list(self.broadcasts.values()):
+            for name in b.targets:
+                if name not in b.results:
+                    self.record(b, NodeResult(name, Status.LOST, state=nodes[name].state,
+                                              error=_error("HubStopped", "the hub stopped "
+                                                           "before the node answered")))
+
+    # --- query handlers --------------------------------------------------------------------
+
+    def _h_run(self, msg: P.Message, body: P.Run, ask: Asker) -> None:
+        if msg.env.id in self.broadcasts:
+            raise ProtocolError("a run with this id is already going")
+        reply = ask.reply
+        self.broadcast(body.code, body.nodes, kind=body.kind, timeout=body.timeout,
+                       session=body.session or f"cli-{msg.env.id[:12]}", issuer=ask.key.key_id,
+                       cmd=msg.env.id, ephemeral=body.session is None or body.ephemeral,
+                       require=body.require,
+                       on_done=lambda r: reply({"result": r.to_dict()}))
+
+    def _h_interrupt(self, msg: P.Message, body: P.Interrupt, ask: Asker) -> None:
+        ask.reply({"sent": self.interrupt(body.cmd)})
+
+    def _h_fetch(self, msg: P.Message, body: P.Fetch, ask: Asker) -> None:
+        key_id = ask.key.key_id
+        name = self.registry.by_key.get(key_id, "")
+        out = [self._seal_for(b, name, key_id).decode()
+               for b in sorted(self.broadcasts.values(), key=lambda b: b.seq)
+               if b.seq > body.since and name in b.targets and name not in b.results
+               and b.inner is not None]
+        ask.reply({"commands": out, "seq": self.seq}, sealed=True)
+
+    def _seal_for(self, b: Broadcast, name: str, key_id: str) -> bytes:
+        """A missed command again, sealed to the one node that asks for it."""
+        assert b.inner is not None
+        type_, body = b.inner
+        return self.rt.sign("sealed", self.keyring.seal(type_, body, [key_id], to=[name]),
+                            seq=b.seq)
+
+    # --- results handlers ------------------------------------------------------------------
+
+    def _r_ack(self, msg: P.Message, body: P.Ack, node: NodeInfo) -> None:
+        b = self.broadcasts.get(body.cmd)
+        if b is not None and node.name in b.targets:
+            b.acked.add(node.name)
+            node.running.add(body.cmd)
+
+    def _r_output(self, msg: P.Message, body: P.Output, node: NodeInfo) -> None:
+        b = self.broadcasts.get(body.cmd)
+        if b is not None and node.name in b.targets:  # a node speaks only for itself
+            for fn in b.output:
+                fn(node.name, body.stream, body.text)
+
+    def _r_result(self, msg: P.Message, body: P.ResultBody, node: NodeInfo) -> None:
+        node.running.discard(body.cmd)
+        b = self.broadcasts.get(body.cmd)
+        if b is None or node.name not in b.targets or node.name in b.results:
+            return  # late or duplicate: the first answer (or timeout/lost) stands
+        mismatch = None
+        status = Status(body.status) if body.status != "state_mismatch" else Status.STATE_MISMATCH
+        if status is Status.STATE_MISMATCH:
+            mismatch = dict(body.mismatch or {})
+            mismatch.update(self._diff_for(node))
+            node_commit = msg.env.state.split("+")[0]
+            if re.fullmatch(r"[0-9a-f]{40}", b.required) and re.fullmatch(r"[0-9a-f]{40}",
+                                                                         node_commit):
+                # where the node stands against what was required (ahead, behind, ...)
+                mismatch["relation"] = commit_relation(self.rt.app, b.required, node_commit)
+        self.record(b, NodeResult(
+            node.name, status, body.stdout, body.stderr, body.value, body.value_repr,
+            body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
+            msg.env.state, body.started, body.finished, mismatch,
+            P.to_builtins(body.outputs) if body.outputs else []))
+
+
+__all__ = ["Broadcast", "Broadcasts"]

@@ -1,0 +1,220 @@
+"""Reading the hub's query and results sockets: each message opened (signature, replay, size),
+its sender's key and role checked, and handed to its handler by type (``odium.core.dispatch``).
+
+One bad message never stops the others read with it (``each_message``). Bad input is logged
+within a budget (a flood must not fill the disk); a handler's own refusal (an OdiumError) is
+only answered; anything else is a bug, logged with its traceback and answered as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import zmq
+
+from ..core import wire as P
+from ..core.dispatch import Dispatch
+from ..core.keys import curve_public, verify_key
+from ..core.ratelimit import TokenBucket
+from ..core.sealing import Keyring
+from ..errors import AuthError, OdiumError, ProtocolError
+from ..io.transport import each_message, peer_user_id, recv_frames
+from .asking import Asker
+from .keytable import ALLOWED_ROLES, KeyInfo, KeyTable
+from .nodes import NodeInfo, Registry
+from .sockets import HubSockets
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+# Which roles may send which message type, and on which socket.
+QUERY_TYPES = {
+    "join": ("token",),
+    "register": ("node",),
+    "fetch": ("node",),
+    "ping": ("node", "admin"),
+    "run": ("admin",),
+    "interrupt": ("admin",),
+    "nodes": ("admin",),
+    "keys": ("admin",),
+    "key": ("admin",),
+    "token": ("admin",),
+    "log": ("admin",),
+    "state_diff": ("admin",),
+    "sync_nodes": ("admin",),
+    "forget": ("admin",),
+    "bundle": ("node",),
+    "submit": ("admin",),  # the job queue (odium.hub.jobqueue)
+    "job": ("admin",),
+    "jobs": ("admin",),
+    "job_cancel": ("admin",),
+}
+RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
+                "result": ("node",), "bye": ("node",), "event": ("node",), "state": ("node",),
+                "restarting": ("node",),
+                "job_report": ("node",), "job_state": ("node",)}
+_FROM = re.compile(rb'"from":"([A-Za-z0-9_-]{43})"')
+
+
+class _Request:
+    """The answer to one request on the query socket, sent at most once: ``reply(data)`` or
+    ``reply(error=exc)``; what a query handler gets as ``ask.reply``."""
+
+    __slots__ = ("wire", "keyring", "rid", "uid", "re", "type", "sent")
+
+    def __init__(self, wire: HubSockets, keyring: Keyring, rid: bytes, uid: str) -> None:
+        self.wire, self.keyring = wire, keyring
+        self.rid, self.uid = rid, uid  # the connection and the key that asked
+        self.re: str | None = None  # the request's message id, once known
+        self.type = ""
+        self.sent = False
+
+    def __call__(self, data: Any = None, error: Exception | None = None,
+                 sealed: bool = False) -> None:
+        """``sealed``: the reply is readable only with the asker's key (odium.core.sealing)."""
+        if self.sent:
+            log.warning("a second answer to one %s request was dropped", self.type or "?")
+            return
+        wire = self.wire
+        if error is not None:
+            wire.send_query(self.rid, self.uid, "error",
+                            P.ErrorReply(type(error).__name__, str(error)), self.re)
+        elif sealed:  # (if this raises, nothing was sent: the dispatcher answers the error)
+            wire.send_query(self.rid, self.uid, "sealed",
+                            self.keyring.seal("reply", P.Reply(data), [self.uid]), self.re)
+        else:
+            wire.send_query(self.rid, self.uid, "reply", P.Reply(data), self.re)
+        self.sent = True
+
+
+class Inbox:
+    """The query and results sockets' readers, and their dispatch tables (``queries``,
+    ``results``: every part's handlers, taken in with ``Dispatch.update``)."""
+
+    def __init__(self, store: Store, keys: KeyTable, registry: Registry, wire: HubSockets,
+                 keyring: Keyring, *, max_message: int) -> None:
+        self.store, self.keys, self.registry, self.wire = store, keys, registry, wire
+        self.keyring = keyring
+        self.max_message = max_message
+        self.replay = P.ReplayCache()
+        self._bad_input_log = TokenBucket(50, 10)  # 50 lines, then 10 a second
+        self.queries: Dispatch[Asker] = Dispatch("query")
+        self.results: Dispatch[NodeInfo] = Dispatch("results")
+
+    def may_log_bad_input(self) -> bool:
+        """May bad input be logged now? (A flood of it must not fill the disk.)"""
+        return self._bad_input_log.take()
+
+    def reject(self, where: str, uid: str, err: Exception) -> None:
+        if self.may_log_bad_input():
+            self.store.event("rejected", f"{where}: {err}", level="warning",
+                             node=self.registry.by_key.get(uid, ""), key_id=uid)
+            log.warning("rejected message on %s from %s: %s", where, uid[:12] or "?", err)
+
+    # --- opening ---------------------------------------------------------------------------
+
+    def _uid(self, frame: zmq.Frame) -> str:
+        """The key id a frame came from. A key accepted by its CURVE key alone comes through
+        ZAP as that CURVE key (40 characters): its key id is the message's ``from``, if that
+        key's CURVE key is the one the link proved (the signature is checked in _open)."""
+        uid = peer_user_id(frame)
+        if len(uid) == 40:
+            for cand in _FROM.findall(frame.bytes[:4096] + frame.bytes[-4096:]):
+                kid = cand.decode()
+                if P.is_key_point(kid) and curve_public(kid).decode() == uid:
+                    return kid
+        return uid
+
+    def _open(self, frame: zmq.Frame) -> tuple[P.Message, KeyInfo]:
+        link = peer_user_id(frame)
+        uid = self._uid(frame)
+        keys = self.keys.keys
+        info = keys.get(uid)
+        unbound = None
+        if info is None and uid != link:
+            unbound = keys.get(link)
+            if unbound is not None and unbound.role == "node":
+                info = KeyInfo(uid, "node", unbound.name, None, unbound.note)
+        if info is None or info.role not in ALLOWED_ROLES:
+            raise AuthError("sender's key is not trusted (revoked or unknown)")
+        msg = P.open_message(frame.bytes, verify_key(uid), uid, max_size=self.max_message,
+                             replay=self.replay)
+        if unbound is not None:  # proven: the CURVE link and the signature are one key's
+            self.keys.bind(link, info)
+        return msg, info
+
+    # --- the query socket ------------------------------------------------------------------
+
+    def on_query(self) -> None:
+        each_message([(f, self._request(f)) for f in recv_frames(self.wire.sockets["query"])],
+                     self._query, lambda fr, e: self._failed("query", fr[0][-1], e, fr[1]))
+
+    def _request(self, frames: list[zmq.Frame]) -> _Request:
+        """The answer-to-be of one request, for the connection and the CURVE key that sent it."""
+        rid, uid = frames[0].bytes, self._uid(frames[-1])
+        self.wire.peer(rid, uid)
+        return _Request(self.wire, self.keyring, rid, uid)
+
+    def _query(self, frames_reply: tuple[list[zmq.Frame], _Request]) -> None:
+        frames, reply = frames_reply
+        if len(frames) != 2:
+            raise ProtocolError(f"a request is 1 frame, not {len(frames) - 1}")
+        msg, info = self._open(frames[-1])
+        reply.re = msg.env.id
+        roles = QUERY_TYPES.get(msg.type)
+        if roles is None:
+            raise ProtocolError(f"message type {msg.type!r} is not a request")
+        if info.role not in roles:
+            raise AuthError(f"a {info.role} key may not send {msg.type!r}")
+        reply.type = msg.type
+        self.queries.handle(msg, Asker(info, reply))
+
+    def _failed(self, where: str, frame: zmq.Frame, err: Exception,
+                req: _Request | None = None) -> None:
+        """One message failed: log it (rate-limited) and answer the requester, if any, with
+        an error. Bad input is a ``rejected`` event; a handler's own refusal (another
+        OdiumError) is only answered; anything else is a bug, logged with its traceback as a
+        ``handler_failed`` event and answered as an OdiumError."""
+        uid = peer_user_id(frame)
+        if isinstance(err, (ProtocolError, AuthError)):
+            self.reject(where, uid, err)
+        elif not isinstance(err, OdiumError):
+            what = req.type if req is not None and req.type else "a message"
+            if self.may_log_bad_input():
+                log.error("handling %s on %s from %s failed", what, where, uid[:12] or "?",
+                          exc_info=err)
+                self.store.event("handler_failed", f"{where}: {what}: {type(err).__name__}: "
+                                 f"{err}", level="error",
+                                 node=self.registry.by_key.get(uid, ""), key_id=uid)
+            err = OdiumError(f"the hub failed to handle {what}: {type(err).__name__}: {err}")
+        if req is not None and not req.sent:
+            if req.re is None:  # name the request when we can read its id
+                req.re = P.peek_id(frame.bytes)
+            req(error=err)
+
+    # --- the results socket ----------------------------------------------------------------
+
+    def on_results(self) -> None:
+        each_message(recv_frames(self.wire.sockets["results"]), self._result,
+                     lambda frames, e: self._failed("results", frames[-1], e))
+
+    def _result(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 1:
+            raise ProtocolError(f"expected 1 frame, got {len(frames)}")
+        msg, info = self._open(frames[-1])
+        roles = RESULT_TYPES.get(msg.type)
+        if roles is None:
+            raise ProtocolError(f"message type {msg.type!r} does not go on the results "
+                                "socket")
+        if info.role not in roles:
+            raise AuthError(f"a {info.role} key may not send {msg.type!r}")
+        node = self.registry.of_key(info.key_id)
+        if node is None:
+            raise AuthError("node has not registered")
+        self.registry.seen(node, msg.env.state)
+        self.results.handle(msg, node)
+
+
+__all__ = ["Inbox", "QUERY_TYPES", "RESULT_TYPES"]
