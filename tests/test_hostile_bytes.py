@@ -220,7 +220,7 @@ def test_deep_request_is_answered_with_an_error_naming_the_limit(hub: odium.Hub,
 
 
 def test_handler_that_raises_still_answers(hub: odium.Hub, zctx,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                           request: pytest.FixtureRequest) -> None:
     """A query handler and a results handler that raise what nobody expected (a bug): the
     request gets an error reply at once, a handler_failed event is logged, and the requests
     and reports read with it are served."""
@@ -229,7 +229,8 @@ def test_handler_that_raises_still_answers(hub: odium.Hub, zctx,
     def broken(*_a: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(hub.core.query_dispatch._handlers, "nodes", (P.Query, broken))
+    real_nodes = hub.core.query_dispatch.replace("nodes", broken)
+    request.addfinalizer(lambda: hub.core.query_dispatch.replace("nodes", real_nodes))
     mid, after = P.new_id(), P.new_id()
     with loop_held(hub):
         admin.send(admin.seal("nodes", P.Query(), msg_id=mid))
@@ -244,7 +245,8 @@ def test_handler_that_raises_still_answers(hub: odium.Hub, zctx,
                5, "the handler_failed event")
     # the same on the results socket: the report behind the failing one is handled
     me, _q, push, boot, hub_boot = registered(hub, zctx, "buggy")
-    monkeypatch.setitem(hub.core.result_dispatch._handlers, "state", (P.StateReport, broken))
+    real_state = hub.core.result_dispatch.replace("state", broken)
+    request.addfinalizer(lambda: hub.core.result_dispatch.replace("state", real_state))
     with loop_held(hub):
         push.send(seal(me, "state", P.StateReport({})))
         push.send(seal(me, "node_hb", P.NodeBeat(boot, hub_boot)))
@@ -280,14 +282,12 @@ def test_node_rejects_deep_frames_from_its_hub_within_its_rate_limit(hub: odium.
 
 
 def test_node_handler_that_raises_does_not_drop_the_rest(hub: odium.Hub,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         request: pytest.FixtureRequest) -> None:
     """A reply that makes a node's handler raise what nobody expected (here a command that is
     not a string in a fetch reply): the node reports a handler_failed event and still runs
     the command that came in the same reply."""
     hub.start_local(1, prefix="n")
     core = hub.core
-    _body, real = core.query_dispatch._handlers["fetch"]
-
     def spoiled(msg: P.Message, body: P.Fetch, ask: Asker) -> None:
         def spoil(data: Any = None, error: Exception | None = None, **kw: Any) -> None:
             if error is not None:
@@ -296,7 +296,8 @@ def test_node_handler_that_raises_does_not_drop_the_rest(hub: odium.Hub,
                 ask.reply({**data, "commands": [123, *data["commands"]]}, **kw)
         real(msg, body, Asker(ask.key, spoil))
 
-    monkeypatch.setitem(core.query_dispatch._handlers, "fetch", (P.Fetch, spoiled))
+    real = core.query_dispatch.replace("fetch", spoiled)
+    request.addfinalizer(lambda: core.query_dispatch.replace("fetch", real))
     handle = BroadcastHandle(hub, 15.0)
 
     def unheard() -> None:

@@ -8,7 +8,7 @@ import pytest
 import odium
 from odium.core import wire as P
 from odium.core.keys import Identity, Token, join_proof_bytes
-from odium.hub.server import KeyInfo
+from odium.hub.keytable import KeyInfo
 
 from .conftest import HubProcess, odium_cli
 from .raw import Raw, Target, events
@@ -39,7 +39,7 @@ def test_token_join_with_a_reserved_name_is_refused(hub: odium.Hub, zctx, name: 
 
 def test_register_with_a_reserved_name_is_refused(hub: odium.Hub, zctx) -> None:
     ident = Identity.generate()
-    hub.core.rt.call(lambda: hub.core._set_key(KeyInfo(ident.key_id, "node", "", None, "")))
+    hub.core.rt.call(lambda: hub.core.keytable.put(KeyInfo(ident.key_id, "node", "", None, "")))
     raw = Raw(zctx, hub, "query", ident)
     msg = raw.request(raw.seal("register", P.Register("admin", P.new_id())))
     assert msg.type == "error" and "reserved" in msg.body.message  # type: ignore[attr-defined]
@@ -60,7 +60,7 @@ def test_names_choose_node_keys_and_the_last_admin_key_stays(hub: odium.Hub) -> 
     admin_key = next(k["key"] for k in hub.keys() if k["role"] == "admin" and k["name"] == "admin")
     # a node that took the name before names were reserved (an old store)
     squatter = Identity.generate()
-    hub.core.rt.call(lambda: hub.core._set_key(KeyInfo(squatter.key_id, "node", "admin")))
+    hub.core.rt.call(lambda: hub.core.keytable.put(KeyInfo(squatter.key_id, "node", "admin")))
     # "revoke admin" means that node: never the home's admin key
     changed = hub.key_action("revoke", "admin")
     assert [(k["key"], k["role"]) for k in changed] == [(squatter.key_id, "node")]

@@ -180,13 +180,13 @@ def test_cli_log_keys_and_run_escape_node_text(hub: odium.Hub) -> None:
     """Whatever reached the store by any path prints escaped: ``odium log``, ``odium keys``,
     and a node's output in ``odium run``."""
     from odium.core.keys import Identity
-    from odium.hub.server import KeyInfo
+    from odium.hub.keytable import KeyInfo
 
     core = hub.core
     hub.core.rt.call(lambda: core.store.event("node_event", "reported by rogue: x" + FAKE,
                                                 level="warning", node="rogue"))
     k = Identity.generate().key_id
-    hub.core.rt.call(lambda: core._set_key(KeyInfo(k, "node", "rogue", None,
+    hub.core.rt.call(lambda: core.keytable.put(KeyInfo(k, "node", "rogue", None,
                                                      "note" + FAKE)))
     hub.start_local(1, prefix="t")
     h = str(hub.home)

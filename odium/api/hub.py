@@ -25,7 +25,8 @@ from ..core.keys import check_key_id
 from ..core.results import NodeResult, Result
 from ..errors import ConfigError, NotConnectedError
 from ..errors import TimeoutError as OdiumTimeout
-from ..hub.server import DEFAULT_PORTS, HubCore, KeyInfo
+from ..hub.keytable import KeyInfo, key_fp
+from ..hub.server import HubCore
 from ..hub.start import start_hub
 from ..local.home import ensure_home, load_or_create
 from ..node.agent import save_joined
@@ -44,16 +45,16 @@ T = TypeVar("T")
 
 def _ports(ports: int | dict[str, int] | None) -> dict[str, int]:
     if ports is None:
-        return dict(DEFAULT_PORTS)
+        return dict(P.DEFAULT_PORTS)
     if isinstance(ports, int):
         if ports != 0:
             raise ConfigError("ports=<int> only takes 0 (all chosen by the OS); "
                               "give a dict for fixed ports")
-        return {k: 0 for k in DEFAULT_PORTS}
-    unknown = set(ports) - set(DEFAULT_PORTS)
+        return {k: 0 for k in P.DEFAULT_PORTS}
+    unknown = set(ports) - set(P.DEFAULT_PORTS)
     if unknown:
-        raise ConfigError(f"unknown port names {sorted(unknown)}; use {sorted(DEFAULT_PORTS)}")
-    return {**DEFAULT_PORTS, **ports}
+        raise ConfigError(f"unknown port names {sorted(unknown)}; use {sorted(P.DEFAULT_PORTS)}")
+    return {**P.DEFAULT_PORTS, **ports}
 
 
 class Hub(KeyVerbs):
@@ -368,7 +369,7 @@ class Hub(KeyVerbs):
 
         def act() -> list[dict[str, Any]]:
             return [{"key": k.key_id, "name": k.name, "role": k.role,
-                     "fingerprint": core._fp(k.key_id)}
+                     "fingerprint": key_fp(k.key_id)}
                     for k in core.key_action(action, pattern, role)]
 
         return self._call(act)
@@ -381,7 +382,7 @@ class Hub(KeyVerbs):
         if role != "admin" and is_reserved_name(name):
             raise ConfigError(f"node name {name!r} is reserved for the hub's own keys")
         core = self.core
-        self._call(lambda: core._set_key(KeyInfo(key_id, role, name, None, "trusted by API")))
+        self._call(lambda: core.keytable.put(KeyInfo(key_id, role, name, None, "trusted by API")))
 
     def log(self, limit: int = 50) -> list[dict[str, Any]]:
         """The hub's recent events."""

@@ -43,6 +43,14 @@ class Dispatch(Generic[C]):
         for msg_type, (body, handler) in other._handlers.items():
             self.on(msg_type, body, handler)
 
+    def replace(self, msg_type: str, handler: Callable[[P.Message, Any, C], None]
+                ) -> Callable[[P.Message, Any, C], None]:
+        """Put another handler in the place of ``msg_type``'s (a test's fault, a wrapper);
+        returns the one it replaced."""
+        body, old = self._handlers[msg_type]
+        self._handlers[msg_type] = (body, handler)
+        return old
+
     def __contains__(self, msg_type: object) -> bool:
         return msg_type in self._handlers
 

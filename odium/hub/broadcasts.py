@@ -9,7 +9,6 @@ runs in the hub's loop thread.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from ..core import wire as P
 from ..core.dispatch import Dispatch
+from ..core.requirements import is_commit_id
 from ..core.results import NodeResult, Result, Status
 from ..core.sealing import Keyring
 from ..core.targeting import match_nodes
@@ -288,8 +288,7 @@ class Broadcasts:
             mismatch = dict(body.mismatch or {})
             mismatch.update(self._diff_for(node))
             node_commit = msg.env.state.split("+")[0]
-            if re.fullmatch(r"[0-9a-f]{40}", b.required) and re.fullmatch(r"[0-9a-f]{40}",
-                                                                         node_commit):
+            if is_commit_id(b.required) and is_commit_id(node_commit):
                 # where the node stands against what was required (ahead, behind, ...)
                 mismatch["relation"] = commit_relation(self.rt.app, b.required, node_commit)
         self.record(b, NodeResult(

@@ -5,7 +5,6 @@ syncing node asks for over the query socket, made off the loop.
 from __future__ import annotations
 
 import base64
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from ..core import wire as P
 from ..core.dispatch import Dispatch
+from ..core.requirements import is_commit_id
 from ..core.results import Result
 from ..errors import AuthError, OdiumError, StateMismatchError
 from ..local.sync import make_bundle
@@ -39,7 +39,7 @@ class Syncs:
                    on_done: Callable[[Result], None] | None = None) -> Broadcast:
         """Bring the matching nodes to this hub's commit (git bundle over the query socket)."""
         target = self.rt.watch.now().state
-        if not re.fullmatch(r"[0-9a-f]{40}", target):
+        if not is_commit_id(target):
             raise StateMismatchError(f"cannot sync nodes to this hub's state {target!r}: it is "
                                      "not a clean commit; commit your changes first")
         bc = self.broadcasts

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket as pysocket
 from collections.abc import Callable
 from pathlib import Path
@@ -22,15 +21,15 @@ import zmq
 from ..core import wire as P
 from ..core.dispatch import Dispatch
 from ..core.keys import Identity, fingerprint
-from ..core.requirements import default_requirement
+from ..core.requirements import is_commit_id, resolve_requirement
 from ..core.results import NodeResult, Result
 from ..core.sealing import Keyring
 from ..core.statediff import StateInfo, format_diff
 from ..core.statediff import diff as state_diff
 from ..core.targeting import match_nodes
-from ..errors import ConfigError, StateMismatchError
 from ..io.transport import ZapHandler
 from ..local.appstate import commit_relation, resolve_state
+from ..local.files import atomic_write
 from .asking import Asker
 from .broadcasts import Broadcast, Broadcasts
 from .bundles import Syncs
@@ -41,7 +40,7 @@ from .links import HubRuntime
 from .nodedesk import DeskHooks, NodeDesk
 from .nodes import NodeInfo, NodeStatus, Registry
 from .sockets import HubSockets
-from .store import KeyRow, Store
+from .store import Store
 
 STATE_EVERY = 2.0  # seconds between checks of the hub's own state
 DEFAULT_PORTS = P.DEFAULT_PORTS
@@ -68,9 +67,9 @@ class HubCore:
         self.watchers: list[Callable[[], bool]] = []  # re-checked when a node's state changes
         self._connecting_fast = 0
         self.keytable = KeyTable(store, rt.ident.key_id, rt.loop.call_soon_threadsafe)
-        self._set_key(KeyInfo(rt.ident.key_id, "admin", "hub", None, "this hub"))
+        self.keytable.put(KeyInfo(rt.ident.key_id, "admin", "hub", None, "this hub"))
         if admin is not None:
-            self._set_key(KeyInfo(admin.key_id, "admin", "admin", None, "admin key in home"))
+            self.keytable.put(KeyInfo(admin.key_id, "admin", "admin", None, "admin key in home"))
         self.registry = Registry(store, lambda: self.keytable.keys)
         self.zap = ZapHandler(rt.ctx, self.keytable.zap)
         try:
@@ -158,12 +157,6 @@ class HubCore:
     def result_dispatch(self) -> Dispatch[NodeInfo]:
         return self.inbox.results
 
-    def _set_key(self, info: KeyInfo, persist: bool = True) -> None:
-        """Add or change one key (ConfigError, before anything changes, if it is no key)."""
-        self.keytable.put(info, persist)
-
-    _fp = staticmethod(key_fp)
-
     # --- liveness --------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
@@ -232,25 +225,8 @@ class HubCore:
 
     def resolve_requirement(self, require: str | None) -> tuple[str, str | None]:
         """The state a command requires, as the node will check it: ``any`` or a commit."""
-        own = self.rt.state
-        if require in (None, "default"):
-            kind, hint = default_requirement(own)
-            return (own if kind == "match" else "any"), hint
-        if require == "any":
-            return "any", None
-        if require == "match":
-            if not re.fullmatch(r"[0-9a-f]{40}", own):
-                raise StateMismatchError(
-                    f"cannot require this hub's state: it is {own!r}, not a clean commit; "
-                    "commit your changes, or use --require-state any")
-            return own, None
-        if not re.fullmatch(r"[0-9a-f]{7,40}", require or ""):
-            raise ConfigError(f"a required state is 'any', 'match' or a commit id (7 to 40 hex "
-                              f"digits), not {require!r}")
-        try:  # a short id the hub knows becomes the full commit
-            return resolve_state(self.rt.app, str(require)), None
-        except ConfigError:
-            return str(require), None
+        return resolve_requirement(require, self.rt.state,
+                                   lambda rev: resolve_state(self.rt.app, rev))
 
     def diff_for(self, node: NodeInfo) -> dict[str, Any]:
         """How a node's state differs from this hub's, part by part."""
@@ -260,8 +236,7 @@ class HubCore:
             hub_commit, node_commit = mine.split("+")[0], theirs_state.split("+")[0]
             if hub_commit != node_commit:
                 rel = "unknown"
-                if re.fullmatch(r"[0-9a-f]{40}", hub_commit) and re.fullmatch(
-                        r"[0-9a-f]{40}", node_commit):
+                if is_commit_id(hub_commit) and is_commit_id(node_commit):
                     rel = commit_relation(self.rt.app, hub_commit, node_commit)
                 d["commit"] = {"hub": hub_commit, "node": node_commit, "relation": rel}
             if "+dirty" in theirs_state:
@@ -350,12 +325,8 @@ class HubCore:
                 "key": self.rt.ident.key_id, "boot": self.boot}
 
     def write_info(self, home: Path) -> None:
-        path = home / "hub.json"
-        tmp = home / f".hub.json.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.info(), f)
-        os.replace(tmp, path)
+        """hub.json: how the commands of this machine reach this hub (0600)."""
+        atomic_write(home / "hub.json", json.dumps(self.info()))
 
     def close(self) -> None:
         self.bc.stop()  # every broadcast still waiting gets its answer
@@ -364,4 +335,4 @@ class HubCore:
         self.zap.close()
 
 
-__all__ = ["DEFAULT_PORTS", "HubCore", "KeyInfo", "KeyRow", "match_nodes"]
+__all__ = ["HubCore"]
