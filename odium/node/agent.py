@@ -49,8 +49,9 @@ from ..local.state import (
     satisfies,
     snapshot,
 )
-from .executor import Executor, warm_forkserver
 from .jobs import NodeJobs
+from .workers.sessions import Executor
+from .workers.start import warm_forkserver
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -545,7 +546,7 @@ class NodeCore:
         # a command still running after ACK_AFTER is acknowledged; quick ones just answer
         cmd = body.cmd
         self.rt.loop.call_later(ACK_AFTER, lambda: self._send("ack", P.Ack(cmd))
-                                  if cmd in self.executor.jobs else None)
+                                  if cmd in self.executor.runs else None)
 
     # --- state ------------------------------------------------------------------------------
 

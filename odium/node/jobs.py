@@ -19,7 +19,7 @@ from ..core.sealing import open_inner
 from ..errors import ProtocolError
 from ..io.transport import each_message, recv_frames
 from ..local.state import satisfies
-from .jobpool import JobPool
+from .workers.pool import JobPool
 
 if TYPE_CHECKING:
     from .agent import NodeCore
