@@ -23,26 +23,27 @@ import zmq
 
 from ..core import wire as P
 from ..core.dispatch import Dispatch
-from ..core.keys import Identity, Token, is_reserved_name, join_proof_bytes, verify_key
-from ..core.ratelimit import TokenBucket
+from ..core.keys import Identity, Token, is_reserved_name, verify_key
 from ..core.sealing import Keyring, open_inner
 from ..core.term import clean
 from ..errors import AuthError, ConfigError, OdiumError, ProtocolError
 from ..io.transport import client_socket, each_message, recv_frames
 from ..local.state import StateInfo
 from .commands import Commands, Received
+from .failures import Failures
 from .jobs import NodeJobs
+from .joining import Joiner
 from .link import Link
 from .outbox import Outbox
 from .ports import NodeRuntime
 from .requests import REQUEST_RETRY, Request, Requests
+from .sockets import DataSockets
 from .status import Event, NodeStatus, next_status
 from .sync import Syncer
 from .workers.start import warm_forkserver
 
 log = logging.getLogger(__name__)
 
-JOIN_PATIENCE = 15.0  # seconds without an answer to a join before the node says so
 TICK = 0.05
 STATE_EVERY = 5.0  # seconds between checks of the node's own state
 
@@ -88,16 +89,12 @@ class NodeCore:
         self.seq = 0
         self.last_heard = time.monotonic()
         self.last_beat = 0.0
-        self.sub: zmq.Socket[Any] | None = None
-        self.pull: zmq.Socket[Any] | None = None
         self.query: zmq.Socket[Any] | None = None
-        self.join_sock: zmq.Socket[Any] | None = None
+        self.joiner: Joiner | None = None  # joining with a token
         self.error: OdiumError | None = None
         self.restart = False  # set by a sync: the process runs itself again when the loop ends
-        self._token_expires = 0.0
-        self._token_sign: P.Signer | None = None  # signs with a join token's one-time key
-        self._bad_input_log = TokenBucket(20, 2)  # 20 lines, then 2 a second
         self.outbox = Outbox(rt.sign)
+        self.failures = Failures(self._send, lambda: self.registered)
         self.requests = Requests(self._signer, self._on_error_reply)
         admitted = rt.home.joinpath("joined.json").exists() and token is None
         self.link = Link(rt.loop, address, rt.ident.key_id, admitted, self._refused, self._cut_off)
@@ -105,7 +102,9 @@ class NodeCore:
         self._watch_state()
         rt.loop.every(TICK, self._tick)
         if token is not None:
-            self._join(token)
+            self.joiner = Joiner(rt, address, hub_key, name, token, self.requests, self.link,
+                                 self._on_query, self._fail, self._joined)
+            self.joiner.start()
         else:
             self._open_query()
             self._register()
@@ -125,6 +124,8 @@ class NodeCore:
         self.sync = Syncer(rt, self.name, self._send, self._ask, received, self.executor.running,
                            self._restart, find_links, index_url)
         self.jobs = NodeJobs(rt, self, self.capacity)  # the job queue's slots and pool
+        self.data = DataSockets(rt, self.host, self.hub_key, self.link, self.outbox, self.jobs,
+                                self._on_sub)
         self.pub: Dispatch[None] = Dispatch("PUB")
         self.pub.on("hb", P.HubBeat, self._on_hb)
         self.pub.on("interrupt", P.Interrupt, lambda m, b, _: self.commands.on_interrupt(m, b))
@@ -156,10 +157,6 @@ class NodeCore:
         return self.outbox.push is not None
 
     @property
-    def push(self) -> zmq.Socket[Any] | None:
-        return self.outbox.push
-
-    @property
     def on_notice(self) -> Callable[[str], None] | None:
         """What this node says to whoever runs it (odium node prints it; else the log)."""
         return self.link.on_notice
@@ -187,9 +184,6 @@ class NodeCore:
 
     # --- sockets ---------------------------------------------------------------------------
 
-    def _endpoint(self, port: int) -> str:
-        return f"tcp://{self.host}:{port}"
-
     def _open_query(self) -> None:
         # no routing id of our own: the hub's ROUTER gives each connection one nobody can claim
         self.query = client_socket(self.rt.ctx, zmq.DEALER, self.rt.ident, self.hub_key,
@@ -210,37 +204,12 @@ class NodeCore:
         assert self.query is not None
         return self.query
 
-    def _open_data(self, ports: dict[str, int]) -> None:
-        if self.sub is not None:
-            return
-        ctx, ident, key = self.rt.ctx, self.rt.ident, self.hub_key
-        self.sub = client_socket(ctx, zmq.SUB, ident, key, self._endpoint(ports["pub"]))
-        push = client_socket(ctx, zmq.PUSH, ident, key, self._endpoint(ports["results"]),
-                             immediate=True)
-        self.outbox.push = push
-        self.pull = client_socket(ctx, zmq.PULL, ident, key, self._endpoint(ports["jobs"]))
-        self.jobs.attach(self.pull)
-        self.rt.loop.add(self.sub, self._on_sub)
-        for sk, what in ((self.sub, "pub"), (push, "results"), (self.pull, "jobs")):
-            self.link.watch(sk, what)
-
-    def _close_data(self) -> None:
-        for what in ("pub", "results", "jobs"):
-            self.link.unwatch(what)
-        for sk in (self.sub, self.outbox.push, self.pull):
-            if sk is not None:
-                try:
-                    self.rt.loop.remove(sk)
-                except KeyError:
-                    pass
-                sk.close(linger=0)
-        self.sub = self.outbox.push = self.pull = None
-        self.jobs.detach()
-
     # --- requests on the query socket ------------------------------------------------------
 
     def _signer(self, sock: zmq.Socket[Any]) -> P.Signer | None:
-        return self.rt.sign if sock is self.query else self._token_sign
+        if sock is self.query:
+            return self.rt.sign
+        return self.joiner.sign if self.joiner is not None else None
 
     def _ask(self, type_: str, body: P.Body, on_reply: Callable[[Any], None],
              on_error: Callable[[str], None] | None = None) -> None:
@@ -276,34 +245,19 @@ class NodeCore:
 
     # --- joining ---------------------------------------------------------------------------
 
-    def _join(self, token: Token) -> None:
-        tok = token.identity
-        self._token_sign = P.Signer(tok.signing, tok.key_id, lambda: self.rt.state)
-        self.join_sock = client_socket(self.rt.ctx, zmq.DEALER, token.identity, self.hub_key,
-                                       self.address)
-        js = self.join_sock
-        self.rt.loop.add(js, lambda: self._on_query(js))
-        self.link.watch(js, "join")
-        self._token_expires = token.expires
-        self.rt.loop.call_later(JOIN_PATIENCE, self._join_overdue)
-        proof = self.rt.ident.sign(join_proof_bytes(token.token_id, self.hub_key))
-        self.requests.ask(js, "join", P.Join(token.token_id, self.rt.ident.key_id, self.name,
-                                             proof), self._joined)
-
     def _refused(self, what: str) -> None:
         """The hub refused the handshake of the join or query socket."""
-        if what == "join":
-            self._fail(AuthError(f"the hub at {self.address} refused this join token: it was "
-                                 "used already or has expired; ask for a new one (odium token)"))
+        if what == "join" and self.joiner is not None:
+            self.joiner.refused()
             return
         self.link.refused()
 
     def _cut_off(self, what: str) -> None:
         """A data socket's handshake was refused: the hub no longer trusts this key. Drop
         the data sockets and register again (and again) until it does."""
-        if self.sub is None:
+        if self.data.sub is None:
             return
-        self._close_data()
+        self.data.close()
         self._lost()
         self._refused(what)
         self._reopen_query()
@@ -319,15 +273,6 @@ class NodeCore:
             self.status = next_status(self.status, Event.HEARD)
             self.link.ready(self.name)
 
-    def _join_overdue(self) -> None:
-        if self.join_sock is None:
-            return
-        if time.time() > self._token_expires:
-            self._fail(AuthError("the join token has expired; ask for a new one (odium token)"))
-        else:
-            log.warning("no answer from the hub at %s yet; still trying", self.address)
-            self.rt.loop.call_later(JOIN_PATIENCE, self._join_overdue)
-
     def _fail(self, err: OdiumError) -> None:
         """Stop the node with an error: ``odium node`` prints it, once, and exits 1."""
         log.debug("node stops: %s", err)
@@ -335,13 +280,7 @@ class NodeCore:
         self.rt.notify()
         self.rt.loop.stop()
 
-    def _joined(self, _data: Any) -> None:
-        self.link.unwatch("join")
-        self._token_sign = None  # the token is spent: forget it
-        if self.join_sock is not None:
-            self.rt.loop.remove(self.join_sock)
-            self.join_sock.close(linger=0)
-            self.join_sock = None
+    def _joined(self) -> None:
         self.status = next_status(self.status, Event.JOINED)
         save_joined(self.rt.home, self.address, self.hub_key, self.name)
         log.info("joined hub at %s as %s", self.address, self.name)
@@ -369,7 +308,7 @@ class NodeCore:
         self.status = next_status(self.status, Event.REGISTERED)
         self.link.admitted = True
         self.last_heard = time.monotonic()
-        self._open_data(data["ports"])
+        self.data.open(data["ports"])
         if self.state_info is not None:  # it may have been computed while we registered
             self._send("state", P.StateReport(self.state_info.to_dict()), keep=True)
         if not self.rt.home.joinpath("joined.json").exists():
@@ -399,8 +338,9 @@ class NodeCore:
     # --- from the hub ----------------------------------------------------------------------
 
     def _on_sub(self) -> None:
-        assert self.sub is not None
-        each_message(recv_frames(self.sub), self._from_pub, lambda _f, e: self.failed("PUB", e))
+        assert self.data.sub is not None
+        each_message(recv_frames(self.data.sub), self._from_pub,
+                     lambda _f, e: self.failed("PUB", e))
 
     def _from_pub(self, frames: list[zmq.Frame]) -> None:
         msg = self.open(frames[-1].bytes)
@@ -410,31 +350,7 @@ class NodeCore:
         self.pub.handle(msg, None)
 
     def failed(self, where: str, err: Exception) -> None:
-        """One message failed (the node's dispatch wrapper, as the hub's): bad input is
-        rejected; anything else is logged with its traceback and reported to the hub."""
-        if isinstance(err, (ProtocolError, AuthError)):
-            self._rejected(where, err)
-            return
-        if isinstance(err, OdiumError):
-            text = f"on {where}: {err}"
-        else:
-            text = f"on {where}: {type(err).__name__}: {err}"
-        if self._may_log():
-            log.error("handling a message %s failed", text, exc_info=err)
-            if self.registered:
-                self._send("event", P.NodeEvent("handler_failed", text[:4000], "error"))
-
-    def _rejected(self, where: str, err: Exception) -> None:
-        """Log a message this node refused, and tell the hub so it lands in the event log."""
-        if self._may_log():
-            log.warning("rejected message on %s: %s", where, err)
-            if self.registered:
-                self._send("event", P.NodeEvent("rejected", clean(f"on {where}: {err}")[:4000]))
-
-    def _may_log(self) -> bool:
-        """May bad input be logged and reported now? (A flood of it must fill neither this
-        node's log nor the hub's.)"""
-        return self._bad_input_log.take()
+        self.failures.failed(where, err)
 
     def _on_sealed(self, msg: P.Message, _body: P.Sealed, _: None) -> None:
         """A sealed command on PUB: run it if it opens with this node's key, else only note
@@ -497,7 +413,7 @@ class NodeCore:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        self.link.silent(now - self.last_heard, self.interval, self.join_sock is not None)
+        self.link.silent(now - self.last_heard, self.interval, self.status is NodeStatus.JOINING)
         for req in self.requests.overdue(now):
             sock = req.sock
             if sock.closed:
@@ -526,7 +442,8 @@ class NodeCore:
         self.jobs.close()
         self.executor.close()
         self.link.close()
-        for s in (self.sub, push, self.pull, self.query, self.join_sock):
+        join_sock = self.joiner.sock if self.joiner is not None else None
+        for s in (self.data.sub, push, self.data.pull, self.query, join_sock):
             if s is not None:
                 try:
                     self.rt.loop.remove(s)
