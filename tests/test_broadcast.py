@@ -37,7 +37,7 @@ def test_error_comes_back_with_traceback(hub4: odium.Hub) -> None:
     assert nr.error["ename"] == "ValueError"
     assert nr.error["evalue"] == "bad value"
     assert "line 2, in f" in nr.error["traceback"]
-    assert "executor.py" not in nr.error["traceback"]
+    assert "node/workers/" not in nr.error["traceback"]
     with pytest.raises(odium.RemoteError, match="bad value"):
         r.raise_for_error()
 

@@ -23,6 +23,7 @@ import pytest
 import odium
 from odium.api.hub import BroadcastHandle
 from odium.core import wire as P
+from odium.core.guards import MAX_DEPTH, too_deep
 from odium.core.keys import Identity
 from odium.hub.asking import Asker
 
@@ -119,11 +120,11 @@ def test_depth_scan_agrees_with_a_parser() -> None:
         tree = _tree(rng, rng.randint(0, 14))
         text = json.dumps(tree).encode()
         for limit in (0, 1, 2, 5, 9):
-            assert P.too_deep(text, limit) == (_depth(tree) > limit), (text, limit)
+            assert too_deep(text, limit) == (_depth(tree) > limit), (text, limit)
     # malformed: openers that never close count (a decoder would recurse into them first)
     for bad in (b"[" * 100, b"[{" * 50, b"]]" + b"[" * 80, b"[[]" * 70):
-        assert P.too_deep(bad, 64), bad
-    assert not P.too_deep(b'{"a":"' + b"[" * 100, 64)  # inside an unterminated string
+        assert too_deep(bad, 64), bad
+    assert not too_deep(b'{"a":"' + b"[" * 100, 64)  # inside an unterminated string
 
 
 def test_open_message_limits_depth_at_max_depth() -> None:
@@ -135,11 +136,11 @@ def test_open_message_limits_depth_at_max_depth() -> None:
     cmd = P.new_id()
     base = {"cmd": cmd, "status": "ok", "started": 1.0, "finished": 2.0}
     # the envelope is level 1, the body 2: a value of MAX_DEPTH - 2 arrays makes MAX_DEPTH
-    ok = deep_frame(me, "result", base, "value", P.MAX_DEPTH - 2)
+    ok = deep_frame(me, "result", base, "value", MAX_DEPTH - 2)
     msg = P.open_message(ok, vk, me.key_id)
-    assert _depth(msg.body.value) == P.MAX_DEPTH - 2  # type: ignore[attr-defined]
-    for depth in (P.MAX_DEPTH - 1, DEEP):
-        with pytest.raises(odium.ProtocolError, match=f"limit of {P.MAX_DEPTH} levels"):
+    assert _depth(msg.body.value) == MAX_DEPTH - 2  # type: ignore[attr-defined]
+    for depth in (MAX_DEPTH - 1, DEEP):
+        with pytest.raises(odium.ProtocolError, match=f"limit of {MAX_DEPTH} levels"):
             P.open_message(deep_frame(me, "result", base, "value", depth), vk, me.key_id)
     # and the request can still be named in an error reply, without parsing it
     mid = P.new_id()
@@ -166,7 +167,7 @@ def test_deep_result_drops_nothing_read_with_it(hub: odium.Hub, zctx) -> None:
         assert r["evil"].status is odium.Status.OK and r["evil"].value == i, r["evil"]
     got = wait_until(lambda: too_deep_events(hub, me.key_id, "results"), 5,
                      "the deep results logged as rejected")
-    assert f"limit of {P.MAX_DEPTH}" in got[0]["detail"]
+    assert f"limit of {MAX_DEPTH}" in got[0]["detail"]
 
 
 def test_flood_of_deep_frames_logs_within_the_rate_limit(hub: odium.Hub, zctx,
@@ -214,7 +215,7 @@ def test_deep_request_is_answered_with_an_error_naming_the_limit(hub: odium.Hub,
     err = answers[0]
     assert (err.type, err.env.re) == ("error", mid), err
     assert err.body.kind == "ProtocolError"  # type: ignore[attr-defined]
-    assert f"limit of {P.MAX_DEPTH} levels" in err.body.message  # type: ignore[attr-defined]
+    assert f"limit of {MAX_DEPTH} levels" in err.body.message  # type: ignore[attr-defined]
     assert [(a.type, a.env.re) for a in answers[1:]] == [("reply", m) for m in ids]
     wait_until(lambda: too_deep_events(hub, me.key_id, "query"), 5, "the rejected event")
 
@@ -273,7 +274,7 @@ def test_node_rejects_deep_frames_from_its_hub_within_its_rate_limit(hub: odium.
 
     def reported() -> list[dict[str, Any]]:
         return [e for e in events(hub, "rejected") if e["node"] == "n-1"
-                and "on PUB" in e["detail"] and f"limit of {P.MAX_DEPTH}" in e["detail"]]
+                and "on PUB" in e["detail"] and f"limit of {MAX_DEPTH}" in e["detail"]]
 
     # the command came after the frames on the same link, and the node's reports went before
     # its result on its own: every report is in by now

@@ -29,7 +29,7 @@ from odium.core.jobs import (
 )
 from odium.core.targeting import match_nodes, name_matches
 from odium.errors import RemoteError
-from odium.node.jobpool import run_job
+from odium.node.workers.job import run_job
 
 Q, A, R = JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING
 DONE, FAILED, TIMEOUT, CANCELLED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.TIMEOUT,
@@ -261,7 +261,7 @@ def test_errors_in_functions_keep_the_remote_traceback() -> None:
     r = run_job({"kind": "call", "fn": h}, {h: base64.b64decode(data)})
     assert r["status"] == "error"
     assert r["error"]["ename"] == "ValueError" and "no good" in r["error"]["traceback"]
-    assert "jobpool.py" not in r["error"]["traceback"]  # our frames are cut off
+    assert "workers/job.py" not in r["error"]["traceback"]  # our frames are cut off
 
 
 def test_raise_for_job() -> None:

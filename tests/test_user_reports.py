@@ -151,7 +151,7 @@ def test_large_output_is_cut_visibly_and_the_hub_refuses_nothing(hub: odium.Hub)
 
 
 def test_a_result_too_large_for_one_message_gives_way_with_notes() -> None:
-    from odium.node.executor import fit_result
+    from odium.node.workers.results import fit_result
 
     huge = {"status": "ok", "started": 0.0, "finished": 1.0, "stdout": "\x00" * 4_000_000,
             "stderr": "é" * 4_000_000, "value": list(range(3_000_000)), "value_json": True,
@@ -201,7 +201,7 @@ def test_tracebacks_show_the_lines_and_no_internal_frames(hub: odium.Hub) -> Non
     r = hub.run("x = 1\ndef broken(:\n    pass")
     tb = r["r-1"].error["traceback"]  # type: ignore[index]
     assert r["r-1"].error["ename"] == "SyntaxError"  # type: ignore[index]
-    assert "ast.py" not in tb and "executor.py" not in tb and "def broken(:" in tb, tb
+    assert "ast.py" not in tb and "node/workers/" not in tb and "def broken(:" in tb, tb
     # a job's traceback shows its line
     with pytest.raises(RemoteError) as err:
         hub.submit("x = 0\n1 / x").result(30)

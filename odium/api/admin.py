@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ..core import wire as P
+from ..core.guards import ReplayCache
 from ..core.jobs import JobStatus
 from ..core.keys import verify_key
 from ..core.results import Result
@@ -79,7 +80,7 @@ class Admin(KeyVerbs):
         self.sock = client_socket(self.ctx, zmq.DEALER, self.ident, self.hub_key,
                                   f"tcp://{host}:{port}")
         self.vk = verify_key(self.hub_key)
-        self.replay = P.ReplayCache()
+        self.replay = ReplayCache()
         self.session = f"admin-{secrets.token_hex(6)}"
         self._open: list[str] = []  # node patterns this Admin's own session is open on
         self._hub_state: str | None = None  # from the envelope of the hub's last answer

@@ -16,6 +16,7 @@ import zmq
 
 from ..core import wire as P
 from ..core.dispatch import Dispatch
+from ..core.guards import ReplayCache
 from ..core.keys import curve_public, verify_key
 from ..core.ratelimit import TokenBucket
 from ..core.sealing import Keyring
@@ -98,7 +99,7 @@ class Inbox:
         self.store, self.keys, self.registry, self.wire = store, keys, registry, wire
         self.keyring = keyring
         self.max_message = max_message
-        self.replay = P.ReplayCache()
+        self.replay = ReplayCache()
         self._bad_input_log = TokenBucket(50, 10)  # 50 lines, then 10 a second
         self.queries: Dispatch[Asker] = Dispatch("query")
         self.results: Dispatch[NodeInfo] = Dispatch("results")

@@ -9,21 +9,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
 from ..core import wire as P
+from ..core.dispatch import Dispatch
 from ..core.jobs import MAX_BATCH, split_batch
 from ..core.requirements import satisfies
-from ..core.sealing import open_inner
 from ..core.targeting import name_matches
 from ..errors import ProtocolError
 from ..io.transport import each_message, recv_frames
-from .jobpool import JobPool
-
-if TYPE_CHECKING:
-    from .agent import NodeCore
+from .ports import HubLink, NodeRuntime
+from .workers.pool import JobPool
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +35,17 @@ _STATUS = {"ok": "done", "error": "failed", "timeout": "timeout", "cancelled": "
 
 
 class NodeJobs:
-    """Job slots (``capacity``), the pool that fills them, and the results not yet acknowledged."""
+    """Job slots (``capacity``), the pool that fills them, and the results not yet acknowledged.
 
-    def __init__(self, node: NodeCore) -> None:
-        self.node = node
-        self.loop = node.rt.loop
-        self.capacity = node.capacity
-        self.pool = JobPool(self.loop, str(node.rt.app), self.capacity, self._done)
+    ``link``: the node's link to its hub; what comes for the job queue on PUB goes to the
+    handlers of ``pub_handlers()``."""
+
+    def __init__(self, rt: NodeRuntime, link: HubLink, capacity: int) -> None:
+        self.rt = rt
+        self.link = link
+        self.loop = rt.loop
+        self.capacity = capacity
+        self.pool = JobPool(self.loop, str(rt.app), self.capacity, self._done)
         self.held: dict[str, P.JobSpec] = {}
         self.unacked: OrderedDict[str, tuple[P.JobOutcome, float]] = OrderedDict()
         self.pull: zmq.Socket[Any] | None = None
@@ -56,9 +58,16 @@ class NodeJobs:
         self._flush_now = False  # the report due is due at the end of this loop round
         self._names: dict[str, bool] = {}
         self._last_state = 0.0
-        node.sub_handlers["job_ack"] = self._on_ack
-        node.sub_handlers["job_cancel"] = self._on_cancel
+        self._inner: Dispatch[None] = Dispatch("jobs")  # what comes sealed on the jobs socket
+        self._inner.on("job_batch", P.JobBatch, self._on_batch)
         self.loop.every(TICK, self._tick)
+
+    def pub_handlers(self) -> Dispatch[None]:
+        """The job queue's messages on PUB, for the node's PUB handlers."""
+        pub: Dispatch[None] = Dispatch("PUB")
+        pub.on("job_ack", P.JobAck, self._on_ack)
+        pub.on("job_cancel", P.JobCancel, self._on_cancel)
+        return pub
 
     @property
     def free(self) -> int:
@@ -66,7 +75,7 @@ class NodeJobs:
 
     @property
     def resend_after(self) -> float:
-        return max(2.0, 5 * self.node.interval)
+        return max(2.0, 5 * self.link.interval)
 
     # --- hooks called by NodeCore ----------------------------------------------------------
 
@@ -74,6 +83,10 @@ class NodeJobs:
         """The data sockets are open: listen on the jobs socket."""
         self.pull = pull
         self.loop.add(pull, self._on_pull)
+
+    def detach(self) -> None:
+        """The data sockets are closed (the loop no longer listens on them)."""
+        self.pull = None
 
     def registered(self) -> None:
         """(Re-)registered with a hub, perhaps one that restarted: send every result it has
@@ -96,31 +109,29 @@ class NodeJobs:
 
     def _on_pull(self) -> None:
         assert self.pull is not None
-        node = self.node
-        each_message(recv_frames(self.pull), self._from_jobs, lambda _f, e: node._failed("jobs", e))
+        link = self.link
+        each_message(recv_frames(self.pull), self._from_jobs, lambda _f, e: link.failed("jobs", e))
 
     def _from_jobs(self, frames: list[zmq.Frame]) -> None:
-        node = self.node
-        outer = P.open_message(frames[-1].bytes, node.vk, node.hub_key, replay=node.replay)
+        outer = self.link.open(frames[-1].bytes)
         if outer.type != "sealed":
             raise ProtocolError(f"message type {outer.type!r} does not come on the jobs socket")
-        msg = open_inner(node.keyring, outer, "jobs")
-        node.last_heard = time.monotonic()
+        msg = self.link.open_sealed(outer, "jobs")
+        self.link.heard(quietly=True)
         if msg is None:  # jobs this node may not run: the hub sends them on at once
             self._unopened.append(outer.env.id)
             self._schedule()
         else:
-            self._on_batch(msg)
+            self._inner.handle(msg, None)
 
     def _name_ok(self, pattern: str) -> bool:
         ok = self._names.get(pattern)
         if ok is None:
-            ok = self._names[pattern] = name_matches(pattern, self.node.name)
+            ok = self._names[pattern] = name_matches(pattern, self.link.name)
         return ok
 
-    def _on_batch(self, msg: P.Message) -> None:
-        body: P.JobBatch = msg.body  # type: ignore[assignment]
-        state = self.node.rt.state
+    def _on_batch(self, msg: P.Message, body: P.JobBatch, _: None) -> None:
+        state = self.rt.state
         fresh: list[P.JobSpec] = []
         again: list[P.JobOutcome] = []
         for spec in body.jobs:
@@ -152,16 +163,16 @@ class NodeJobs:
         self._declined.extend(decline)
         self._schedule()
 
-    def _on_ack(self, msg: P.Message) -> None:
-        if self.node.name not in msg.env.to:
+    def _on_ack(self, msg: P.Message, body: P.JobAck, _: None) -> None:
+        if self.link.name not in msg.env.to:
             return
-        for j in msg.body.acks.get(self.node.name, ()):  # type: ignore[attr-defined]
+        for j in body.acks.get(self.link.name, ()):
             self.unacked.pop(j, None)
 
-    def _on_cancel(self, msg: P.Message) -> None:
-        if self.node.name not in msg.env.to:
+    def _on_cancel(self, msg: P.Message, body: P.JobCancel, _: None) -> None:
+        if self.link.name not in msg.env.to:
             return
-        for j in msg.body.jobs:  # type: ignore[attr-defined]
+        for j in body.jobs:
             if j in self.held:
                 self.pool.cancel(j, "cancelled")
 
@@ -207,15 +218,7 @@ class NodeJobs:
 
     def _send(self, type_: str, body: P.Body) -> bool:
         """Send now if the hub is connected (PUSH with IMMEDIATE); False if it is not."""
-        push = self.node.push
-        if push is None:
-            return False
-        raw = self.node.rt.sign(type_, body)
-        try:
-            push.send(raw, zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
+        return self.link.send_now(type_, body)
 
     def _send_results(self, results: list[P.JobOutcome],
                       taken: tuple[list[str], list[str], list[str], list[str]] = ([], [], [], [])
@@ -246,14 +249,14 @@ class NodeJobs:
             self._last_state = time.monotonic()
 
     def _tick(self) -> None:
-        if not self.node.registered or self.node.push is None:
+        if not self.link.registered or not self.link.connected:
             return
         now = time.monotonic()
         if self.unacked:
             late = [o for o, t in self.unacked.values() if now - t > self.resend_after]
             if late:
                 self._send_results(late)
-        if now - self._last_state >= self.node.interval:
+        if now - self._last_state >= self.link.interval:
             self._send_state()
 
 

@@ -16,8 +16,9 @@ when there is no fork server (children of the node), and multiprocessing's resou
   fork server and the tracker waiting for ever.
 
 The parent-death signal comes when the *thread* that made the child ends: the node makes
-its fork server and workers from one thread that lives as long as it does (the executor's
-starter thread), and the fork server forks from its only thread.
+its fork server and workers from one thread that lives as long as it does (the
+starter thread of ``odium.node.workers.start``), and the fork server forks from its only
+thread.
 """
 
 from __future__ import annotations

@@ -1,0 +1,89 @@
+"""A node's broadcast commands: each run once (over PUB or fetched) if the node's state
+satisfies it, in the executor's workers; acknowledged while it runs; its output and result
+sent to the hub; interrupts."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ..core import wire as P
+from ..core.requirements import satisfies
+from .ports import NodeRuntime, Sends
+from .workers.sessions import Executor
+
+ACK_AFTER = 0.05  # seconds a command runs before the node acknowledges it
+
+
+class Received:
+    """The commands received already (the last ``size``): each is run once, whether it came
+    over PUB, was fetched, or both."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self.cmds: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, cmd: object) -> bool:
+        return cmd in self.cmds
+
+    def first(self, cmd: str) -> bool:
+        """Note ``cmd`` as received; whether it is new."""
+        if cmd in self.cmds:
+            return False
+        self.cmds[cmd] = None
+        while len(self.cmds) > self.size:
+            self.cmds.popitem(last=False)
+        return True
+
+
+class Commands:
+    """Runs the hub's commands for the node called ``name`` (from the node's loop thread)."""
+
+    def __init__(self, rt: NodeRuntime, name: str, send: Sends, received: Received) -> None:
+        self.rt = rt
+        self.name = name
+        self.send = send
+        self.received = received
+        # the first worker starts once the node is ready, so that joining is not slowed down
+        self.executor = Executor(rt.loop, str(rt.app), self._on_event, prestart=False)
+
+    def on_exec(self, msg: P.Message, body: P.Exec) -> None:
+        if self.name not in msg.env.to or not self.received.first(body.cmd):
+            return  # not for this node, or exactly once: already received (PUB or fetch)
+        if not satisfies(body.require, self.rt.state, self.rt.state):
+            now = time.time()
+            self.send("result", P.ResultBody(
+                body.cmd, "state_mismatch", now, now,
+                error=P.ErrorInfo("StateMismatch", f"this node's state is {self.rt.state}, the "
+                                  f"command requires {body.require}"),
+                mismatch={"required": body.require, "state": self.rt.state}), keep=True)
+            return
+        self.executor.submit(body.cmd, body.kind, body.code, body.session, body.timeout,
+                             ephemeral=body.ephemeral)
+        # a command still running after ACK_AFTER is acknowledged; quick ones just answer
+        cmd = body.cmd
+        self.rt.loop.call_later(ACK_AFTER, lambda: self.send("ack", P.Ack(cmd))
+                                if cmd in self.executor.runs else None)
+
+    def on_interrupt(self, msg: P.Message, body: P.Interrupt) -> None:
+        if self.name in msg.env.to:
+            self.executor.interrupt(body.cmd)
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        """From the executor: a command's output, or its result."""
+        if ev["op"] == "out":
+            self.send("output", P.Output(ev["cmd"], ev["stream"], ev["text"]))
+        elif ev["op"] == "done":
+            r = ev["result"]
+            err = r.get("error")
+            body = P.ResultBody(
+                ev["cmd"], r["status"], r["started"], r["finished"], r.get("stdout", ""),
+                r.get("stderr", ""), r.get("value"), r.get("value_repr"), r.get("value_json", True),
+                P.ErrorInfo(err["ename"], err["evalue"], err.get("traceback", "")) if err else None,
+                r.get("exit"), outputs=[P.Display(o["data"], o.get("metadata") or {})
+                                        for o in r.get("outputs") or []])
+            self.send("result", body, keep=True)
+
+
+__all__ = ["ACK_AFTER", "Commands", "Received"]

@@ -1,0 +1,77 @@
+"""The connection between a node and one of its workers: length-prefixed frames over a stream
+socket (one end of a socketpair), both ways."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+
+
+class Channel:
+    """Length-prefixed frames over a stream socket: one ``recv`` for a whole small frame, and a
+    partial frame kept across an interrupt.
+
+    A frame is sent whole, under a lock (a session worker's threads all write output), with
+    SIGINT held back while it goes: an interrupt arrives after the frame, never inside it. A
+    reader that waits on the socket's readiness reads every frame already buffered before it
+    waits again (``buffered``): the socket is not readable for what has been read from it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.closed = False
+        self.sent = 0  # frames sent whole
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes) -> None:
+        frame = len(data).to_bytes(4, "big") + data
+        with self._lock:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                self.sock.sendall(frame)
+                self.sent += 1
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def send_surely(self, data: bytes) -> None:
+        """Send a frame that must go (a result): again if an interrupt came before it went (one
+        that came after it is moot: a frame goes whole)."""
+        sent = self.sent
+        while self.sent == sent:
+            try:
+                self.send(data)
+            except KeyboardInterrupt:
+                continue
+
+    def recv(self) -> bytes:
+        """The next frame (blocking until it is whole); EOFError when the peer is gone."""
+        while True:
+            buf = self.buf
+            if len(buf) >= 4:
+                n = int.from_bytes(buf[:4], "big")
+                if len(buf) >= 4 + n:
+                    self.buf = buf[4 + n:]
+                    return buf[4:4 + n]
+            chunk = self.sock.recv(max(65536, 4 + (int.from_bytes(buf[:4], "big")
+                                                   if len(buf) >= 4 else 0) - len(buf)))
+            if not chunk:
+                raise EOFError("the other end closed the channel")
+            self.buf = buf + chunk
+
+    def buffered(self) -> bool:
+        """Whether a whole frame has been read already (``recv`` returns it without waiting)."""
+        buf = self.buf
+        return (not self.closed and len(buf) >= 4
+                and len(buf) >= 4 + int.from_bytes(buf[:4], "big"))
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+__all__ = ["Channel"]
