@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Hub", "Admin", "HubAPI", "Result", "NodeResult", "Status", "Job", "JobStatus",
     "OdiumError", "ConfigError", "ProtocolError", "AuthError", "TimeoutError",
-    "NotConnectedError", "RemoteError", "StateMismatchError",
+    "NotConnectedError", "RemoteError", "StateMismatchError", "StateError", "JobStateError",
+    "JobCancelledError",
 ]
 
 _WHERE = {
@@ -21,7 +22,8 @@ _WHERE = {
     "Job": "api.jobs", "JobStatus": "core.jobs",
     "OdiumError": "errors", "ConfigError": "errors", "ProtocolError": "errors",
     "AuthError": "errors", "TimeoutError": "errors", "NotConnectedError": "errors",
-    "RemoteError": "errors", "StateMismatchError": "errors",
+    "RemoteError": "errors", "StateMismatchError": "errors", "StateError": "errors",
+    "JobStateError": "errors", "JobCancelledError": "errors",
     # %load_ext odium (IPython imported only then)
     "load_ipython_extension": "jupyter", "unload_ipython_extension": "jupyter",
 }
@@ -36,10 +38,13 @@ if TYPE_CHECKING:
     from .errors import (
         AuthError,
         ConfigError,
+        JobCancelledError,
+        JobStateError,
         NotConnectedError,
         OdiumError,
         ProtocolError,
         RemoteError,
+        StateError,
         StateMismatchError,
         TimeoutError,
     )

@@ -51,3 +51,11 @@ class StateMismatchError(OdiumError):
 
 class StateError(OdiumError):
     """Sync or install could not bring this instance to the wanted state (nothing was lost)."""
+
+
+class JobStateError(OdiumError):
+    """A move the job state machine does not allow (a bug, or a stale report)."""
+
+
+class JobCancelledError(OdiumError):
+    """The job was cancelled before it produced a result."""

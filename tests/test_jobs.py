@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 import odium
-from odium.core.jobs import JobCancelledError, Repr
-from odium.errors import ConfigError, NotConnectedError, RemoteError
+from odium.core.jobs import Repr
+from odium.errors import ConfigError, JobCancelledError, NotConnectedError, RemoteError
 
 from .conftest import HB, HubProcess, NodeProcess, odium_cli, wait_until
 

@@ -12,9 +12,7 @@ import pytest
 from odium.core.jobs import (
     TERMINAL,
     TRANSITIONS,
-    JobCancelledError,
     JobRecord,
-    JobStateError,
     JobStatus,
     Repr,
     advance,
@@ -28,7 +26,7 @@ from odium.core.jobs import (
     split_batch,
 )
 from odium.core.targeting import match_nodes, name_matches
-from odium.errors import RemoteError
+from odium.errors import JobCancelledError, JobStateError, RemoteError
 from odium.node.workers.job import run_job
 
 Q, A, R = JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 from ..core.jobs import (
     JOB_ID_RE,
-    JobCancelledError,
     JobStatus,
     job_value,
     known,
@@ -25,7 +24,7 @@ from ..core.jobs import (
     pack_function,
     raise_for_job,
 )
-from ..errors import ConfigError, NotConnectedError, OdiumError
+from ..errors import ConfigError, JobCancelledError, NotConnectedError, OdiumError
 from ..errors import TimeoutError as OdiumTimeout
 
 
@@ -95,7 +94,7 @@ class Job:
     ``result()`` returns the job's value: the JSON value it returned, or, for a value that is
     not JSON, a :class:`odium.core.jobs.Repr` of its ``repr()``. A job that failed or timed out
     raises :class:`odium.RemoteError` (with the remote traceback); a cancelled one
-    :class:`odium.core.jobs.JobCancelledError`.
+    :class:`odium.errors.JobCancelledError`.
     """
 
     def __init__(self, job_id: str, backend: Backend, pushed: bool = False) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
-from ..errors import ConfigError, OdiumError, RemoteError
+from ..errors import ConfigError, JobCancelledError, JobStateError, RemoteError
 
 K = TypeVar("K", bound=Hashable)
 
@@ -66,14 +66,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.TIMEOUT: frozenset(),
     JobStatus.CANCELLED: frozenset(),
 }
-
-
-class JobStateError(OdiumError):
-    """A move the job state machine does not allow (a bug, or a stale report)."""
-
-
-class JobCancelledError(OdiumError):
-    """The job was cancelled before it produced a result."""
 
 
 def path_to(start: JobStatus, goal: JobStatus) -> list[JobStatus]:

@@ -99,12 +99,7 @@ class JobQueue:
     def target(self, nodes: str, require: str | None) -> str:
         """Check that jobs for ``nodes`` could ever run; the state they require, resolved
         (``any`` or a commit). Any thread: it reads only node names and the hub's state."""
-        for _ in range(3):
-            try:
-                names = self._targetable()  # not revoked or rejected ones
-                break
-            except RuntimeError:  # changed while we read it (another thread)
-                continue
+        names = self._targetable()  # not revoked or rejected ones (any thread may ask)
         if not any(name_matches(nodes, n) for n in names):
             known = ", ".join(sorted(names)) or "none yet (add some: odium token)"
             raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")

@@ -123,7 +123,7 @@ class NodeDesk:
             self.keys.put(KeyInfo(info.key_id, info.role, body.name, info.expires, info.note))
         node = nodes.get(body.name)
         if node is None:
-            node = nodes[body.name] = NodeInfo(body.name, info.key_id)
+            node = self.registry.add(NodeInfo(body.name, info.key_id))
         return node
 
     # --- what nodes report -----------------------------------------------------------------
@@ -188,7 +188,7 @@ class NodeDesk:
             matched = [n for n in matched if n not in live]
         keys = dict(self.keys.keys)
         for name in matched:
-            node = reg.nodes.pop(name)
+            node = reg.remove(name)
             reg.lose_running(node, "the node was forgotten")
             if reg.by_key.get(node.key_id) == name:
                 del reg.by_key[node.key_id]

@@ -104,10 +104,25 @@ class Registry:
         self.nodes: dict[str, NodeInfo] = {}
         self.by_key: dict[str, str] = {}  # node key id -> name
         self.on_lost: list[LostHook] = []
+        # (name, key id) of every node, replaced whole when a node comes or goes, so that
+        # any thread may read who can be targeted (``targetable``) without the loop
+        self._roster: tuple[tuple[str, str], ...] = ()
         for n in store.nodes():
-            self.nodes[n.name] = NodeInfo(n.name, n.key_id, S.OFFLINE, n.state, n.boot, n.host,
-                                          n.pid, n.capacity, n.last_seen, info=n.info)
+            self.add(NodeInfo(n.name, n.key_id, S.OFFLINE, n.state, n.boot, n.host,
+                              n.pid, n.capacity, n.last_seen, info=n.info))
             self.by_key[n.key_id] = n.name
+
+    def add(self, node: NodeInfo) -> NodeInfo:
+        """A node the hub did not know (in the loop thread)."""
+        self.nodes[node.name] = node
+        self._roster = tuple((n, i.key_id) for n, i in self.nodes.items())
+        return node
+
+    def remove(self, name: str) -> NodeInfo:
+        """Forget a node (in the loop thread)."""
+        node = self.nodes.pop(name)
+        self._roster = tuple((n, i.key_id) for n, i in self.nodes.items())
+        return node
 
     def of_key(self, key_id: str) -> NodeInfo | None:
         name = self.by_key.get(key_id)
@@ -181,12 +196,13 @@ class Registry:
     # --- views -----------------------------------------------------------------------------
 
     def targetable(self) -> list[str]:
-        """The names a pattern may target: nodes whose key is trusted as a node key. A node
-        whose key was revoked or rejected is still listed, never targeted; one that is only
-        off (a lab PC shut down for the night) is targeted, and answers ``not connected``."""
-        keys = self._keys()
-        return sorted(n for n, node in self.nodes.items()
-                      if (k := keys.get(node.key_id)) is not None and k.role == "node")
+        """The names a pattern may target (any thread may ask): nodes whose key is trusted as
+        a node key. A node whose key was revoked or rejected is still listed, never targeted;
+        one that is only off (a lab PC shut down for the night) is targeted, and answers
+        ``not connected``."""
+        keys = self._keys()  # both snapshots, replaced whole: any thread may read them
+        return sorted(n for n, key_id in self._roster
+                      if (k := keys.get(key_id)) is not None and k.role == "node")
 
     def node_list(self, pattern: str | None = None) -> list[dict[str, Any]]:
         names = sorted(self.nodes)

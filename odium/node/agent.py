@@ -42,7 +42,7 @@ from .requests import REQUEST_RETRY, Request, Requests
 from .sockets import DataSockets
 from .status import Event, NodeStatus, next_status
 from .sync import Syncer
-from .workers.start import warm_forkserver
+from .workers.start import release_forkserver, warm_forkserver
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,10 @@ class NodeCore:
         # what code running here can ask: which node am I on? (workers inherit it)
         os.environ["ODIUM_NODE"] = self.name
         os.environ["ODIUM_NODE_PID"] = str(os.getpid())
+        self._forkserver = False
         try:  # the fork server that makes workers starts now and imports in the background
             warm_forkserver()
+            self._forkserver = True
         except (OSError, ValueError, RuntimeError) as e:
             log.warning("no fork server (%s): workers start as new interpreters", e)
         self.sync = Syncer(rt, self.name, self._send, self._ask, received, self.executor.running,
@@ -443,6 +445,8 @@ class NodeCore:
                 pass
         self.jobs.close()
         self.executor.close()
+        if self._forkserver:
+            release_forkserver()
         self.link.close()
         join_sock = self.joiner.sock if self.joiner is not None else None
         for s in (self.data.sub, push, self.data.pull, self.query, join_sock):

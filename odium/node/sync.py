@@ -18,6 +18,7 @@ from ..core.statediff import StateInfo
 from ..core.term import clean
 from ..errors import ConfigError, OdiumError
 from ..local.appstate import load_declaration, snapshot
+from ..local.files import atomic_write
 from ..local.sync import apply_bundle, head_ref, install_declared, restore_head
 from .commands import Received
 from .ports import Asks, NodeRuntime, Sends
@@ -156,8 +157,9 @@ class Syncer:
         if installed:
             text += "; " + "; ".join(installed)
         cmd = next(iter(self.syncing), "")
-        note = self.rt.home / "sync.json"
-        note.write_text(json.dumps({"cmd": cmd, "text": text + "; restarted"}))
+        # read by the process after the restart (a torn note would lose the sync's answer)
+        atomic_write(self.rt.home / "sync.json",
+                     json.dumps({"cmd": cmd, "text": text + "; restarted"}))
         log.info("%s; restarting", text)
         self.send("event", P.NodeEvent("synced", clean(f"{text}; restarting")[:4000], "info"))
         self.send("restarting", P.Empty())

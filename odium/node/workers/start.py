@@ -110,13 +110,47 @@ def forkserver_context() -> Any:
     return _FORK_CTX
 
 
+_USERS = 0  # node parts of this process that use the fork server
+
+
 def warm_forkserver() -> None:
     """Start the fork server now (it imports in the background), so the first worker is fast.
-    Returns at once: the starter thread starts it (see ``_Starter``)."""
+    Returns at once: the starter thread starts it (see ``_Starter``). A node part that calls
+    this calls ``release_forkserver`` when it closes."""
     from multiprocessing import forkserver
 
+    global _USERS
     forkserver_context()
+    _USERS += 1
     _STARTER.submit(forkserver.ensure_running)
+
+
+def release_forkserver(timeout: float = 5.0) -> None:
+    """A node part closed (its workers are gone). When it was the last one in this process,
+    stop the fork server and multiprocessing's resource tracker: a process that goes on after
+    its node part (a notebook, a hub in the middle of a tree, a test) keeps neither. Waits for
+    them to end, at most ``timeout`` seconds; a later node part starts them again."""
+    global _USERS
+    _USERS = max(0, _USERS - 1)
+    if _USERS:
+        return
+    done = threading.Event()
+
+    def stop() -> None:  # in the starter thread: never while it starts a worker
+        try:
+            from multiprocessing import forkserver, resource_tracker
+
+            # the stdlib's own way to stop them (what its tests use); on an interpreter
+            # without it the processes end with this one instead
+            getattr(forkserver._forkserver, "_stop", lambda: None)()
+            getattr(resource_tracker._resource_tracker, "_stop", lambda: None)()
+        except (OSError, ChildProcessError) as e:
+            log.warning("stopping the fork server: %s", e)
+        finally:
+            done.set()
+
+    _STARTER.submit(stop)
+    done.wait(timeout)
 
 
 class _Starting:
