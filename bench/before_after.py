@@ -6,9 +6,10 @@
 Each version is a git worktree of its revision in a temporary directory (``--after``
 defaults to the checkout itself, as it is). Each benchmark of each version is run as a
 subprocess, ``python <tree>/bench/bench_X.py --json OUT`` with ``PYTHONPATH=<tree>``, so every
-version runs its own benchmark scripts against its own code; the two versions alternate
-(before, after, before, after, ...) ``--runs`` times, so that load that comes and goes falls
-on both alike. Reported: for every median, p90, best and ready time in the benchmarks' JSON,
+version runs its own benchmark scripts against its own code; the two versions alternate,
+``--runs`` times each, in the order before, after, after, before, before, after, ... (each
+version goes first as often as second: what a run leaves behind, processes still ending,
+caches warmed, falls on both alike), so that load that comes and goes falls on both alike. Reported: for every median, p90, best and ready time in the benchmarks' JSON,
 the median over the runs for each version and the ratio after / before, with the load
 average before and after. (For times lower is better; for "best" and rates higher is.)
 """
@@ -87,7 +88,7 @@ def main() -> int:
             for bench in benches:
                 got = results.setdefault(bench, {"before": {}, "after": {}})
                 for i in range(args.runs):
-                    for side in ("before", "after"):
+                    for side in (("before", "after"), ("after", "before"))[i % 2]:
                         nums = run(trees[side], bench, tmp / f"{bench}-{side}-{i}.json")
                         for k, v in nums.items():
                             got[side].setdefault(k, []).append(v)
