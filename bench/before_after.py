@@ -6,12 +6,13 @@
 Each version is a git worktree of its revision in a temporary directory (``--after``
 defaults to the checkout itself, as it is). Each benchmark of each version is run as a
 subprocess, ``python <tree>/bench/bench_X.py --json OUT`` with ``PYTHONPATH=<tree>``, so every
-version runs its own benchmark scripts against its own code; the two versions alternate,
-``--runs`` times each, in the order before, after, after, before, before, after, ... (each
-version goes first as often as second: what a run leaves behind, processes still ending,
-caches warmed, falls on both alike), so that load that comes and goes falls on both alike. Reported: for every median, p90, best and ready time in the benchmarks' JSON,
-the median over the runs for each version and the ratio after / before, with the load
-average before and after. (For times lower is better; for "best" and rates higher is.)
+version runs its own benchmark scripts against its own code. The two versions alternate,
+``--runs`` times each, in the order before, after, after, before, before, after, ...: each
+goes first as often as second, so that what a run leaves behind (processes still ending,
+warm caches) and load that comes and goes fall on both alike. Reported: for every median,
+p90, best and ready time in the benchmarks' JSON, the median over the runs for each version
+and the ratio after / before, with the load average before and after. (For times lower is
+better; for "best" and rates higher is.)
 """
 
 from __future__ import annotations
