@@ -259,7 +259,7 @@ def test_errors_in_functions_keep_the_remote_traceback() -> None:
     r = run_job({"kind": "call", "fn": h}, {h: base64.b64decode(data)})
     assert r["status"] == "error"
     assert r["error"]["ename"] == "ValueError" and "no good" in r["error"]["traceback"]
-    assert "workers/job.py" not in r["error"]["traceback"]  # our frames are cut off
+    assert "node/workers/" not in r["error"]["traceback"]  # our frames are cut off
 
 
 def test_raise_for_job() -> None:
