@@ -1,0 +1,156 @@
+"""The rules, without sockets: the wire's signing and opening, typed dispatch, who may send
+what, the node status tables of both sides, and the rate limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from odium.core import wire as P
+from odium.core.dispatch import Dispatch
+from odium.core.guards import ReplayCache
+from odium.core.keys import Identity
+from odium.core.ratelimit import TokenBucket
+from odium.errors import AuthError, ProtocolError
+from odium.hub.inbox import QUERY_TYPES, RESULT_TYPES
+from odium.hub.keytable import ALLOWED_ROLES
+from odium.hub.nodes import AWAY, LIVE, TRANSITIONS, NodeStatus
+from odium.node import status as node_status
+
+ME = Identity.generate()
+
+
+def signed(type_: str, body: P.Body, state: str = "unversioned", **kw: Any) -> bytes:
+    return P.Signer(ME.signing, ME.key_id, lambda: state)(type_, body, **kw)
+
+
+# --- the wire ------------------------------------------------------------------------------
+
+
+def test_a_signed_message_opens_as_it_was_sent_and_carries_the_state_of_its_moment() -> None:
+    states = iter(["unversioned", "a" * 40])
+    sign = P.Signer(ME.signing, ME.key_id, lambda: next(states))
+    first, second = sign("ping", P.Empty()), sign("ack", P.Ack("c" * 32))
+    a = P.open_message(first, ME.signing.verify_key, ME.key_id)
+    b = P.open_message(second, ME.signing.verify_key, ME.key_id)
+    assert (a.type, a.env.state, a.env.from_) == ("ping", "unversioned", ME.key_id)
+    assert (b.type, b.env.state, b.body) == ("ack", "a" * 40, P.Ack("c" * 32))
+
+
+def test_one_changed_byte_and_another_sender_are_refused() -> None:
+    raw = signed("ack", P.Ack("c" * 32))
+    at = raw.index(b"c" * 32)
+    bent = raw[:at] + b"d" + raw[at + 1:]
+    with pytest.raises(AuthError, match="bad signature"):
+        P.open_message(bent, ME.signing.verify_key, ME.key_id)
+    other = Identity.generate()
+    with pytest.raises(AuthError):
+        P.open_message(raw, other.signing.verify_key, other.key_id)
+
+
+def test_a_body_of_another_type_is_never_signed() -> None:
+    with pytest.raises(ProtocolError, match="takes"):
+        signed("ack", P.Empty())
+
+
+def test_replays_and_stale_messages_are_refused() -> None:
+    cache = ReplayCache(window=300.0)
+    raw = signed("ping", P.Empty())
+    msg = P.open_message(raw, ME.signing.verify_key, ME.key_id, replay=cache)
+    with pytest.raises(AuthError, match="replayed"):
+        P.open_message(raw, ME.signing.verify_key, ME.key_id, replay=cache)
+    with pytest.raises(AuthError, match="off"):
+        P.open_message(signed("ping", P.Empty()), ME.signing.verify_key, ME.key_id,
+                       replay=cache, now=msg.env.ts + 301)
+
+
+# --- typed dispatch ------------------------------------------------------------------------
+
+
+def test_dispatch_gives_each_handler_its_own_body_type() -> None:
+    got: list[tuple[str, Any, str]] = []
+    d: Dispatch[str] = Dispatch("test")
+    d.on("ack", P.Ack, lambda msg, body, ctx: got.append((msg.type, body.cmd, ctx)))
+    with pytest.raises(TypeError, match="carries"):
+        d.on("ping", P.Ack, lambda msg, body, ctx: None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="already"):
+        d.on("ack", P.Ack, lambda msg, body, ctx: None)
+    d.handle(P.open_message(signed("ack", P.Ack("c" * 32)), ME.signing.verify_key,
+                            ME.key_id), "who")
+    assert got == [("ack", "c" * 32, "who")]
+    with pytest.raises(ProtocolError, match="no 'ping' messages on test"):
+        d.handle(P.open_message(signed("ping", P.Empty()), ME.signing.verify_key, ME.key_id),
+                 "who")
+    old = d.replace("ack", lambda msg, body, ctx: got.append(("replaced", None, ctx)))
+    d.handle(P.open_message(signed("ack", P.Ack("c" * 32)), ME.signing.verify_key,
+                            ME.key_id), "x")
+    assert got[-1] == ("replaced", None, "x") and old is not None
+
+
+# --- who may send what ---------------------------------------------------------------------
+
+
+def test_the_role_tables_name_real_types_and_roles_and_keep_nodes_from_commanding() -> None:
+    for table in (QUERY_TYPES, RESULT_TYPES):
+        assert set(table) <= set(P.BODIES)
+        assert all(set(roles) <= set(ALLOWED_ROLES) for roles in table.values())
+    assert not set(QUERY_TYPES) & set(RESULT_TYPES)  # each type on one socket only
+    node_may = {t for t, roles in QUERY_TYPES.items() if "node" in roles}
+    assert node_may == {"register", "fetch", "ping", "bundle"}  # nothing that commands
+    assert all(roles == ("node",) for roles in RESULT_TYPES.values())
+    assert QUERY_TYPES["join"] == ("token",)  # a token key may only join
+
+
+# --- a node's status, on both sides --------------------------------------------------------
+
+
+def _reachable(start: NodeStatus) -> set[NodeStatus]:
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_hubs_table_of_node_statuses_lets_every_node_come_back_and_be_lost() -> None:
+    assert set(TRANSITIONS) == set(NodeStatus)
+    for status in NodeStatus:
+        assert {NodeStatus.READY, NodeStatus.LOST} <= _reachable(status), status
+    assert NodeStatus.READY not in TRANSITIONS[NodeStatus.OFFLINE]  # registered first
+    assert LIVE == {NodeStatus.READY, NodeStatus.CONNECTING} and not LIVE & AWAY
+
+
+def test_the_nodes_own_status_moves_only_along_its_table() -> None:
+    S, E, step = node_status.NodeStatus, node_status.Event, node_status.next_status
+    s = step(S.JOINING, E.JOINED)
+    s = step(s, E.REGISTERED)
+    assert step(s, E.HEARD) is S.READY
+    assert step(S.READY, E.LOST) is S.REGISTERING  # the hub restarted: register again
+    with pytest.raises(RuntimeError, match="cannot be"):
+        step(S.JOINING, E.HEARD)
+    # every status can get back to ready
+    for start in S:
+        seen, todo = {start}, [start]
+        while todo:
+            cur = todo.pop()
+            for (frm, _ev), to in node_status.TRANSITIONS.items():
+                if frm is cur and to not in seen:
+                    seen.add(to)
+                    todo.append(to)
+        assert S.READY in seen, start
+
+
+# --- the rate limit ------------------------------------------------------------------------
+
+
+def test_the_token_bucket_allows_a_burst_then_its_rate() -> None:
+    now = [100.0]
+    bucket = TokenBucket(5, 2, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(7)] == [True] * 5 + [False] * 2
+    now[0] += 1.0  # two more a second
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    now[0] += 100.0  # never more than the burst
+    assert sum(bucket.take() for _ in range(10)) == 5
