@@ -5,6 +5,7 @@ Bad input gives one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import socket
@@ -368,3 +369,12 @@ def test_spent_token_is_refused_with_one_line_error(
     assert "Traceback" not in out
     assert out.strip().splitlines()[-1].startswith("odium:"), out
     assert "second" not in node_status(hub_process.home)
+
+
+def test_every_command_of_the_parser_has_its_function() -> None:
+    from odium.cli.main import COMMANDS, command
+    from odium.cli.parser import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    assert all(callable(command(name)) for name in COMMANDS)

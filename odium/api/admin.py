@@ -24,9 +24,7 @@ import zmq
 
 from ..core import wire as P
 from ..core.guards import ReplayCache
-from ..core.jobs import JobStatus
 from ..core.keys import verify_key
-from ..core.results import Result
 from ..errors import (
     AuthError,
     ConfigError,
@@ -39,7 +37,6 @@ from ..errors import TimeoutError as OdiumTimeout
 from ..io.transport import client_socket
 from ..local.home import check_home, default_home, load_or_create
 from .interface import KeyVerbs
-from .jobs import Job, check_options, check_status, known, pack_jobs
 
 
 class Admin(KeyVerbs):
@@ -166,6 +163,8 @@ class Admin(KeyVerbs):
         except KeyboardInterrupt:
             self.request("interrupt", P.Interrupt(mid), 5.0)
             data = self.request_wait_reply(mid, 15.0)
+        from ..core.results import Result
+
         return Result.from_dict(data["result"])
 
     def request_wait_reply(self, mid: str, timeout: float) -> Any:
@@ -212,6 +211,8 @@ class Admin(KeyVerbs):
 
     def sync(self, nodes: str = "*", timeout: float = 300.0) -> Result:
         data = self.request("sync_nodes", P.SyncRequest(nodes, timeout), timeout + 30)
+        from ..core.results import Result
+
         return Result.from_dict(data["result"])
 
     # --- jobs ------------------------------------------------------------------------------
@@ -230,6 +231,8 @@ class Admin(KeyVerbs):
                     retries: int = 0, timeout: float | None = None,
                     require_state: str | None = None) -> list[Job]:
         """Queue jobs given as (code or function, args, kwargs, job id or None)."""
+        from .jobs import Job, check_options, pack_jobs
+
         check_options(retries, timeout, nodes)
         fields, fns = pack_jobs(items, os.getcwd())
         backend = _AdminJobs(self)
@@ -247,6 +250,9 @@ class Admin(KeyVerbs):
             nodes: str = "*", retries: int = 0, timeout: float | None = None,
             require_state: str | None = None, wait: float | None = None) -> list[Any]:
         """``func(x)`` for each x as one job each; the values in order (as ``Hub.map``)."""
+        from ..core.jobs import JobStatus
+        from .jobs import known
+
         jobs = self.submit_many([(func, (x,), {}, None) for x in iterable], nodes=nodes,
                                 retries=retries, timeout=timeout, require_state=require_state)
         infos = _AdminJobs(self).wait_jobs([j.id for j in jobs], wait)
@@ -258,6 +264,8 @@ class Admin(KeyVerbs):
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Recent jobs, newest first (optionally only those with a status)."""
+        from .jobs import check_status
+
         check_status(status)
         return list(self.request("jobs", P.JobQuery(status=status, limit=limit))["jobs"])  # type: ignore[arg-type]
 
@@ -295,6 +303,8 @@ class _AdminJobs:
         """Each job's info once it has finished, or as it is when ``timeout`` runs out."""
         deadline = None if timeout is None else time.monotonic() + timeout
         out: dict[str, dict[str, Any]] = {}
+        from ..core.jobs import JobStatus
+
         final = {s.value for s in JobStatus if s.terminal} | {"unknown"}
         while len(out) < len(ids):
             left = [j for j in ids if j not in out]
@@ -340,8 +350,10 @@ def _alive(pid: int) -> bool:
         return True
 
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the job queue and results load with the first call that needs them
+    from ..core.results import Result
     from .interface import HubAPI
+    from .jobs import Job
 
     def _conforms(admin: Admin) -> HubAPI:
         """Not called: mypy checks here that Admin is a HubAPI (odium/api/interface.py)."""

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from ..core.term import clean
 from ..errors import OdiumError
-from . import commands as C
-from . import jobcmds as J
-from . import serve as S
-from .kernel import cmd_kernel
 from .parser import build_parser, parse
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "hub": S.cmd_hub, "node": S.cmd_node, "nodes": C.cmd_nodes, "run": C.cmd_run,
-    "keys": C.cmd_keys, "token": C.cmd_token, "state": C.cmd_state, "log": C.cmd_log,
-    "demo": C.cmd_demo, "kernel": cmd_kernel, "submit": J.cmd_submit, "jobs": J.cmd_jobs,
-    "job": J.cmd_job}
+# command -> the module (of odium.cli) that runs it, imported for that command only: a node
+# process loads neither the admin's commands nor the job queue's
+COMMANDS: dict[str, str] = {
+    "hub": "serve", "node": "serve", "nodes": "commands", "run": "commands",
+    "keys": "commands", "token": "commands", "state": "commands", "log": "commands",
+    "demo": "commands", "kernel": "kernel", "submit": "jobcmds", "jobs": "jobcmds",
+    "job": "jobcmds"}
+
+
+def command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs ``odium NAME``: ``cmd_NAME`` of its module."""
+    module = importlib.import_module(f"{__package__}.{COMMANDS[name]}")
+    fn: Callable[[argparse.Namespace], int] = getattr(module, f"cmd_{name}")
+    return fn
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        return int(command(args.command)(args) or 0)
     except OdiumError as e:
         first = str(e).split("\n")[0] if str(e) else type(e).__name__
         print(f"odium: {clean(first)}", file=sys.stderr)

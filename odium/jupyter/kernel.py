@@ -11,9 +11,7 @@ command can offer ``odium kernel install`` without paying for them (or needing t
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,9 @@ def kernel_spec(executable: str | None = None, display_name: str = DISPLAY_NAME
 def install(*, user: bool = False, prefix: str | None = None, name: str = KERNEL_NAME,
             display_name: str = DISPLAY_NAME) -> str:
     """Install the kernelspec (system-wide, ``user``, or under ``prefix``); its directory."""
+    import shutil  # (here: every odium command builds the parser that names this module)
+    import tempfile
+
     from jupyter_client.kernelspec import KernelSpecManager
 
     with tempfile.TemporaryDirectory(prefix="odium-kernelspec-") as td:
