@@ -1,5 +1,5 @@
 """The rules, without sockets: the wire's signing and opening, typed dispatch, who may send
-what, the node status tables of both sides, and the rate limit."""
+what, the node status tables of both sides, the rate limit, and patterns over path names."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from odium.core.dispatch import Dispatch
 from odium.core.guards import ReplayCache
 from odium.core.keys import Identity
 from odium.core.ratelimit import TokenBucket
+from odium.core.targeting import match_nodes, name_matches
 from odium.errors import AuthError, ProtocolError
 from odium.hub.inbox import QUERY_TYPES, RESULT_TYPES
 from odium.hub.keytable import ALLOWED_ROLES
@@ -154,3 +155,38 @@ def test_the_token_bucket_allows_a_burst_then_its_rate() -> None:
     assert [bucket.take() for _ in range(3)] == [True, True, False]
     now[0] += 100.0  # never more than the burst
     assert sum(bucket.take() for _ in range(10)) == 5
+
+
+# --- patterns over names that are paths ----------------------------------------------------
+
+
+def test_on_flat_names_a_glob_means_what_fnmatch_says() -> None:
+    """Any glob over names without "/" matches exactly what fnmatch matches (20,000 random
+    globs and names over the characters that make globs hard)."""
+    import fnmatch
+    import random
+
+    rnd = random.Random(7)
+    globs_of, names_of = "ab-*?[]!^\\.", "ab-!^\\.]["
+    for _ in range(20_000):
+        glob = "".join(rnd.choice(globs_of) for _ in range(rnd.randint(1, 6)))
+        name = "".join(rnd.choice(names_of) for _ in range(rnd.randint(0, 5)))
+        assert name_matches(glob, name) == fnmatch.fnmatchcase(name, glob), (glob, name)
+
+
+@pytest.mark.parametrize(("pattern", "names"), [
+    ("*", ["lab1", "lab10", "x"]),
+    ("**", ["lab1", "lab1/pc-1", "lab1/pc-2", "lab10", "lab2/pc-1", "lab1/sub/pc-3", "x"]),
+    ("lab1/*", ["lab1/pc-1", "lab1/pc-2"]),
+    ("lab1/**", ["lab1", "lab1/pc-1", "lab1/pc-2", "lab1/sub/pc-3"]),
+    ("lab*/pc-*", ["lab1/pc-1", "lab1/pc-2", "lab2/pc-1"]),
+    ("**/pc-*", ["lab1/pc-1", "lab1/pc-2", "lab2/pc-1", "lab1/sub/pc-3"]),
+    ("lab1/**/pc-3", ["lab1/sub/pc-3"]),
+    ("lab?/pc-[12]", ["lab1/pc-1", "lab1/pc-2", "lab2/pc-1"]),
+    ("lab[!/]*", ["lab1", "lab10"]),
+    ("x, lab2/*", ["lab2/pc-1", "x"]),
+])
+def test_star_stays_in_a_segment_and_two_stars_cross_them(pattern: str,
+                                                           names: list[str]) -> None:
+    tree = ["lab1", "lab1/pc-1", "lab1/pc-2", "lab10", "lab2/pc-1", "lab1/sub/pc-3", "x"]
+    assert match_nodes(pattern, tree) == [n for n in tree if n in names]
