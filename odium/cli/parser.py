@@ -52,14 +52,8 @@ def add_serve_parsers(sub: Any) -> None:
     """``odium hub`` and ``odium node``: the processes that run in the foreground."""
     sp = sub.add_parser("hub", help="run a hub in the foreground")
     _home(sp)
-    sp.add_argument("--interface", default="127.0.0.1", help="address to listen on")
-    sp.add_argument("--ports", type=A.ports, default=None,
-                    help="PUB,QUERY,JOBS,RESULTS ports (default 18202,18203,18220,18221; 0 = any)")
-    sp.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in the home)")
+    _hub_options(sp)
     sp.add_argument("--app", default=None, help="application directory (default: cwd)")
-    sp.add_argument("--heartbeat", type=A.positive, default=1.0, help="seconds between beats")
-    sp.add_argument("--wheelhouse", default=None,
-                    help="directory of wheels sent to nodes that sync (no index needed)")
 
     sp = sub.add_parser("node", help="run a node in the foreground, joined to a hub")
     _home(sp)
@@ -75,6 +69,23 @@ def add_serve_parsers(sub: Any) -> None:
     sp.add_argument("--find-links", default=None,
                     help="where a sync installs declared packages from (a directory of wheels)")
     sp.add_argument("--index-url", default=None, help="package index a sync installs from")
+    sp.add_argument("--serve", action="store_true",
+                    help="be a hub to nodes of its own too (its own ports and store, in this "
+                    "home; invite them with: odium token --home THIS_HOME)")
+    _hub_options(sp, "with --serve: ")
+
+
+def _hub_options(sp: argparse.ArgumentParser, when: str = "") -> None:
+    """How a hub listens: ``odium hub``'s options, and ``odium node --serve``'s."""
+    sp.add_argument("--interface", default="127.0.0.1", help=f"{when}address to listen on")
+    sp.add_argument("--ports", type=A.ports, default=None, help=f"{when}PUB,QUERY,JOBS,RESULTS "
+                    "ports (default 18202,18203,18220,18221; 0 = any)")
+    sp.add_argument("--db", default=None,
+                    help=f"{when}SQLAlchemy URL (default: SQLite in the home)")
+    sp.add_argument("--heartbeat", type=A.positive, default=1.0,
+                    help=f"{when}seconds between beats")
+    sp.add_argument("--wheelhouse", default=None,
+                    help=f"{when}directory of wheels sent to nodes that sync (no index needed)")
 
 
 def add_node_parsers(sub: Any) -> None:

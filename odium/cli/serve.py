@@ -16,6 +16,7 @@ from ..core.term import clean
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    from ..core.keys import Token
     from ..runtime import Runtime
 
 
@@ -28,20 +29,11 @@ def _stop_on_signals(loop_stop: Any) -> None:
 
 
 def cmd_hub(args: argparse.Namespace) -> int:
-    from ..hub.start import start_hub
     from ..runtime import Runtime
 
     rt = Runtime(args.home, args.app)
     try:
-        hub = start_hub(rt, interface=args.interface, ports=args.ports, db=args.db,
-                             hb_interval=args.heartbeat, wheelhouse=args.wheelhouse)
-        from ..core.keys import fingerprint
-
-        print(f"odium hub {fingerprint(rt.ident.key_id)} on {args.interface} ports "
-              f"pub={hub.ports['pub']} query={hub.ports['query']} jobs={hub.ports['jobs']} "
-              f"results={hub.ports['results']}; state {rt.state}", flush=True)
-        print(f"add nodes with: odium token --home {rt.home} (or: odium node --join "
-              f"{hub.public_address()} --hub-key {rt.ident.key_id})", flush=True)
+        _serve(rt, args)
         _stop_on_signals(rt.loop.stop)
         rt.run()
     finally:
@@ -49,11 +41,27 @@ def cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(rt: Runtime, args: argparse.Namespace) -> None:
+    """Start the hub part of this process (``odium hub``, ``odium node --serve``), and say
+    where it listens and how nodes join it."""
+    from ..core.keys import fingerprint
+    from ..hub.start import start_hub
+
+    hub = start_hub(rt, interface=args.interface, ports=args.ports, db=args.db,
+                    hb_interval=args.heartbeat, wheelhouse=args.wheelhouse)
+    print(f"odium hub {fingerprint(rt.ident.key_id)} on {args.interface} ports "
+          f"pub={hub.ports['pub']} query={hub.ports['query']} jobs={hub.ports['jobs']} "
+          f"results={hub.ports['results']}; state {rt.state}", flush=True)
+    print(f"add nodes with: odium token --home {rt.home} (or: odium node --join "
+          f"{hub.public_address()} --hub-key {rt.ident.key_id})", flush=True)
+
+
 def cmd_node(args: argparse.Namespace) -> int:
-    from ..core.keys import Token
+    from ..core.keys import Token, check_key_id, fingerprint
     from ..node.agent import load_joined, start_node
     from ..runtime import Runtime
 
+    _check_serve_options(args)
     text = _token_text(args)
     rt = Runtime(args.home, args.app)
     try:
@@ -65,32 +73,14 @@ def cmd_node(args: argparse.Namespace) -> int:
         text = args.token = None  # decoded: keep only what joining needs, until joined
         joined = load_joined(rt.home)
         name = args.name or (joined or {}).get("name") or socket.gethostname().split(".")[0]
-        if token is not None:
-            address, hub_key = args.join or token.address, token.hub_key
-        elif args.join and args.hub_key:
-            address, hub_key = args.join, args.hub_key
-        elif joined is not None and args.join in (None, joined["address"]):
-            address, hub_key = joined["address"], joined["hub_key"]
-        elif joined is not None:
-            raise ConfigError(f"this home ({rt.home}) already belongs to the hub at "
-                              f"{joined['address']}; use another --home to join {args.join}")
-        elif args.join:
-            raise ConfigError("--join needs a join token (--token-file PATH or $ODIUM_TOKEN, "
-                              "from: odium token) or --hub-key KEY")
-        else:
-            raise ConfigError("this node has not joined a hub: give a join token (from: odium "
-                              "token on the hub) in $ODIUM_TOKEN or --token-file PATH, or "
-                              "--join tcp://HOST:PORT --hub-key KEY")
-        from ..core.keys import check_key_id
-
+        address, hub_key = _hub_to_join(args, token, joined, rt.home)
         check_key_id(hub_key)
+        if args.serve:  # a hub to nodes of its own too, on the same runtime and loop
+            _serve(rt, args)
         node = start_node(rt, address, hub_key, name, token=token, capacity=args.capacity,
-                               find_links=args.find_links, index_url=args.index_url)
-        from ..core.keys import fingerprint
-
+                          find_links=args.find_links, index_url=args.index_url)
         print(f"odium node {name} key {rt.ident.key_id} ({fingerprint(rt.ident.key_id)}) "
-              f"joining {address}; state {rt.state}",
-              flush=True)
+              f"joining {address}; state {rt.state}", flush=True)
         if token is None and joined is None:
             print(f"if the hub does not know this key yet, accept it there with: odium keys "
                   f"accept {fingerprint(rt.ident.key_id)}", flush=True)
@@ -108,6 +98,36 @@ def cmd_node(args: argparse.Namespace) -> int:
         args_no_token = _drop_option(_drop_option(argv, "--token"), "--token-file")
         os.execv(sys.executable, [sys.executable, *args_no_token[1:]])
     return 0
+
+
+def _check_serve_options(args: argparse.Namespace) -> None:
+    """A hub's options on a node that is no hub would be silently ignored: refuse them."""
+    given = [f"--{o}" for o, default in (("interface", "127.0.0.1"), ("ports", None),
+                                           ("db", None), ("heartbeat", 1.0), ("wheelhouse", None))
+             if getattr(args, o) != default]
+    if given and not args.serve:
+        raise ConfigError(f"{', '.join(given)} only with --serve (a node that is a hub too)")
+
+
+def _hub_to_join(args: argparse.Namespace, token: Token | None,
+                 joined: dict[str, str] | None, home: Path) -> tuple[str, str]:
+    """The address and key of the hub this node joins: from its token, from --join and
+    --hub-key, or the hub its home already belongs to."""
+    if token is not None:
+        return args.join or token.address, token.hub_key
+    if args.join and args.hub_key:
+        return args.join, args.hub_key
+    if joined is not None and args.join in (None, joined["address"]):
+        return joined["address"], joined["hub_key"]
+    if joined is not None:
+        raise ConfigError(f"this home ({home}) already belongs to the hub at "
+                          f"{joined['address']}; use another --home to join {args.join}")
+    if args.join:
+        raise ConfigError("--join needs a join token (--token-file PATH or $ODIUM_TOKEN, "
+                          "from: odium token) or --hub-key KEY")
+    raise ConfigError("this node has not joined a hub: give a join token (from: odium "
+                      "token on the hub) in $ODIUM_TOKEN or --token-file PATH, or "
+                      "--join tcp://HOST:PORT --hub-key KEY")
 
 
 def _token_text(args: argparse.Namespace) -> str | None:
