@@ -36,10 +36,10 @@ from ..errors import (
 from ..errors import TimeoutError as OdiumTimeout
 from ..io.transport import client_socket
 from ..local.home import check_home, default_home, load_or_create
-from .interface import KeyVerbs
+from .interface import JobVerbs, KeyVerbs
 
 
-class Admin(KeyVerbs):
+class Admin(KeyVerbs, JobVerbs):
     """Talk to a running hub as its admin, using the admin key in its home directory.
 
     The methods are ``Hub``'s (``odium.api.interface.HubAPI``): same names, arguments and shapes.
@@ -216,15 +216,6 @@ class Admin(KeyVerbs):
         return Result.from_dict(data["result"])
 
     # --- jobs ------------------------------------------------------------------------------
-
-    def submit(self, code_or_function: str | Callable[..., Any], *args: Any, nodes: str = "*",
-               retries: int = 0, timeout: float | None = None,
-               require_state: str | None = None, job_id: str | None = None,
-               **kwargs: Any) -> Job:
-        """Queue one job at the hub (as ``Hub.submit``); returns once it is stored there."""
-        return self.submit_many([(code_or_function, args, kwargs, job_id)], nodes=nodes,
-                                retries=retries, timeout=timeout,
-                                require_state=require_state)[0]
 
     def submit_many(self, items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any],
                                                 str | None]], *, nodes: str = "*",

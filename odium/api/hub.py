@@ -32,7 +32,7 @@ from ..local.home import ensure_home, load_or_create
 from ..node.agent import save_joined
 from ..runtime import Runtime
 from .hubjobs import HubJobs
-from .interface import DEFAULT_SESSION, KeyVerbs
+from .interface import DEFAULT_SESSION, JobVerbs, KeyVerbs
 from .jobs import Job, JobExecutor, as_completed, check_options, check_status
 from .local import MAX_LOCAL, LocalNode, free_name, launch
 
@@ -57,7 +57,7 @@ def _ports(ports: int | dict[str, int] | None) -> dict[str, int]:
     return {**P.DEFAULT_PORTS, **ports}
 
 
-class Hub(KeyVerbs):
+class Hub(KeyVerbs, JobVerbs):
     """This process as a hub: bind the four sockets, trust nodes, broadcast, collect.
 
     The methods it shares with ``Admin`` (``odium.api.interface.HubAPI``) have the same names,
@@ -237,25 +237,6 @@ class Hub(KeyVerbs):
         return bool(self._call(lambda: core.interrupt(cmd)))
 
     # --- jobs (the queue: each runs once, on one node with a free slot) -------------------
-
-    def submit(self, code_or_function: str | Callable[..., Any], *args: Any, nodes: str = "*",
-               retries: int = 0, timeout: float | None = None,
-               require_state: str | None = None, job_id: str | None = None,
-               **kwargs: Any) -> Job:
-        """Queue one job; it runs once, on one matching node with a free worker.
-
-        A string is run like a cell in a fresh namespace (the value of its last expression
-        is the result; ``args``/``kwargs`` are bound when given, and each keyword argument
-        is a name too: ``submit("a + b", a=2, b=3)``). A function is called with
-        ``*args, **kwargs`` (functions of importable modules travel by reference, others by
-        value, with cloudpickle). ``retries``: runs again after an error or a lost node, up
-        to that many times. ``timeout``: seconds one run may take. ``require_state``: as for
-        ``run``. ``job_id``: your own id; submitting an id again gives the existing job.
-        Returns at once; the job is stored before it is dispatched.
-        """
-        return self._submit_jobs([(code_or_function, args, kwargs, job_id)], nodes=nodes,
-                                 retries=retries, timeout=timeout,
-                                 require_state=require_state)[0]
 
     def submit_many(self, items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any],
                                                 str | None]], *, nodes: str = "*",

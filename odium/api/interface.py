@@ -52,6 +52,35 @@ class KeyVerbs:
         return [k["key"] for k in self.key_action("revoke", pattern, role)]
 
 
+class JobVerbs:
+    """``submit`` over a ``submit_many`` (both ``Hub`` and ``Admin`` have one)."""
+
+    def submit_many(self, items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any],
+                                                str | None]], *, nodes: str = "*",
+                    retries: int = 0, timeout: float | None = None,
+                    require_state: str | None = None) -> list[Job]:
+        raise NotImplementedError
+
+    def submit(self, code_or_function: str | Callable[..., Any], *args: Any, nodes: str = "*",
+               retries: int = 0, timeout: float | None = None,
+               require_state: str | None = None, job_id: str | None = None,
+               **kwargs: Any) -> Job:
+        """Queue one job; it runs once, on one matching node with a free worker.
+
+        A string is run like a cell in a fresh namespace (the value of its last expression
+        is the result; ``args``/``kwargs`` are bound when given, and each keyword argument
+        is a name too: ``submit("a + b", a=2, b=3)``). A function is called with
+        ``*args, **kwargs`` (functions of importable modules travel by reference, others by
+        value, with cloudpickle). ``retries``: runs again after an error or a lost node, up
+        to that many times. ``timeout``: seconds one run may take. ``require_state``: as for
+        ``run``. ``job_id``: your own id; submitting an id again gives the existing job.
+        Returns at once; the job is stored before it is dispatched.
+        """
+        return self.submit_many([(code_or_function, args, kwargs, job_id)], nodes=nodes,
+                                retries=retries, timeout=timeout,
+                                require_state=require_state)[0]
+
+
 class HubAPI(Protocol):
     """What ``Hub`` and ``Admin`` both offer (see the module's docstring for sessions)."""
 

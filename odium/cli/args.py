@@ -15,7 +15,7 @@ from ..core.wire import DEFAULT_PORTS, KEY_RE, NAME_RE
 
 PORT_NAMES = tuple(DEFAULT_PORTS)  # pub, query, jobs, results
 _SHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}\Z")
-_GLOB = re.compile(r"[A-Za-z0-9._*?\[\]!,/ -]+")  # "/": names in a tree are paths
+_GLOB = re.compile(r"[A-Za-z0-9._*?\[\]!,/-]+")  # "/": names in a tree are paths
 
 
 def number(kind: type[int] | type[float], *, low: float | None = None,

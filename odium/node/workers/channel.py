@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 
 
 class Channel:
@@ -68,6 +69,14 @@ class Channel:
         buf = self.buf
         return (not self.closed and len(buf) >= 4
                 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"))
+
+    def frames(self) -> Iterator[bytes]:
+        """What the other end has sent, now that the socket is readable: one frame (waiting
+        for it to be whole), then each one already read with it. EOFError (or OSError) when
+        the other end is gone."""
+        yield self.recv()
+        while self.buffered():
+            yield self.recv()
 
     def close(self) -> None:
         self.closed = True

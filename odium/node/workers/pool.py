@@ -123,15 +123,11 @@ class JobPool:
 
     def _on_worker(self, w: _JobWorker) -> None:
         """Whatever the worker said: every frame it has sent (some may be read already)."""
-        while True:
-            try:
-                raw = w.conn.recv()
-            except (EOFError, OSError):
-                self._died(w)
-                return
-            self._on_frame(w, self._decode(raw))
-            if not w.conn.buffered():
-                return
+        try:
+            for raw in w.conn.frames():
+                self._on_frame(w, self._decode(raw))
+        except (EOFError, OSError):
+            self._died(w)
 
     def _on_frame(self, w: _JobWorker, ev: Event) -> None:
         op = ev.get("op")

@@ -109,15 +109,11 @@ class Executor:
 
     def _on_worker(self, w: _Worker) -> None:
         """Whatever the worker said: every frame it has sent (some may be read already)."""
-        while True:
-            try:
-                raw = w.conn.recv()
-            except (EOFError, OSError):
-                self._worker_died(w)
-                return
-            self._on_frame(w, json.loads(raw))
-            if not w.conn.buffered():
-                return
+        try:
+            for raw in w.conn.frames():
+                self._on_frame(w, json.loads(raw))
+        except (EOFError, OSError):
+            self._worker_died(w)
 
     def _on_frame(self, w: _Worker, ev: Event) -> None:
         op = ev.get("op")
