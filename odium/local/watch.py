@@ -40,11 +40,12 @@ class StateWatch:
         self._said_bad = ""
 
     def current(self) -> StateInfo:
-        """The latest view; computed now (in the caller's thread) if there is none yet."""
+        """The latest view; computed now (in the caller's thread) if there is none yet. What
+        it finds wrong reaches the listeners in the loop thread (they send, and log)."""
         if self.info is None:
             info, bad = self._snapshot()
             if bad:
-                self._bad(bad)
+                self._call_soon(lambda: self._bad(bad))
             self.info = info
         return self.info
 

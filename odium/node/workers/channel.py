@@ -32,12 +32,16 @@ class Channel:
     def send(self, data: bytes) -> None:
         frame = len(data).to_bytes(4, "big") + data
         with self._lock:
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            # blocked inside the try: pthread_sigmask runs a pending handler on its way out, so
+            # a KeyboardInterrupt can come out of the call that blocks SIGINT, and SIGINT must
+            # not stay blocked then (every later interrupt would wait for the kill). Unblocked,
+            # not restored: no worker blocks SIGINT otherwise
             try:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
                 self.sock.sendall(frame)
                 self.sent += 1
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def send_surely(self, data: bytes) -> None:
         """Send a frame that must go (a result): again if an interrupt came before it went (one

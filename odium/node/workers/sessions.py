@@ -124,14 +124,15 @@ class Executor:
             self._out(ev)
         elif op == "done":
             run = w.current
+            if run is None or run.cmd != ev["cmd"]:
+                return  # a second "done" for a command that has ended: the running one stays
             w.current = None
-            if run is not None and run.cmd == ev["cmd"]:
-                res = ev["result"]
-                if res["status"] == "interrupted" and run.reason:
-                    res["status"] = run.reason
-                    if run.reason == "timeout":
-                        res["error"] = timeout_error(run.timeout, res.get("error"))
-                self._finish(run, res)
+            res = ev["result"]
+            if res["status"] == "interrupted" and run.reason:
+                res["status"] = run.reason
+                if run.reason == "timeout":
+                    res["error"] = timeout_error(run.timeout, res.get("error"))
+            self._finish(run, res)
             self._next(w)
 
     def _worker_died(self, w: _Worker) -> None:
