@@ -150,6 +150,24 @@ def test_large_output_is_cut_visibly_and_the_hub_refuses_nothing(hub: odium.Hub)
     assert rejected == [], rejected
 
 
+def test_a_job_too_large_for_one_message_still_ends_and_its_reports_fit(hub: odium.Hub) -> None:
+    """A job's result goes the way a broadcast's does: too large for one message, its value
+    gives way to its repr (with a note) and the job is done; many results at once go in
+    reports of a size the hub accepts. The hub rejects nothing."""
+    hub.start_local(1, prefix="jb")
+    big = hub.submit("'y' * 20_000_000")
+    assert repr(big.result(60)).startswith("'yyyy")
+    info = hub.job(big.id)
+    assert info["status"] == "done" and "was too large to send" in info["stderr"], info
+    # results that are small as text but large on the wire (a NUL is 6 bytes of JSON: 12 MB
+    # each), finished together: reports are cut by their size as sent, not by characters
+    jobs = [hub.submit("print('\\0' * 2_000_000)") for _ in range(6)]
+    assert all(j.result(60) is None for j in jobs)
+    assert all(hub.job(j.id)["status"] == "done" for j in jobs)
+    rejected = [ev for ev in hub.log(200) if ev.get("kind") == "rejected"]
+    assert rejected == [], rejected
+
+
 def test_a_result_too_large_for_one_message_gives_way_with_notes() -> None:
     from odium.node.workers.results import fit_result
 

@@ -22,13 +22,14 @@ from ..errors import ProtocolError
 from ..io.transport import each_message, recv_frames
 from .ports import HubLink, NodeRuntime
 from .workers.pool import JobPool
+from .workers.results import fit_result
 
 log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between checks for results to send again and slot reports
 REPORT_WAIT = 0.002  # seconds a report of jobs taken or finished waits for more news
 MAX_UNACKED = 100_000  # results kept for a hub that does not acknowledge them
-RESULT_BYTES = 4 * 1024 * 1024  # about this much result data in one message at most
+RESULT_BYTES = 4 * 1024 * 1024  # result bytes in one report at most (one larger result goes alone)
 
 _STATUS = {"ok": "done", "error": "failed", "timeout": "timeout", "cancelled": "cancelled",
            "interrupted": "cancelled", "lost": "lost"}
@@ -182,6 +183,7 @@ class NodeJobs:
         spec = self.held.pop(job_id, None)
         if spec is None:
             return
+        res = fit_result(res)  # as a broadcast's: never a report the hub must refuse
         err = res.get("error")
         o = P.JobOutcome(
             job_id, _STATUS.get(res["status"], "failed"),  # type: ignore[arg-type]
@@ -230,10 +232,13 @@ class NodeJobs:
         while i < len(results) or taken[0] or taken[3]:
             chunk: list[P.JobOutcome] = []
             size = 0
-            while i < len(results) and len(chunk) < MAX_BATCH and size < RESULT_BYTES:
+            while i < len(results) and len(chunk) < MAX_BATCH:
                 o = results[i]
+                o_size = len(P.encode_json(o))  # as it goes: a fitted result alone fits
+                if chunk and size + o_size > RESULT_BYTES:
+                    break
                 chunk.append(o)
-                size += len(o.stdout) + len(o.stderr) + len(o.value_repr or "") + 200
+                size += o_size
                 i += 1
             batches, took, declined, unopened = taken
             taken = ([], [], [], [])
