@@ -22,7 +22,6 @@ from ..errors import ProtocolError
 from ..io.transport import each_message, recv_frames
 from .ports import HubLink, NodeRuntime
 from .workers.pool import JobPool
-from .workers.results import fit_result
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,6 @@ class NodeJobs:
         spec = self.held.pop(job_id, None)
         if spec is None:
             return
-        res = fit_result(res)  # as a broadcast's: never a report the hub must refuse
         err = res.get("error")
         o = P.JobOutcome(
             job_id, _STATUS.get(res["status"], "failed"),  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import msgspec
 from .capture import Capture
 from .channel import Channel
 from .code import add_value, cell_name, error_info, forget_cell, run_python
+from .results import fit_result
 from .start import connect, forked_start
 
 MAX_JOB_CAPTURE = 1024 * 1024  # characters of a job's stdout/stderr kept
@@ -119,6 +120,7 @@ def main(sock: socket.socket | None = None, parent: int | None = None) -> None:
             res = {"status": "interrupted", "started": time.time(), "finished": time.time(),
                    "error": {"ename": "KeyboardInterrupt", "evalue": "interrupted",
                              "traceback": ""}}
+        res = fit_result(res)  # here, not in the node's loop: it may take a while for a big one
         res["op"], res["id"] = "done", req["id"]
         _send(conn, res)
 
