@@ -68,6 +68,17 @@ class Channel:
                 raise EOFError("the other end closed the channel")
             self.buf = buf + chunk
 
+    def next_request(self) -> bytes | None:
+        """A worker's wait for its node's next request: None when the node is gone. An
+        interrupt that comes while it waits (between two commands) is let pass."""
+        while True:
+            try:
+                return self.recv()
+            except (EOFError, OSError):
+                return None
+            except KeyboardInterrupt:
+                continue
+
     def buffered(self) -> bool:
         """Whether a whole frame has been read already (``recv`` returns it without waiting)."""
         buf = self.buf

@@ -16,7 +16,7 @@ import msgspec
 
 from .capture import Capture
 from .channel import Channel
-from .code import add_value, cell_name, error_info, forget_cell, run_python
+from .code import add_value, cell_name, error_info, forget_cell, interrupted_error, run_python
 from .results import fit_result
 from .start import connect, forked_start
 
@@ -73,7 +73,7 @@ def run_job(req: dict[str, Any], fns: dict[str, bytes] | None = None) -> Event:
         status, value, error = _call(req, fns, args, kwargs)
     except KeyboardInterrupt:
         status, value = "interrupted", None
-        error = {"ename": "KeyboardInterrupt", "evalue": "interrupted", "traceback": ""}
+        error = interrupted_error()
     except BaseException as e:  # noqa: BLE001 - every error of the job is its result
         status, value, error = "error", None, error_info(e, (__file__,))  # its frames, not ours
     finally:
@@ -100,13 +100,7 @@ def main(sock: socket.socket | None = None, parent: int | None = None) -> None:
     fns: dict[str, bytes] = {}
     conn = connect(sock, parent)
     conn.send(b'{"op":"ready"}')
-    while True:
-        try:
-            raw = conn.recv()
-        except (EOFError, OSError):
-            return
-        except KeyboardInterrupt:  # an interrupt that came between two jobs
-            continue
+    while (raw := conn.next_request()) is not None:
         try:
             req = decode(raw)
             if req.get("op") == "exit":
@@ -118,8 +112,7 @@ def main(sock: socket.socket | None = None, parent: int | None = None) -> None:
             res = run_job(req, fns)
         except KeyboardInterrupt:  # arrived after the job finished, before we noticed
             res = {"status": "interrupted", "started": time.time(), "finished": time.time(),
-                   "error": {"ename": "KeyboardInterrupt", "evalue": "interrupted",
-                             "traceback": ""}}
+                   "error": interrupted_error()}
         res = fit_result(res)  # here, not in the node's loop: it may take a while for a big one
         res["op"], res["id"] = "done", req["id"]
         _send(conn, res)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .capture import Capture, Displays
 from .code import add_value, interrupted_error, run_python
+from .results import fit_result
 from .start import connect, forked_start
 
 MAX_CAPTURE = 4 * 1024 * 1024  # characters of stdout/stderr kept for the final result
@@ -39,13 +40,7 @@ def main(sock: socket.socket | None = None, parent: int | None = None) -> None:
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__,
                           "display": displays}
     send({"op": "ready", "pid": os.getpid()})
-    while True:
-        try:
-            raw = conn.recv()
-        except (EOFError, OSError):
-            return
-        except KeyboardInterrupt:  # an interrupt that came between two commands
-            continue
+    while (raw := conn.next_request()) is not None:
         req = json.loads(raw)
         if req.get("op") == "exit":
             return
@@ -83,7 +78,7 @@ def _run(cmd: str, code: str, ns: dict[str, Any], out: Capture, err: Capture,
         res["outputs"] = outputs
     add_value(res, value)
     out.cmd = err.cmd = ""
-    return res
+    return fit_result(res)  # here, not in the node's loop: it may take a while for a big one
 
 
 __all__ = ["FRESH", "forked", "main"]

@@ -280,6 +280,8 @@ class Executor:
             return
         self.streamed.pop((run.cmd, "stdout"), None)
         self.streamed.pop((run.cmd, "stderr"), None)
+        # (a Python result was fitted by its worker already, where a large value costs no
+        # loop time; this checks the size once more, and fits what the node made itself)
         self.on_event({"op": "done", "cmd": run.cmd, "result": fit_result(res)})
         if run.ephemeral and run.kind == "python":
             self.close_session(run.session)
