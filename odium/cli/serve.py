@@ -17,6 +17,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..core.keys import Token
+    from ..hub.server import HubCore
     from ..runtime import Runtime
 
 
@@ -41,7 +42,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(rt: Runtime, args: argparse.Namespace) -> None:
+def _serve(rt: Runtime, args: argparse.Namespace) -> HubCore:
     """Start the hub part of this process (``odium hub``, ``odium node --serve``), and say
     where it listens and how nodes join it."""
     from ..core.keys import fingerprint
@@ -54,6 +55,7 @@ def _serve(rt: Runtime, args: argparse.Namespace) -> None:
           f"results={hub.ports['results']}; state {rt.state}", flush=True)
     print(f"add nodes with: odium token --home {rt.home} (or: odium node --join "
           f"{hub.public_address()} --hub-key {rt.ident.key_id})", flush=True)
+    return hub
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -75,16 +77,19 @@ def cmd_node(args: argparse.Namespace) -> int:
         name = args.name or (joined or {}).get("name") or socket.gethostname().split(".")[0]
         address, hub_key = _hub_to_join(args, token, joined, rt.home)
         check_key_id(hub_key)
-        if args.serve:  # a hub to nodes of its own too, on the same runtime and loop
-            _serve(rt, args)
+        hub = _serve(rt, args) if args.serve else None  # a hub to nodes of its own too
         node = start_node(rt, address, hub_key, name, token=token, capacity=args.capacity,
                           find_links=args.find_links, index_url=args.index_url)
+        if hub is not None:  # both parts on the same runtime and loop: a relay
+            from ..relay import start_relay
+
+            start_relay(rt, hub, node)
         print(f"odium node {name} key {rt.ident.key_id} ({fingerprint(rt.ident.key_id)}) "
               f"joining {address}; state {rt.state}", flush=True)
         if token is None and joined is None:
             print(f"if the hub does not know this key yet, accept it there with: odium keys "
                   f"accept {fingerprint(rt.ident.key_id)}", flush=True)
-        node.on_notice = lambda text: print(f"odium node: {clean(text)}", flush=True)
+        node.link.on_notice = lambda text: print(f"odium node: {clean(text)}", flush=True)
         _stop_on_signals(rt.loop.stop)
         _stop_with_parent(rt)
         rt.run()

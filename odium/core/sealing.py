@@ -33,7 +33,7 @@ from .wire import (
     Body,
     Envelope,
     Message,
-    Name,
+    NodePath,
     Sealed,
     b64url,
     decode_body,
@@ -56,7 +56,7 @@ class Inner(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     type: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
     body: msgspec.Raw
-    to: list[Name] = []
+    to: list[NodePath] = []
 
 
 _inner_decoder = msgspec.json.Decoder(Inner)

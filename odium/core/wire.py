@@ -11,21 +11,21 @@ the end, verifies it with the key the link says the sender has, and only
 then parses and validates.
 """
 
-import base64
-import binascii
-import re
 import secrets
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
-from nacl import bindings as _sodium
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import AuthError, ProtocolError
-from .guards import ReplayCache, check_depth, too_deep
+from .encoding import SIG_HEAD, SIG_LEN, SUFFIX_LEN, b64url, is_key_point, unb64url
+from .encoding import peek_from as peek_from  # re-exported: the wire's helpers, one import
+from .encoding import peek_id as peek_id
+from .encoding import peek_type as peek_type
+from .guards import ReplayCache, check_depth
 from .requirements import ASKED_RE, SENT_RE, STATE_RE
 from .term import CONTROL
 
@@ -33,9 +33,7 @@ VERSION = 1
 DEFAULT_PORTS = {"pub": 18202, "query": 18203, "jobs": 18220, "results": 18221}
 MAX_MESSAGE = 16 * 1024 * 1024  # default limit on one frame, bytes
 
-SIG_LEN = 86  # base64url of a 64-byte signature, no padding
-_SIG_HEAD = b',"sig":"'
-_SUFFIX_LEN = len(_SIG_HEAD) + SIG_LEN + 2  # ... ,"sig":"<86>"}
+_SIG_HEAD, _SUFFIX_LEN = SIG_HEAD, SUFFIX_LEN
 
 # Identifiers: validated everywhere, never used raw as paths or SQL.
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"
@@ -46,6 +44,11 @@ LINE_RE = f"^[^{CONTROL}]*\\Z"  # one line of text: no control characters (odium
 HOST_RE = r"^([A-Za-z0-9_][A-Za-z0-9._-]{0,252})?\Z"
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
+# a name in a tree of hubs: segments joined by "/" (``lab1/pc-1``), relative to whoever says it
+MAX_DEPTH = 16
+PATH_RE = (r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})"
+           f"{{0,{MAX_DEPTH - 1}}}\\Z")
+NodePath = Annotated[str, msgspec.Meta(pattern=PATH_RE)]
 KeyId = Annotated[str, msgspec.Meta(pattern=KEY_RE)]
 MsgId = Annotated[str, msgspec.Meta(pattern=ID_RE)]
 StateId = Annotated[str, msgspec.Meta(pattern=STATE_RE)]
@@ -70,7 +73,7 @@ class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     ts: float
     state: StateId
     body: msgspec.Raw
-    to: list[Name] = []
+    to: list[NodePath] = []
     seq: Annotated[int, msgspec.Meta(ge=0)] = 0
     re: MsgId | None = None
 
@@ -377,6 +380,40 @@ class JobQuery(Body):
     wait: Annotated[float, msgspec.Meta(ge=0, le=7 * 86400)] = 0.0
 
 
+# --- trees of hubs (docs/protocol.md, "Relays") ---------------------------------------------
+
+Signed = Annotated[str, msgspec.Meta(max_length=64 * 1024 * 1024)]  # one whole signed message
+
+
+class SubNode(Body):
+    """One instance below a relay as the relay knows it (``path``: relative to the relay)."""
+
+    path: NodePath
+    key: KeyId
+    status: Literal["offline", "connecting", "ready", "lost", "left", "restarting"]
+    state: StateId = "unknown"
+    host: Host = ""
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+
+
+class Subtree(Body):  # relay -> its hub (results): every instance below it, whole each time
+    nodes: Annotated[list[SubNode], msgspec.Meta(max_length=100_000)] = []
+
+
+class Relay(Body):
+    """Hub -> relays (PUB), and on down: ``msg``, signed by an authority, byte for byte, for
+    ``paths`` (relative to the receiver); ``cmd``: its command (whose results go back up)."""
+
+    msg: Signed
+    paths: Annotated[list[NodePath], msgspec.Meta(min_length=1, max_length=100_000)]
+    cmd: MsgId | None = None
+
+
+class Relayed(Body):  # relay -> its hub (results): a message signed at ``path`` below it
+    path: NodePath
+    msg: Signed
+
+
 # --- sealed payloads (odium.core.sealing) ---------------------------------------------------
 
 
@@ -429,6 +466,9 @@ BODIES: dict[str, type[Body]] = {
     "submit": Submit,
     "job": JobQuery,
     "jobs": JobQuery,
+    "subtree": Subtree,  # trees of hubs
+    "relay": Relay,
+    "relayed": Relayed,
     "sealed": Sealed,  # exec, sync, job_batch and node replies travel sealed
 }
 
@@ -446,19 +486,6 @@ _encoder = msgspec.json.Encoder(order="sorted")
 
 def new_id() -> str:
     return secrets.token_hex(16)
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def unb64url(text: str | bytes) -> bytes:
-    if isinstance(text, str):
-        text = text.encode("ascii")
-    try:
-        return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as e:
-        raise ProtocolError(f"not base64url: {e}") from None
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -589,35 +616,6 @@ def decode_body(env: Envelope) -> Body:
                 raise ProtocolError(f"bad body for {env.type!r}: {name} {key[:12]}… is not an "
                                     "Ed25519 public key (not a point on the curve)")
     return body
-
-
-def is_key_point(key_id: str) -> bool:
-    """Whether a key id (already of the right shape) is a real Ed25519 public key: a valid
-    point of the prime-order group, which is what every honest key is (and what the CURVE key
-    is derived from; anything else makes libsodium fail later, far from the input)."""
-    try:
-        raw = base64.urlsafe_b64decode(key_id + "=")
-    except (binascii.Error, ValueError):
-        return False
-    return (len(raw) == 32 and b64url(raw) == key_id  # one spelling per key
-            and bool(_sodium.crypto_core_ed25519_is_valid_point(raw)))
-
-
-def peek_id(data: bytes) -> str | None:
-    """Best-effort message id of a message that failed to open (to address an error reply)."""
-    head = data[: -_SUFFIX_LEN] + b"}" if data.endswith(b'"}') else data
-    if too_deep(head):  # not parsed: the last "id" (keys are sorted: the envelope's comes
-        ids = _ID_MEMBER.findall(head)  # after the body's, and nothing after it nests)
-        return ids[-1].decode() if ids else None
-    try:
-        env = msgspec.json.decode(head)
-        mid = env.get("id") if isinstance(env, dict) else None
-        return mid if isinstance(mid, str) and len(mid) == 32 else None
-    except Exception:
-        return None
-
-
-_ID_MEMBER = re.compile(rb'"id":"([0-9a-f]{32})"')
 
 
 def encode_json(obj: Any) -> bytes:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core import wire as P
 from ..core.dispatch import Dispatch
@@ -26,6 +26,9 @@ from .asking import Asker
 from .links import HubRuntime, Publisher
 from .nodes import LIVE, NodeInfo, Registry
 from .store import CommandRow, ResultRow, Store
+
+if TYPE_CHECKING:
+    from .tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class Broadcasts:
         self._resolve, self._diff_for = resolve, diff_for
         self.broadcasts: dict[str, Broadcast] = {}
         self.seq = store.max_seq()
+        self.tree: Tree | None = None  # what goes to instances below this hub's relays
         self.queries: Dispatch[Asker] = Dispatch("query (broadcasts)")
         self.queries.on("run", P.Run, self._h_run)
         self.queries.on("interrupt", P.Interrupt, self._h_interrupt)
@@ -96,9 +100,19 @@ class Broadcasts:
         return matched, [n for n in matched if reg[n].status in LIVE]
 
     def publish_sealed(self, type_: str, body: P.Body, targets: list[str], seq: int) -> bytes:
-        """Publish a message whose body only its targets can read (odium.core.sealing)."""
+        """Publish a message whose body only its targets can read (odium.core.sealing); what
+        is for instances below this hub's relays goes to them through the relays."""
         keys = [self.registry.nodes[n].key_id for n in targets]
-        return self.wire.publish_sealed(type_, body, keys, targets, seq)
+        below = [n for n in targets if "/" in n]
+        if not below or self.tree is None:
+            return self.wire.publish_sealed(type_, body, keys, targets, seq)
+        sealed = self.keyring.seal(type_, body, keys, to=targets)
+        if len(below) < len(targets):
+            raw = self.wire.publish("sealed", sealed, seq=seq)
+        else:  # nobody here to hear it on PUB: only the relays get it
+            raw = self.rt.sign("sealed", sealed, seq=seq)
+        self.tree.send_down(getattr(body, "cmd", None), raw, below, seq=seq)
+        return raw
 
     def broadcast(self, code: str, nodes: str = "*", *, kind: str = "python",
                   timeout: float | None = None, session: str = "default",
@@ -150,13 +164,20 @@ class Broadcasts:
                                           error=_error("NotConnected",
                                                        f"node is {nodes[name].status.value}")))
 
+    def _state(self, name: str) -> str:
+        node = self.registry.nodes.get(name)  # (an instance below a relay may be gone)
+        return node.state if node is not None else "unknown"
+
     def interrupt(self, cmd: str) -> bool:
         b = self.broadcasts.get(cmd)
         if b is None:
             return False
         left = [n for n in b.targets if n not in b.results]
         if left:
-            self.wire.publish("interrupt", P.Interrupt(cmd), to=left)
+            raw = self.wire.publish("interrupt", P.Interrupt(cmd), to=left)
+            below = [n for n in left if "/" in n]
+            if below and self.tree is not None:
+                self.tree.send_down(cmd, raw, below, keep=False)
         return bool(left)
 
     # --- results ---------------------------------------------------------------------------
@@ -208,7 +229,7 @@ class Broadcasts:
                 for name in b.targets:
                     if name not in b.results:
                         self.record(b, NodeResult(
-                            name, Status.TIMEOUT, state=self.registry.nodes[name].state,
+                            name, Status.TIMEOUT, state=self._state(name),
                             error=_error("TimeoutError", "no result from the node in time")))
 
     def check_running(self, node: NodeInfo, body: P.NodeBeat) -> None:
@@ -224,11 +245,10 @@ class Broadcasts:
     def stop(self) -> None:
         """The hub stops: every broadcast still waiting gets its answer (nobody waits on a hub
         that is gone)."""
-        nodes = self.registry.nodes
         for b in list(self.broadcasts.values()):
             for name in b.targets:
                 if name not in b.results:
-                    self.record(b, NodeResult(name, Status.LOST, state=nodes[name].state,
+                    self.record(b, NodeResult(name, Status.LOST, state=self._state(name),
                                               error=_error("HubStopped", "the hub stopped "
                                                            "before the node answered")))
 
@@ -254,6 +274,8 @@ class Broadcasts:
                for b in sorted(self.broadcasts.values(), key=lambda b: b.seq)
                if b.seq > body.since and name in b.targets and name not in b.results
                and b.inner is not None]
+        if self.tree is not None:  # and what went down for the nodes below it, if a relay
+            out.extend(self.tree.fetch_for(name, body.since))
         ask.reply({"commands": out, "seq": self.seq}, sealed=True)
 
     def _seal_for(self, b: Broadcast, name: str, key_id: str) -> bytes:

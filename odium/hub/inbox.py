@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -55,7 +56,8 @@ QUERY_TYPES = {
 RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
                 "result": ("node",), "bye": ("node",), "event": ("node",), "state": ("node",),
                 "restarting": ("node",),
-                "job_report": ("node",), "job_state": ("node",)}
+                "job_report": ("node",), "job_state": ("node",),
+                "subtree": ("node",), "relayed": ("node",)}  # from relays (odium.hub.tree)
 _FROM = re.compile(rb'"from":"([A-Za-z0-9_-]{43})"')
 
 
@@ -103,6 +105,9 @@ class Inbox:
         self._bad_input_log = TokenBucket(50, 10)  # 50 lines, then 10 a second
         self.queries: Dispatch[Asker] = Dispatch("query")
         self.results: Dispatch[NodeInfo] = Dispatch("results")
+        # sees every message from a node first; True: it took it (odium.hub.tree: answers that
+        # go up through this hub, a relay)
+        self.tap: Callable[[P.Message, NodeInfo, bytes], bool] | None = None
 
     def may_log_bad_input(self) -> bool:
         """May bad input be logged now? (A flood of it must not fill the disk.)"""
@@ -215,6 +220,8 @@ class Inbox:
         if node is None:
             raise AuthError("node has not registered")
         self.registry.seen(node, msg.env.state)
+        if self.tap is not None and self.tap(msg, node, frames[-1].bytes):
+            return
         self.results.handle(msg, node)
 
 

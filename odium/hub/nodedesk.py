@@ -187,7 +187,11 @@ class NodeDesk:
                                  "the key (odium keys revoke NAME)")
             matched = [n for n in matched if n not in live]
         keys = dict(self.keys.keys)
+        below = [n.name for m in matched for n in reg.below(m)]  # a relay goes with its subtree
+        matched = list(dict.fromkeys(matched + below))
         for name in matched:
+            if name not in reg.nodes:
+                continue
             node = reg.remove(name)
             reg.lose_running(node, "the node was forgotten")
             if reg.by_key.get(node.key_id) == name:

@@ -68,6 +68,7 @@ class NodeInfo:
     last_seen: float = 0.0
     running: set[str] = field(default_factory=set)
     info: dict[str, Any] | None = None  # the node's StateInfo as JSON (odium.core.statediff)
+    via: str = ""  # below a relay: the relay (one of this hub's own nodes) that reports it
 
     @property
     def fingerprint(self) -> str:
@@ -87,7 +88,8 @@ class NodeInfo:
                 "state": self.state, "fingerprint": self.fingerprint,
                 "unsatisfied": self.unsatisfied, "missing_system": self.missing_system,
                 "host": self.host, "pid": self.pid, "capacity": self.capacity,
-                "last_seen": self.last_seen, "running": sorted(self.running)}
+                "last_seen": self.last_seen, "running": sorted(self.running),
+                **({"via": self.via} if self.via else {})}
 
 
 LostHook = Callable[[NodeInfo, str, bool], None]  # (node, why, restart)
@@ -115,14 +117,25 @@ class Registry:
     def add(self, node: NodeInfo) -> NodeInfo:
         """A node the hub did not know (in the loop thread)."""
         self.nodes[node.name] = node
-        self._roster = tuple((n, i.key_id) for n, i in self.nodes.items())
+        self._new_roster()
         return node
 
     def remove(self, name: str) -> NodeInfo:
         """Forget a node (in the loop thread)."""
         node = self.nodes.pop(name)
-        self._roster = tuple((n, i.key_id) for n, i in self.nodes.items())
+        self._new_roster()
         return node
+
+    def _new_roster(self) -> None:
+        """(name, the key whose trust decides whether it is targeted): below a relay, the
+        relay's key (the relay vouches for what is below it)."""
+        nodes = self.nodes
+        self._roster = tuple((n, nodes[i.via].key_id if i.via in nodes else i.key_id)
+                             for n, i in nodes.items())
+
+    def below(self, relay: str) -> list[NodeInfo]:
+        """The instances a relay reports below it."""
+        return [n for n in self.nodes.values() if n.via == relay]
 
     def of_key(self, key_id: str) -> NodeInfo | None:
         name = self.by_key.get(key_id)
@@ -153,6 +166,8 @@ class Registry:
         now = time.time()
         limit = LIVENESS_BEATS * hb_interval
         for node in self.nodes.values():
+            if node.via:
+                continue  # below a relay: alive as long as the relay says so (and is)
             if node.status is S.RESTARTING and now - node.last_seen > max(limit, 60.0):
                 self.gone(node, S.LOST, "did not come back after restarting")
             if node.status in LIVE and now - node.last_seen > limit:
@@ -209,10 +224,11 @@ class Registry:
         if pattern:
             names = match_nodes(pattern, names)
         keys = self._keys()
+        trust = dict(self._roster)
         out = []
         for n in names:
             d = self.nodes[n].to_dict()
-            k = keys.get(d["key"])
+            k = keys.get(trust.get(n, d["key"]))
             if k is None or k.role != "node":  # listed, never targeted
                 d["status"] = k.role if k is not None else "untrusted"
             out.append(d)

@@ -41,6 +41,7 @@ from .nodedesk import DeskHooks, NodeDesk
 from .nodes import NodeInfo, NodeStatus, Registry
 from .sockets import HubSockets
 from .store import Store
+from .tree import Tree
 
 STATE_EVERY = 2.0  # seconds between checks of the hub's own state
 DEFAULT_PORTS = P.DEFAULT_PORTS
@@ -108,6 +109,11 @@ class HubCore:
         self.jobq = JobQueue(store, rt.loop, self.wire, reg.nodes, self.inbox.reject,
                              hb_interval=self.hb_interval, targetable=reg.targetable,
                              resolve=self.resolve_requirement)
+        self.tree = Tree(store, reg, self.wire, self.keyring, self.inbox.results,
+                         seq=self._next_seq, changed=rt.notify,
+                         own=lambda cmd: cmd in self.bc.broadcasts, max_message=self.max_message)
+        self.bc.tree = self.tree
+        self.inbox.tap = self.tree.tap
         reg.on_lost.append(self.bc.lose_running)
         reg.on_lost.append(lambda node, why, _restart: self.jobq.node_lost(node.name, why))
         own: Dispatch[Asker] = Dispatch("query (hub)")
@@ -120,7 +126,8 @@ class HubCore:
         for part in (own, self.bc.queries, self.syncs.queries, self.desk.queries,
                      self.jobq.query_handlers):
             self.inbox.queries.update(part)
-        for results in (self.bc.results, self.desk.results, self.jobq.result_handlers):
+        for results in (self.bc.results, self.desk.results, self.jobq.result_handlers,
+                        self.tree.handlers):
             self.inbox.results.update(results)
 
     # --- the parts' state, as the API reads it ---------------------------------------------
@@ -184,7 +191,12 @@ class HubCore:
     def _welcome(self) -> dict[str, Any]:
         """What a registering node is told: this hub's run, its beat, its other ports."""
         return {"hub_boot": self.boot, "seq": self.seq, "interval": self.hb_interval,
-                "ports": {k: v for k, v in self.ports.items() if k != "query"}}
+                "ports": {k: v for k, v in self.ports.items() if k != "query"},
+                "above": self.tree.above()}  # the authorities over this hub (odium.hub.tree)
+
+    def _next_seq(self) -> int:
+        self.bc.seq += 1
+        return self.bc.seq
 
     def _check_liveness(self) -> None:
         self.registry.check_liveness(self.hb_interval)

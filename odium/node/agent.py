@@ -42,6 +42,7 @@ from .requests import REQUEST_RETRY, Request, Requests
 from .sockets import DataSockets
 from .status import Event, NodeStatus, next_status
 from .sync import Syncer
+from .tree import NodeTree
 from .workers.start import release_forkserver, warm_forkserver
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,10 @@ class NodeCore:
         self.sealed: Dispatch[None] = Dispatch("sealed")
         self.sealed.on("exec", P.Exec, self._on_exec)
         self.sealed.on("sync", P.Sync, self._on_sync)
+        # commands from above this node's hub, through relays (odium.node.tree)
+        self.tree = NodeTree(self.name, self.hub_key, self.keyring, received, self.sealed,
+                             self.commands.on_interrupt)
+        self.pub.on("relay", P.Relay, self._on_relay)
 
     def _watch_state(self) -> None:
         """The state id (rt.state) is known already; the fingerprint is computed off the loop
@@ -159,15 +164,6 @@ class NodeCore:
     @property
     def connected(self) -> bool:
         return self.outbox.push is not None
-
-    @property
-    def on_notice(self) -> Callable[[str], None] | None:
-        """What this node says to whoever runs it (odium node prints it; else the log)."""
-        return self.link.on_notice
-
-    @on_notice.setter
-    def on_notice(self, fn: Callable[[str], None] | None) -> None:
-        self.link.on_notice = fn
 
     def open(self, raw: bytes) -> P.Message:
         return P.open_message(raw, self.vk, self.hub_key, replay=self.replay)
@@ -313,6 +309,7 @@ class NodeCore:
         self.link.admitted = True
         self.last_heard = time.monotonic()
         self.data.open(data["ports"])
+        self.tree.welcome(data)
         if self.state_info is not None:  # it may have been computed while we registered
             self._send("state", P.StateReport(self.state_info.to_dict()), keep=True)
         if not self.rt.home.joinpath("joined.json").exists():
@@ -335,6 +332,9 @@ class NodeCore:
 
     def _fetched_one(self, raw: str) -> None:
         m = P.open_message(raw.encode(), self.vk, self.hub_key)
+        if m.type == "relay":
+            self.tree.on_relay(m, m.body)  # type: ignore[arg-type]
+            return
         inner = open_inner(self.keyring, m, "fetch")
         if inner is not None:
             self.sealed.handle(inner, None)
@@ -363,6 +363,10 @@ class NodeCore:
         inner = open_inner(self.keyring, msg, "pub")  # (what fails is rejected by the wrapper)
         if inner is not None:
             self.sealed.handle(inner, None)
+
+    def _on_relay(self, msg: P.Message, body: P.Relay, _: None) -> None:
+        self._seen(msg.env.seq)  # (a command relayed down is numbered as the hub's own)
+        self.tree.on_relay(msg, body)
 
     def _seen(self, seq: int) -> None:
         """A command numbered ``seq`` was sent: fetch what a gap says was lost on PUB/SUB."""
