@@ -4,12 +4,17 @@ topology is tests/test_tree_netns.py)."""
 
 from __future__ import annotations
 
+import json
+import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import odium
+from odium.core.results import Status
 
 from .conftest import NodeProcess, wait_until
 from .test_cli import cli_json, cli_ok
@@ -19,6 +24,13 @@ pytestmark = pytest.mark.timeout(120)
 
 def _statuses(hub: odium.Hub) -> dict[str, str]:
     return {n["name"]: n["status"] for n in hub.nodes()}
+
+
+def _ports(home: Path) -> str:
+    """The ports the hub part of the instance at ``home`` listened on (hub.json is left
+    behind by a SIGKILL), to serve on the same ones again."""
+    p = json.loads((home / "hub.json").read_text())["ports"]
+    return ",".join(str(p[k]) for k in ("pub", "query", "jobs", "results"))
 
 
 def make_tree(hub: odium.Hub, tmp_path: Path, start: Callable[..., NodeProcess],
@@ -68,3 +80,114 @@ def test_the_root_commands_every_instance_of_the_tree(
     got = cli_json("run", "--home", str(hub.home), "--nodes", "lab*/pc-*", "--timeout", "30",
                    "-c", "3")["nodes"]
     assert sorted(got) == ["lab1/pc-1", "lab1/pc-2", "lab2/pc-1"]
+
+
+def test_streams_interrupts_and_timeouts_cross_relays(
+        hub: odium.Hub, tmp_path: Path, node_processes: Callable[..., NodeProcess]) -> None:
+    make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1", "pc-2"]})
+    seen: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def out(node: str, stream: str, text: str) -> None:
+        with lock:
+            seen.append((node, text))
+
+    # output arrives while the command runs, from every leaf
+    handle = hub.submit_broadcast(
+        "import time, sys\nprint('started', flush=True)\ntime.sleep(60)", nodes="lab1/*",
+        timeout=120, on_output=out)
+    wait_until(lambda: {n for n, t in list(seen) if "started" in t} == {"lab1/pc-1", "lab1/pc-2"},
+               20, "the leaves' first output at the root while they run")
+    assert not handle.ready()
+    wait_until(lambda: all(handle.cmd in n["running"] for n in hub.nodes("lab1/*")), 10,
+               "both leaves acknowledged")
+    # the stop button reaches every leaf
+    sent = time.monotonic()
+    assert hub.interrupt(handle.cmd) is True
+    r = handle.wait(15)
+    assert time.monotonic() - sent < 5
+    for path in ("lab1/pc-1", "lab1/pc-2"):
+        assert r[path].status is Status.INTERRUPTED, r[path]
+        assert r[path].error and r[path].error["ename"] == "KeyboardInterrupt"
+    # a timeout too
+    r = hub.run("import time; time.sleep(30)", nodes="lab1/pc-1", timeout=1)
+    assert r["lab1/pc-1"].status is Status.TIMEOUT, r["lab1/pc-1"]
+    # the namespaces survived both
+    assert hub.run("7 * 6", nodes="lab1/*", timeout=20).values() == [42, 42]
+
+
+def test_a_relay_killed_mid_command_makes_its_subtree_lost_and_comes_back(
+        hub: odium.Hub, tmp_path: Path, node_processes: Callable[..., NodeProcess]) -> None:
+    procs = make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1", "pc-2"], "lab2": ["pc-1"]})
+    handle = hub.submit_broadcast("import time; time.sleep(60)", nodes="**", timeout=120)
+    wait_until(lambda: all(handle.cmd in n["running"] for n in hub.nodes("lab1/*")), 20,
+               "the leaves of lab1 to start")
+    procs["lab1"].stop(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: _statuses(hub)["lab1/pc-1"] == "lost", 15, "lab1's subtree to be lost")
+    took = time.monotonic() - killed
+    assert took < 10, f"{took:.1f} s"  # hub beats every 1 s; lost after 5 beats unheard
+    st = _statuses(hub)
+    assert st["lab1"] == st["lab1/pc-1"] == st["lab1/pc-2"] == "lost", st
+    assert st["lab2/pc-1"] == "ready"
+    assert hub.interrupt(handle.cmd)
+    r = handle.wait(20)
+    for path in ("lab1", "lab1/pc-1", "lab1/pc-2"):
+        assert r[path].status is Status.LOST, (path, r[path])
+    assert r["lab2/pc-1"].status is Status.INTERRUPTED
+    assert "lab1" in r["lab1/pc-1"].error["evalue"]  # says why: its relay
+    # a command now: the lost subtree is "not connected", the rest answers
+    r = hub.run("1", nodes="**", timeout=20)
+    assert r["lab1/pc-2"].status is Status.NOT_CONNECTED and r["lab2/pc-1"].value == 1
+    # the relay comes back from its home, without new tokens, and so does its subtree
+    again = node_processes("lab1", "--serve", "--ports", _ports(procs["lab1"].home),
+                           "--heartbeat", "0.5")
+    assert again.home == procs["lab1"].home
+    wait_until(lambda: all(_statuses(hub).get(p) == "ready"
+                           for p in ("lab1", "lab1/pc-1", "lab1/pc-2")), 40,
+               "lab1 and its subtree back at the root")
+    # (the leaves still run the sleep that was lost with their relay: another session)
+    r = hub.run("2", nodes="lab1/**", timeout=20, session="after")
+    assert r.values() == [2, 2, 2], r.to_dict()
+
+
+def test_a_relays_own_admin_commands_only_its_subtree(
+        hub: odium.Hub, tmp_path: Path, node_processes: Callable[..., NodeProcess]) -> None:
+    procs = make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1", "pc-2"], "lab2": ["pc-1"]})
+    home = str(procs["lab1"].home)
+    got = cli_json("run", "--home", home, "--nodes", "**", "--timeout", "20", "-c", "5")
+    assert sorted(got["nodes"]) == ["pc-1", "pc-2"]  # never its parent, never lab2's
+    # a leaf the relay knows but is offline is "not connected" at the root
+    assert procs["lab1/pc-2"].stop() == 0
+    wait_until(lambda: _statuses(hub)["lab1/pc-2"] == "left", 15, "pc-2 gone at the root")
+    r = hub.run("1", nodes="lab1/*", timeout=20)
+    assert r["lab1/pc-2"].status is Status.NOT_CONNECTED and r["lab1/pc-1"].value == 1
+    # forgotten at the relay: gone at the root too
+    cli_ok("nodes", "forget", "pc-2", "--home", home)
+    wait_until(lambda: "lab1/pc-2" not in _statuses(hub), 15, "pc-2 forgotten at the root")
+    # forgetting a relay at the root forgets its subtree there
+    procs["lab2"].stop()
+    wait_until(lambda: _statuses(hub)["lab2"] == "left", 15, "lab2 gone")
+    assert sorted(hub.forget("lab2")) == ["lab2", "lab2/pc-1"]
+    assert sorted(_statuses(hub)) == ["lab1", "lab1/pc-1"]
+
+
+def test_three_levels(hub: odium.Hub, tmp_path: Path,
+                      node_processes: Callable[..., NodeProcess]) -> None:
+    procs = make_tree(hub, tmp_path, node_processes, {"a": []})
+    tok = tmp_path / "b.token"
+    cli_ok("token", "--home", str(procs["a"].home), "--name", "b", "--file", str(tok))
+    b = node_processes("b", "--token-file", str(tok), "--serve", "--ports", "0",
+                       "--heartbeat", "0.5")
+    tok = tmp_path / "c.token"
+    wait_until(lambda: (b.home / "hub.json").exists(), 20, "b serving")
+    cli_ok("token", "--home", str(b.home), "--name", "c", "--file", str(tok))
+    node_processes("c", "--token-file", str(tok))
+    wait_until(lambda: _statuses(hub).get("a/b/c") == "ready", 40, "a/b/c ready at the root")
+    r = hub.run("import os; print(os.environ['ODIUM_NODE']); 6", nodes="**", timeout=30)
+    assert sorted(r) == ["a", "a/b", "a/b/c"]
+    assert r["a/b/c"].stdout == "c\n" and r["a/b/c"].value == 6
+    assert sorted(hub.run("1", nodes="a/*/c", timeout=30)) == ["a/b/c"]
+    # b's own admin reaches c (a path of one segment there), never a or the root
+    got = cli_json("run", "--home", str(b.home), "--nodes", "**", "--timeout", "20", "-c", "1")
+    assert sorted(got["nodes"]) == ["c"]

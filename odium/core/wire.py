@@ -11,6 +11,7 @@ the end, verifies it with the key the link says the sender has, and only
 then parses and validates.
 """
 
+import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -82,10 +83,12 @@ class Envelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class HubBeat(Body):
-    """Hub heartbeat on PUB: who the hub is this run, and the newest command sequence."""
+    """Hub heartbeat on PUB: who the hub is this run, and the newest command sequence;
+    ``above``: the digest of the authorities over the hub (odium.hub.tree), when it has any."""
 
     boot: MsgId
     interval: Seconds
+    above: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{0,32}\Z")] = ""
 
 
 class NodeBeat(Body):
@@ -616,6 +619,11 @@ def decode_body(env: Envelope) -> Body:
                 raise ProtocolError(f"bad body for {env.type!r}: {name} {key[:12]}… is not an "
                                     "Ed25519 public key (not a point on the curve)")
     return body
+
+
+def digest(obj: Any) -> str:
+    """A short digest of the canonical JSON of ``obj`` (e.g. the authorities over a hub)."""
+    return hashlib.blake2b(_encoder.encode(obj), digest_size=16).hexdigest()
 
 
 def encode_json(obj: Any) -> bytes:

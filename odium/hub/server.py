@@ -167,7 +167,9 @@ class HubCore:
     # --- liveness --------------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        self.wire.publish("hb", P.HubBeat(self.boot, self.hb_interval), seq=self.seq)
+        above = self.tree.above()
+        self.wire.publish("hb", P.HubBeat(self.boot, self.hb_interval,
+                                          P.digest(above) if above else ""), seq=self.seq)
 
     def _fast_heartbeat(self) -> None:
         """While nodes are connecting, beat often so their SUB sockets prove themselves fast."""

@@ -385,6 +385,8 @@ class NodeCore:
             return
         if msg.env.seq > self.seq:
             self._fetch()
+        if self.registered and self.tree.stale(body) and not self.requests.pending("register"):
+            self._register()  # to hear whom the hub vouches for now
         if first and self.registered:
             self._beat()
             self.executor.warm()

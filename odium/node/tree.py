@@ -44,6 +44,7 @@ class NodeTree:
         self.received, self.sealed, self.interrupt = received, sealed, interrupt
         self.max_message = max_message
         self.authorities: dict[str, str] = {hub_key: name}
+        self.vouched = ""  # the digest of what the hub vouched for at register
         self.replay = ReplayCache()
         self.down: Down | None = None  # set when this instance is a relay
 
@@ -51,6 +52,7 @@ class NodeTree:
         """The register reply: the keys above this node's hub that it vouches for."""
         out = {self.hub_key: self.name}
         above = data.get("above") or []
+        self.vouched = P.digest(above) if above else ""
         if not isinstance(above, list) or len(above) > P.MAX_DEPTH:
             raise ProtocolError("bad 'above' in the register reply")
         for a in above:
@@ -61,6 +63,11 @@ class NodeTree:
             if key != self.hub_key:
                 out.setdefault(key, f"{path}/{self.name}")
         self.authorities = out
+
+    def stale(self, beat: P.HubBeat) -> bool:
+        """Whether the hub vouches for other authorities now than when this node registered
+        (a relay learns those above it after its own nodes may have registered)."""
+        return beat.above != self.vouched
 
     def above(self) -> list[dict[str, str]]:
         """What this instance's own hub part tells its nodes: every authority over it, with
