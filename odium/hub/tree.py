@@ -179,8 +179,11 @@ class Tree:
         if node is None or node.via != relay.name:
             raise AuthError(f"{path} is not known below relay {relay.name}")
         raw = body.msg.encode()
-        inner = P.open_message(raw, verify_key(node.key_id), node.key_id,
-                               max_size=self.max_message, replay=self.replay)
+        try:
+            inner = P.open_message(raw, verify_key(node.key_id), node.key_id,
+                                   max_size=self.max_message, replay=self.replay)
+        except (AuthError, ProtocolError) as e:  # say whose answer it claimed to be
+            raise type(e)(f"an answer relayed for {path}: {e}") from None
         if inner.type not in UP_TYPES:
             raise ProtocolError(f"message type {inner.type!r} does not come up through relays")
         if self._route_up(inner, path, raw):
