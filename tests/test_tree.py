@@ -15,6 +15,7 @@ import pytest
 
 import odium
 from odium.core.results import Status
+from odium.errors import OdiumError
 
 from .conftest import NodeProcess, wait_until
 from .test_cli import cli_json, cli_ok
@@ -162,6 +163,13 @@ def test_a_relays_own_admin_commands_only_its_subtree(
     wait_until(lambda: _statuses(hub)["lab1/pc-2"] == "left", 15, "pc-2 gone at the root")
     r = hub.run("1", nodes="lab1/*", timeout=20)
     assert r["lab1/pc-2"].status is Status.NOT_CONNECTED and r["lab1/pc-1"].value == 1
+    # forgotten at the root: gone there, though its relay still knows it
+    assert hub.forget("lab1/pc-2") == ["lab1/pc-2"]
+    after = time.time()
+    wait_until(lambda: {n["name"]: n["last_seen"] for n in hub.nodes()}["lab1/pc-1"] > after,
+               15, "a report from lab1 after the forget")
+    assert "lab1/pc-2" not in _statuses(hub)
+    assert sorted(hub.run("1", nodes="lab1/*", timeout=20)) == ["lab1/pc-1"]
     # forgotten at the relay: gone at the root too
     cli_ok("nodes", "forget", "pc-2", "--home", home)
     wait_until(lambda: "lab1/pc-2" not in _statuses(hub), 15, "pc-2 forgotten at the root")
@@ -191,3 +199,15 @@ def test_three_levels(hub: odium.Hub, tmp_path: Path,
     # b's own admin reaches c (a path of one segment there), never a or the root
     got = cli_json("run", "--home", str(b.home), "--nodes", "**", "--timeout", "20", "-c", "1")
     assert sorted(got["nodes"]) == ["c"]
+
+
+def test_what_does_not_pass_through_relays_yet_says_so(
+        hub: odium.Hub, tmp_path: Path, node_processes: Callable[..., NodeProcess]) -> None:
+    make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1"]})
+    with pytest.raises(OdiumError, match="jobs do not pass through relays yet"):
+        hub.submit("1", nodes="lab1/*")
+    with pytest.raises(OdiumError, match="sync does not pass through relays yet"):
+        hub.sync("lab1/**")
+    got = cli_json("run", "--home", str(hub.home), "--nodes", "lab1", "--timeout", "20",
+                   "-c", "1")  # the relay itself is a node like any: it runs and syncs
+    assert got["nodes"]["lab1"]["value"] == 1

@@ -38,12 +38,17 @@ class Syncs:
     def sync_nodes(self, nodes: str = "*", *, timeout: float = 300.0, issuer: str | None = None,
                    on_done: Callable[[Result], None] | None = None) -> Broadcast:
         """Bring the matching nodes to this hub's commit (git bundle over the query socket)."""
+        bc = self.broadcasts
+        matched, targets = bc.targets(nodes, "none yet")
+        below = [n for n in matched if "/" in n]  # (a name with a "/" is below a relay)
+        if below:
+            raise OdiumError(f"{nodes!r} matches instances below relays ({', '.join(below)}): "
+                             "sync does not pass through relays yet; sync the relays, then "
+                             "their nodes from each relay (odium state sync --home <its home>)")
         target = self.rt.watch.now().state
         if not is_commit_id(target):
             raise StateMismatchError(f"cannot sync nodes to this hub's state {target!r}: it is "
                                      "not a clean commit; commit your changes first")
-        bc = self.broadcasts
-        matched, targets = bc.targets(nodes, "none yet")
         cmd = P.new_id()
         bc.seq += 1
         sync = P.Sync(cmd, target)

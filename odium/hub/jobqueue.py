@@ -100,9 +100,15 @@ class JobQueue:
         """Check that jobs for ``nodes`` could ever run; the state they require, resolved
         (``any`` or a commit). Any thread: it reads only node names and the hub's state."""
         names = self._targetable()  # not revoked or rejected ones (any thread may ask)
-        if not any(name_matches(nodes, n) for n in names):
+        matched = [n for n in names if name_matches(nodes, n)]
+        if not matched:
             known = ", ".join(sorted(names)) or "none yet (add some: odium token)"
             raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
+        if all("/" in n for n in matched):  # (a name with a "/" is below a relay)
+            relays = ", ".join(sorted({n.split("/")[0] for n in matched}))
+            raise OdiumError(f"{nodes!r} matches only instances below relays ({relays}): jobs "
+                             "do not pass through relays yet; submit them at the relay "
+                             "(odium submit --home <the relay's home>)")
         return self._resolve(require)[0]
 
     @staticmethod

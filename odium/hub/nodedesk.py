@@ -193,6 +193,8 @@ class NodeDesk:
             if name not in reg.nodes:
                 continue
             node = reg.remove(name)
+            if node.via:
+                reg.forgotten[name] = node.key_id
             reg.lose_running(node, "the node was forgotten")
             if reg.by_key.get(node.key_id) == name:
                 del reg.by_key[node.key_id]

@@ -106,6 +106,9 @@ class Registry:
         self.nodes: dict[str, NodeInfo] = {}
         self.by_key: dict[str, str] = {}  # node key id -> name
         self.on_lost: list[LostHook] = []
+        # below a relay, forgotten here: path -> key (its relay's reports of it are ignored
+        # until the relay no longer reports it, or reports it with another key)
+        self.forgotten: dict[str, str] = {}
         # (name, key id) of every node, replaced whole when a node comes or goes, so that
         # any thread may read who can be targeted (``targetable``) without the loop
         self._roster: tuple[tuple[str, str], ...] = ()

@@ -83,6 +83,8 @@ class Tree:
             if path.count("/") >= P.MAX_DEPTH or not P.is_key_point(sub.key):
                 raise ProtocolError(f"bad subtree entry {sub.path!r}")
             seen.add(path)
+            if reg.forgotten.get(path) == sub.key:
+                continue  # forgotten here
             node = reg.nodes.get(path)
             if node is None:
                 node = reg.add(NodeInfo(path, sub.key, via=relay.name))
@@ -101,6 +103,9 @@ class Tree:
             node.last_seen = now
             if was_live and node.status not in LIVE:
                 reg.lose_running(node, f"{node.status.value} at relay {relay.name}")
+        prefix = relay.name + "/"
+        for path in [p for p in reg.forgotten if p.startswith(prefix) and p not in seen]:
+            del reg.forgotten[path]  # the relay forgot it too
         for node in reg.below(relay.name):
             if node.name not in seen:  # forgotten by the relay
                 reg.lose_running(node, f"forgotten by relay {relay.name}")
