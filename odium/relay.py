@@ -27,10 +27,20 @@ class Relay:
         self.rt, self.hub, self.node = rt, hub, node
         self._last: tuple[object, ...] | None = None
         self._sent = 0.0
-        node.tree.down = hub.tree.relay_down
+        node.tree.down = self._down
         hub.tree.up = self._up
         hub.tree.above = node.tree.above
         rt.loop.every(REPORT_EVERY, self._report)
+
+    def _down(self, cmd: str | None, raw: bytes, below: list[str], sync: P.Sync | None) -> None:
+        """From above, for the paths below: sent on down. A sync waits while this relay syncs
+        itself (it restarts, and fetches the sync again when back); its nodes then get their
+        bundles here."""
+        if sync is not None:
+            if self.node.sync.syncing:
+                return
+            self.hub.syncs.relay(sync.cmd, sync.commit, {p.split("/", 1)[0] for p in below})
+        self.hub.tree.relay_down(cmd, raw, below)
 
     def _up(self, path: str, raw: bytes, keep: bool) -> None:
         self.node.outbox.send("relayed", P.Relayed(path, raw.decode()), keep)
@@ -55,8 +65,9 @@ class Relay:
 
 
 def start_relay(rt: Runtime, hub: HubCore, node: NodeCore) -> Relay:
-    """Join the hub part and the node part of ``rt``'s process (in its loop)."""
-    return rt.call(lambda: Relay(rt, hub, node))
+    """Join the hub part and the node part of ``rt``'s process (call it in its loop, as the
+    node part is made: before anything reaches the node part)."""
+    return Relay(rt, hub, node)
 
 
 __all__ = ["Relay", "start_relay"]

@@ -17,8 +17,9 @@ import odium
 from odium.core.results import Status
 from odium.errors import OdiumError
 
-from .conftest import NodeProcess, wait_until
+from .conftest import HB, NodeProcess, git, wait_until
 from .test_cli import cli_json, cli_ok
+from .test_state_nodes import commit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,22 +36,24 @@ def _ports(home: Path) -> str:
 
 
 def make_tree(hub: odium.Hub, tmp_path: Path, start: Callable[..., NodeProcess],
-              relays: dict[str, list[str]]) -> dict[str, NodeProcess]:
+              relays: dict[str, list[str]],
+              extra: Callable[[str], list[str]] = lambda path: []) -> dict[str, NodeProcess]:
     """Relays joined to ``hub`` (``--serve``), each with its leaves joined to it; waits until
-    the root sees every leaf ready. Returns the processes by path."""
+    the root sees every leaf ready. Returns the processes by path. ``extra``: more arguments
+    of ``odium node`` for the instance at a path."""
     procs: dict[str, NodeProcess] = {}
     for relay in relays:
         tok = tmp_path / f"{relay}.token"
         cli_ok("token", "--home", str(hub.home), "--name", relay, "--file", str(tok))
         procs[relay] = start(relay, "--token-file", str(tok), "--serve", "--ports", "0",
-                             "--heartbeat", "0.5")
+                             "--heartbeat", "0.5", *extra(relay))
     hub.wait_for_nodes(list(relays), 30)
     for relay, leaves in relays.items():
         for leaf in leaves:
             tok = tmp_path / f"{relay}-{leaf}.token"
             cli_ok("token", "--home", str(procs[relay].home), "--name", leaf, "--file", str(tok))
             procs[f"{relay}/{leaf}"] = start(f"{relay}-{leaf}", "--token-file", str(tok),
-                                             "--name", leaf)
+                                             "--name", leaf, *extra(f"{relay}/{leaf}"))
     want = [f"{r}/{leaf}" for r, ls in relays.items() for leaf in ls]
     wait_until(lambda: all(_statuses(hub).get(p) == "ready" for p in want), 40,
                f"{want} ready at the root")
@@ -206,8 +209,42 @@ def test_what_does_not_pass_through_relays_yet_says_so(
     make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1"]})
     with pytest.raises(OdiumError, match="jobs do not pass through relays yet"):
         hub.submit("1", nodes="lab1/*")
-    with pytest.raises(OdiumError, match="sync does not pass through relays yet"):
-        hub.sync("lab1/**")
     got = cli_json("run", "--home", str(hub.home), "--nodes", "lab1", "--timeout", "20",
-                   "-c", "1")  # the relay itself is a node like any: it runs and syncs
+                   "-c", "1")  # the relay itself is a node like any
     assert got["nodes"]["lab1"]["value"] == 1
+
+
+def test_state_sync_through_a_relay(tmp_path: Path,
+                                    node_processes: Callable[..., NodeProcess]) -> None:
+    """``odium state sync --nodes 'lab1/**'``: the relay syncs itself first, then serves its
+    nodes from its own repository (no internet), each refusing when dirty, as on a flat hub."""
+    hub_app = tmp_path / "hubapp"
+    hub_app.mkdir()
+    git(hub_app, "init", "-q", "-b", "main")
+    first = commit(hub_app, "app.py", "VALUE = 1\n", "first")
+    apps = {}
+    for path in ("lab1", "lab1/pc-1", "lab1/pc-2", "lab1/pc-3"):
+        apps[path] = tmp_path / ("app-" + path.replace("/", "-"))
+        git(tmp_path, "clone", "-q", str(hub_app), str(apps[path]))
+    (apps["lab1/pc-3"] / "app.py").write_text("VALUE = 'my unsaved work'\n")
+    second = commit(hub_app, "app.py", "VALUE = 2\n", "second")
+    with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=hub_app) as hub:
+        make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1", "pc-2", "pc-3"]},
+                  extra=lambda path: ["--app", str(apps[path])])
+        before = hub.run("import app; app.VALUE", nodes="**", timeout=30)
+        assert all(before[p].status is Status.STATE_MISMATCH for p in before), before.to_dict()
+        nodes = hub.sync("lab1/**", timeout=90).to_dict()["nodes"]
+        assert sorted(nodes) == ["lab1", "lab1/pc-1", "lab1/pc-2", "lab1/pc-3"]
+        for path in ("lab1", "lab1/pc-1", "lab1/pc-2"):
+            assert nodes[path]["status"] == "ok", (path, nodes[path])
+            assert nodes[path]["state"] == second
+            assert git(apps[path], "rev-parse", "HEAD").strip() == second
+        assert nodes["lab1/pc-3"]["status"] == "error"
+        assert "uncommitted" in nodes["lab1/pc-3"]["error"]["evalue"]
+        assert git(apps["lab1/pc-3"], "rev-parse", "HEAD").strip() == first
+        assert (apps["lab1/pc-3"] / "app.py").read_text() == "VALUE = 'my unsaved work'\n"
+        wait_until(lambda: all(_statuses(hub).get(p) == "ready"
+                               for p in ("lab1", "lab1/pc-1", "lab1/pc-2")), 30, "back")
+        after = hub.run("import app; app.VALUE", nodes="**", timeout=30)  # match, by default
+        assert [after[p].value for p in ("lab1", "lab1/pc-1", "lab1/pc-2")] == [2, 2, 2]
+        assert after["lab1/pc-3"].status is Status.STATE_MISMATCH

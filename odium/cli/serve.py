@@ -18,6 +18,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..core.keys import Token
     from ..hub.server import HubCore
+    from ..node.agent import NodeCore
     from ..runtime import Runtime
 
 
@@ -78,12 +79,14 @@ def cmd_node(args: argparse.Namespace) -> int:
         address, hub_key = _hub_to_join(args, token, joined, rt.home)
         check_key_id(hub_key)
         hub = _serve(rt, args) if args.serve else None  # a hub to nodes of its own too
-        node = start_node(rt, address, hub_key, name, token=token, capacity=args.capacity,
-                          find_links=args.find_links, index_url=args.index_url)
+        then = None
         if hub is not None:  # both parts on the same runtime and loop: a relay
             from ..relay import start_relay
 
-            start_relay(rt, hub, node)
+            def then(node: NodeCore) -> object:
+                return start_relay(rt, hub, node)
+        node = start_node(rt, address, hub_key, name, token=token, capacity=args.capacity,
+                          find_links=args.find_links, index_url=args.index_url, then=then)
         print(f"odium node {name} key {rt.ident.key_id} ({fingerprint(rt.ident.key_id)}) "
               f"joining {address}; state {rt.state}", flush=True)
         if token is None and joined is None:
@@ -101,6 +104,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         argv = list(getattr(sys, "orig_argv", [sys.executable, "-m", "odium", *sys.argv[1:]]))
         args_no_token = _drop_option(_drop_option(argv, "--token"), "--token-file")
+        if hub is not None:  # a relay serves again where its nodes know to find it
+            args_no_token = [*_drop_option(args_no_token, "--ports"), "--ports",
+                             ",".join(str(hub.ports[k]) for k in ("pub", "query", "jobs",
+                                                                  "results"))]
         os.execv(sys.executable, [sys.executable, *args_no_token[1:]])
     return 0
 

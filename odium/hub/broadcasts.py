@@ -102,10 +102,14 @@ class Broadcasts:
     def publish_sealed(self, type_: str, body: P.Body, targets: list[str], seq: int) -> bytes:
         """Publish a message whose body only its targets can read (odium.core.sealing); what
         is for instances below this hub's relays goes to them through the relays."""
-        keys = [self.registry.nodes[n].key_id for n in targets]
+        nodes = self.registry.nodes
+        keys = [nodes[n].key_id for n in targets]
         below = [n for n in targets if "/" in n]
         if not below or self.tree is None:
             return self.wire.publish_sealed(type_, body, keys, targets, seq)
+        if type_ == "sync":  # every relay on the way reads it: it serves the bundles below it
+            on_way = {"/".join(p.split("/")[:i]) for p in below for i in range(1, p.count("/") + 1)}
+            keys += [nodes[r].key_id for r in sorted(on_way) if r in nodes]
         sealed = self.keyring.seal(type_, body, keys, to=targets)
         if len(below) < len(targets):
             raw = self.wire.publish("sealed", sealed, seq=seq)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class Syncs:
         self.rt, self.broadcasts = rt, broadcasts
         self.max_message = max_message
         self.wheelhouse = wheelhouse
+        # syncs from above that pass through this hub (a relay): cmd -> (commit, its nodes)
+        self.relayed: OrderedDict[str, tuple[str, set[str]]] = OrderedDict()
         self.queries: Dispatch[Asker] = Dispatch("query (syncs)")
         self.queries.on("sync_nodes", P.SyncRequest, self._h_sync_nodes)
         self.queries.on("bundle", P.BundleRequest, self._h_bundle)
@@ -40,11 +43,6 @@ class Syncs:
         """Bring the matching nodes to this hub's commit (git bundle over the query socket)."""
         bc = self.broadcasts
         matched, targets = bc.targets(nodes, "none yet")
-        below = [n for n in matched if "/" in n]  # (a name with a "/" is below a relay)
-        if below:
-            raise OdiumError(f"{nodes!r} matches instances below relays ({', '.join(below)}): "
-                             "sync does not pass through relays yet; sync the relays, then "
-                             "their nodes from each relay (odium state sync --home <its home>)")
         target = self.rt.watch.now().state
         if not is_commit_id(target):
             raise StateMismatchError(f"cannot sync nodes to this hub's state {target!r}: it is "
@@ -78,11 +76,23 @@ class Syncs:
         """A node in a sync asks for the commits it lacks: made off the loop, then answered."""
         name = self.broadcasts.registry.by_key.get(ask.key.key_id, "")
         b = self.broadcasts.broadcasts.get(body.cmd)
-        if b is None or b.kind != "sync" or name not in b.targets:
+        relayed = self.relayed.get(body.cmd)
+        if b is not None and b.kind == "sync" and name in b.targets:
+            target = b.code
+        elif relayed is not None and name in relayed[1]:  # a sync from above, through here
+            target = relayed[0]
+        else:
             raise AuthError("no sync of this node is going on")
-        target, have = b.code, list(body.have)
+        have = list(body.have)
         threading.Thread(target=lambda: self._bundle(target, have, ask), name="odium-bundle",
                          daemon=True).start()
+
+    def relay(self, cmd: str, commit: str, names: set[str]) -> None:
+        """A sync from above goes through this hub (a relay) to its nodes ``names``: they
+        get their bundles from this hub's own repository (the relay synced itself first)."""
+        self.relayed[cmd] = (commit, names)
+        while len(self.relayed) > 1000:
+            self.relayed.popitem(last=False)
 
     def _bundle(self, target: str, have: list[str], ask: Asker) -> None:
         """Make a bundle (a thread of its own), and answer in the loop."""
@@ -102,6 +112,10 @@ class Syncs:
         except Exception as e:  # noqa: BLE001 - every request gets an answer
             err = e if isinstance(e, OdiumError) else OdiumError(
                 f"the hub failed to make the bundle: {type(e).__name__}: {e}")
+            if isinstance(e, OdiumError) and "is not a commit in" in str(e):
+                err = OdiumError(f"{e}: a hub (or relay) serves a sync only of commits it "
+                                 "has; sync it first (a pattern such as 'lab1/**' includes "
+                                 "the relay itself)")
             call_soon(lambda: reply(error=err))
 
 

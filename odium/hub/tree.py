@@ -101,8 +101,9 @@ class Tree:
             node.status = NodeStatus(sub.status)
             node.state, node.host, node.capacity = sub.state, sub.host, sub.capacity
             node.last_seen = now
-            if was_live and node.status not in LIVE:
-                reg.lose_running(node, f"{node.status.value} at relay {relay.name}")
+            if was_live and node.status not in LIVE:  # (a sync's restart is on purpose)
+                reg.lose_running(node, f"{node.status.value} at relay {relay.name}",
+                                 restart=node.status is NodeStatus.RESTARTING)
         prefix = relay.name + "/"
         for path in [p for p in reg.forgotten if p.startswith(prefix) and p not in seen]:
             del reg.forgotten[path]  # the relay forgot it too
@@ -116,8 +117,12 @@ class Tree:
         """A node is lost: if it is a relay, everything below it is lost with it."""
         for sub in self.registry.below(node.name):
             if sub.status in LIVE or sub.status is NodeStatus.RESTARTING:
-                sub.status = NodeStatus.LOST
-                self.registry.lose_running(sub, f"its relay {node.name} is lost: {why}")
+                # a relay that restarts for a sync comes back with its subtree: until then
+                # only what is not a sync is lost
+                sub.status = NodeStatus.RESTARTING if restart else NodeStatus.LOST
+                self.registry.lose_running(sub, f"its relay {node.name} "
+                                           f"{'restarted' if restart else 'is lost'}: {why}",
+                                           restart=restart)
 
     # --- down ------------------------------------------------------------------------------
 

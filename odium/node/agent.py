@@ -264,9 +264,10 @@ class NodeCore:
         self._register()
 
     def _lost(self) -> None:
-        """Registered no more (the hub restarted, or refuses this key now)."""
+        """Registered no more (the hub restarted, or refuses this key now). The hub's new
+        run may number its commands anew (a relay's do): fetch from the start."""
         self.status = next_status(self.status, Event.LOST)
-        self.hub_boot = None
+        self.hub_boot, self.seq = None, 0
 
     def _maybe_ready(self) -> None:
         if self.status is NodeStatus.REGISTERED and self.heard_boot == self.hub_boot:
@@ -487,10 +488,18 @@ __all__ = ["NodeCore", "Identity"]
 
 def start_node(rt: NodeRuntime, address: str, hub_key: str, name: str, *,
                token: Token | None = None, capacity: int | None = None,
-               find_links: str | None = None, index_url: str | None = None) -> NodeCore:
+               find_links: str | None = None, index_url: str | None = None,
+               then: Callable[[NodeCore], object] | None = None) -> NodeCore:
     """Start the node part of ``rt``'s process, joined to the hub at ``address``; it closes with
-    the runtime."""
-    node = rt.call(lambda: NodeCore(rt, address, hub_key, name, token=token, capacity=capacity,
-                                    find_links=find_links, index_url=index_url))
+    the runtime. ``then``: called with it in the loop, in the same turn it is made (before it
+    hears anything: a relay joins its hub part to it there)."""
+    def make() -> NodeCore:
+        node = NodeCore(rt, address, hub_key, name, token=token, capacity=capacity,
+                        find_links=find_links, index_url=index_url)
+        if then is not None:
+            then(node)
+        return node
+
+    node = rt.call(make)
     rt.own("node", node.close)
     return node

@@ -28,8 +28,9 @@ from ..core.sealing import Keyring, open_inner
 from ..errors import AuthError, ProtocolError
 from .commands import Received
 
-# (cmd, the signed message, the paths below this instance it is for)
-Down = Callable[[str | None, bytes, list[str]], None]
+# (cmd, the signed message, the paths below this instance it is for, and the sync it is when
+# it is one sealed to this instance too: a relay serves the bundles of syncs below it)
+Down = Callable[[str | None, bytes, list[str], P.Sync | None], None]
 Interrupts = Callable[[P.Message, P.Interrupt], None]
 
 
@@ -96,7 +97,9 @@ class NodeTree:
         if mine:
             self._obey(inner, path)
         if below and self.down is not None:
-            self.down(body.cmd, raw, below)
+            opened = open_inner(self.keyring, inner, "pub") if inner.type == "sealed" else None
+            sync = opened.body if opened is not None and opened.type == "sync" else None
+            self.down(body.cmd, raw, below, sync)  # type: ignore[arg-type]
 
     def _open(self, raw: bytes, *, replay: bool) -> tuple[P.Message, str]:
         """Open a relayed message: signed by an authority over this node, which names it."""
