@@ -14,6 +14,7 @@ import time
 from .core import wire as P
 from .hub.server import HubCore
 from .node.agent import NodeCore
+from .relayjobs import RelayJobs
 from .runtime import Runtime
 
 REPORT_EVERY = 0.1  # seconds between looks at the subtree
@@ -30,6 +31,7 @@ class Relay:
         node.tree.down = self._down
         hub.tree.up = self._up
         hub.tree.above = node.tree.above
+        self.jobs = RelayJobs(hub, node)  # jobs for the subtree, through this relay's queue
         rt.loop.every(REPORT_EVERY, self._report)
 
     def _down(self, cmd: str | None, raw: bytes, below: list[str], sync: P.Sync | None) -> None:

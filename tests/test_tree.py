@@ -204,14 +204,57 @@ def test_three_levels(hub: odium.Hub, tmp_path: Path,
     assert sorted(got["nodes"]) == ["c"]
 
 
-def test_what_does_not_pass_through_relays_yet_says_so(
+def _whoami(x: int) -> tuple[str, int]:
+    import os
+    return os.environ["ODIUM_NODE"], x * x
+
+
+def test_jobs_run_on_the_leaves_through_relays(
         hub: odium.Hub, tmp_path: Path, node_processes: Callable[..., NodeProcess]) -> None:
-    make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1"]})
-    with pytest.raises(OdiumError, match="jobs do not pass through relays yet"):
-        hub.submit("1", nodes="lab1/*")
-    got = cli_json("run", "--home", str(hub.home), "--nodes", "lab1", "--timeout", "20",
-                   "-c", "1")  # the relay itself is a node like any
-    assert got["nodes"]["lab1"]["value"] == 1
+    make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1", "pc-2"], "lab2": ["pc-1"]})
+    # functions and code strings, through the relays' own queues, onto the leaves only
+    got = hub.map(_whoami, range(60), nodes="*/*", wait=60)
+    assert [v for _, v in got] == [x * x for x in range(60)]
+    assert {n for n, _ in got} <= {"pc-1", "pc-2"} and len({n for n, _ in got}) >= 2
+    job = hub.submit("import os; os.environ['ODIUM_NODE']", nodes="lab1/pc-2")
+    assert job.result(30) == "pc-2"
+    info = hub.job(job.id)
+    assert info["node"] == "lab1" and info["status"] == "done"  # the relay took it
+    # each relay kept what it ran in its own store, under the root's job ids
+    relay_jobs = cli_json("jobs", "--home", str(tmp_path / "node-lab1"), "-n", "500")
+    assert job.id in {j["id"] for j in relay_jobs}
+    # a failure below comes back as the job's failure
+    bad = hub.submit("1 / 0", nodes="lab2/*")
+    with pytest.raises(odium.RemoteError, match="ZeroDivisionError"):
+        bad.result(30)
+    # a relay runs commands itself, but hands every job to the instances below it
+    with pytest.raises(OdiumError, match="matches only relays"):
+        hub.submit("1", nodes="lab*")
+
+
+def test_jobs_through_a_relay_survive_its_restart_exactly_once(
+        hub: odium.Hub, tmp_path: Path, node_processes: Callable[..., NodeProcess]) -> None:
+    procs = make_tree(hub, tmp_path, node_processes, {"lab1": ["pc-1", "pc-2"]})
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    flag = tmp_path / "go"
+    code = ("import os, time\n"
+            f"while not os.path.exists({str(flag)!r}): time.sleep(0.01)\n"
+            f"open(os.path.join({str(marks)!r}, '{{}}'), 'a').write('x')\n"
+            "'{}'")
+    jobs = [hub.submit(code.format(i, i), nodes="lab1/*") for i in range(6)]
+    wait_until(lambda: sum(j.status == "running" for j in jobs) >= 2, 30, "jobs running below")
+    procs["lab1"].stop(signal.SIGKILL)  # mid-job: the leaves go on; the relay's store keeps them
+    again = node_processes("lab1", "--serve", "--ports", _ports(procs["lab1"].home),
+                           "--heartbeat", "0.5")
+    assert again.home == procs["lab1"].home
+    wait_until(lambda: _statuses(hub).get("lab1") == "ready", 30, "lab1 back")
+    flag.touch()
+    assert sorted(j.result(60) for j in jobs) == [str(i) for i in range(6)]
+    # every job's side effect happened exactly once
+    assert sorted(p.name for p in marks.iterdir()) == [str(i) for i in range(6)]
+    assert all(p.read_text() == "x" for p in marks.iterdir()), sorted({
+        (p.name, p.read_text()) for p in marks.iterdir()})
 
 
 def test_state_sync_through_a_relay(tmp_path: Path,

@@ -334,6 +334,7 @@ class JobState(Body):
     capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)]
     free: Annotated[int, msgspec.Meta(ge=0)]
     running: list[JobId] = []
+    relay: bool = False  # its slots are its subtree's too: what it holds outlives its restarts
 
 
 class JobAck(Body):

@@ -71,8 +71,8 @@ class JobBook:
     # --- after a restart -------------------------------------------------------------------
 
     def load(self, orphan_grace: float) -> None:
-        """A restarted hub: queued jobs queue again; assigned and running ones wait for the node
-        that has them to say so (``job_state``), or go back to the queue after a grace."""
+        """A restarted hub: every unfinished job waits for the node that has it to say so
+        (``job_state``); after a grace the unclaimed ones queue (again)."""
         rows = self.store.jobs_unfinished()
         if not rows:
             return
@@ -80,19 +80,18 @@ class JobBook:
         for row in rows:
             rec = record_of(row)
             self.jobs[rec.id] = rec
-            if rec.status is Q:
-                self.enqueue(rec)
-            else:
-                self.orphans.add(rec.id)
-                if rec.status is R and rec.node:
-                    self.running_on.setdefault(rec.node, set()).add(rec.id)
-                    if rec.timeout:  # the clock starts again: the hub was away
-                        self.timed[rec.id] = (time.monotonic() + rec.timeout
-                                              + self.overdue_grace)
+            # queued ones too: one may have gone to a node just before the hub stopped (its
+            # move not written yet), and it must not run twice: nodes claim first
+            self.orphans.add(rec.id)
+            if rec.status is R and rec.node:
+                self.running_on.setdefault(rec.node, set()).add(rec.id)
+                if rec.timeout:  # the clock starts again: the hub was away
+                    self.timed[rec.id] = (time.monotonic() + rec.timeout + self.overdue_grace)
         self.orphan_deadline = time.monotonic() + orphan_grace
+        queued = sum(r.status is Q for r in self.jobs.values())
         self.store.event("jobs_reloaded", f"{len(rows)} unfinished job(s) reloaded: "
-                         f"{len(rows) - len(self.orphans)} queued, {len(self.orphans)} waiting "
-                         "for their nodes")
+                         f"{queued} queued, {len(rows) - queued} running or on the way; all "
+                         f"wait {orphan_grace:.1f} s for their nodes to claim them")
 
     # --- the store -------------------------------------------------------------------------
 

@@ -61,11 +61,15 @@ class JobQueue:
         self.sender = JobSender(self.book, wire, nodes, loop)
         self.book.kick = self.sender.kick
         self.reports = JobReports(self.book, self.sender, wire, reject,
-                                  flight_timeout=max(2.0, 3 * hb))
+                                  flight_timeout=max(2.0, 3 * hb),
+                                  relay_grace=max(30.0, 10 * hb))
         self._incoming: list[tuple[list[JobRecord], dict[str, str], dict[str, Watcher],
                                    set[str]]] = []
         self._incoming_lock = threading.Lock()
         self.book.load(orphan_grace=max(2.0, 5 * hb))  # after a restart, nodes claim jobs
+        if self.book.orphans:
+            self.reports.await_claims([n for n, i in nodes.items() if not i.via],
+                                      cap=max(30.0, 10 * hb))
         loop.every(CHECK_EVERY, self.reports.check)
         self.query_handlers: Dispatch[Asker] = Dispatch("query (jobs)")
         self.query_handlers.on("submit", P.Submit, self._h_submit)
@@ -104,11 +108,11 @@ class JobQueue:
         if not matched:
             known = ", ".join(sorted(names)) or "none yet (add some: odium token)"
             raise NotConnectedError(f"no node matches {nodes!r}; nodes: {known}")
-        if all("/" in n for n in matched):  # (a name with a "/" is below a relay)
-            relays = ", ".join(sorted({n.split("/")[0] for n in matched}))
-            raise OdiumError(f"{nodes!r} matches only instances below relays ({relays}): jobs "
-                             "do not pass through relays yet; submit them at the relay "
-                             "(odium submit --home <the relay's home>)")
+        relays = {n.split("/")[0] for n in names if "/" in n}
+        if all(n in relays for n in matched):
+            raise OdiumError(f"{nodes!r} matches only relays ({', '.join(matched)}): jobs run "
+                             "on the instances below a relay (e.g. 'relay/*'), not on the "
+                             "relay itself")
         return self._resolve(require)[0]
 
     @staticmethod

@@ -28,12 +28,24 @@ class JobReports:
     """The results socket's job messages, and the timers that stand in for silent nodes."""
 
     def __init__(self, book: JobBook, sender: JobSender, wire: JobWire, reject: Reject, *,
-                 flight_timeout: float) -> None:
+                 flight_timeout: float, relay_grace: float) -> None:
         self.book, self.sender, self.wire, self.reject = book, sender, wire, reject
         self.flight_timeout = flight_timeout  # a batch nobody reported on goes back
+        self.relay_grace = relay_grace  # how long a lost relay's jobs wait for it
+        # after a restart: the nodes that may hold unfinished jobs and have not said which yet
+        # (``job_state``), and until when the unclaimed jobs wait for them at most
+        self.claimants: set[str] = set()
+        self.claim_cap = 0.0
         self.handlers: Dispatch[NodeInfo] = Dispatch("results (jobs)")
         self.handlers.on("job_report", P.JobReport, self._r_report)
         self.handlers.on("job_state", P.JobState, self._r_state)
+
+    def await_claims(self, names: list[str], cap: float) -> None:
+        """After a restart: unclaimed jobs wait (past the grace) until each of these nodes has
+        said what it runs, or ``cap`` seconds: a job may have reached one just before the hub
+        stopped, and must not run twice."""
+        self.claimants = set(names)
+        self.claim_cap = time.monotonic() + cap
 
     def cancel_on(self, node: str, ids: list[str]) -> None:
         if ids:
@@ -44,6 +56,13 @@ class JobReports:
         the node is the job's assignment (recorded in the store)."""
         return node in self.book.holders.get(j, ()) or rec.node == node
 
+    def _may_claim(self, j: str, rec: JobRecord, node: str) -> bool:
+        """Whether a node may say it runs a job, or how it ended: it holds it, or, after a
+        restart (the job an orphan: who held what is known no more, and a batch reaches any
+        node that may run it), it is one that may run it."""
+        return self._holds(j, rec, node) or (j in self.book.orphans
+                                             and self.sender.eligible(rec.key, node))
+
     def _refuse(self, node: NodeInfo, what: str, ids: list[str]) -> None:
         """A node spoke for jobs that never reached it: nothing changes; it is logged."""
         ids = sorted(set(ids))
@@ -51,12 +70,13 @@ class JobReports:
         self.reject("results", node.key_id, AuthError(
             f"{node.name} reported {what} for job(s) not sent to it: {', '.join(ids[:5])}{more}"))
 
-    @staticmethod
-    def why_declined(rec: JobRecord, node: NodeInfo) -> str:
+    def why_declined(self, rec: JobRecord, node: NodeInfo) -> str:
         """Why a node declined a job, as far as the hub can tell from its view of the node: a
         node declines a job it may not run (its name or state) as well as one it has no slot
         for."""
         if not name_matches(rec.nodes, node.name):
+            if self.sender.eligible(rec.key, node.name):
+                return "no free slot below it"  # a relay, for its subtree
             return f"not one of nodes={rec.nodes!r}"
         if rec.require != "any" and not satisfies(rec.require, node.state, node.state):
             return f"its state {node.state[:12]} is not the required {rec.require[:12]}"
@@ -134,7 +154,7 @@ class JobReports:
             rec = book.jobs.get(o.id)
             if rec is None:
                 continue  # recorded already: the first result stands (acknowledged again)
-            if not self._holds(o.id, rec, node.name):
+            if not self._may_claim(o.id, rec, node.name):
                 refused.append(o.id)
                 continue
             if o.attempt < rec.attempts and o.status != "done":
@@ -174,14 +194,24 @@ class JobReports:
 
     def _r_state(self, msg: P.Message, body: P.JobState, node: NodeInfo) -> None:
         book = self.book
+        self.claimants.discard(node.name)
         ns = self.sender.slots_of(node.name)
-        ns.boot, ns.capacity, ns.free = node.boot, body.capacity, body.free
+        if ns.relay != body.relay:
+            self.sender.forget_eligibility()
+        if body.relay and ns.boot != node.boot:  # a relay back: what it does not claim now,
+            claimed = set(body.running)          # it lost (its store never had it)
+            for j in sorted(book.running_on.get(node.name, set()) & book.orphans - claimed):
+                rec = book.jobs.get(j)
+                if rec is not None and rec.status is R and rec.node == node.name:
+                    book.orphans.discard(j)  # it never ran below: it queues again as it was
+                    book.move(rec, Q, reason=f"relay {node.name} came back without it")
+        ns.boot, ns.capacity, ns.free, ns.relay = node.boot, body.capacity, body.free, body.relay
         stop, refused = [], []
         for j in body.running:
             rec = book.jobs.get(j)
             if rec is None:
                 stop.append(j)
-            elif not self._holds(j, rec, node.name):
+            elif not self._may_claim(j, rec, node.name):
                 refused.append(j)
             elif rec.status is R and rec.node == node.name:
                 book.orphans.discard(j)
@@ -203,6 +233,12 @@ class JobReports:
         ns = self.sender.slots.get(name)
         if ns is not None:
             ns.boot, ns.free, ns.reserved = "", 0, 0
+            if ns.relay:  # its subtree runs them still, and it keeps them in its store: they
+                held = [j for j in book.running_on.get(name, set()) if j in book.jobs]
+                book.orphans.update(held)  # wait for it to claim them, as after a restart
+                book.orphan_deadline = max(book.orphan_deadline,
+                                           time.monotonic() + self.relay_grace)
+                return
         for j in sorted(book.running_on.pop(name, set())):
             rec = book.jobs.get(j)
             if rec is not None and rec.status is R and rec.node == name:
@@ -225,11 +261,14 @@ class JobReports:
                     if rec is not None and rec.status is A:
                         book.move(rec, Q, reason=f"no node took it within "
                                   f"{self.flight_timeout:.1f} s; sent again")
-        if book.orphans and mono > book.orphan_deadline:
+        if (book.orphans and mono > book.orphan_deadline
+                and (not self.claimants or mono > self.claim_cap)):
             for j in sorted(book.orphans):
                 rec = book.jobs.get(j)
                 if rec is not None and rec.status in (A, R):
                     book.move(rec, Q, reason="no node claimed it after the hub restarted")
+                elif rec is not None and rec.status is Q:
+                    book.enqueue(rec)  # queued before the restart, and claimed by none
             book.orphans.clear()
         self._overdue(mono)
         if any(book.queues.values()):

@@ -34,6 +34,7 @@ class NodeSlots:
     capacity: int = 0
     free: int = 0  # as the node last said
     reserved: int = 0  # planned against its free slots, on the way
+    relay: bool = False  # a relay: its slots are its subtree's, and it outlives its restarts
 
 
 @dataclass
@@ -54,7 +55,7 @@ class JobSender:
         self.slots: dict[str, NodeSlots] = {}
         self.flights: dict[str, Flight] = {}
         self.batch_jobs: OrderedDict[str, list[str]] = OrderedDict()  # which jobs each carried
-        self._eligible_cache: dict[tuple[str, str], bool] = {}
+        self._eligible_cache: dict[tuple[str, ...], bool] = {}
         self._due = False
 
     def kick(self) -> None:
@@ -95,13 +96,25 @@ class JobSender:
         if ok is None:
             if len(self._eligible_cache) > 10000:
                 self._eligible_cache.clear()
-            ok = self._eligible_cache[ck] = name_matches(nodes, name)
+            ns = self.slots.get(name)
+            relay = ns is not None and ns.relay  # a relay takes jobs for its subtree, never
+            ok = self._eligible_cache[ck] = (self._below_matches(nodes, name) if relay  # for
+                                             else name_matches(nodes, name))  # itself
+            self._eligible_cache[ck + ("relay",)] = relay
         if not ok:
             return False
-        if require == "any":
-            return True
+        if require == "any" or self._eligible_cache.get(ck + ("relay",)):
+            return True  # (below a relay, each instance checks its own state)
         info = self.nodes.get(name)
         return info is not None and satisfies(require, info.state, info.state)
+
+    def _below_matches(self, nodes: str, name: str) -> bool:
+        """Whether ``nodes`` matches an instance below the relay ``name``."""
+        return any(i.via == name and name_matches(nodes, n) for n, i in self.nodes.items())
+
+    def forget_eligibility(self) -> None:
+        """The subtrees changed: who is eligible for what is looked at again."""
+        self._eligible_cache.clear()
 
     def credit(self) -> dict[str, int]:
         """Free slots per ready node, less what is on the way to it."""

@@ -80,7 +80,12 @@ class HubCore:
         except BaseException:
             self.zap.close()
             raise
-        self._parts(wheelhouse)
+        try:
+            self._parts(wheelhouse)
+        except BaseException:  # (else the context never terminates: these sockets stay open)
+            self.wire.close()
+            self.zap.close()
+            raise
         loop = rt.loop
         self.wire.listen("query", self.inbox.on_query)
         self.wire.listen("results", self.inbox.on_results)
@@ -110,7 +115,7 @@ class HubCore:
                              hb_interval=self.hb_interval, targetable=reg.targetable,
                              resolve=self.resolve_requirement)
         self.tree = Tree(store, reg, self.wire, self.keyring, self.inbox.results,
-                         seq=self._next_seq, changed=rt.notify,
+                         seq=self._next_seq, changed=self._tree_changed,
                          own=lambda cmd: cmd in self.bc.broadcasts, max_message=self.max_message)
         self.bc.tree = self.tree
         self.inbox.tap = self.tree.tap
@@ -195,6 +200,10 @@ class HubCore:
         return {"hub_boot": self.boot, "seq": self.seq, "interval": self.hb_interval,
                 "ports": {k: v for k, v in self.ports.items() if k != "query"},
                 "above": self.tree.above()}  # the authorities over this hub (odium.hub.tree)
+
+    def _tree_changed(self) -> None:
+        self.jobq.sender.forget_eligibility()  # relays take jobs for their subtrees
+        self.rt.notify()
 
     def _next_seq(self) -> int:
         self.bc.seq += 1

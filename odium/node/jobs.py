@@ -20,7 +20,7 @@ from ..core.requirements import satisfies
 from ..core.targeting import name_matches
 from ..errors import ProtocolError
 from ..io.transport import each_message, recv_frames
-from .ports import HubLink, NodeRuntime
+from .ports import Below, HubLink, NodeRuntime
 from .workers.pool import JobPool
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class NodeJobs:
         self.capacity = capacity
         self.pool = JobPool(self.loop, str(rt.app), self.capacity, self._done)
         self.held: dict[str, P.JobSpec] = {}
+        self.below: Below | None = None  # a relay's subtree (odium.relayjobs)
+        self.passed: set[str] = set()  # held jobs that run below (in the relay's own queue)
         self.unacked: OrderedDict[str, tuple[P.JobOutcome, float]] = OrderedDict()
         self.pull: zmq.Socket[Any] | None = None
         self._batches: list[str] = []
@@ -71,7 +73,16 @@ class NodeJobs:
 
     @property
     def free(self) -> int:
+        """Free job slots: a relay's are its subtree's (it runs commands itself, but hands
+        every job to the instances below it)."""
+        if self.below is not None:
+            return self.below.free()
         return max(0, self.capacity - len(self.held))
+
+    def _state(self) -> P.JobState:
+        below = self.below
+        cap = max(1, below.capacity()) if below is not None else self.capacity
+        return P.JobState(min(cap, 4096), self.free, sorted(self.held), below is not None)
 
     @property
     def resend_after(self) -> float:
@@ -146,10 +157,23 @@ class NodeJobs:
             else:
                 fresh.append(spec)  # new, or a new run of a job whose last run failed
         self._results.extend(again)
-        take, decline = split_batch(
-            [(s.id, self._name_ok(s.nodes) and satisfies(s.require, state, state)
-              and (s.kind == "python" or s.fn in body.fns)) for s in fresh], self.free)
-        chosen = set(take)
+        runnable = [s for s in fresh if s.kind == "python" or s.fn in body.fns]
+        below = self.below
+        here = {s.id for s in runnable if below is None and self._name_ok(s.nodes)
+                and satisfies(s.require, state, state)}
+        take, decline = split_batch([(s.id, s.id in here) for s in fresh], self.free)
+        if below is not None and decline:  # what does not run here may run below (each
+            by_id = {s.id: s for s in runnable}  # instance there checks its own state)
+            down, decline = split_batch(
+                [(j, j in by_id and below.matches(by_id[j].nodes)) for j in decline],
+                below.free())
+            for j in down:
+                self.held[j] = by_id[j]  # for the relay's subtree: into its own queue
+                self.passed.add(j)
+                fn = by_id[j].fn
+                below.take(by_id[j], body.fns.get(fn) if fn else None)
+            take = take + down
+        chosen = set(take) - self.passed
         for spec in fresh:
             if spec.id in chosen:
                 self.held[spec.id] = spec
@@ -173,13 +197,17 @@ class NodeJobs:
         if self.link.name not in msg.env.to:
             return
         for j in body.jobs:
-            if j in self.held:
+            if j in self.passed and self.below is not None:
+                self.below.cancel(j)
+            elif j in self.held:
                 self.pool.cancel(j, "cancelled")
 
     # --- to the hub ------------------------------------------------------------------------
 
     def _done(self, job_id: str, res: dict[str, Any]) -> None:
+        """A job ended, here (the pool) or below (``finished_below``)."""
         spec = self.held.pop(job_id, None)
+        self.passed.discard(job_id)
         if spec is None:
             return
         err = res.get("error")
@@ -196,6 +224,20 @@ class NodeJobs:
                         dropped, MAX_UNACKED)
         self._results.append(o)
         self._schedule()
+
+    def finished_below(self, job_id: str, res: dict[str, Any]) -> None:
+        """A job this relay passed to its own queue ended there (``res`` as the pool's)."""
+        self._done(job_id, res)
+
+    def hold_below(self, spec: P.JobSpec) -> None:
+        """A job this relay's queue still runs for its hub (after a restart of the relay)."""
+        self.held[spec.id] = spec
+        self.passed.add(spec.id)
+
+    def report_again(self, o: P.JobOutcome) -> None:
+        """A job's end its hub may not have recorded (after a restart of the relay)."""
+        if o.id not in self.held:
+            self.unacked[o.id] = (o, 0.0)
 
     def _schedule(self) -> None:
         """Report soon. At the end of this loop round when there is no point waiting: jobs
@@ -248,7 +290,7 @@ class NodeJobs:
                     self.unacked[o.id] = (o, now)
 
     def _send_state(self) -> None:
-        if self._send("job_state", P.JobState(self.capacity, self.free, sorted(self.held))):
+        if self._send("job_state", self._state()):
             self._last_state = time.monotonic()
 
     def _tick(self) -> None:

@@ -85,4 +85,21 @@ class HubLink(Protocol):
         ...
 
 
-__all__ = ["Asks", "HubLink", "NodeRuntime", "Sends"]
+
+
+class Below(Protocol):
+    """A relay's subtree as its node part's job slots see it (``odium.relayjobs``): jobs for
+    instances below go to the relay's own job queue, which keeps them in its store."""
+
+    def matches(self, nodes: str) -> bool: ...
+
+    def take(self, spec: P.JobSpec, fn: str | None) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def capacity(self) -> int: ...
+
+    def free(self) -> int: ...
+
+
+__all__ = ["Asks", "Below", "HubLink", "NodeRuntime", "Sends"]
