@@ -28,6 +28,7 @@ from .hub.nodes import NodeStatus
 from .hub.server import HubCore
 from .node.agent import NodeCore
 
+PREFETCH = 3  # jobs queued at the relay ahead of its nodes, per slot below it
 REPORT_AGAIN = 10_000  # jobs from above, latest first, whose ends are reported after a restart
 _LOCAL = re.compile(r"^(.+)\.\.([0-9]+)\Z")
 _STATUS = {"done": "ok", "failed": "error", "timeout": "timeout", "cancelled": "cancelled"}
@@ -76,8 +77,11 @@ class RelayJobs:
         return sum(ns.capacity for ns in self._ready())
 
     def free(self) -> int:
+        """The subtree's free slots, and as many again to queue here: its nodes find their
+        next jobs waiting at the relay, not a round trip away at its hub."""
         waiting = sum(len(dq) for dq in self.jobq.book.queues.values())
-        return max(0, sum(self.jobq.sender.credit().values()) - waiting)
+        ahead = self.capacity() * PREFETCH
+        return max(0, sum(self.jobq.sender.credit().values()) + ahead - waiting)
 
     def take(self, spec: P.JobSpec, fn: str | None) -> None:
         """A job from above, into this relay's queue (and its store) for its nodes."""
