@@ -22,6 +22,11 @@ class AuthError(OdiumError):
     """A message or peer that fails authentication: key, signature, role, replay."""
 
 
+class ClockError(AuthError):
+    """A message stamped outside the replay window of the receiver's clock. Its answer carries
+    the receiver's time (signed): a node learns its hub's time from it and asks again."""
+
+
 class TimeoutError(OdiumError):  # noqa: A001 - deliberately shadows the builtin inside odium
     """A blocking call ran out of time."""
 

@@ -50,7 +50,8 @@ class Relay:
     def subtree(self) -> list[P.SubNode]:
         """Every instance below this relay that its hub part targets, as it knows them."""
         nodes = self.hub.registry.nodes
-        return [P.SubNode(name, n.key_id, n.status.value, n.state, n.host, n.capacity)
+        return [P.SubNode(name, n.key_id, n.status.value, n.state, n.host, n.capacity,
+                          round(n.skew, 3))
                 for name in self.hub.registry.targetable() if (n := nodes.get(name))]
 
     def _report(self) -> None:
@@ -59,7 +60,7 @@ class Relay:
             self._last = None  # report again once registered (the hub may be new)
             return
         subtree = self.subtree()
-        key = (node.hub_boot, *((s.path, s.key, s.status, s.state) for s in subtree))
+        key = (node.hub_boot, *((s.path, s.key, s.status, s.state, s.skew) for s in subtree))
         now = time.monotonic()
         if key != self._last or now - self._sent >= REPORT_AGAIN:
             node.outbox.send("subtree", P.Subtree(subtree))

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import zmq
 
 from .core import wire as P
+from .core.clock import Clock
 from .core.keys import Identity
 from .errors import OdiumError
 from .errors import TimeoutError as OdiumTimeout
@@ -39,8 +40,12 @@ class Runtime:
         self.ident: Identity = load_or_create(self.home / "identity.key")
         self.app = find_app(app)
         self.state = state_id(self.app)
-        # every message this process sends is signed here, with the state id of the moment
-        self.sign = P.Signer(self.ident.signing, self.ident.key_id, lambda: self.state)
+        # the time its messages carry and are checked by: its hub's, once its node part
+        # learnt it (odium.core.clock); every message this process sends is signed here, with
+        # the state id of the moment
+        self.clock = Clock()
+        self.sign = P.Signer(self.ident.signing, self.ident.key_id, lambda: self.state,
+                             self.clock)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.loop = Loop()
         # one view of the application's state for the whole process (its hub and node parts)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ..core import wire as P
-from ..core.guards import ReplayCache
+from ..core.clock import Clock
 from ..core.keys import verify_key
 from ..errors import (
     AuthError,
@@ -69,15 +69,17 @@ class Admin(KeyVerbs, JobVerbs):
         if not admin_path.exists():
             raise AuthError(f"no admin key in {home_path}")
         self.ident = load_or_create(admin_path)
-        # an admin has no application: it signs as state "unknown"
-        self.sign = P.Signer(self.ident.signing, self.ident.key_id, lambda: "unknown")
+        # an admin has no application: it signs as state "unknown"; it stamps with the hub's
+        # time as the hub's answers tell it (a relay's hub part keeps its own hub's time)
+        self.clock = Clock()
+        self.sign = P.Signer(self.ident.signing, self.ident.key_id, lambda: "unknown",
+                             self.clock)
         self.timeout = timeout
         host = "127.0.0.1" if iface in ("0.0.0.0", "*") else iface
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock = client_socket(self.ctx, zmq.DEALER, self.ident, self.hub_key,
                                   f"tcp://{host}:{port}")
         self.vk = verify_key(self.hub_key)
-        self.replay = ReplayCache()
         self.session = f"admin-{secrets.token_hex(6)}"
         self._open: list[str] = []  # node patterns this Admin's own session is open on
         self._hub_state: str | None = None  # from the envelope of the hub's last answer
@@ -114,8 +116,8 @@ class Admin(KeyVerbs, JobVerbs):
     def request(self, type_: str, body: P.Body, timeout: float | None = None,
                 msg_id: str | None = None) -> Any:
         mid = msg_id or P.new_id()
-        raw = self.sign(type_, body, msg_id=mid)
-        self.sock.send(raw)
+        self.sock.send(self.sign(type_, body, msg_id=mid))
+        sent, again = time.monotonic(), True
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
         while True:
@@ -124,14 +126,26 @@ class Admin(KeyVerbs, JobVerbs):
                 raise OdiumTimeout(f"the hub did not answer {type_!r} within {limit} s")
             if not self.sock.poll(None if wait is None else int(wait * 1000) + 1):
                 continue
-            try:
-                msg = P.open_message(self.sock.recv(), self.vk, self.hub_key, replay=self.replay)
-            except (ProtocolError, AuthError):
+            msg = self._recv(mid)
+            if msg is None:
                 continue
-            if msg.env.re != mid:
+            self.clock.learn(msg.env.ts, sent, time.monotonic())
+            if (again and isinstance(msg.body, P.ErrorReply)
+                    and msg.body.kind == "ClockError"):  # stamped with the hub's time now
+                self.sock.send(self.sign(type_, body, msg_id=mid))
+                sent, again = time.monotonic(), False
                 continue
             self._hub_state = msg.env.state
             return _answer(msg)
+
+    def _recv(self, mid: str) -> P.Message | None:
+        """The next message on the socket if it answers ``mid`` (no replay window: it counts
+        only as the answer to a request of ours that waits)."""
+        try:
+            msg = P.open_message(self.sock.recv(), self.vk, self.hub_key)
+        except (ProtocolError, AuthError):
+            return None
+        return msg if msg.env.re == mid else None
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         return dict(self.request("ping", P.Empty(), timeout))
@@ -171,8 +185,8 @@ class Admin(KeyVerbs, JobVerbs):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.sock.poll(int((deadline - time.monotonic()) * 1000) + 1):
-                msg = P.open_message(self.sock.recv(), self.vk, self.hub_key, replay=self.replay)
-                if msg.env.re == mid and isinstance(msg.body, P.Reply):
+                msg = self._recv(mid)
+                if msg is not None and isinstance(msg.body, P.Reply):
                     return msg.body.data
         raise OdiumTimeout("no result after the interrupt")
 

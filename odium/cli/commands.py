@@ -51,16 +51,26 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    rows = [("NAME", "STATUS", "STATE", "", "LAST SEEN")]
+    # a clock column only when some node's clock is off (it stamps with the hub's time)
+    skewed = any(abs(n.get("clock_skew") or 0) >= 1 for n in data["nodes"])
+    rows = [("NAME", "STATUS", "STATE", "", "LAST SEEN", *(("CLOCK",) if skewed else ()))]
     for n in data["nodes"]:
         same = "same as hub" if n["state"] == data["hub_state"] else "differs"
-        rows.append((n["name"], n["status"], short_state(n["state"]), same, ago(n["last_seen"])))
+        rows.append((n["name"], n["status"], short_state(n["state"]), same, ago(n["last_seen"]),
+                     *((clock_text(n.get("clock_skew") or 0),) if skewed else ())))
     print_table(rows)
     if len(rows) == 1 and args.pattern:
         print(f"no node matches {args.pattern!r}; see: odium nodes")
     elif len(rows) == 1:
         print("no nodes yet; add one with: odium token")
     return 0
+
+
+def clock_text(skew: float) -> str:
+    """How far a node's clock is off its hub's, as ``odium nodes`` shows it."""
+    if abs(skew) < 1:
+        return ""
+    return f"{abs(skew):.0f} s {'ahead' if skew > 0 else 'behind'}"
 
 
 def print_table(rows: Sequence[Sequence[str]]) -> None:

@@ -3,8 +3,9 @@ replays, refused by message id within a time window (pure)."""
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
-from ..errors import AuthError, ProtocolError
+from ..errors import AuthError, ClockError, ProtocolError
 
 MAX_DEPTH = 64  # deepest nesting of arrays and objects in one message (the envelope is 1)
 REPLAY_WINDOW = 300.0  # seconds a message stays acceptable (and remembered)
@@ -50,17 +51,21 @@ def check_depth(data: bytes, limit: int = MAX_DEPTH) -> None:
 
 
 class ReplayCache:
-    """Remembers message ids for the replay window; rejects repeats and stale messages."""
+    """Remembers message ids for the replay window; rejects repeats and stale messages, by
+    ``clock`` (the instance's: its hub's time, odium.core.clock)."""
 
-    def __init__(self, window: float = REPLAY_WINDOW, max_entries: int = 1_000_000) -> None:
+    def __init__(self, window: float = REPLAY_WINDOW, max_entries: int = 1_000_000,
+                 clock: Callable[[], float] = time.time) -> None:
         self.window = window
         self.max_entries = max_entries
+        self.clock = clock
         self._seen: OrderedDict[str, float] = OrderedDict()
 
     def check(self, msg_id: str, ts: float, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         if abs(now - ts) > self.window:
-            raise AuthError(f"message timestamp is {now - ts:+.0f} s off (window {self.window} s)")
+            raise ClockError(f"message timestamp is {ts - now:+.0f} s off the receiver's "
+                             f"clock (window {self.window} s)")
         seen = self._seen
         while seen:
             oldest_id, t = next(iter(seen.items()))

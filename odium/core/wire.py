@@ -60,6 +60,9 @@ Line = Annotated[str, msgspec.Meta(max_length=4096, pattern=LINE_RE)]
 Host = Annotated[str, msgspec.Meta(pattern=HOST_RE)]
 
 
+Skew = Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)]  # seconds a machine's clock is off
+
+
 class Body(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of every message body: unknown keys are errors."""
 
@@ -98,6 +101,7 @@ class NodeBeat(Body):
     hub_boot: MsgId | None = None  # the hub boot this node last heard on its SUB socket
     seq: int = 0  # the newest command sequence the node has seen
     running: list[MsgId] = []
+    skew: Skew = 0.0  # the node's wall clock minus its hub's time, s (odium.core.clock)
 
 
 class Exec(Body):
@@ -398,6 +402,7 @@ class SubNode(Body):
     state: StateId = "unknown"
     host: Host = ""
     capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    skew: Skew = 0.0  # its wall clock minus the time it uses (the relay's: the root's)
 
 
 class Subtree(Body):  # relay -> its hub (results): every instance below it, whole each time
@@ -518,8 +523,10 @@ def seal(
     seq: int = 0,
     re: str | None = None,
     msg_id: str | None = None,
+    ts: float | None = None,
 ) -> bytes:
-    """Encode and sign one message; returns the exact bytes for the wire."""
+    """Encode and sign one message; returns the exact bytes for the wire (``ts``: the time
+    to stamp, by default the wall clock's)."""
     if type(body) is not BODIES.get(type_):
         raise ProtocolError(f"message type {type_!r} takes {BODIES.get(type_)}, not {type(body)}")
     env: dict[str, Any] = {
@@ -527,7 +534,7 @@ def seal(
         "type": type_,
         "id": msg_id or new_id(),
         "from": sender,
-        "ts": time.time(),
+        "ts": time.time() if ts is None else ts,
         "state": state,
         "body": body,
     }
@@ -544,16 +551,17 @@ def seal(
 
 class Signer:
     """One sender's signing endpoint: its key and key id, and its state id, read afresh for
-    every message (a node's state changes while it runs). Every message an instance sends is
-    made here."""
+    every message (a node's state changes while it runs), and its clock (odium.core.clock).
+    Every message an instance sends is made here."""
 
-    def __init__(self, key: SigningKey, sender: str, state: Callable[[], str]) -> None:
-        self.key, self.sender, self._state = key, sender, state
+    def __init__(self, key: SigningKey, sender: str, state: Callable[[], str],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.key, self.sender, self._state, self.clock = key, sender, state, clock
 
     def __call__(self, type_: str, body: Body, *, to: list[str] | None = None, seq: int = 0,
                  re: str | None = None, msg_id: str | None = None) -> bytes:
         return seal(self.key, self.sender, self._state(), type_, body, to=to, seq=seq, re=re,
-                    msg_id=msg_id)
+                    msg_id=msg_id, ts=self.clock())
 
 
 def split_signature(data: bytes, max_size: int = MAX_MESSAGE) -> tuple[bytes, bytes]:

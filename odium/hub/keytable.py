@@ -120,13 +120,14 @@ class KeyTable:
 
     def zap(self, mech: str, client_key: bytes, address: str, domain: str) -> ZapDecision:
         """Runs in the ZAP thread: allow only admin and node keys, and live token keys on the
-        query socket (a token may only join: it hears no broadcast)."""
+        query socket (a token may only join: it hears no broadcast; a used one, until it would
+        have expired, only to repeat the join that used it: the answer may have been lost)."""
         if mech != "CURVE":
             return ZapDecision(False, reason=f"mechanism {mech} refused: CURVE only")
         by_curve, by_curve_pending = self._zap_view
         info = by_curve.get(client_key)
-        if info is not None and info.role in ALLOWED_ROLES:
-            if info.role != "token":
+        if info is not None and (info.role in ALLOWED_ROLES or info.role == "used"):
+            if info.role not in ("token", "used"):
                 return ZapDecision(True, user_id=info.key_id)
             if (info.expires or 0) >= time.time() and domain == "odium.query":
                 return ZapDecision(True, user_id=info.key_id)

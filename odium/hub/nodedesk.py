@@ -25,6 +25,8 @@ from .store import Store
 
 NODE_EVENT_KINDS = ("rejected", "bad_declaration", "synced", "handler_failed")  # a node's own
 
+SKEW_NOTED = 1.0  # seconds a node's clock must be off (or move) to be said
+
 
 @dataclass
 class DeskHooks:
@@ -67,6 +69,13 @@ class NodeDesk:
         if info.note != body.token or (info.expires or 0) < time.time():
             raise AuthError("join token does not match or has expired")
         verify_proof(body.key, join_proof_bytes(body.token, self.keys.own), body.proof)
+        if info.role == "used":  # the answer to the join that used it was lost: the same again
+            joined = self.keys.keys.get(body.key)
+            if joined is None or joined.role != "node" or joined.name != body.name:
+                raise AuthError("this join token was used already, by another join; ask for "
+                                "a new one (odium token)")
+            ask.reply({"name": body.name, "hub": self.keys.own})
+            return
         _refuse_reserved(body.name)
         taken = self.registry.nodes.get(body.name)
         if taken is not None and taken.key_id != body.key:
@@ -137,7 +146,19 @@ class NodeDesk:
                                 last_seen=node.last_seen)
             self.store.event("node_ready", f"{node.name} is ready", node=node.name)
             self.hooks.ready()
+        self.clock(node, body.skew)
         self.hooks.beat(node, body)
+
+    def clock(self, node: NodeInfo, skew: float) -> None:
+        """How far a node's wall clock is off this hub's time: said when it changes by a
+        second or more (the node stamps with the hub's time whatever it is)."""
+        if abs(skew - node.skew) < SKEW_NOTED:
+            return
+        node.skew = skew
+        self.store.event("node_clock", f"{node.name}'s clock is {skew:+.0f} s off the hub's "
+                         "(it uses the hub's time)" if abs(skew) >= SKEW_NOTED else
+                         f"{node.name}'s clock agrees with the hub's again",
+                         level="warning" if abs(skew) >= SKEW_NOTED else "info", node=node.name)
 
     def _r_event(self, msg: P.Message, body: P.NodeEvent, node: NodeInfo) -> None:
         if self.hooks.may_log():  # the same budget as the hub's own rejections

@@ -69,6 +69,7 @@ class NodeInfo:
     running: set[str] = field(default_factory=set)
     info: dict[str, Any] | None = None  # the node's StateInfo as JSON (odium.core.statediff)
     via: str = ""  # below a relay: the relay (one of this hub's own nodes) that reports it
+    skew: float = 0.0  # how far its wall clock is off this hub's time, s (it uses the hub's)
 
     @property
     def fingerprint(self) -> str:
@@ -89,6 +90,7 @@ class NodeInfo:
                 "unsatisfied": self.unsatisfied, "missing_system": self.missing_system,
                 "host": self.host, "pid": self.pid, "capacity": self.capacity,
                 "last_seen": self.last_seen, "running": sorted(self.running),
+                "clock_skew": self.skew,
                 **({"via": self.via} if self.via else {})}
 
 

@@ -100,7 +100,7 @@ class HubCore:
         """Make the parts that handle messages, and take their handlers in."""
         rt, store, reg = self.rt, self.store, self.registry
         self.inbox = Inbox(store, self.keytable, reg, self.wire, self.keyring,
-                           max_message=self.max_message)
+                           max_message=self.max_message, clock=rt.sign.clock)
         self.bc = Broadcasts(rt, store, reg, self.wire, self.keyring,
                              hb_interval=self.hb_interval, resolve=self.resolve_requirement,
                              diff_for=self.diff_for)
@@ -116,7 +116,8 @@ class HubCore:
                              resolve=self.resolve_requirement)
         self.tree = Tree(store, reg, self.wire, self.keyring, self.inbox.results,
                          seq=self._next_seq, changed=self._tree_changed,
-                         own=lambda cmd: cmd in self.bc.broadcasts, max_message=self.max_message)
+                         own=lambda cmd: cmd in self.bc.broadcasts, max_message=self.max_message,
+                         clock=rt.sign.clock)
         self.bc.tree = self.tree
         self.inbox.tap = self.tree.tap
         reg.on_lost.append(self.bc.lose_running)

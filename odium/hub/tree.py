@@ -57,12 +57,13 @@ class Tree:
     def __init__(self, store: Store, registry: Registry, wire: Publisher, keyring: Keyring,
                  results: Dispatch[NodeInfo], *, seq: Callable[[], int],
                  changed: Callable[[], None], own: Callable[[str], bool],
-                 max_message: int = P.MAX_MESSAGE) -> None:
+                 max_message: int = P.MAX_MESSAGE,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store, self.registry, self.wire, self.keyring = store, registry, wire, keyring
         self.results = results  # where an opened answer from below is filed
         self._seq, self._changed, self._own = seq, changed, own
         self.max_message = max_message
-        self.replay = ReplayCache()
+        self.replay = ReplayCache(clock=clock)
         self.relayed: OrderedDict[str, Relayed] = OrderedDict()  # cmd -> what went down
         self.up: Up | None = None  # set when this hub is a relay: send an answer up
         self.above: Callable[[], list[dict[str, str]]] = list  # authorities over this hub
@@ -100,6 +101,7 @@ class Tree:
             was_live = node.status in LIVE
             node.status = NodeStatus(sub.status)
             node.state, node.host, node.capacity = sub.state, sub.host, sub.capacity
+            node.skew = sub.skew
             node.last_seen = now
             if was_live and node.status not in LIVE:  # (a sync's restart is on purpose)
                 reg.lose_running(node, f"{node.status.value} at relay {relay.name}",

@@ -339,6 +339,9 @@ def nodes_table(nodes: Iterable[Mapping[str, Any]], hub_state: str,
                      Cell(str(len(running)) if running else "-")])
     notes = [] if data else ["no nodes yet: start local ones with %odium local 4, or invite "
                              "a machine with %odium token"]
+    notes += [f"{n['name']}'s clock is {abs(s):.0f} s {'ahead of' if s > 0 else 'behind'} the "
+              "hub's (it uses the hub's time)" for n in data
+              if abs(s := float(n.get("clock_skew") or 0)) >= 1]
     return Table(f"nodes of this hub (hub state {short_state(hub_state)})",
                  ["node", "status", "state", "last seen", "running"], rows, data, notes, "nodes")
 

@@ -28,7 +28,7 @@ from ..core.keys import Identity, Token, is_reserved_name, verify_key
 from ..core.sealing import Keyring, open_inner
 from ..core.statediff import StateInfo
 from ..core.term import clean
-from ..errors import AuthError, ConfigError, OdiumError, ProtocolError
+from ..errors import AuthError, ClockError, ConfigError, OdiumError, ProtocolError
 from ..io.transport import client_socket, each_message, recv_frames
 from ..local.files import atomic_write
 from .commands import Commands, Received
@@ -84,7 +84,7 @@ class NodeCore:
         self.keyring.shared(hub_key)
         self.capacity = capacity or os.cpu_count() or 1
         self.boot = P.new_id()
-        self.replay = ReplayCache()
+        self.replay = ReplayCache(clock=rt.sign.clock)
         self.status = NodeStatus.JOINING if token is not None else NodeStatus.REGISTERING
         self.hub_boot: str | None = None  # from the register reply
         self.heard_boot: str | None = None  # the hub boot last heard on SUB
@@ -98,7 +98,7 @@ class NodeCore:
         self.restart = False  # set by a sync: the process runs itself again when the loop ends
         self.outbox = Outbox(rt.sign)
         self.failures = Failures(self._send, lambda: self.registered)
-        self.requests = Requests(self._signer, self._on_error_reply)
+        self.requests = Requests(self._signer, self._on_error_reply, rt.clock)
         admitted = rt.home.joinpath("joined.json").exists() and token is None
         self.link = Link(rt.loop, address, rt.ident.key_id, admitted, self._refused, self._cut_off)
         self._parts(find_links, index_url)
@@ -142,7 +142,7 @@ class NodeCore:
         self.sealed.on("sync", P.Sync, self._on_sync)
         # commands from above this node's hub, through relays (odium.node.tree)
         self.tree = NodeTree(self.name, self.hub_key, self.keyring, received, self.sealed,
-                             self.commands.on_interrupt)
+                             self.commands.on_interrupt, clock=rt.sign.clock)
         self.pub.on("relay", P.Relay, self._on_relay)
 
     def _watch_state(self) -> None:
@@ -220,7 +220,9 @@ class NodeCore:
         each_message(recv_frames(sock), self._answer, lambda _f, e: self.failed("query", e))
 
     def _answer(self, frames: list[zmq.Frame]) -> None:
-        msg = self.open(frames[-1].bytes)
+        # no replay window: an answer counts only for an attempt that waits (a fresh random
+        # id), and its stamp is how this node learns the hub's time (odium.node.requests)
+        msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key)
         self.heard()
         if msg.type == "sealed":  # a reply with something of this node's own in it
             inner = open_inner(self.keyring, msg, "query")
@@ -355,6 +357,8 @@ class NodeCore:
         self.pub.handle(msg, None)
 
     def failed(self, where: str, err: Exception) -> None:
+        if isinstance(err, ClockError) and where == "PUB":
+            self._fetch()  # the hub's time moved: the answer tells it, with what was missed
         self.failures.failed(where, err)
 
     def _on_sealed(self, msg: P.Message, _body: P.Sealed, _: None) -> None:
@@ -420,19 +424,19 @@ class NodeCore:
         if self.restart:
             return  # this process is going away; the next one will beat
         self._send("node_hb", P.NodeBeat(self.boot, self.heard_boot, self.seq,
-                                         self.executor.running() + sorted(self.sync.syncing)))
+                                         self.executor.running() + sorted(self.sync.syncing),
+                                         round(self.rt.clock.skew(), 3)))
 
     def _tick(self) -> None:
         now = time.monotonic()
         self.link.silent(now - self.last_heard, self.interval, self.status is NodeStatus.JOINING)
         for req in self.requests.overdue(now):
-            sock = req.sock
-            if sock.closed:
+            if req.sock.closed:
                 continue  # its socket was opened again: as the requests made on it, forgotten
-            if sock is self.query and req.type == "register":
-                # a refused CURVE handshake is not retried by libzmq: start over
-                sock = self._reopen_query()
-            self.requests.ask(sock, req.type, req.body, req.on_reply, req.on_error)
+            refused = req.sock is self.query and "query" in self.link.auth_failed
+            # a refused CURVE handshake is not retried by libzmq: start over (only then: a new
+            # handshake over a slow link is what makes an answer later still)
+            self.requests.again(req, self._reopen_query() if refused else None)
         if self.registered and now - self.last_beat >= self.interval:
             self._beat()
         self.outbox.flush()

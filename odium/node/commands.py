@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..core import wire as P
+from ..core.clock import hub_times
 from ..core.requirements import satisfies
 from .ports import NodeRuntime, Sends
 from .workers.sessions import Executor
@@ -75,7 +76,7 @@ class Commands:
         if ev["op"] == "out":
             self.send("output", P.Output(ev["cmd"], ev["stream"], ev["text"]))
         elif ev["op"] == "done":
-            r = ev["result"]
+            r = hub_times(ev["result"], self.rt.clock.skew())
             err = r.get("error")
             body = P.ResultBody(
                 ev["cmd"], r["status"], r["started"], r["finished"], r.get("stdout", ""),

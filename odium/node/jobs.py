@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from ..core import wire as P
+from ..core.clock import hub_times
 from ..core.dispatch import Dispatch
 from ..core.jobs import MAX_BATCH, split_batch
 from ..core.requirements import satisfies
@@ -45,7 +46,7 @@ class NodeJobs:
         self.link = link
         self.loop = rt.loop
         self.capacity = capacity
-        self.pool = JobPool(self.loop, str(rt.app), self.capacity, self._done)
+        self.pool = JobPool(self.loop, str(rt.app), self.capacity, self._ran)
         self.held: dict[str, P.JobSpec] = {}
         self.below: Below | None = None  # a relay's subtree (odium.relayjobs)
         self.passed: set[str] = set()  # held jobs that run below (in the relay's own queue)
@@ -204,8 +205,12 @@ class NodeJobs:
 
     # --- to the hub ------------------------------------------------------------------------
 
+    def _ran(self, job_id: str, res: dict[str, Any]) -> None:
+        """A job ended in the pool: its times, taken by this machine's clock, in the hub's."""
+        self._done(job_id, hub_times(res, self.rt.clock.skew()))
+
     def _done(self, job_id: str, res: dict[str, Any]) -> None:
-        """A job ended, here (the pool) or below (``finished_below``)."""
+        """A job ended, here (``_ran``) or below (``finished_below``: in the hub's time)."""
         spec = self.held.pop(job_id, None)
         self.passed.discard(job_id)
         if spec is None:
@@ -303,6 +308,7 @@ class NodeJobs:
                 self._send_results(late)
         if now - self._last_state >= self.link.interval:
             self._send_state()
+
 
 
 __all__ = ["NodeJobs"]

@@ -4,7 +4,6 @@ token's own key; the node says so if the hub takes long, and stops if the token 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +35,8 @@ class Joiner:
         self.requests, self.link = requests, link
         self.fail, self.joined = fail, joined
         tok = token.identity
-        self.sign: P.Signer | None = P.Signer(tok.signing, tok.key_id, lambda: rt.state)
+        self.sign: P.Signer | None = P.Signer(tok.signing, tok.key_id, lambda: rt.state,
+                                              rt.clock)
         self.sock: zmq.Socket[Any] | None = client_socket(rt.ctx, zmq.DEALER, tok, hub_key,
                                                           address)
         js = self.sock
@@ -59,7 +59,7 @@ class Joiner:
     def _overdue(self) -> None:
         if self.sock is None:
             return
-        if time.time() > self.token.expires:
+        if self.rt.clock() > self.token.expires:  # (the hub's time, once known)
             self.fail(AuthError("the join token has expired; ask for a new one (odium token)"))
         else:
             log.warning("no answer from the hub at %s yet; still trying", self.address)

@@ -38,6 +38,7 @@ class Link:
         self.on_notice: Callable[[str], None] | None = None
         self.refusal = ""  # what the hub's last refused handshake meant, once said
         self.unreachable = False
+        self.auth_failed: set[str] = set()  # sockets whose last handshake the hub refused
 
     # --- handshakes ------------------------------------------------------------------------
 
@@ -47,12 +48,16 @@ class Link:
                                       | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.monitors[what] = mon
         self.monitored[what] = sock
+        self.auth_failed.discard(what)
 
         def on_event() -> None:
             for frames in recv_frames(mon):
                 # a monitor event: u16 event, u32 value, then the endpoint (zmq_socket_monitor)
                 event = struct.unpack("=H", frames[0].bytes[:2])[0]
-                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.auth_failed.discard(what)
+                elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    self.auth_failed.add(what)
                     if what in ("query", "join"):
                         self.on_refused(what)
                     else:

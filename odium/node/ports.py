@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 import zmq
 
 from ..core import wire as P
+from ..core.clock import Clock
 from ..core.keys import Identity
 from ..io.transport import Loop
 from ..local.watch import StateWatch
@@ -25,6 +26,7 @@ class NodeRuntime(Protocol):
     app: Path
     state: str
     sign: P.Signer
+    clock: Clock  # the hub's time, once learnt (odium.core.clock)
     ctx: zmq.Context[Any]
     loop: Loop
     watch: StateWatch

@@ -1,19 +1,30 @@
 """A node's requests to its hub on the query (or join) socket: each is sent again until it is
-answered, the first answer wins, and its retries' twins are dropped."""
+answered, ever more patiently (a slow link takes seconds to answer), and an answer to any of
+its attempts is the answer (the first wins; the others are dropped).
+
+Answers also tell the node its hub's time: every answer is stamped and signed by the hub, and
+is matched to an attempt whose sending time is known (``odium.core.clock``). A request the hub
+refused because its timestamp was off (``ClockError``: this machine's clock is wrong) is asked
+again at once, stamped with the hub's time just learnt.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from ..core import wire as P
+from ..core.clock import Clock
 from ..core.dispatch import Dispatch
 
-REQUEST_RETRY = 2.0  # seconds before a query is sent again
+REQUEST_RETRY = 2.0  # seconds before a query is first sent again; then twice as long, ...
+RETRY_MAX = 30.0  # ... up to this
+ATTEMPTS_KEPT = 8  # attempts of one request whose answers still count
+CLOCK_RETRIES = 3  # times a request refused for its timestamp is asked again at once
 
 
 @dataclass
@@ -21,21 +32,31 @@ class Request:
     type: str
     body: P.Body
     on_reply: Callable[[Any], None]
-    sent: float
+    sent: float  # monotonic: when the newest attempt went out
     sock: zmq.Socket[Any]
     on_error: Callable[[str], None] | None = None
+    attempts: dict[str, float] = field(default_factory=dict)  # message id -> when sent
+    tries: int = 0  # attempts so far
+    clock_retries: int = 0
+
+    def due(self) -> float:
+        """When the next attempt is due (monotonic)."""
+        return self.sent + min(REQUEST_RETRY * 2 ** max(self.tries - 1, 0), RETRY_MAX)
 
 
 class Requests:
     """The requests waiting for an answer.
 
     ``signer(sock)``: what signs on that socket (None: nothing more may be sent on it);
-    ``on_refused(request, error)``: the hub answered with an error."""
+    ``on_refused(request, error)``: the hub answered with an error; ``clock``: the node's
+    clock, which learns the hub's time from every answer."""
 
     def __init__(self, signer: Callable[[zmq.Socket[Any]], P.Signer | None],
-                 on_refused: Callable[[Request, P.ErrorReply], None]) -> None:
+                 on_refused: Callable[[Request, P.ErrorReply], None],
+                 clock: Clock | None = None) -> None:
         self.signer = signer
-        self.waiting: dict[str, Request] = {}
+        self.clock = clock
+        self.waiting: dict[str, Request] = {}  # every kept attempt's id -> its request
         self.replies: Dispatch[Request] = Dispatch("query")
         self.replies.on("reply", P.Reply, lambda _m, body, req: req.on_reply(body.data))
         self.replies.on("error", P.ErrorReply, lambda _m, body, req: on_refused(req, body))
@@ -43,26 +64,56 @@ class Requests:
     def ask(self, sock: zmq.Socket[Any], type_: str, body: P.Body,
             on_reply: Callable[[Any], None],
             on_error: Callable[[str], None] | None = None) -> None:
-        sign = self.signer(sock)
+        self.again(Request(type_, body, on_reply, time.monotonic(), sock, on_error))
+
+    def again(self, req: Request, sock: zmq.Socket[Any] | None = None) -> None:
+        """Send another attempt of ``req`` (on ``sock``, when its socket was opened anew:
+        the attempts made on the old one can no longer be answered)."""
+        if sock is not None and sock is not req.sock:
+            self._drop(req)
+            req.sock = sock
+        sign = self.signer(req.sock)
         if sign is None:  # the join is done and its token forgotten: nothing more to send
+            self._drop(req)
             return
         mid = P.new_id()
-        raw = sign(type_, body, msg_id=mid)
-        self.waiting[mid] = Request(type_, body, on_reply, time.monotonic(), sock, on_error)
+        raw = sign(req.type, req.body, msg_id=mid)
+        req.sent, req.tries = time.monotonic(), req.tries + 1
+        req.attempts[mid] = req.sent
+        while len(req.attempts) > ATTEMPTS_KEPT:
+            self.waiting.pop(next(iter(req.attempts)), None)
+            del req.attempts[next(iter(req.attempts))]
+        self.waiting[mid] = req
         try:
-            sock.send(raw, zmq.NOBLOCK)
+            req.sock.send(raw, zmq.NOBLOCK)
         except zmq.Again:
-            pass  # retried by the tick
+            pass  # sent again when due
 
     def answer(self, msg: P.Message) -> None:
-        """An answer (opened): to the request it answers, if that still waits."""
-        req = self.waiting.pop(msg.env.re or "", None)
+        """An answer (opened; its timestamp not yet judged): to the request it answers, if that
+        still waits. It tells the clock the hub's time."""
+        mid = msg.env.re or ""
+        req = self.waiting.get(mid)
         if req is None:
-            return  # answer to a request we already retried
-        for mid, other in list(self.waiting.items()):  # drop retries' twins
+            return  # an answer to a request answered already (or forgotten)
+        if self.clock is not None:
+            self.clock.learn(msg.env.ts, req.attempts[mid], time.monotonic())
+        if (isinstance(msg.body, P.ErrorReply) and msg.body.kind == "ClockError"
+                and req.clock_retries < CLOCK_RETRIES and self.clock is not None):
+            req.clock_retries += 1  # stamped with the hub's time now: at once, once more
+            self.again(req)
+            return
+        self._drop(req)
+        for other in {id(r): r for r in self.waiting.values()}.values():  # asked twice
             if other.type == req.type and other.sock is req.sock:
-                del self.waiting[mid]
+                self._drop(other)
         self.replies.handle(msg, req)
+
+    def _drop(self, req: Request) -> None:
+        for mid in req.attempts:
+            if self.waiting.get(mid) is req:
+                del self.waiting[mid]
+        req.attempts.clear()
 
     def pending(self, type_: str) -> bool:
         """Whether a request of this type waits for its answer."""
@@ -70,16 +121,14 @@ class Requests:
 
     def forget(self, sock: zmq.Socket[Any]) -> None:
         """The socket is closed: its requests are never answered."""
-        for mid, req in list(self.waiting.items()):
-            if req.sock is sock:
-                del self.waiting[mid]
+        for req in {id(r): r for r in self.waiting.values() if r.sock is sock}.values():
+            self._drop(req)
 
     def overdue(self, now: float) -> list[Request]:
-        """The requests unanswered for REQUEST_RETRY, taken out: the caller sends them again."""
-        late = [(mid, req) for mid, req in self.waiting.items() if now - req.sent > REQUEST_RETRY]
-        for mid, _req in late:
-            del self.waiting[mid]
-        return [req for _mid, req in late]
+        """The requests whose next attempt is due (they keep waiting: the caller sends the
+        attempt with ``again``)."""
+        reqs = {id(r): r for r in self.waiting.values()}.values()
+        return [r for r in reqs if now >= r.due()]
 
 
 __all__ = ["REQUEST_RETRY", "Request", "Requests"]

@@ -15,6 +15,7 @@ When this instance is a relay itself (``odium node --serve``), the paths below i
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,13 +41,14 @@ class NodeTree:
 
     def __init__(self, name: str, hub_key: str, keyring: Keyring, received: Received,
                  sealed: Dispatch[None], interrupt: Interrupts, *,
-                 max_message: int = P.MAX_MESSAGE) -> None:
+                 max_message: int = P.MAX_MESSAGE, clock: Callable[[], float] = time.time
+                 ) -> None:
         self.name, self.hub_key, self.keyring = name, hub_key, keyring
         self.received, self.sealed, self.interrupt = received, sealed, interrupt
         self.max_message = max_message
         self.authorities: dict[str, str] = {hub_key: name}
         self.vouched = ""  # the digest of what the hub vouched for at register
-        self.replay = ReplayCache()
+        self.replay = ReplayCache(clock=clock)
         self.down: Down | None = None  # set when this instance is a relay
 
     def welcome(self, data: dict[str, Any]) -> None:

@@ -1,0 +1,59 @@
+"""An instance's clock: its hub's time, not its own wall clock.
+
+Every message carries a timestamp, and receivers refuse one outside the replay window
+(``odium.core.guards``). Lab machines without NTP are often minutes or hours off, so a node
+does not stamp with its wall clock: it learns its hub's time from the hub's own signed answers
+and keeps it as an offset from its *monotonic* clock (which a fixed wall clock does not move).
+A hub that is a node of no one (the root) keeps its wall clock. A relay learns its hub's time,
+and its own nodes learn it from the relay: one time down the whole tree.
+
+``skew()`` is how far this machine's wall clock is from the time it uses (positive: ahead), as
+``odium nodes`` shows it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+SETTLE = 1.0  # seconds a new reading must differ by before the clock moves (jitter is less)
+
+
+class Clock:
+    """Time as this instance's hub tells it (callable: seconds since the epoch, as time.time)."""
+
+    def __init__(self) -> None:
+        self._base = 0.0  # the hub's time minus this machine's monotonic clock, once learnt
+        self.learnt = False  # whether the hub's time is known (else: the local wall clock)
+        self.moves = 0  # how often the hub's time moved after it was learnt (a clock fixed)
+
+    def __call__(self) -> float:
+        return time.monotonic() + self._base if self.learnt else time.time()
+
+    def skew(self) -> float:
+        """This machine's wall clock minus the time it uses (0.0 for the root)."""
+        return time.time() - self()
+
+    def learn(self, hub_ts: float, sent: float, received: float) -> bool:
+        """A timestamp the hub signed between ``sent`` and ``received`` (monotonic seconds):
+        its time then was ``hub_ts``, at the middle of the two. True if the clock moved."""
+        if not (received >= sent and hub_ts > 0):
+            return False
+        base = hub_ts - (sent + received) / 2
+        if self.learnt and abs(base - self._base) <= max(SETTLE, received - sent):
+            return False
+        if self.learnt:
+            self.moves += 1
+        self._base, self.learnt = base, True
+        return True
+
+
+def hub_times(res: dict[str, Any], skew: float) -> dict[str, Any]:
+    """A worker's result with its start and end moved from this machine's wall clock to the
+    hub's time (``skew``: how far this clock is ahead, odium.core.clock)."""
+    if not skew:
+        return res
+    return {**res, **{k: res[k] - skew for k in ("started", "finished") if res.get(k)}}
+
+
+__all__ = ["Clock", "SETTLE", "hub_times"]
