@@ -26,7 +26,8 @@ from .conftest import end_process, odium_cli, wait_until
 from .raw import events
 
 LIBS = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1")
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1")
 FAKETIME = next((p for p in LIBS if os.path.exists(p)), None)
 
 pytestmark = [pytest.mark.timeout(120),
