@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,9 @@ class Broadcasts:
         self.hb_interval = hb_interval
         self._resolve, self._diff_for = resolve, diff_for
         self.broadcasts: dict[str, Broadcast] = {}
+        # entries recorded as lost or timed out, that an answer may still come for: cmd ->
+        # node -> the status recorded (an answer that comes later is said, not counted)
+        self.unanswered: OrderedDict[str, dict[str, str]] = OrderedDict()
         self.seq = store.max_seq()
         self.tree: Tree | None = None  # what goes to instances below this hub's relays
         self.queries: Dispatch[Asker] = Dispatch("query (broadcasts)")
@@ -190,6 +194,10 @@ class Broadcasts:
         if r.node in b.results:
             return
         b.results[r.node] = r
+        if r.status in _MAY_ANSWER:
+            self.unanswered.setdefault(b.cmd, {})[r.node] = r.status.value
+            while len(self.unanswered) > UNANSWERED_KEPT:
+                self.unanswered.popitem(last=False)
         for on_node in b.on_node:
             try:
                 on_node(r)
@@ -307,7 +315,8 @@ class Broadcasts:
         node.running.discard(body.cmd)
         b = self.broadcasts.get(body.cmd)
         if b is None or node.name not in b.targets or node.name in b.results:
-            return  # late or duplicate: the first answer (or timeout/lost) stands
+            self._late(b, body, node)  # late or duplicate: the first answer (or lost) stands
+            return
         mismatch = None
         status = Status(body.status) if body.status != "state_mismatch" else Status.STATE_MISMATCH
         if status is Status.STATE_MISMATCH:
@@ -323,5 +332,20 @@ class Broadcasts:
             msg.env.state, body.started, body.finished, mismatch,
             P.to_builtins(body.outputs) if body.outputs else []))
 
+    def _late(self, b: Broadcast | None, body: P.ResultBody, node: NodeInfo) -> None:
+        """An answer after the node's entry was recorded as lost or timed out (a node frozen
+        or cut off, then back): said in the event log, once; the outcome recorded stands."""
+        recorded = self.unanswered.get(body.cmd, {}).pop(node.name, None)
+        if recorded is None:
+            return  # a duplicate, or not this hub's
+        took = (f", ran {body.finished - body.started:.1f} s" if body.finished >= body.started > 0
+                else "")
+        self.store.event("late_result", f"{node.name} answered command {body.cmd[:12]} "
+                         f"({body.status}{took}) after it was recorded as {recorded}; the "
+                         "recorded outcome stands", level="warning", node=node.name)
+
+
+_MAY_ANSWER = (Status.LOST, Status.TIMEOUT)  # entries a node may still answer for
+UNANSWERED_KEPT = 10_000  # finished broadcasts whose lost entries are remembered
 
 __all__ = ["Broadcast", "Broadcasts"]
