@@ -314,11 +314,10 @@ class Executor:
     def _start_shell(self, run: _Run) -> None:
         run.started = time.time()
         try:
-            run.proc = subprocess.Popen(  # its group told to the reaper before it runs
-                run.code, shell=True, cwd=self.app, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=self.reaper.announce(),
-            )
+            argv, fd = self.reaper.announced(run.code)  # its group told before it runs
+            run.proc = subprocess.Popen(
+                argv, cwd=self.app, stdin=fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True)
         except OSError as e:
             self._finish(run, {"status": "error", "started": run.started, "finished": time.time(),
                                "error": {"ename": type(e).__name__, "evalue": str(e),
