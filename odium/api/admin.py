@@ -38,6 +38,8 @@ from ..io.transport import client_socket
 from ..local.home import check_home, default_home, load_or_create
 from .interface import JobVerbs, KeyVerbs
 
+WATCH_EVERY = 2.0  # seconds between looks at whether a hub that takes long is still the same run
+
 
 class Admin(KeyVerbs, JobVerbs):
     """Talk to a running hub as its admin, using the admin key in its home directory.
@@ -114,20 +116,37 @@ class Admin(KeyVerbs, JobVerbs):
         self.close()
 
     def request(self, type_: str, body: P.Body, timeout: float | None = None,
-                msg_id: str | None = None) -> Any:
+                msg_id: str | None = None, watch: str | None = None) -> Any:
+        """Ask, and wait for the answer. ``watch``: the hub's boot when asked; a long wait
+        looks every few seconds whether the hub is still that run (one killed and started
+        again never answers what its last run was asked)."""
         mid = msg_id or P.new_id()
         self.sock.send(self.sign(type_, body, msg_id=mid))
         sent, again = time.monotonic(), True
+        probe, probe_at = "", sent + WATCH_EVERY
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
         while True:
-            wait = None if deadline is None else max(0, deadline - time.monotonic())
+            now = time.monotonic()
+            wait = None if deadline is None else max(0, deadline - now)
             if wait is not None and wait <= 0:
                 raise OdiumTimeout(f"the hub did not answer {type_!r} within {limit} s")
-            if not self.sock.poll(None if wait is None else int(wait * 1000) + 1):
+            if watch is not None:
+                wait = max(0.0, probe_at - now) if wait is None else min(wait, probe_at - now)
+            if not self.sock.poll(None if wait is None else int(max(wait, 0) * 1000) + 1):
+                if watch is not None and time.monotonic() >= probe_at:
+                    probe, probe_at = P.new_id(), time.monotonic() + WATCH_EVERY
+                    self.sock.send(self.sign("ping", P.Empty(), msg_id=probe))
                 continue
-            msg = self._recv(mid)
+            msg = self._recv(mid, probe)
             if msg is None:
+                continue
+            if msg.env.re == probe:
+                boot = msg.body.data.get("boot") if isinstance(msg.body, P.Reply) else None
+                if boot != watch:
+                    raise NotConnectedError(
+                        f"the hub restarted while it had {type_!r} to answer: its last run "
+                        "abandoned it (odium log says what the nodes answered later)")
                 continue
             self.clock.learn(msg.env.ts, sent, time.monotonic())
             if (again and isinstance(msg.body, P.ErrorReply)
@@ -138,14 +157,14 @@ class Admin(KeyVerbs, JobVerbs):
             self._hub_state = msg.env.state
             return _answer(msg)
 
-    def _recv(self, mid: str) -> P.Message | None:
-        """The next message on the socket if it answers ``mid`` (no replay window: it counts
-        only as the answer to a request of ours that waits)."""
+    def _recv(self, *mids: str) -> P.Message | None:
+        """The next message on the socket if it answers one of ``mids`` (no replay window: it
+        counts only as the answer to a request of ours that waits)."""
         try:
             msg = P.open_message(self.sock.recv(), self.vk, self.hub_key)
         except (ProtocolError, AuthError):
             return None
-        return msg if msg.env.re == mid else None
+        return msg if msg.env.re and msg.env.re in mids else None
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         return dict(self.request("ping", P.Empty(), timeout))
@@ -172,8 +191,9 @@ class Admin(KeyVerbs, JobVerbs):
         body = P.Run(code, nodes, "shell" if shell else "python", name, timeout,
                      require or "default", end_session)
         wait = None if timeout is None else timeout + 30.0
+        boot = self.ping()["boot"]
         try:
-            data = self.request("run", body, wait, msg_id=mid)
+            data = self.request("run", body, wait, msg_id=mid, watch=boot)
         except KeyboardInterrupt:
             self.request("interrupt", P.Interrupt(mid), 5.0)
             data = self.request_wait_reply(mid, 15.0)
@@ -193,6 +213,10 @@ class Admin(KeyVerbs, JobVerbs):
     def nodes(self, pattern: str | None = None) -> list[dict[str, Any]]:
         """Every node (matching ``pattern``), sorted by name: one dict each, as ``Hub.nodes``."""
         return list(self.request("nodes", P.Query(pattern=pattern))["nodes"])
+
+    def store_health(self) -> dict[str, Any]:
+        """Whether the hub's store writes (``problem``: "" when it does), as ``Hub``'s."""
+        return dict(self.ping().get("store") or {})
 
     def keys(self) -> list[dict[str, Any]]:
         return list(self.request("keys", P.Query())["keys"])

@@ -315,6 +315,13 @@ class Hub(KeyVerbs, JobVerbs):
         core = self.core
         return list(self._call(lambda: core.node_list(pattern)))
 
+    def store_health(self) -> dict[str, Any]:
+        """Whether the store writes: ``problem`` is "" when it does, else what stops it (a full
+        disk, a lock held by another process, the file gone), with how long and how many
+        writes it holds (odium.hub.store)."""
+        core = self.core
+        return dict(self._call(lambda: core.store.health()))
+
     def wait_for_nodes(self, names: Sequence[str] | int, timeout: float = 30.0,
                        status: str = "ready") -> None:
         """Wait until the named nodes (or that many nodes) have the given status."""

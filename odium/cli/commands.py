@@ -47,7 +47,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         return 0
     with connect(args) as admin:
         nodes = admin.nodes(args.pattern)
-        data = {"nodes": nodes, "hub_state": admin.state}
+        data = {"nodes": nodes, "hub_state": admin.state, "store": admin.store_health()}
+    say_store(data["store"])
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -64,6 +65,15 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     elif len(rows) == 1:
         print("no nodes yet; add one with: odium token")
     return 0
+
+
+def say_store(health: dict[str, Any]) -> None:
+    """Say on stderr that the hub's store does not write, if so (what it holds meanwhile)."""
+    if health.get("problem"):
+        since = health.get("since") or 0
+        ago_s = f"since {ago(since)}; " if since else ""
+        print(f"odium: the hub cannot store: {health['problem']} ({ago_s}"
+              f"{health.get('waiting', 0)} write(s) held)", file=sys.stderr)
 
 
 def clock_text(skew: float) -> str:

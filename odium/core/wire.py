@@ -115,6 +115,7 @@ class Exec(Body):
     issuer: KeyId | None = None  # the admin key that asked for it, when not the hub itself
     ephemeral: bool = False  # close the session's namespace when the command ends
     require: Annotated[str, msgspec.Meta(pattern=SENT_RE)] = "any"
+    deadline: float | None = None  # issued + timeout, in the hub's time: queued or running
 
 
 class Interrupt(Body):

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
+
 from ..core import wire as P
 from ..core.dispatch import Dispatch
 from ..core.requirements import is_commit_id
@@ -82,6 +84,7 @@ class Broadcasts:
         # node -> the status recorded (an answer that comes later is said, not counted)
         self.unanswered: OrderedDict[str, dict[str, str]] = OrderedDict()
         self.seq = store.max_seq()
+        self._abandon()
         self.tree: Tree | None = None  # what goes to instances below this hub's relays
         self.queries: Dispatch[Asker] = Dispatch("query (broadcasts)")
         self.queries.on("run", P.Run, self._h_run)
@@ -143,7 +146,8 @@ class Broadcasts:
         own = self.rt.ident.key_id
         self.seq += 1
         body = P.Exec(cmd, kind, code, session, timeout,  # type: ignore[arg-type]
-                      issuer if issuer != own else None, ephemeral, required)
+                      issuer if issuer != own else None, ephemeral, required,
+                      time.time() + timeout if timeout else None)
         if targets:
             self.publish_sealed("exec", body, targets, self.seq)
         grace = max(2.0, 3 * self.hb_interval)
@@ -332,6 +336,26 @@ class Broadcasts:
             msg.env.state, body.started, body.finished, mismatch,
             P.to_builtins(body.outputs) if body.outputs else []))
 
+    def _abandon(self) -> None:
+        """The commands this hub's last run left running (it was killed): ``abandoned`` now,
+        and what their nodes still answer is recorded as it comes (``_late``)."""
+        with self.store.session() as s:
+            rows = s.execute(select(CommandRow.id, CommandRow.targets)
+                             .where(CommandRow.status == "running")
+                             .order_by(CommandRow.seq.desc()).limit(UNANSWERED_KEPT)).all()
+            ids = [r.id for r in rows]
+            answered = set(s.execute(select(ResultRow.command_id, ResultRow.node)
+                                     .where(ResultRow.command_id.in_(ids))).tuples()) \
+                if ids else set()
+        now = time.time()
+        for cmd, targets in reversed(rows):
+            self.unanswered[cmd] = {n: "abandoned" for n in targets if (cmd, n) not in answered}
+            self.store.update(CommandRow, cmd, {"status": "abandoned", "finished": now})
+        if rows:
+            self.store.event("commands_abandoned", f"{len(rows)} command(s) the hub's last run "
+                             "left unfinished (it was stopped or killed) are abandoned; what "
+                             "their nodes answer from now on is recorded", level="warning")
+
     def _late(self, b: Broadcast | None, body: P.ResultBody, node: NodeInfo) -> None:
         """An answer after the node's entry was recorded as lost or timed out (a node frozen
         or cut off, then back): said in the event log, once; the outcome recorded stands."""
@@ -340,6 +364,17 @@ class Broadcasts:
             return  # a duplicate, or not this hub's
         took = (f", ran {body.finished - body.started:.1f} s" if body.finished >= body.started > 0
                 else "")
+        if recorded == "abandoned":  # nothing was recorded for it: this is its outcome
+            self.store.insert(ResultRow, dict(
+                command_id=body.cmd, node=node.name, status=body.status, state=node.state,
+                stdout=body.stdout, stderr=body.stderr, value=body.value,
+                value_repr=body.value_repr,
+                error=P.to_builtins(body.error) if body.error else None, exit=body.exit,
+                started=body.started, finished=body.finished))
+            self.store.event("late_result", f"{node.name} answered command {body.cmd[:12]} "
+                             f"({body.status}{took}), which the hub's last run left "
+                             "unfinished: recorded", node=node.name)
+            return
         self.store.event("late_result", f"{node.name} answered command {body.cmd[:12]} "
                          f"({body.status}{took}) after it was recorded as {recorded}; the "
                          "recorded outcome stands", level="warning", node=node.name)

@@ -24,6 +24,7 @@ Q, A, R = JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING
 FLUSH_EVERY = 0.01  # seconds: new jobs are written at most this often while they pour in
 FLUSH_UPDATES = 0.05  # and moves of jobs (coalesced: one row update for several moves)
 KEEP_FINISHED = 20_000  # finished jobs kept in memory (older ones are read from the store)
+HOLD_BACK = 0.25  # seconds between flushes while the store cannot write (the book coalesces)
 _VALUE = {s: s.value for s in JobStatus}
 
 Watcher = Callable[[Callable[[], dict[str, Any]]], None]  # gets a job's info, lazily
@@ -62,10 +63,12 @@ class JobBook:
         self.new: list[str] = []
         self.events: list[JobEvent] = []
         self.new_fns: list[tuple[str, str]] = []
-        self.acks: dict[str, list[str]] = {}
+        self.acks: dict[str, set[str]] = {}  # node -> results to acknowledge once stored
+        self.unstored: set[str] = set()  # jobs whose result the store dropped: never acked
         self.after_persist: list[Callable[[], None]] = []
         self._dirty: set[str] = set()
         self.flush_due = False
+        self._holding = False  # a flush waits for the store to write again
         self.flushed_at = 0.0
 
     # --- after a restart -------------------------------------------------------------------
@@ -113,9 +116,17 @@ class JobBook:
             self.loop.call_later(0, self.flush)
         self.touch()
 
-    def flush(self) -> None:
+    def flush(self, force: bool = False) -> None:
         """Hand the changes to the store as one write; once committed, queue the new jobs and
-        acknowledge the results."""
+        acknowledge the results. While the store cannot write, the changes stay here (a job's
+        moves coalesce into one row update, so memory is bounded by the jobs), unless
+        ``force``d (the hub stops)."""
+        if self.store.problem and not force:
+            self.flush_due = True
+            if not self._holding:  # one timer, however many ask for a flush meanwhile
+                self._holding = True
+                self.loop.call_later(HOLD_BACK, self._unhold)
+            return
         self.flush_due = False
         self.flushed_at = time.monotonic()
         if not (self.new or self._dirty or self.events or self.acks or self.after_persist
@@ -144,9 +155,22 @@ class JobBook:
         # the results are acknowledged (and nodes forget them) only once this very write has
         # committed, durably (store.SQLITE_SYNCHRONOUS); never if it failed
         self.store.write_jobs(rows, upd, events, fns, on_commit=lambda: loop.call_soon_threadsafe(
-            lambda: self._committed(new_ids, acks, after)))
+            lambda: self._committed(new_ids, acks, after)), on_fail=lambda: (
+            loop.call_soon_threadsafe(lambda: self._dropped(new_ids, acks))))
 
-    def _committed(self, new_ids: list[str], acks: dict[str, list[str]],
+    def _unhold(self) -> None:
+        self._holding = False
+        self.flush()
+
+    def _dropped(self, new_ids: list[str], acks: dict[str, set[str]]) -> None:
+        """The store dropped the write (it was bad, not the store): its results are never
+        acknowledged, so their nodes keep them; its new jobs never go out."""
+        ids = set().union(*acks.values()) if acks else set()
+        self.unstored |= ids
+        log.error("the store dropped a write of %d new job(s) and %d result(s): those results "
+                  "are not acknowledged, and those jobs are not sent", len(new_ids), len(ids))
+
+    def _committed(self, new_ids: list[str], acks: dict[str, set[str]],
                    after: list[Callable[[], None]]) -> None:
         """In the store: the new jobs may go, the results may be acknowledged."""
         for j in new_ids:
@@ -154,7 +178,7 @@ class JobBook:
             if rec is not None and rec.status is Q:
                 self.enqueue(rec)
         if acks:
-            self.ack(acks)
+            self.ack({n: sorted(ids) for n, ids in acks.items()})
         for fn in after:
             try:
                 fn()

@@ -92,7 +92,7 @@ class JobQueue:
 
     def flush_now(self) -> None:
         """Queue every pending change for the store now (the hub is stopping)."""
-        self.book.flush()
+        self.book.flush(force=True)
 
     def node_lost(self, name: str, why: str) -> None:
         """A node is gone (lost, left, restarted): its jobs run again elsewhere or fail."""
@@ -194,9 +194,10 @@ class JobQueue:
         d = rec.to_dict()
         if rec.status is Q:
             d["waiting"] = self._why_waiting(rec)
-        if events:  # every move so far: what is pending is written first
-            self.book.flush()
-            self.store.flush()
+        if events:  # every move so far: what is pending is written first (if it can be)
+            if not self.store.problem:
+                self.book.flush()
+                self.store.flush()
             d["events"] = [{"ts": e.ts, "prev": e.prev, "status": e.status, "node": e.node,
                             "detail": e.detail} for e in self.store.job_events(job_id)]
         return d
@@ -251,6 +252,8 @@ class JobQueue:
     def _h_submit(self, msg: P.Message, body: P.Submit, ask: Asker) -> None:
         if not body.jobs:
             raise ConfigError("nothing to submit")
+        if self.store.problem:  # a job is stored before it goes out: none can go now
+            raise OdiumError(f"the hub cannot store jobs now: {self.store.problem}")
         for r in body.jobs:
             if r.kind == "call" and r.fn not in body.fns and r.fn not in self.book.fns:
                 raise ConfigError(f"job {r.id or '?'} calls function {r.fn} that is not sent")

@@ -147,10 +147,11 @@ class JobReports:
 
     def _results(self, body: P.JobReport, node: NodeInfo) -> None:
         book = self.book
-        acks = book.acks.setdefault(node.name, [])
+        acks = book.acks.setdefault(node.name, set())
         refused = []
         for o in body.results:
-            acks.append(o.id)  # (a refused one too: the node need not keep sending it)
+            if o.id not in book.unstored:  # (a refused one too: the node need not keep it)
+                acks.add(o.id)  # once the write that holds it (and all before) commits
             rec = book.jobs.get(o.id)
             if rec is None:
                 continue  # recorded already: the first result stands (acknowledged again)

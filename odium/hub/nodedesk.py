@@ -184,7 +184,7 @@ class NodeDesk:
 
     def _h_nodes(self, msg: P.Message, body: P.Query, ask: Asker) -> None:
         ask.reply({"nodes": self.registry.node_list(body.pattern),
-                   "hub_state": self.hooks.state()})
+                   "hub_state": self.hooks.state(), "store": self.store.problem})
 
     def _h_forget(self, msg: P.Message, body: P.Query, ask: Asker) -> None:
         if not body.pattern:

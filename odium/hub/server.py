@@ -220,7 +220,8 @@ class HubCore:
     # --- query handlers of the hub's own -------------------------------------------------
 
     def _h_ping(self, msg: P.Message, body: P.Empty, ask: Asker) -> None:
-        ask.reply({"boot": self.boot, "seq": self.seq, "key": self.rt.ident.key_id})
+        ask.reply({"boot": self.boot, "seq": self.seq, "key": self.rt.ident.key_id,
+                   "store": self.store.health()})
 
     def _h_keys(self, msg: P.Message, body: P.Query, ask: Asker) -> None:
         ask.reply({"keys": self.key_list()})
@@ -340,7 +341,8 @@ class HubCore:
         return f"tcp://{host}:{self.ports['query']}"
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
-        self.store.flush()
+        if not self.store.problem:  # (else what is stored so far: a flush would wait for ever)
+            self.store.flush()
         return [{"ts": e.ts, "level": e.level, "kind": e.kind, "node": e.node, "key": e.key_id,
                  "detail": e.detail} for e in self.store.events(limit)]
 

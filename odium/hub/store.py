@@ -36,6 +36,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from ..errors import ConfigError
 from ..errors import TimeoutError as OdiumTimeout
+from . import storefaults as sf
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA busy_timeout=2000")  # then the writer retries (FAULTS), and says so
     cur.close()
 
 
@@ -225,24 +226,39 @@ class Store:
             raise ConfigError(f"cannot use database {url!r}: {e}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        try:
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as e:
-            raise ConfigError(f"cannot open database {url!r}: {e}") from None
+        self.file = sf.DbFile(self.engine)  # the SQLite file it writes, if it writes one
+        sf.open_schema(self.engine, Base.metadata, url, self.file)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self._job_sql = _job_statements(self.engine.dialect.paramstyle)
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._health = sf.Health(self.event)
+        self._closing = threading.Event()  # the store stops: a write it cannot make is given up
         self._writer = threading.Thread(target=self._write_loop, name="odium-store", daemon=True)
         self._writer.start()
+
+    def health(self) -> dict[str, Any]:
+        """Whether the store writes: ``problem`` is "" when it does, else what stops it (since
+        ``since``, ``failed`` tries, ``waiting`` writes); writes ``dropped`` as bad ones, and
+        ``abandoned`` because the store closed first."""
+        return self._health.state(self._queue.unfinished_tasks)
+
+    @property
+    def problem(self) -> str:
+        """What stops the store from writing now ("" when nothing does)."""
+        return self._health.problem
 
     # --- writing ---------------------------------------------------------------------------
 
     def write(self, fn: Callable[[Session], object],
-              on_commit: Callable[[], None] | None = None) -> None:
+              on_commit: Callable[[], None] | None = None,
+              on_fail: Callable[[], None] | None = None) -> None:
         """Queue a change made through the ORM; the writer thread applies it in a batch.
         ``on_commit`` is called (in the writer thread) once the transaction that holds this
-        change has committed (durably: see SQLITE_SYNCHRONOUS), and never if it failed."""
-        self._queue.put(fn if on_commit is None else ("write", fn, on_commit))
+        change has committed (durably: see SQLITE_SYNCHRONOUS), never if it failed; ``on_fail``
+        if it was bad and is dropped. One the store cannot make for its own reasons
+        (storefaults.FAULTS: disk full, locked, file gone) is held and tried until it commits."""
+        self._queue.put(fn if on_commit is None and on_fail is None
+                        else ("write", fn, on_commit, on_fail))
 
     def insert(self, model: type[Base], values: dict[str, Any]) -> None:
         """Queue a plain row insert (the cheap path: many become one executemany)."""
@@ -255,7 +271,11 @@ class Store:
     def _write_loop(self) -> None:
         q = self._queue
         while True:
-            batch = [q.get()]
+            try:
+                batch = [q.get(timeout=sf.WATCH_EVERY)]
+            except queue.Empty:
+                self._watch_file()
+                continue
             # let a burst finish (bounded) so that one transaction takes it all and the
             # writer does not compete with the loop thread in the middle of a round
             deadline = time.monotonic() + QUIET_MAX
@@ -269,20 +289,59 @@ class Store:
                     break
             stop = None in batch
             work = [f for f in batch if f is not None]
-            if work:
-                try:
-                    self._apply(work)
-                except Exception:  # noqa: BLE001 - the writer must outlive any one bad write
-                    log.exception("batch of %d writes failed; retrying one by one", len(work))
-                    for item in work:
-                        try:
-                            self._apply([item])
-                        except Exception:  # noqa: BLE001
-                            log.exception("write dropped")
+            if work and self._attempt(work) is not None:
+                self._one_by_one(work)
             for _ in batch:
                 q.task_done()
             if stop:
                 return
+
+    def _one_by_one(self, work: list[Any]) -> None:
+        """A batch failed for a write's own reason: each write alone, the bad ones dropped."""
+        log.warning("batch of %d writes failed; retrying one by one", len(work))
+        for item in work:
+            e = self._attempt([item])
+            if e is None:
+                continue
+            self._health.dropped += 1
+            log.error("write dropped (the write itself failed): %s", e, exc_info=e)
+            if isinstance(item, tuple) and item[0] == "write" and item[3] is not None:
+                try:
+                    item[3]()
+                except Exception:  # noqa: BLE001 - the writer must outlive any callback
+                    log.exception("on-fail callback failed")
+
+    def _attempt(self, work: list[Any]) -> Exception | None:
+        """Commit these writes, again and again with backoff while the store is at fault (held,
+        never dropped; a closing store gives them up, loudly); the error if it is their own."""
+        delay = sf.RETRY_FIRST
+        while True:
+            try:
+                self.file.check(self.engine)
+                self._apply(work)
+            except Exception as e:  # noqa: BLE001 - the writer must outlive any one bad write
+                why = sf.fault_of(e)
+                if why is None:
+                    return e
+                self._health.fault(why, self._queue.unfinished_tasks)
+                sf.relieve(self.engine, e)
+                if self._closing.wait(delay):
+                    self._health.abandoned += len(work)
+                    log.error("store closed: %d write(s) not stored: %s", len(work), why)
+                    return None
+                delay = min(2 * delay, sf.RETRY_MAX)
+                continue
+            self._health.recovered(self._queue.unfinished_tasks)
+            return None
+
+    def _watch_file(self) -> None:
+        """An idle writer: a deleted or replaced file is said at once, not at the next write."""
+        try:
+            self.file.check(self.engine)
+        except sf.StoreFault as e:
+            self._health.fault(str(e), 0)
+        else:
+            self._health.recovered(0)  # a file put back while no write waited
 
     def _apply(self, work: list[Any]) -> None:
         committed: list[Callable[[], None]] = []
@@ -306,7 +365,8 @@ class Store:
                 elif isinstance(item, tuple) and item[0] == "write":
                     item[1](s)
                     s.flush()
-                    committed.append(item[2])
+                    if item[2] is not None:
+                        committed.append(item[2])
                 else:
                     item(s)
                     s.flush()
@@ -322,16 +382,24 @@ class Store:
         done = threading.Event()
         self.write(lambda s: done.set())
         if not done.wait(timeout):
-            raise OdiumTimeout(f"store writes not committed after {timeout} s")
+            why = f": {self.problem}" if self.problem else ""
+            raise OdiumTimeout(f"store writes not committed after {timeout} s{why}")
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def close(self) -> None:
+        """Commit what is queued; at fault (or after 10 s), what cannot be stored is given up,
+        and said (``health()["abandoned"]``)."""
         if self._writer.is_alive():
             self._queue.put(None)
+            if self._health.problem:
+                self._closing.set()
             self._writer.join(10)
+            self._closing.set()
+            self._writer.join(5)
         self.engine.dispose()
+        self.file.closed()
 
     # --- convenience writes ----------------------------------------------------------------
 
@@ -431,11 +499,11 @@ class Store:
 
     def write_jobs(self, jobs: list[tuple[Any, ...]], updates: list[tuple[Any, ...]],
                    events: list[tuple[Any, ...]], fns: list[tuple[str, str]],
-                   on_commit: Callable[[], None]) -> None:
+                   on_commit: Callable[[], None], on_fail: Callable[[], None]) -> None:
         """Queue the job queue's changes as one write: new jobs (tuples in ``JOB_COLS``
         order), updates (``JOB_MUTABLE`` then the row's seq), job events (``JOB_EVENT_COLS``)
         and functions (hash, data). Plain executemany: this is the queue's hot path.
-        ``on_commit`` as for ``write``."""
+        ``on_commit`` and ``on_fail`` as for ``write``."""
         created = time.time()
         sql = self._job_sql
 
@@ -454,7 +522,7 @@ class Store:
             if events:
                 conn.exec_driver_sql(sql["event"], sql["fit"](events))
 
-        self.write(work, on_commit=on_commit)
+        self.write(work, on_commit=on_commit, on_fail=on_fail)
 
     def jobs_unfinished(self) -> list[JobRow]:
         with self.session() as s:

@@ -60,8 +60,12 @@ class Commands:
                                   f"command requires {body.require}"),
                 mismatch={"required": body.require, "state": self.rt.state}), keep=True)
             return
+        # one deadline, the hub's: counted from the issue, whether it waits in its session or
+        # runs (the node's clock is the hub's time, odium.core.clock)
+        left = (body.deadline - self.rt.clock() if body.deadline is not None else body.timeout)
         self.executor.submit(body.cmd, body.kind, body.code, body.session, body.timeout,
-                             ephemeral=body.ephemeral)
+                             ephemeral=body.ephemeral,
+                             deadline=None if left is None else time.monotonic() + left)
         # a command still running after ACK_AFTER is acknowledged; quick ones just answer
         cmd = body.cmd
         self.rt.loop.call_later(ACK_AFTER, lambda: self.send("ack", P.Ack(cmd))

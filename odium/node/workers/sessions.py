@@ -48,6 +48,7 @@ class _Run:
     session: str
     timeout: float | None
     ephemeral: bool = False
+    deadline: float | None = None  # monotonic: when it times out, waiting or running
     started: float = 0.0
     reason: str = ""  # why we signalled it: "interrupted" or "timeout"
     proc: subprocess.Popen[bytes] | None = None
@@ -171,16 +172,23 @@ class Executor:
         except OSError:
             self._worker_died(w)
             return
-        self._arm_timeout(run)
 
     # --- public ----------------------------------------------------------------------------
 
     def submit(self, cmd: str, kind: str, code: str, session: str = "default",
-               timeout: float | None = None, ephemeral: bool = False) -> None:
+               timeout: float | None = None, ephemeral: bool = False,
+               deadline: float | None = None) -> None:
+        """Run a command (``deadline``, monotonic: when it times out, whether it still waits
+        behind others in its session or runs; by default ``timeout`` from now)."""
         if self.closed:
             raise RuntimeError("executor is closed")
-        run = _Run(cmd, kind, code, session, timeout, ephemeral)
+        if deadline is None and timeout:
+            deadline = time.monotonic() + timeout
+        run = _Run(cmd, kind, code, session, timeout, ephemeral, deadline)
         self.runs[cmd] = run
+        if deadline is not None:  # (armed now: it may time out before it starts)
+            self.loop.call_later(max(0.0, deadline - time.monotonic()),
+                                 lambda: self._expire(run))
         if kind == "shell":
             self._start_shell(run)
             return
@@ -267,13 +275,21 @@ class Executor:
         if run.cmd in self.runs and w is not None and w.current is run and w.proc.poll() is None:
             w.proc.kill()
 
-    def _arm_timeout(self, run: _Run) -> None:
-        if run.timeout:
-            def expire() -> None:
-                if run.cmd in self.runs:
-                    self.interrupt(run.cmd, "timeout")
-
-            self.loop.call_later(run.timeout, expire)
+    def _expire(self, run: _Run) -> None:
+        """A command's deadline: interrupted if it runs; if it still waits in its session, it
+        never runs (its result says so)."""
+        if self.runs.get(run.cmd) is not run:
+            return
+        w = run.worker
+        if w is not None and run in w.queue:
+            w.queue.remove(run)
+            now = time.time()
+            self._finish(run, {"status": "timeout", "started": now, "finished": now,
+                               "error": timeout_error(run.timeout, what=(
+                                   "the command waited behind others in session "
+                                   f"{run.session!r} and did not start"))})
+            return
+        self.interrupt(run.cmd, "timeout")
 
     def _finish(self, run: _Run, res: Event) -> None:
         if self.runs.pop(run.cmd, None) is None:
@@ -323,7 +339,6 @@ class Executor:
                                "error": {"ename": type(e).__name__, "evalue": str(e),
                                          "traceback": ""}})
             return
-        self._arm_timeout(run)
         threading.Thread(target=self._shell_reader, args=(run,), daemon=True,
                          name=f"odium-shell-{run.cmd[:8]}").start()
 
