@@ -91,3 +91,23 @@ def test_a_node_frozen_during_a_job(hub: odium.Hub, tmp_path: Path) -> None:
     assert len(done) == 1, rec["events"]
     assert any("retry 1/2" in e["detail"] for e in rec["events"]), rec["events"]
     assert rec["node"] == runs[0]  # the run that answered first is the one recorded
+
+
+def test_a_job_with_no_retry_left_on_a_frozen_node_is_done_when_it_thaws(
+        hub: odium.Hub, tmp_path: Path) -> None:
+    """Lost is not dead: a job that may not run again waits for its node a while (25
+    heartbeats) before it fails NodeLost; the node thawed, its run's result is the job's."""
+    hub.start_local(1, prefix="a")
+    pid = pids(hub)
+    job = hub.submit("import time; time.sleep(1.5); 7", nodes="a-1", retries=0)
+    wait_until(lambda: hub.job(job.id)["status"] == "running", 10, "the job running")
+    os.kill(pid["a-1"], signal.SIGSTOP)
+    try:
+        wait_until(lambda: status(hub, "a-1") == "lost", 20 * HB + 5, "a-1 reported lost")
+        assert hub.job(job.id)["status"] == "running"  # waiting for it, not failed
+    finally:
+        os.kill(pid["a-1"], signal.SIGCONT)
+    assert job.result(20) == 7
+    rec = hub.job(job.id)
+    assert rec["status"] == "done" and rec["node"] == "a-1" and rec["attempts"] == 1, rec
+    assert not [e for e in rec["events"] if e["status"] == "failed"]

@@ -95,12 +95,14 @@ def test_dispatch_gives_each_handler_its_own_body_type() -> None:
 def test_the_role_tables_name_real_types_and_roles_and_keep_nodes_from_commanding() -> None:
     for table in (QUERY_TYPES, RESULT_TYPES):
         assert set(table) <= set(P.BODIES)
-        assert all(set(roles) <= set(ALLOWED_ROLES) for roles in table.values())
+        # ("used": a spent token key, which may only repeat the join that spent it)
+        assert all(set(roles) <= {*ALLOWED_ROLES, "used"} for roles in table.values())
     assert not set(QUERY_TYPES) & set(RESULT_TYPES)  # each type on one socket only
     node_may = {t for t, roles in QUERY_TYPES.items() if "node" in roles}
     assert node_may == {"register", "fetch", "ping", "bundle"}  # nothing that commands
     assert all(roles == ("node",) for roles in RESULT_TYPES.values())
-    assert QUERY_TYPES["join"] == ("token",)  # a token key may only join
+    assert QUERY_TYPES["join"] == ("token", "used")  # a token key may only join
+    assert [t for t, roles in QUERY_TYPES.items() if "used" in roles] == ["join"]
 
 
 # --- a node's status, on both sides --------------------------------------------------------

@@ -46,7 +46,8 @@ def test_refusals_are_said_once(hub_process: HubProcess, tmp_path: Path) -> None
         wait_until(lambda: "; ready" in first.output(), 20, "the first node ready")
         used = node("b", "--name", "other", "--token", tok)
         assert used.proc is not None and used.proc.wait(20) == 1
-        assert used.output().count("refused this join token") == 1, used.output()
+        # (the spent token's key still connects: it may repeat the join that spent it)
+        assert used.output().count("this join token was used already") == 1, used.output()
         clash = node("c", "--name", "dup", "--token", token(hub_process))
         assert clash.proc is not None and clash.proc.wait(20) == 1
         assert clash.output().count("is taken by another key") == 1, clash.output()

@@ -207,8 +207,23 @@ def key_words(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return head, tail
 
 
+KEY_OPTIONS = ("--hub-key",)  # options whose value is a key id: it may begin with "-"
+
+
+def glue_keys(argv: Sequence[str]) -> list[str]:
+    """``--hub-key KEY`` as ``--hub-key=KEY``: a key id is base64url, one in 64 begins with
+    "-", and argparse would take it for an option."""
+    out: list[str] = []
+    words = iter(argv)
+    for w in words:
+        value = next(words, None) if w in KEY_OPTIONS else None
+        out.append(w if value is None else f"{w}={value}")
+    return out
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """The arguments of one command line (argparse's errors exit with status 2)."""
+    argv = glue_keys(argv)
     words, values = key_words(argv)
     args, extra = parser.parse_known_args(words)
     if values and args.command != "keys":  # "keys" was some other word: parse as given

@@ -62,7 +62,7 @@ class JobQueue:
         self.book.kick = self.sender.kick
         self.reports = JobReports(self.book, self.sender, wire, reject,
                                   flight_timeout=max(2.0, 3 * hb),
-                                  relay_grace=max(30.0, 10 * hb))
+                                  relay_grace=max(30.0, 10 * hb), lost_grace=25 * hb)
         self._incoming: list[tuple[list[JobRecord], dict[str, str], dict[str, Watcher],
                                    set[str]]] = []
         self._incoming_lock = threading.Lock()
@@ -94,9 +94,10 @@ class JobQueue:
         """Queue every pending change for the store now (the hub is stopping)."""
         self.book.flush(force=True)
 
-    def node_lost(self, name: str, why: str) -> None:
-        """A node is gone (lost, left, restarted): its jobs run again elsewhere or fail."""
-        self.reports.node_lost(name, why)
+    def node_lost(self, name: str, why: str, silent: bool = False) -> None:
+        """A node is gone (lost, left, restarted): its jobs run again elsewhere or fail
+        (``silent``: it only went quiet; see JobReports.node_lost)."""
+        self.reports.node_lost(name, why, silent)
 
     # --- submitting, looking, cancelling ---------------------------------------------------
 

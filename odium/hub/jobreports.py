@@ -12,7 +12,7 @@ import time
 
 from ..core import wire as P
 from ..core.dispatch import Dispatch
-from ..core.jobs import JobRecord, JobStatus
+from ..core.jobs import JobRecord, JobStatus, after_failure
 from ..core.requirements import satisfies
 from ..core.targeting import name_matches
 from ..errors import AuthError
@@ -28,10 +28,15 @@ class JobReports:
     """The results socket's job messages, and the timers that stand in for silent nodes."""
 
     def __init__(self, book: JobBook, sender: JobSender, wire: JobWire, reject: Reject, *,
-                 flight_timeout: float, relay_grace: float) -> None:
+                 flight_timeout: float, relay_grace: float, lost_grace: float = 25.0) -> None:
         self.book, self.sender, self.wire, self.reject = book, sender, wire, reject
         self.flight_timeout = flight_timeout  # a batch nobody reported on goes back
         self.relay_grace = relay_grace  # how long a lost relay's jobs wait for it
+        # a job with no retry left whose node went silent waits this long for the node to
+        # come back (frozen, cut off) and answer before it fails: job -> (node, its boot then,
+        # until when); a node that comes back restarted fails it at once
+        self.lost_grace = lost_grace
+        self.lost_wait: dict[str, tuple[str, str, float]] = {}
         # after a restart: the nodes that may hold unfinished jobs and have not said which yet
         # (``job_state``), and until when the unclaimed jobs wait for them at most
         self.claimants: set[str] = set()
@@ -199,6 +204,7 @@ class JobReports:
         ns = self.sender.slots_of(node.name)
         if ns.relay != body.relay:
             self.sender.forget_eligibility()
+        self._back(node, set(body.running))
         if body.relay and ns.boot != node.boot:  # a relay back: what it does not claim now,
             claimed = set(body.running)          # it lost (its store never had it)
             for j in sorted(book.running_on.get(node.name, set()) & book.orphans - claimed):
@@ -228,10 +234,13 @@ class JobReports:
             self._refuse(node, "running", refused)
         self.sender.kick()
 
-    def node_lost(self, name: str, why: str) -> None:
-        """A node is gone (lost, left, restarted): its jobs run again elsewhere or fail."""
+    def node_lost(self, name: str, why: str, silent: bool = False) -> None:
+        """A node is gone (lost, left, restarted): its jobs run again elsewhere or fail.
+        ``silent``: it only went quiet (lost, not known to have stopped): a job of it with no
+        retry left waits ``lost_grace`` for it to come back and answer."""
         book = self.book
         ns = self.sender.slots.get(name)
+        boot = ns.boot if ns is not None else ""
         if ns is not None:
             ns.boot, ns.free, ns.reserved = "", 0, 0
             if ns.relay:  # its subtree runs them still, and it keeps them in its store: they
@@ -240,13 +249,49 @@ class JobReports:
                 book.orphan_deadline = max(book.orphan_deadline,
                                            time.monotonic() + self.relay_grace)
                 return
+        waiting = set()
         for j in sorted(book.running_on.pop(name, set())):
             rec = book.jobs.get(j)
             if rec is not None and rec.status is R and rec.node == name:
                 book.orphans.discard(j)
-                book.requeue_or_fail(rec, f"node {name} lost while running it: {why}", {
-                    "ename": "NodeLost", "evalue": f"node {name} lost while running the job: "
-                    f"{why}", "traceback": ""})
+                if silent and after_failure(rec) is not Q and j not in self.lost_wait:
+                    self.lost_wait[j] = (name, boot, time.monotonic() + self.lost_grace)
+                    waiting.add(j)  # (it may still answer: a frozen node's run is not lost)
+                    continue
+                self.lost_wait.pop(j, None)
+                self._node_lost(rec, name, why)
+        if waiting:
+            book.running_on[name] = waiting
+
+    def _node_lost(self, rec: JobRecord, name: str, why: str) -> None:
+        self.book.requeue_or_fail(rec, f"node {name} lost while running it: {why}", {
+            "ename": "NodeLost", "evalue": f"node {name} lost while running the job: {why}",
+            "traceback": ""})
+
+    def _back(self, node: NodeInfo, running: set[str]) -> None:
+        """A node says what it runs: the jobs that waited for it (lost) and that it no longer
+        has, because it restarted, are lost now; what it still runs goes on."""
+        for j, (name, boot, _until) in list(self.lost_wait.items()):
+            if name != node.name:
+                continue
+            rec = self.book.jobs.get(j)
+            if rec is None or rec.status is not R or rec.node != name:
+                del self.lost_wait[j]
+            elif j in running:
+                del self.lost_wait[j]  # it never stopped: it answers in time
+            elif node.boot != boot:
+                del self.lost_wait[j]
+                self._node_lost(rec, name, "it came back restarted, without it")
+
+    def _lost_expired(self, mono: float) -> None:
+        for j, (name, _boot, until) in list(self.lost_wait.items()):
+            if mono < until:
+                continue
+            del self.lost_wait[j]
+            rec = self.book.jobs.get(j)
+            if rec is not None and rec.status is R and rec.node == name:
+                self.book.running_on.get(name, set()).discard(j)
+                self._node_lost(rec, name, f"no word from it for {self.lost_grace:.0f} s more")
 
     # --- timers ----------------------------------------------------------------------------
 
@@ -272,6 +317,7 @@ class JobReports:
                     book.enqueue(rec)  # queued before the restart, and claimed by none
             book.orphans.clear()
         self._overdue(mono)
+        self._lost_expired(mono)
         if any(book.queues.values()):
             sender.kick()
 

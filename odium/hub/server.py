@@ -121,7 +121,9 @@ class HubCore:
         self.bc.tree = self.tree
         self.inbox.tap = self.tree.tap
         reg.on_lost.append(self.bc.lose_running)
-        reg.on_lost.append(lambda node, why, _restart: self.jobq.node_lost(node.name, why))
+        # a node lost for its silence may be frozen or cut off: a last run may still answer
+        reg.on_lost.append(lambda node, why, _restart: self.jobq.node_lost(
+            node.name, why, silent=node.status is NodeStatus.LOST))
         own: Dispatch[Asker] = Dispatch("query (hub)")
         own.on("ping", P.Empty, self._h_ping)
         own.on("keys", P.Query, self._h_keys)
