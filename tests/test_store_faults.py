@@ -5,7 +5,7 @@ log, the event log), and never acknowledges to a node a result it did not store:
 keeps it and sends it again, and no job runs twice.
 
 Hubs are real (in this process), nodes are real processes, acknowledgements are watched on
-the hub's real PUB socket with a trusted key (tests/raw.py). docs/faults-store.md lists what
+the hub's real PUB socket with a trusted key (tests/raw.py). docs/faults.md lists what
 each test covers.
 """
 
