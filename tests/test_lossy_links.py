@@ -4,11 +4,13 @@ way at random) or everything (a partition), then stops. Broadcasts and jobs stil
 account for the node; a short partition during a broadcast gives its result once; a long one
 makes the node lost, it comes back by itself, and its late answer changes nothing recorded.
 
-(Per-packet delay would need netem, which this machine's kernel lacks: tests/test_bad_links.py
-delays with a relay on loopback instead.)"""
+(Per-packet delay would need netem, which this machine's kernel lacks: the delay is a relay in
+the node's namespace that holds every byte, tests/slowlink.py; with the loss on the veth, that
+is the issue's "200 ms and 10 % loss".)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from odium.core.keys import Token
 
 from .conftest import wait_until
 from .test_faults import HUB_ADDR, NetPair, issue_token, netns_pair  # noqa: F401 - fixture
@@ -180,3 +184,75 @@ def test_a_long_partition_makes_the_node_lost_then_it_comes_back(site: Site) -> 
     assert mark.read_text() == "x"
     p = site.cli("run", "--home", str(site.home), "--json", "--timeout", "20", "-c", "1")
     assert p.returncode == 0 and json.loads(p.stdout)["nodes"]["far"]["status"] == "ok"
+
+
+LINK = """
+import signal, sys, time
+sys.path.insert(0, {root!r})
+from tests.slowlink import SlowLink
+link = SlowLink({ports!r}, {delay!r}, host="127.0.0.1", target={target!r})
+print("ready", flush=True)
+signal.sigwait({{signal.SIGTERM, signal.SIGINT}})
+link.close()
+"""
+
+
+def test_a_far_lossy_link_200_ms_and_10_percent(netns_pair: NetPair,  # noqa: F811
+                                               tmp_path: Path) -> None:
+    """Both at once: the node reaches the hub through a relay in its own namespace that
+    delays every byte 200 ms each way, over a veth that loses 10 % of packets each way. It
+    joins, and broadcasts and jobs complete."""
+    if not shutil.which("nft"):
+        pytest.skip("nftables is not installed (apt install nftables)")
+    net = netns_pair
+    home, app = tmp_path / "hub", tmp_path / "app"
+    home.mkdir(mode=0o700)
+    app.mkdir()
+    s = Site(net, home, app, [])
+    try:
+        s.procs.append(net.popen(net.hub_ns, ["hub", "--home", str(home), "--interface",
+                                              HUB_ADDR, "--ports", "0", "--heartbeat", "1",
+                                              "--app", str(tmp_path)], tmp_path / "hub.log"))
+        wait_until(lambda: (home / "hub.json").exists(), 15, "hub.json")
+        ports = json.loads((home / "hub.json").read_text())["ports"]
+        root = str(Path(__file__).resolve().parent.parent)
+        relay = subprocess.Popen(
+            ["ip", "netns", "exec", net.node_ns, sys.executable, "-c",
+             LINK.format(root=root, ports=sorted(ports.values()), delay=0.2, target=HUB_ADDR)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        s.procs.append(relay)
+        assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
+        s.drop("numgen random mod 10 == 0 drop")
+        tok = issue_token(home, run=s.cli)  # the token names the hub's address: go through
+        token = Token.decode(tok)           # the relay on the node's own loopback instead
+        tok = dataclasses.replace(token, address=token.address.replace(HUB_ADDR,
+                                                                       "127.0.0.1")).encode()
+        t0 = time.monotonic()
+        s.procs.append(net.popen(net.node_ns, ["node", "--home", str(tmp_path / "far"),
+                                               "--token", tok, "--name", "far", "--app",
+                                               str(app)], tmp_path / "far.log"))
+        wait_until(lambda: s.status() == "ready", 90, "far ready over the far lossy link")
+        joined = time.monotonic() - t0
+        for i in range(5):
+            p = s.cli("run", "--home", str(home), "--json", "--timeout", "30", "-c", f"{i} + 1")
+            assert p.returncode == 0, p.stdout + p.stderr
+            assert json.loads(p.stdout)["nodes"]["far"]["value"] == i + 1
+        ids = [s.cli("submit", "--home", str(home), "-c", f"{i} * 3").stdout.split()[0]
+               for i in range(10)]
+
+        def done() -> bool:
+            p = s.cli("jobs", "--home", str(home), "--json", "--status", "done", "-n", "50")
+            return {j["id"] for j in json.loads(p.stdout)} >= set(ids)
+
+        wait_until(done, 120, "10 jobs done over the far lossy link")
+        print(f"200 ms each way and 10 % loss each way: ready in {joined:.1f} s")
+    finally:
+        s.heal()
+        for p in reversed(s.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
