@@ -301,6 +301,8 @@ class NodeJobs:
     def _tick(self) -> None:
         if not self.link.registered or not self.link.connected:
             return
+        if self._flush_due:  # a report is due: it goes first, so that neither the state
+            self._flush()    # nor a result sent again reaches the hub ahead of the batch
         now = time.monotonic()
         if self.unacked:
             late = [o for o, t in self.unacked.values() if now - t > self.resend_after]
@@ -308,7 +310,6 @@ class NodeJobs:
                 self._send_results(late)
         if now - self._last_state >= self.link.interval:
             self._send_state()
-
 
 
 __all__ = ["NodeJobs"]
