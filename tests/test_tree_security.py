@@ -26,6 +26,7 @@ from odium.core.sealing import Keyring
 from odium.errors import AuthError
 from odium.local.home import load_or_create
 from odium.node.commands import Received
+from odium.node.ledger import Ledger
 from odium.node.tree import NodeTree
 
 from .conftest import NodeProcess, wait_until
@@ -39,14 +40,16 @@ STATE = "unknown"
 class Leaf:
     """pc-1 below relay lab1 below root: its NodeTree, and what it obeyed."""
 
-    def __init__(self) -> None:
-        self.root, self.relay, self.me = (Identity.generate() for _ in range(3))
+    def __init__(self, keys: tuple[Identity, Identity, Identity] | None = None,
+                 ledger: Path | None = None) -> None:
+        self.root, self.relay, self.me = keys or tuple(Identity.generate() for _ in range(3))
         self.obeyed: list[P.Message] = []
         self.interrupted: list[P.Message] = []
         sealed: Dispatch[None] = Dispatch("sealed")
         sealed.on("exec", P.Exec, lambda m, b, _: self.obeyed.append(m))
         self.tree = NodeTree("pc-1", self.relay.key_id, Keyring(self.me), Received(), sealed,
-                             lambda m, b: self.interrupted.append(m))
+                             lambda m, b: self.interrupted.append(m),
+                             ledger=Ledger(ledger) if ledger else None)
         self.tree.welcome({"above": [{"key": self.root.key_id, "path": "lab1"}]})
 
     def command(self, by: Identity, to: list[str], *, sealed_to: Identity | None = None,
@@ -75,6 +78,23 @@ def test_a_leaf_obeys_the_root_through_its_relay_once() -> None:
     with pytest.raises(AuthError, match="replay"):  # the same message again, another wrapper
         leaf.relayed(raw, ["pc-1"])
     assert len(leaf.obeyed) == 1
+
+
+def test_a_leaf_that_restarted_still_refuses_what_it_obeyed(tmp_path: Path) -> None:
+    """Its replay cache is gone with the process, and its relay (the hub that sets its clock)
+    could make an old command look fresh: the ledger on disk still knows it."""
+    before = Leaf(ledger=tmp_path / "relayed.ids")
+    cmd, raw = before.command(before.root, ["lab1/pc-1"], code="x = 1")
+    before.relayed(raw, ["pc-1"], cmd)
+    assert len(before.obeyed) == 1
+    after = Leaf((before.root, before.relay, before.me), ledger=tmp_path / "relayed.ids")
+    with pytest.raises(AuthError, match="obeyed before this node restarted"):
+        after.relayed(raw, ["pc-1"], cmd)
+    assert after.obeyed == []
+    _, fresh = after.command(after.root, ["lab1/pc-1"])  # a new command is obeyed
+    after.relayed(fresh, ["pc-1"])
+    assert len(after.obeyed) == 1
+    assert (tmp_path / "relayed.ids").stat().st_mode & 0o077 == 0
 
 
 def test_a_relay_cannot_alter_forge_or_retarget_the_roots_command() -> None:

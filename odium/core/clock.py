@@ -16,7 +16,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..errors import ClockError
+
 SETTLE = 1.0  # seconds a new reading must differ by before the clock moves (jitter is less)
+MAX_SKEW = 25 * 3600.0  # how far a hub's time may be from this machine's wall clock
 
 
 class Clock:
@@ -40,6 +43,12 @@ class Clock:
         if not (received >= sent and hub_ts > 0):
             return False
         base = hub_ts - (sent + received) / 2
+        off = time.time() - time.monotonic() - base  # this machine's wall clock ahead of it
+        if abs(off) > MAX_SKEW:  # (else a hub could move a node's clock anywhere: see
+            raise ClockError(     # odium.node.ledger for what a day's worth of it may do)
+                f"this machine's clock is {abs(off) / 3600:.1f} h "
+                f"{'ahead of' if off > 0 else 'behind'} its hub's time, more than the "
+                f"{MAX_SKEW / 3600:.0f} h a node may be off: set it right")
         if self.learnt and abs(base - self._base) <= max(SETTLE, received - sent):
             return False
         if self.learnt:
@@ -56,4 +65,4 @@ def hub_times(res: dict[str, Any], skew: float) -> dict[str, Any]:
     return {**res, **{k: res[k] - skew for k in ("started", "finished") if res.get(k)}}
 
 
-__all__ = ["Clock", "SETTLE", "hub_times"]
+__all__ = ["Clock", "MAX_SKEW", "SETTLE", "hub_times"]

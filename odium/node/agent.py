@@ -35,6 +35,7 @@ from .commands import Commands, Received
 from .failures import Failures
 from .jobs import NodeJobs
 from .joining import Joiner
+from .ledger import Ledger
 from .link import Link
 from .outbox import Outbox
 from .ports import NodeRuntime
@@ -142,7 +143,8 @@ class NodeCore:
         self.sealed.on("sync", P.Sync, self._on_sync)
         # commands from above this node's hub, through relays (odium.node.tree)
         self.tree = NodeTree(self.name, self.hub_key, self.keyring, received, self.sealed,
-                             self.commands.on_interrupt, clock=rt.sign.clock)
+                             self.commands.on_interrupt, clock=rt.sign.clock,
+                             ledger=Ledger(rt.home / "relayed.ids"))
         self.pub.on("relay", P.Relay, self._on_relay)
 
     def _watch_state(self) -> None:
@@ -220,8 +222,7 @@ class NodeCore:
         each_message(recv_frames(sock), self._answer, lambda _f, e: self.failed("query", e))
 
     def _answer(self, frames: list[zmq.Frame]) -> None:
-        # no replay window: an answer counts only for an attempt that waits (a fresh random
-        # id), and its stamp is how this node learns the hub's time (odium.node.requests)
+        # no replay window: it counts only for an attempt that waits (odium.node.requests)
         msg = P.open_message(frames[-1].bytes, self.vk, self.hub_key)
         self.heard()
         if msg.type == "sealed":  # a reply with something of this node's own in it

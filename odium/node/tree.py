@@ -28,6 +28,7 @@ from ..core.keys import verify_key
 from ..core.sealing import Keyring, open_inner
 from ..errors import AuthError, ProtocolError
 from .commands import Received
+from .ledger import Ledger
 
 # (cmd, the signed message, the paths below this instance it is for, and the sync it is when
 # it is one sealed to this instance too: a relay serves the bundles of syncs below it)
@@ -41,14 +42,15 @@ class NodeTree:
 
     def __init__(self, name: str, hub_key: str, keyring: Keyring, received: Received,
                  sealed: Dispatch[None], interrupt: Interrupts, *,
-                 max_message: int = P.MAX_MESSAGE, clock: Callable[[], float] = time.time
-                 ) -> None:
+                 max_message: int = P.MAX_MESSAGE, clock: Callable[[], float] = time.time,
+                 ledger: Ledger | None = None) -> None:
         self.name, self.hub_key, self.keyring = name, hub_key, keyring
         self.received, self.sealed, self.interrupt = received, sealed, interrupt
         self.max_message = max_message
         self.authorities: dict[str, str] = {hub_key: name}
         self.vouched = ""  # the digest of what the hub vouched for at register
         self.replay = ReplayCache(clock=clock)
+        self.ledger = ledger  # what it obeyed from above, across restarts (odium.node.ledger)
         self.down: Down | None = None  # set when this instance is a relay
 
     def welcome(self, data: dict[str, Any]) -> None:
@@ -111,6 +113,11 @@ class NodeTree:
             raise AuthError("a relayed message from a key this node's hub does not vouch for")
         inner = P.open_message(raw, verify_key(sender), sender, max_size=self.max_message,
                                replay=self.replay if replay else None)
+        if replay and self.ledger is not None and sender != self.hub_key:
+            if inner.env.id in self.ledger:
+                raise AuthError(f"replayed message {inner.env.id} (obeyed before this node "
+                                "restarted)")
+            self.ledger.add(inner.env.id)
         if inner.type not in ("sealed", "interrupt"):
             raise ProtocolError(f"message type {inner.type!r} is not relayed")
         return inner, path
