@@ -123,6 +123,7 @@ class Admin(KeyVerbs, JobVerbs):
         mid = msg_id or P.new_id()
         self.sock.send(self.sign(type_, body, msg_id=mid))
         sent, again = time.monotonic(), True
+        parts = _Parts()  # an answer over the message limit comes in parts
         probe, probe_at = "", sent + WATCH_EVERY
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
@@ -148,6 +149,11 @@ class Admin(KeyVerbs, JobVerbs):
                         f"the hub restarted while it had {type_!r} to answer: its last run "
                         "abandoned it (odium log says what the nodes answered later)")
                 continue
+            if msg.type == "reply_part":
+                whole = parts.add(msg.body)
+                if whole is None:
+                    continue
+                msg = P.Message(msg.env, whole)
             self.clock.learn(msg.env.ts, sent, time.monotonic())
             if (again and isinstance(msg.body, P.ErrorReply)
                     and msg.body.kind == "ClockError"):  # stamped with the hub's time now
@@ -203,11 +209,15 @@ class Admin(KeyVerbs, JobVerbs):
 
     def request_wait_reply(self, mid: str, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
+        parts = _Parts()
         while time.monotonic() < deadline:
             if self.sock.poll(int((deadline - time.monotonic()) * 1000) + 1):
                 msg = self._recv(mid)
-                if msg is not None and isinstance(msg.body, P.Reply):
-                    return msg.body.data
+                body = msg.body if msg is not None else None
+                if msg is not None and msg.type == "reply_part":
+                    body = parts.add(msg.body)
+                if isinstance(body, P.Reply):
+                    return body.data
         raise OdiumTimeout("no result after the interrupt")
 
     def nodes(self, pattern: str | None = None) -> list[dict[str, Any]]:
@@ -314,6 +324,35 @@ class Admin(KeyVerbs, JobVerbs):
     def cancel_jobs(self, ids: list[str]) -> dict[str, str]:
         """Cancel jobs; id -> ``cancelled``, ``already <status>`` or ``unknown``."""
         return dict(self.request("job_cancel", P.JobCancel(list(ids)))["status"])
+
+
+class _Parts:
+    """The parts of one answer too large for one message (``reply_part`` messages, each a
+    ``Reply`` whose data is {``part``, ``count``, ``text``}: the answer's JSON, cut in order by
+    the hub's ``odium.hub.inbox``), put together into the reply they make."""
+
+    def __init__(self) -> None:
+        self.texts: dict[int, str] = {}
+        self.count = 0
+
+    def add(self, body: P.Body) -> P.Reply | None:
+        """The whole reply once this part completes it, else None."""
+        data = body.data if isinstance(body, P.Reply) else None
+        part, count, text = ((data.get("part"), data.get("count"), data.get("text"))
+                             if isinstance(data, dict) else (None, None, None))
+        if (not isinstance(part, int) or not isinstance(count, int) or not isinstance(text, str)
+                or not 0 <= part < count or self.count not in (0, count)):
+            raise ProtocolError("the hub sent a part of an answer that does not fit the others")
+        self.count = count
+        self.texts[part] = text
+        if len(self.texts) < count:
+            return None
+        whole = "".join(self.texts[i] for i in range(count))
+        self.texts.clear()
+        try:
+            return P.Reply(json.loads(whole))
+        except ValueError as e:
+            raise ProtocolError(f"the hub's answer in {count} parts is not JSON: {e}") from None
 
 
 class _AdminJobs:

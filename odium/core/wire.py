@@ -466,6 +466,7 @@ BODIES: dict[str, type[Body]] = {
     "state_diff": Query,
     "forget": Query,  # pattern: the nodes to forget
     "reply": Reply,
+    "reply_part": Reply,  # data {part, count, text}: a reply too large for one message, in parts
     "error": ErrorReply,
     # the job queue
     "job_batch": JobBatch,

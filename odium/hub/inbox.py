@@ -59,6 +59,8 @@ RESULT_TYPES = {"node_hb": ("node",), "ack": ("node",), "output": ("node",),
                 "restarting": ("node",),
                 "job_report": ("node",), "job_state": ("node",),
                 "subtree": ("node",), "relayed": ("node",)}  # from relays (odium.hub.tree)
+PART_ROOM = 64 * 1024  # bytes of a reply message beside its data (envelope, signature)
+PART_CHARS = 2 * 1024 * 1024  # characters of JSON in one part: at most 8 MiB as it goes
 _FROM = re.compile(rb'"from":"([A-Za-z0-9_-]{43})"')
 
 
@@ -89,8 +91,22 @@ class _Request:
             wire.send_query(self.rid, self.uid, "sealed",
                             self.keyring.seal("reply", P.Reply(data), [self.uid]), self.re)
         else:
-            wire.send_query(self.rid, self.uid, "reply", P.Reply(data), self.re)
+            self._send_reply(data)
         self.sent = True
+
+    def _send_reply(self, data: Any) -> None:
+        """A reply; one that would be over the message limit (``odium run`` on many nodes that
+        printed much) goes as its JSON in parts, each a message within the limit, in order
+        (``odium.api.admin`` puts them together): the asker's socket refuses a larger one."""
+        text = P.encode_json(data)
+        if len(text) + PART_ROOM <= P.MAX_MESSAGE:
+            self.wire.send_query(self.rid, self.uid, "reply", P.Reply(data), self.re)
+            return
+        whole = text.decode()
+        starts = range(0, len(whole), PART_CHARS)
+        for i, start in enumerate(starts):
+            part = {"part": i, "count": len(starts), "text": whole[start:start + PART_CHARS]}
+            self.wire.send_query(self.rid, self.uid, "reply_part", P.Reply(part), self.re)
 
 
 class Inbox:

@@ -49,6 +49,7 @@ class LiveView:
         self._lock = threading.Lock()
         self._nodes: dict[str, _NodeLive] = {}
         self._fresh: list[tuple[str, str, str]] = []  # for the terminal form
+        self._partial: dict[tuple[str, str], str] = {}  # (node, stream) -> a line begun
         self._dirty = False
         self._shown_key: tuple[Any, ...] | None = None
         self._shown_at = 0.0
@@ -115,12 +116,19 @@ class LiveView:
         if not self.rich:
             with self._lock:
                 fresh, self._fresh = self._fresh, []
-            for node, stream, text in fresh:
-                import sys
+            import sys
 
+            for node, stream, text in fresh:  # whole lines only: output comes in any pieces
                 dest = sys.stderr if stream == "stderr" else sys.stdout
-                for line in text.split("\n"):
+                *lines, self._partial[(node, stream)] = (
+                    self._partial.get((node, stream), "") + text).split("\n")
+                for line in lines:
                     print(f"[{node}] {clean(line)}", file=dest)
+            for node, stream in [k for k in self._partial if k[0] in (finals or {})]:
+                rest = self._partial.pop((node, stream))  # done: a last line without "\n"
+                if rest:
+                    print(f"[{node}] {clean(rest)}",
+                          file=sys.stderr if stream == "stderr" else sys.stdout)
             return
         now = time.monotonic()
         key = (len(done), len(targets), tuple(sorted((finals or {}).keys())))

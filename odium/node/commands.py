@@ -12,9 +12,11 @@ from ..core import wire as P
 from ..core.clock import hub_times
 from ..core.requirements import satisfies
 from .ports import NodeRuntime, Sends
+from .workers.results import RESULT_BUDGET, fit_result
 from .workers.sessions import Executor
 
 ACK_AFTER = 0.05  # seconds a command runs before the node acknowledges it
+ENVELOPE = 4096  # bytes a message takes beside its body (envelope, signature), at most
 
 
 class Received:
@@ -78,17 +80,51 @@ class Commands:
     def _on_event(self, ev: dict[str, Any]) -> None:
         """From the executor: a command's output, or its result."""
         if ev["op"] == "out":
-            self.send("output", P.Output(ev["cmd"], ev["stream"], ev["text"]))
+            self._send_output(ev["cmd"], ev["stream"], ev["text"])
         elif ev["op"] == "done":
-            r = hub_times(ev["result"], self.rt.clock.skew())
-            err = r.get("error")
-            body = P.ResultBody(
-                ev["cmd"], r["status"], r["started"], r["finished"], r.get("stdout", ""),
-                r.get("stderr", ""), r.get("value"), r.get("value_repr"), r.get("value_json", True),
-                P.ErrorInfo(err["ename"], err["evalue"], err.get("traceback", "")) if err else None,
-                r.get("exit"), outputs=[P.Display(o["data"], o.get("metadata") or {})
-                                        for o in r.get("outputs") or []])
-            self.send("result", body, keep=True)
+            self.send("result", self._result_body(ev["cmd"], ev["result"]), keep=True)
+
+    def _send_output(self, cmd: str, stream: str, text: str) -> None:
+        """Output as messages within the limit as JSON (a NUL takes 6 bytes there): halved
+        until each part fits."""
+        body = P.Output(cmd, stream, text)  # type: ignore[arg-type]
+        if len(text) > 1 and not fits(body):
+            half = len(text) // 2
+            self._send_output(cmd, stream, text[:half])
+            self._send_output(cmd, stream, text[half:])
+            return
+        self.send("output", body)
+
+    def _result_body(self, cmd: str, res: dict[str, Any]) -> P.ResultBody:
+        """The result's body, checked against the limit as it goes (JSON, escapes included);
+        one over it is fitted again, smaller (its worker measured it another way)."""
+        budget = RESULT_BUDGET
+        for _ in range(4):
+            body = _result(cmd, hub_times(res, self.rt.clock.skew()))
+            size = len(P.encode_json(body))
+            if size + ENVELOPE <= P.MAX_MESSAGE:
+                return body
+            budget = int(budget * (P.MAX_MESSAGE - ENVELOPE) / size * 0.9)
+            res = fit_result(res, budget)
+        return P.ResultBody(cmd, res["status"], res["started"], res["finished"],
+                            stderr=f"[odium: the result ({size} bytes as JSON) could not be "
+                            "made to fit in one message; only its status is sent]\n")
+
+
+def fits(body: P.Body) -> bool:
+    """Whether a message with this body is within the limit of one message, as JSON."""
+    return len(P.encode_json(body)) + ENVELOPE <= P.MAX_MESSAGE
+
+
+def _result(cmd: str, r: dict[str, Any]) -> P.ResultBody:
+    """A result's body: its fields (what only the node needs, e.g. ``sizes``, stays)."""
+    err = r.get("error")
+    return P.ResultBody(
+        cmd, r["status"], r["started"], r["finished"], r.get("stdout", ""),
+        r.get("stderr", ""), r.get("value"), r.get("value_repr"), r.get("value_json", True),
+        P.ErrorInfo(err["ename"], err["evalue"], err.get("traceback", "")) if err else None,
+        r.get("exit"), outputs=[P.Display(o["data"], o.get("metadata") or {})
+                                for o in r.get("outputs") or []])
 
 
 __all__ = ["ACK_AFTER", "Commands", "Received"]

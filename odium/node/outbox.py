@@ -3,6 +3,7 @@ not be lost (results, state reports) kept, in order, until it can go."""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any
 
@@ -10,18 +11,33 @@ import zmq
 
 from ..core import wire as P
 
+log = logging.getLogger(__name__)
+
 
 class Outbox:
     """The results socket's sender: ``push`` is the socket while the data sockets are open."""
 
-    def __init__(self, sign: P.Signer, size: int = 100_000) -> None:
+    def __init__(self, sign: P.Signer, size: int = 100_000,
+                 limit: int = P.MAX_MESSAGE) -> None:
         self.sign = sign
         self.push: zmq.Socket[Any] | None = None
         self.kept: deque[bytes] = deque(maxlen=size)
+        self.limit = limit  # bytes of one message: the hub refuses a larger one
+
+    def _signed(self, type_: str, body: P.Body) -> bytes:
+        """The message as it goes, checked against the limit: one over it (the hub would
+        refuse it, or drop the link) goes as an ``event`` saying so, never silently."""
+        raw = self.sign(type_, body)
+        if len(raw) <= self.limit:
+            return raw
+        detail = (f"a message of type {type_!r} ({len(raw)} bytes) is over the limit of "
+                  f"{self.limit} bytes of one message: it was not sent")
+        log.error("%s", detail)
+        return self.sign("event", P.NodeEvent("too_large", detail, "error"))
 
     def send(self, type_: str, body: P.Body, keep: bool = False) -> None:
         """Send now; ``keep``: if it cannot go now, keep it (behind what is kept already)."""
-        raw = self.sign(type_, body)
+        raw = self._signed(type_, body)
         if self.push is None:
             if keep:
                 self.kept.append(raw)
@@ -39,7 +55,7 @@ class Outbox:
         """Send now if the hub is connected (PUSH with IMMEDIATE); False if it is not."""
         if self.push is None:
             return False
-        raw = self.sign(type_, body)
+        raw = self._signed(type_, body)
         try:
             self.push.send(raw, zmq.NOBLOCK)
             return True

@@ -107,18 +107,25 @@ def jsonable(value: Any) -> tuple[Any, bool]:
 
 def safe_repr(value: Any) -> str:
     """``repr(value)``, at most MAX_REPR characters; a note if ``__repr__`` fails."""
+    return _repr(value)[0]
+
+
+def _repr(value: Any) -> tuple[str, int]:
+    """``safe_repr(value)`` and the length of the whole repr."""
     try:
         r = repr(value)
     except Exception as e:  # a broken __repr__ must not lose the result
         r = f"<{type(value).__name__} object; repr() failed: {e!r}>"
-    return r if len(r) <= MAX_REPR else r[:MAX_REPR] + "…"
+    return (r if len(r) <= MAX_REPR else r[:MAX_REPR] + "…"), len(r)
 
 
 def add_value(res: dict[str, Any], value: Any) -> None:
-    """Put a run's value into its result: as JSON when it can go so, and its repr."""
+    """Put a run's value into its result: as JSON when it can go so, and its repr (with the
+    whole repr's length, for the note of a result whose value must give way to it)."""
     if value is not None:
         res["value"], res["value_json"] = jsonable(value)
-        res["value_repr"] = safe_repr(value)
+        res["value_repr"], size = _repr(value)
+        res.setdefault("sizes", {})["value_repr"] = size
 
 
 __all__ = ["add_value", "cell_name", "error_info", "forget_cell", "interrupted_error",

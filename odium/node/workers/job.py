@@ -78,8 +78,12 @@ def run_job(req: dict[str, Any], fns: dict[str, bytes] | None = None) -> Event:
         status, value, error = "error", None, error_info(e, (__file__,))  # its frames, not ours
     finally:
         sys.stdout, sys.stderr = saved
+    out.finish()
+    err.finish()
     res: Event = {"status": status, "started": started, "finished": time.time(),
-                  "stdout": out.value(), "stderr": err.value(), "error": error}
+                  "error": error}
+    out.into(res)
+    err.into(res)
     add_value(res, value)
     return res
 

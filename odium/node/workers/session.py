@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from .capture import Capture, Displays
+from .capture import Capture, Displays, route_ipython_display
 from .code import add_value, interrupted_error, run_python
 from .results import fit_result
 from .start import connect, forked_start
@@ -37,6 +37,7 @@ def main(sock: socket.socket | None = None, parent: int | None = None) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")  # figures are drawn to PNG, never to a screen
     out, err = Capture("stdout", MAX_CAPTURE, send), Capture("stderr", MAX_CAPTURE, send)
     displays = Displays()
+    route_ipython_display(displays)
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__,
                           "display": displays}
     send({"op": "ready", "pid": os.getpid()})
@@ -64,8 +65,8 @@ def _run(cmd: str, code: str, ns: dict[str, Any], out: Capture, err: Capture,
     finally:
         sys.stdout, sys.stderr = saved
     try:
-        out.flush()
-        err.flush()
+        out.finish()
+        err.finish()
     except KeyboardInterrupt:
         pass
     try:
@@ -73,7 +74,9 @@ def _run(cmd: str, code: str, ns: dict[str, Any], out: Capture, err: Capture,
     except KeyboardInterrupt:
         outputs = []
     res: Event = {"status": status, "started": started, "finished": time.time(),
-                  "stdout": out.value(), "stderr": err.value(), "error": error}
+                  "error": error}
+    out.into(res)
+    err.into(res)
     if outputs:
         res["outputs"] = outputs
     add_value(res, value)

@@ -296,9 +296,10 @@ class Executor:
             return
         self.streamed.pop((run.cmd, "stdout"), None)
         self.streamed.pop((run.cmd, "stderr"), None)
-        # (a Python result was fitted by its worker already, where a large value costs no
-        # loop time; this checks the size once more, and fits what the node made itself)
-        self.on_event({"op": "done", "cmd": run.cmd, "result": fit_result(res)})
+        # (fitted where it was made, where a large one costs no loop time: a Python result by
+        # its worker, a shell command's by its reader thread; the node's own are small.
+        # odium.node.commands checks every message's size once more, as it goes)
+        self.on_event({"op": "done", "cmd": run.cmd, "result": res})
         if run.ephemeral and run.kind == "python":
             self.close_session(run.session)
 
@@ -355,9 +356,11 @@ class Executor:
                 text = decoder.decode(chunk, final=not chunk)
                 if text:
                     if sizes[name] < MAX_CAPTURE:
-                        kept[name].append(text)
+                        kept[name].append(text[:MAX_CAPTURE - sizes[name]])
+                    if sizes[name] <= MAX_STREAM:  # (the node shows no more while it runs)
+                        self._emit({"op": "out", "cmd": run.cmd, "stream": name,
+                                    "text": text[:MAX_STREAM + 1 - sizes[name]]})
                     sizes[name] += len(text)
-                    self._emit({"op": "out", "cmd": run.cmd, "stream": name, "text": text})
                 if not chunk:
                     return
 
@@ -369,8 +372,8 @@ class Executor:
         pgid = proc.pid
         self.loop.call_soon_threadsafe(lambda: self.reaper.forget(pgid))
         res: Event = {"started": run.started, "finished": time.time(), "exit": code,
-                      "stdout": "".join(kept["stdout"])[:MAX_CAPTURE],
-                      "stderr": "".join(kept["stderr"])[:MAX_CAPTURE]}
+                      "stdout": "".join(kept["stdout"]), "stderr": "".join(kept["stderr"]),
+                      "sizes": sizes}
         if code == 0:
             res["status"] = "ok"
         elif run.reason:  # the exit status is in the result's ``exit``, said once
@@ -383,6 +386,7 @@ class Executor:
             res["status"] = "error"
             res["error"] = {"ename": "ShellError", "evalue": f"exit status {code}",
                             "traceback": ""}
+        res = fit_result(res)  # (here: a cut stream says so, with its true size)
         self.loop.call_soon_threadsafe(lambda: self._finish(run, res))
 
 
