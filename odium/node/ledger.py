@@ -7,11 +7,13 @@ run the replay cache remembers every id it took; a node that restarted remembers
 relay that set its clock back could hand it an old command of the root as new. The ledger
 remembers the last ``KEEP`` such ids on disk (one line each, appended as obeyed; the file is
 rewritten with the newest ``KEEP`` when it holds twice as many), and the node refuses any of
-them again.
+them again, but for the sync this node restarted for: the new process hears it again and
+answers it (the note the old one left, ``sync.json`` beside the ledger, names it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -50,6 +52,14 @@ class Ledger:
 
     def __contains__(self, msg_id: str) -> bool:
         return msg_id in self.ids
+
+    def resumes(self, cmd: str) -> bool:
+        """Whether ``cmd`` is the sync this node restarted for (odium.node.sync's note)."""
+        try:
+            note = json.loads((self.path.parent / "sync.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(cmd) and isinstance(note, dict) and note.get("cmd") == cmd
 
     def add(self, msg_id: str) -> None:
         if msg_id in self.ids or not _ID.match(msg_id):

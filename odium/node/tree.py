@@ -113,11 +113,6 @@ class NodeTree:
             raise AuthError("a relayed message from a key this node's hub does not vouch for")
         inner = P.open_message(raw, verify_key(sender), sender, max_size=self.max_message,
                                replay=self.replay if replay else None)
-        if replay and self.ledger is not None and sender != self.hub_key:
-            if inner.env.id in self.ledger:
-                raise AuthError(f"replayed message {inner.env.id} (obeyed before this node "
-                                "restarted)")
-            self.ledger.add(inner.env.id)
         if inner.type not in ("sealed", "interrupt"):
             raise ProtocolError(f"message type {inner.type!r} is not relayed")
         return inner, path
@@ -132,6 +127,12 @@ class NodeTree:
             raise AuthError("a relayed command that is not sealed to this node")
         if path not in opened.env.to:
             raise AuthError(f"a relayed command not addressed to this node ({path})")
+        ledger = self.ledger
+        if ledger is not None and inner.env.from_ != self.hub_key:
+            if inner.env.id in ledger and not ledger.resumes(getattr(opened.body, "cmd", "")):
+                raise AuthError(f"replayed message {inner.env.id} (obeyed before this node "
+                                "restarted)")
+            ledger.add(inner.env.id)
         self.sealed.handle(_as_mine(opened, self.name), None)
 
 
