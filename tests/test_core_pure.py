@@ -171,3 +171,30 @@ def test_state_info_round_trip_and_refusals() -> None:
                 {"state": C1, "declaration": {"pip": ["not a requirement!"]}}):
         with pytest.raises(ProtocolError):
             StateInfo.from_dict(bad)
+
+
+def test_the_clock_keeps_its_most_precise_reading_and_follows_a_real_step() -> None:
+    import time as _time
+
+    from odium.core.clock import Clock
+
+    c = Clock()
+    now = _time.monotonic()
+    hub = _time.time() + 600.0  # the hub's time at ``now``: 600 s ahead of this machine's
+
+    def off() -> float:  # how far the clock is from the hub's time, now
+        return c() - (hub + _time.monotonic() - now)
+
+    # a slow first answer (2.6 s round trip, stamped at its very end): 1.3 s off
+    assert c.learn(hub, now - 2.6, now)
+    assert 1.2 < off() < 1.4
+    # a quick one (stamped in its middle): the same time, known better, is taken
+    assert not c.learn(hub - 0.0005, now - 0.001, now)
+    assert abs(off()) < 0.01 and c.moves == 0
+    assert abs(c.skew() + 600.0) < 0.05
+    # a slow one again (stamped at its start) agrees, less precise: nothing changes
+    assert not c.learn(hub - 2.5, now - 2.5, now)
+    assert abs(off()) < 0.01
+    # the hub's clock is fixed, 600 s back: a reading that cannot agree moves the clock
+    assert c.learn(hub - 600.0005, now - 0.001, now)
+    assert c.moves == 1 and abs(c.skew()) < 0.05

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ClockError
 
-SETTLE = 1.0  # seconds a new reading must differ by before the clock moves (jitter is less)
+SETTLE = 0.05  # seconds of slack on top of the readings' own uncertainty (half a round trip)
 MAX_SKEW = 25 * 3600.0  # how far a hub's time may be from this machine's wall clock
 
 
@@ -29,6 +29,8 @@ class Clock:
         self._base = 0.0  # the hub's time minus this machine's monotonic clock, once learnt
         self.learnt = False  # whether the hub's time is known (else: the local wall clock)
         self.moves = 0  # how often the hub's time moved after it was learnt (a clock fixed)
+        # what the readings so far allow for the base: each says it is within its round trip
+        self._lo, self._hi = float("-inf"), float("inf")
 
     def __call__(self) -> float:
         return time.monotonic() + self._base if self.learnt else time.time()
@@ -39,7 +41,12 @@ class Clock:
 
     def learn(self, hub_ts: float, sent: float, received: float) -> bool:
         """A timestamp the hub signed between ``sent`` and ``received`` (monotonic seconds):
-        its time then was ``hub_ts``, at the middle of the two. True if the clock moved."""
+        its time then was ``hub_ts``, somewhere in between. Readings narrow down the base
+        together (a slow answer, in a join storm, must not leave a node a second off); one
+        that cannot agree with them means the hub's time moved (its clock was fixed) and
+        starts anew. Where the readings allow this machine's own wall clock, the clock is
+        that (a machine kept right by NTP shows no skew at all); else it is the middle of
+        what they allow. True if the clock moved."""
         if not (received >= sent and hub_ts > 0):
             return False
         base = hub_ts - (sent + received) / 2
@@ -49,12 +56,19 @@ class Clock:
                 f"this machine's clock is {abs(off) / 3600:.1f} h "
                 f"{'ahead of' if off > 0 else 'behind'} its hub's time, more than the "
                 f"{MAX_SKEW / 3600:.0f} h a node may be off: set it right")
-        if self.learnt and abs(base - self._base) <= max(SETTLE, received - sent):
-            return False
-        if self.learnt:
-            self.moves += 1
-        self._base, self.learnt = base, True
-        return True
+        lo, hi = hub_ts - received - SETTLE, hub_ts - sent + SETTLE
+        moved = not self.learnt or lo > self._hi or hi < self._lo
+        if moved:
+            self.moves += self.learnt
+            self._lo, self._hi = lo, hi
+        else:
+            self._lo, self._hi = max(self._lo, lo), min(self._hi, hi)
+        local = time.time() - time.monotonic()
+        before = self._base if self.learnt else None
+        self._base = (local if self._lo <= local <= self._hi
+                      else (self._lo + self._hi) / 2)
+        self.learnt = True
+        return moved and before != self._base
 
 
 def hub_times(res: dict[str, Any], skew: float) -> dict[str, Any]:
