@@ -73,17 +73,17 @@ import time
 import traceback
 import types
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from runtag import RunTag
 
 perf = time.perf_counter
 MB = 1024 * 1024
 
 # Every process this run starts (and everything they start) carries this in its environment,
 # so that one left behind is found at the end even once it is an orphan (as bench_tree.py).
-TAG_VAR = "ODIUM_BENCH_SOAK"
-TAG = f"{os.getpid()}.{time.time_ns()}"
+RUN = RunTag("ODIUM_BENCH_SOAK")
 
 
 def inc(x: int) -> int:
@@ -92,65 +92,6 @@ def inc(x: int) -> int:
 
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.02) -> Any:
-    """Poll ``pred`` until it is truthy; raise TimeoutError naming ``what`` past ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-# --- processes ------------------------------------------------------------------------------
-
-
-def tagged() -> list[int]:
-    """Live processes (not zombies) that carry this run's tag."""
-    needle = f"{TAG_VAR}={TAG}\0".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                zombie = f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
-        except OSError:  # gone, or not ours
-            continue
-        if not zombie and (env.startswith(needle) or b"\0" + needle in env):
-            found.append(int(entry))
-    return found
-
-
-def left_behind(timeout: float = 10.0) -> list[str]:
-    """Wait (up to ``timeout``) until no process of this run is left; SIGKILL and describe
-    those that still are."""
-    try:
-        wait_until(tagged_none, timeout, "every process of this run to end")
-        return []
-    except TimeoutError:
-        pass
-    out = []
-    for pid in tagged():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            cmd = "(gone)"
-        out.append(f"{pid}: {cmd}")
-    return out
-
-
-def tagged_none() -> bool:
-    return not tagged()
 
 
 def rss_mb() -> float:
@@ -719,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--broadcasts/--jobs >= 0, --chunk/--windows >= 1, --nodes 1..64, "
                  "--capacity/--warmup >= 0")
 
-    os.environ[TAG_VAR] = TAG  # inherited by every process started from here on
+    RUN.mark()
     logs = LogCount()
     odium_log = logging.getLogger("odium")
     odium_log.addHandler(logs)  # (then Python's last-resort stderr handler stays quiet)
@@ -747,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["stop_s"] = perf() - t
             except Exception as e:
                 res.setdefault("close_errors", []).append(f"{type(e).__name__}: {e}")
-        res["left_behind"] = left_behind()
+        res["left_behind"] = RUN.left_behind()
         if args.keep:
             res["dir"] = str(base)
         else:

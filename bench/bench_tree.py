@@ -47,26 +47,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import percentile, summary  # noqa: E402
+from runtag import RunTag, wait_until
 
 perf = time.perf_counter
 
 # Every process this run starts (and everything they start) carries this in its environment,
 # so that one left behind is found at the end even once it is an orphan.
-TAG_VAR = "ODIUM_BENCH_TREE"
-TAG = f"{os.getpid()}.{time.time_ns()}"
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.005) -> Any:
-    """Poll ``pred`` until it is truthy; raise TimeoutError naming ``what`` past ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+RUN = RunTag("ODIUM_BENCH_TREE")
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -116,45 +103,6 @@ def stop_all(procs: list[Proc], timeout: float = 10.0) -> list[str]:
             p.proc.wait()
             notes.append(f"{p.label} killed: no exit {timeout} s after SIGTERM")
     return notes
-
-
-def tagged() -> list[int]:
-    """Live processes (not zombies) that carry this run's tag."""
-    needle = f"{TAG_VAR}={TAG}\0".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                zombie = f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
-        except OSError:  # gone, or not ours
-            continue
-        if not zombie and (env.startswith(needle) or b"\0" + needle in env):
-            found.append(int(entry))
-    return found
-
-
-def left_behind(timeout: float = 10.0) -> list[str]:
-    """Wait (up to ``timeout``) until no process of this run is left; SIGKILL and describe
-    those that still are."""
-    try:
-        wait_until(lambda: not tagged(), timeout, "every process of this run to end", 0.02)
-        return []
-    except TimeoutError:
-        pass
-    out = []
-    for pid in tagged():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            cmd = "(gone)"
-        out.append(f"{pid}: {cmd}")
-    return out
 
 
 # --- the two topologies --------------------------------------------------------------------
@@ -608,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import zmq
 
-    os.environ[TAG_VAR] = TAG  # inherited by every process started from here on
+    RUN.mark()
 
     def terminated(signum: int, frame: Any) -> None:
         raise SystemExit(f"signal {signum}")  # unwinds into the finally below: stop everything
@@ -654,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 t.close()
             except Exception as e:
                 res.setdefault("close_errors", []).append(f"{t.label}: {type(e).__name__}: {e}")
-        res["left_behind"] = left_behind()
+        res["left_behind"] = RUN.left_behind()
         if args.keep:
             res["dir"] = str(base)
         else:
