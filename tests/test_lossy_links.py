@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 
 from odium.core.keys import Token
 
-from .conftest import wait_until
+from .conftest import end_process, wait_until
 from .test_faults import HUB_ADDR, NetPair, issue_token, netns_pair  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(240)
@@ -74,37 +73,41 @@ class Site:
         subprocess.run(["ip", "netns", "exec", self.net.node_ns, "nft", "delete", "table",
                         "inet", TABLE], capture_output=True, timeout=10)
 
+    def start_hub(self, tmp: Path) -> None:
+        self.procs.append(self.net.popen(self.net.hub_ns, [
+            "hub", "--home", str(self.home), "--interface", HUB_ADDR, "--ports", "0",
+            "--heartbeat", "1", "--app", str(tmp)], tmp / "hub.log"))
+        wait_until(lambda: (self.home / "hub.json").exists(), 15, "hub.json")
 
-@pytest.fixture
-def site(netns_pair: NetPair, tmp_path: Path) -> Iterator[Site]:  # noqa: F811
+    def close(self) -> None:
+        """The link healed, every process stopped (the last started first)."""
+        self.heal()
+        for p in reversed(self.procs):
+            end_process(p)
+
+
+def make_site(netns_pair: NetPair, tmp_path: Path) -> Site:  # noqa: F811
     if not shutil.which("nft"):
         pytest.skip("nftables is not installed (apt install nftables)")
-    net = netns_pair
     home, app = tmp_path / "hub", tmp_path / "app"
     home.mkdir(mode=0o700)
     app.mkdir()
-    s = Site(net, home, app, [])
+    return Site(netns_pair, home, app, [])
+
+
+@pytest.fixture
+def site(netns_pair: NetPair, tmp_path: Path) -> Iterator[Site]:  # noqa: F811
+    s = make_site(netns_pair, tmp_path)
     try:
-        s.procs.append(net.popen(net.hub_ns, ["hub", "--home", str(home), "--interface",
-                                              HUB_ADDR, "--ports", "0", "--heartbeat", "1",
-                                              "--app", str(tmp_path)], tmp_path / "hub.log"))
-        wait_until(lambda: (home / "hub.json").exists(), 15, "hub.json")
-        tok = issue_token(home, run=s.cli)
-        s.procs.append(net.popen(net.node_ns, ["node", "--home", str(tmp_path / "far"),
-                                               "--token", tok, "--name", "far", "--app",
-                                               str(app)], tmp_path / "far.log"))
+        s.start_hub(tmp_path)
+        tok = issue_token(s.home, run=s.cli)
+        s.procs.append(s.net.popen(s.net.node_ns, [
+            "node", "--home", str(tmp_path / "far"), "--token", tok, "--name", "far", "--app",
+            str(s.app)], tmp_path / "far.log"))
         wait_until(lambda: s.status() == "ready", 30, "far ready")
         yield s
     finally:
-        s.heal()
-        for p in reversed(s.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        s.close()
 
 
 def run_async(s: Site, code: str, timeout: float) -> subprocess.Popen[str]:
@@ -202,18 +205,10 @@ def test_a_far_lossy_link_200_ms_and_10_percent(netns_pair: NetPair,  # noqa: F8
     """Both at once: the node reaches the hub through a relay in its own namespace that
     delays every byte 200 ms each way, over a veth that loses 10 % of packets each way. It
     joins, and broadcasts and jobs complete."""
-    if not shutil.which("nft"):
-        pytest.skip("nftables is not installed (apt install nftables)")
-    net = netns_pair
-    home, app = tmp_path / "hub", tmp_path / "app"
-    home.mkdir(mode=0o700)
-    app.mkdir()
-    s = Site(net, home, app, [])
+    s = make_site(netns_pair, tmp_path)
+    net, home, app = s.net, s.home, s.app
     try:
-        s.procs.append(net.popen(net.hub_ns, ["hub", "--home", str(home), "--interface",
-                                              HUB_ADDR, "--ports", "0", "--heartbeat", "1",
-                                              "--app", str(tmp_path)], tmp_path / "hub.log"))
-        wait_until(lambda: (home / "hub.json").exists(), 15, "hub.json")
+        s.start_hub(tmp_path)
         ports = json.loads((home / "hub.json").read_text())["ports"]
         root = str(Path(__file__).resolve().parent.parent)
         relay = subprocess.Popen(
@@ -247,12 +242,4 @@ def test_a_far_lossy_link_200_ms_and_10_percent(netns_pair: NetPair,  # noqa: F8
         wait_until(done, 120, "10 jobs done over the far lossy link")
         print(f"200 ms each way and 10 % loss each way: ready in {joined:.1f} s")
     finally:
-        s.heal()
-        for p in reversed(s.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        s.close()
