@@ -58,6 +58,19 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
+def map_on_a_full_disk(zctx: Any, hub: odium.Hub, tmpfs: Path, ran: Path, n: int
+                       ) -> tuple[AckWatch, Path, Any]:
+    """Watch the acknowledgements, fill the disk, map ``n`` jobs: their values come back
+    (from memory) and the store says it is full. The watch, the ballast, the store."""
+    acks = AckWatch(zctx, hub)
+    ballast = fill(tmpfs)
+    values = list(hub.map(job_fn(ran), range(n), timeout=60))
+    assert [v[0] for v in values] == [2 * i for i in range(n)]
+    store = hub.core.store
+    wait_until(lambda: "disk is full" in store.problem, 10, "the store to say it is full")
+    return acks, ballast, store
+
+
 def fill(mnt: Path) -> Path:
     """A ballast file that leaves LEFT_FREE bytes on the filesystem; delete it to free space."""
     st = os.statvfs(mnt)
@@ -189,12 +202,7 @@ def test_full_disk_holds_results_unacked_until_space_is_freed(
     with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=tmp_path,
                    db=f"sqlite:///{db}") as hub:
         hub.start_local(2, prefix="f")
-        acks = AckWatch(zctx, hub)
-        ballast = fill(tmpfs)
-        values = list(hub.map(job_fn(ran), range(n), timeout=60))
-        assert [v[0] for v in values] == [2 * i for i in range(n)]
-        store = hub.core.store
-        wait_until(lambda: "disk is full" in store.problem, 10, "the store to say it is full")
+        acks, ballast, store = map_on_a_full_disk(zctx, hub, tmpfs, ran, n)
         health = store.health()
         assert not health["ok"] and health["waiting"] > 0 and health["since"], health
         # longer than a node waits before it sends an unacknowledged result again
@@ -231,12 +239,7 @@ def test_hub_stopped_on_a_full_disk_loses_no_result(
                            "--capacity", "2")
         hub.wait_for_nodes(["s1", "s2"], 30)
         ports = dict(hub.ports)
-        acks = AckWatch(zctx, hub)
-        ballast = fill(tmpfs)
-        values = list(hub.map(job_fn(ran), range(n), timeout=60))
-        assert [v[0] for v in values] == [2 * i for i in range(n)]
-        store = hub.core.store
-        wait_until(lambda: "disk is full" in store.problem, 10, "the store to say it is full")
+        acks, ballast, store = map_on_a_full_disk(zctx, hub, tmpfs, ran, n)
         got = acks.take(listen=2.5)  # longer than a node waits to send a result again
         done = {j for j, s in stored(db).items() if s == "done"}
         assert got <= done, f"{len(got - done)} result(s) acknowledged but not stored"
