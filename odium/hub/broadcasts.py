@@ -207,12 +207,15 @@ class Broadcasts:
                 on_node(r)
             except Exception:
                 log.exception("node entry callback failed")
-        self.store.insert(ResultRow, dict(
-            command_id=b.cmd, node=r.node, status=r.status.value, state=r.state,
-            stdout=r.stdout, stderr=r.stderr, value=r.value, value_repr=r.value_repr,
-            error=r.error, exit=r.exit, started=r.started, finished=r.finished))
+        self._store_result(b.cmd, r)
         if b.done:
             self._finish(b)
+
+    def _store_result(self, cmd: str, r: NodeResult) -> None:
+        self.store.insert(ResultRow, dict(
+            command_id=cmd, node=r.node, status=r.status.value, state=r.state,
+            stdout=r.stdout, stderr=r.stderr, value=r.value, value_repr=r.value_repr,
+            error=r.error, exit=r.exit, started=r.started, finished=r.finished))
 
     def _finish(self, b: Broadcast) -> None:
         del self.broadcasts[b.cmd]
@@ -318,11 +321,12 @@ class Broadcasts:
     def _r_result(self, msg: P.Message, body: P.ResultBody, node: NodeInfo) -> None:
         node.running.discard(body.cmd)
         b = self.broadcasts.get(body.cmd)
+        status = Status(body.status) if body.status != "state_mismatch" else Status.STATE_MISMATCH
         if b is None or node.name not in b.targets or node.name in b.results:
-            self._late(b, body, node)  # late or duplicate: the first answer (or lost) stands
+            # late or duplicate: the first answer (or lost) stands
+            self._late(body.cmd, _entry(msg, body, node, status, None))
             return
         mismatch = None
-        status = Status(body.status) if body.status != "state_mismatch" else Status.STATE_MISMATCH
         if status is Status.STATE_MISMATCH:
             mismatch = dict(body.mismatch or {})
             mismatch.update(self._diff_for(node))
@@ -330,11 +334,7 @@ class Broadcasts:
             if is_commit_id(b.required) and is_commit_id(node_commit):
                 # where the node stands against what was required (ahead, behind, ...)
                 mismatch["relation"] = commit_relation(self.rt.app, b.required, node_commit)
-        self.record(b, NodeResult(
-            node.name, status, body.stdout, body.stderr, body.value, body.value_repr,
-            body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
-            msg.env.state, body.started, body.finished, mismatch,
-            P.to_builtins(body.outputs) if body.outputs else []))
+        self.record(b, _entry(msg, body, node, status, mismatch))
 
     def _abandon(self) -> None:
         """The commands this hub's last run left running (it was killed): ``abandoned`` now,
@@ -356,28 +356,35 @@ class Broadcasts:
                              "left unfinished (it was stopped or killed) are abandoned; what "
                              "their nodes answer from now on is recorded", level="warning")
 
-    def _late(self, b: Broadcast | None, body: P.ResultBody, node: NodeInfo) -> None:
+    def _late(self, cmd: str, r: NodeResult) -> None:
         """An answer after the node's entry was recorded as lost or timed out (a node frozen
         or cut off, then back): said in the event log, once; the outcome recorded stands."""
-        recorded = self.unanswered.get(body.cmd, {}).pop(node.name, None)
+        waiting = self.unanswered.get(cmd, {})
+        recorded = waiting.pop(r.node, None)
         if recorded is None:
             return  # a duplicate, or not this hub's
-        took = (f", ran {body.finished - body.started:.1f} s" if body.finished >= body.started > 0
-                else "")
+        if not waiting:
+            self.unanswered.pop(cmd, None)
+        took = (f", ran {r.duration:.1f} s" if r.started and r.finished
+                and r.finished >= r.started else "")
+        what = f"{r.node} answered command {cmd[:12]} ({r.status}{took})"
         if recorded == "abandoned":  # nothing was recorded for it: this is its outcome
-            self.store.insert(ResultRow, dict(
-                command_id=body.cmd, node=node.name, status=body.status, state=node.state,
-                stdout=body.stdout, stderr=body.stderr, value=body.value,
-                value_repr=body.value_repr,
-                error=P.to_builtins(body.error) if body.error else None, exit=body.exit,
-                started=body.started, finished=body.finished))
-            self.store.event("late_result", f"{node.name} answered command {body.cmd[:12]} "
-                             f"({body.status}{took}), which the hub's last run left "
-                             "unfinished: recorded", node=node.name)
+            self._store_result(cmd, r)
+            self.store.event("late_result", f"{what}, which the hub's last run left "
+                             "unfinished: recorded", node=r.node)
             return
-        self.store.event("late_result", f"{node.name} answered command {body.cmd[:12]} "
-                         f"({body.status}{took}) after it was recorded as {recorded}; the "
-                         "recorded outcome stands", level="warning", node=node.name)
+        self.store.event("late_result", f"{what} after it was recorded as {recorded}; the "
+                         "recorded outcome stands", level="warning", node=r.node)
+
+
+def _entry(msg: P.Message, body: P.ResultBody, node: NodeInfo, status: Status,
+           mismatch: dict[str, Any] | None) -> NodeResult:
+    """A node's answer as its entry in a Result."""
+    return NodeResult(
+        node.name, status, body.stdout, body.stderr, body.value, body.value_repr,
+        body.value_json, P.to_builtins(body.error) if body.error else None, body.exit,
+        msg.env.state, body.started, body.finished, mismatch,
+        P.to_builtins(body.outputs) if body.outputs else [])
 
 
 _MAY_ANSWER = (Status.LOST, Status.TIMEOUT)  # entries a node may still answer for
