@@ -104,7 +104,7 @@ class Requests:
             self.again(req)
             return
         self._drop(req)
-        for other in {id(r): r for r in self.waiting.values()}.values():  # asked twice
+        for other in self._requests():  # asked twice
             if other.type == req.type and other.sock is req.sock:
                 self._drop(other)
         self.replies.handle(msg, req)
@@ -121,14 +121,18 @@ class Requests:
 
     def forget(self, sock: zmq.Socket[Any]) -> None:
         """The socket is closed: its requests are never answered."""
-        for req in {id(r): r for r in self.waiting.values() if r.sock is sock}.values():
-            self._drop(req)
+        for req in self._requests():
+            if req.sock is sock:
+                self._drop(req)
 
     def overdue(self, now: float) -> list[Request]:
         """The requests whose next attempt is due (they keep waiting: the caller sends the
         attempt with ``again``)."""
-        reqs = {id(r): r for r in self.waiting.values()}.values()
-        return [r for r in reqs if now >= r.due()]
+        return [r for r in self._requests() if now >= r.due()]
+
+    def _requests(self) -> list[Request]:
+        """Each request waiting, once (``waiting`` holds it under every attempt's id)."""
+        return list({id(r): r for r in self.waiting.values()}.values())
 
 
 __all__ = ["REQUEST_RETRY", "Request", "Requests"]

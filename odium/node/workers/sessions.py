@@ -48,7 +48,6 @@ class _Run:
     session: str
     timeout: float | None
     ephemeral: bool = False
-    deadline: float | None = None  # monotonic: when it times out, waiting or running
     started: float = 0.0
     reason: str = ""  # why we signalled it: "interrupted" or "timeout"
     proc: subprocess.Popen[bytes] | None = None
@@ -184,7 +183,7 @@ class Executor:
             raise RuntimeError("executor is closed")
         if deadline is None and timeout:
             deadline = time.monotonic() + timeout
-        run = _Run(cmd, kind, code, session, timeout, ephemeral, deadline)
+        run = _Run(cmd, kind, code, session, timeout, ephemeral)
         self.runs[cmd] = run
         if deadline is not None:  # (armed now: it may time out before it starts)
             self.loop.call_later(max(0.0, deadline - time.monotonic()),
