@@ -88,7 +88,8 @@ class Commands:
         """Output as messages within the limit as JSON (a NUL takes 6 bytes there): halved
         until each part fits."""
         body = P.Output(cmd, stream, text)  # type: ignore[arg-type]
-        if len(text) > 1 and not fits(body):
+        # (measured only when it might not fit: no character takes more than 6 bytes as JSON)
+        if len(text) > 1 and 6 * len(text) + ENVELOPE > P.MAX_MESSAGE and not fits(body):
             half = len(text) // 2
             self._send_output(cmd, stream, text[:half])
             self._send_output(cmd, stream, text[half:])
