@@ -44,7 +44,7 @@ from .sockets import DataSockets
 from .status import Event, NodeStatus, next_status
 from .sync import Syncer
 from .tree import NodeTree
-from .workers.start import release_forkserver, warm_forkserver
+from .workers.kinds import ProcessWorkers, Workers
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class NodeCore:
 
     def __init__(self, rt: NodeRuntime, address: str, hub_key: str, name: str, *,
                  token: Token | None = None, capacity: int | None = None,
-                 find_links: str | None = None, index_url: str | None = None) -> None:
+                 find_links: str | None = None, index_url: str | None = None,
+                 workers: Workers | None = None) -> None:
         check_name(name)
         self.rt = rt
         self.name = name
@@ -102,6 +103,7 @@ class NodeCore:
         self.requests = Requests(self._signer, self._on_error_reply, rt.clock)
         admitted = rt.home.joinpath("joined.json").exists() and token is None
         self.link = Link(rt.loop, address, rt.ident.key_id, admitted, self._refused, self._cut_off)
+        self.workers = workers or ProcessWorkers()
         self._parts(find_links, index_url)
         self._watch_state()
         rt.loop.every(TICK, self._tick)
@@ -116,20 +118,15 @@ class NodeCore:
     def _parts(self, find_links: str | None, index_url: str | None) -> None:
         """The parts that serve the hub, and the handlers of what comes for them."""
         rt, received = self.rt, Received()
-        self.commands = Commands(rt, self.name, self._send, received)
-        self.executor = self.commands.executor
         # what code running here can ask: which node am I on? (workers inherit it)
         os.environ["ODIUM_NODE"] = self.name
         os.environ["ODIUM_NODE_PID"] = str(os.getpid())
-        self._forkserver = False
-        try:  # the fork server that makes workers starts now and imports in the background
-            warm_forkserver()
-            self._forkserver = True
-        except (OSError, ValueError, RuntimeError) as e:
-            log.warning("no fork server (%s): workers start as new interpreters", e)
+        self.workers.start()  # (the fork server starts now and imports in the background)
+        self.commands = Commands(rt, self.name, self._send, received, self.workers)
+        self.executor = self.commands.executor
         self.sync = Syncer(rt, self.name, self._send, self._ask, received, self.executor.running,
                            self._restart, find_links, index_url)
-        self.jobs = NodeJobs(rt, self, self.capacity)  # the job queue's slots and pool
+        self.jobs = NodeJobs(rt, self, self.capacity, self.workers)  # the job slots and pool
         self.data = DataSockets(rt, self.host, self.hub_key, self.link, self.outbox, self.jobs,
                                 self._on_sub)
         self.pub: Dispatch[None] = Dispatch("PUB")
@@ -457,8 +454,7 @@ class NodeCore:
                 pass
         self.jobs.close()
         self.executor.close()
-        if self._forkserver:
-            release_forkserver()
+        self.workers.stop()
         self.link.close()
         join_sock = self.joiner.sock if self.joiner is not None else None
         for s in (self.data.sub, push, self.data.pull, self.query, join_sock):
@@ -494,13 +490,14 @@ __all__ = ["NodeCore", "Identity"]
 def start_node(rt: NodeRuntime, address: str, hub_key: str, name: str, *,
                token: Token | None = None, capacity: int | None = None,
                find_links: str | None = None, index_url: str | None = None,
+               workers: Workers | None = None,
                then: Callable[[NodeCore], object] | None = None) -> NodeCore:
     """Start the node part of ``rt``'s process, joined to the hub at ``address``; it closes with
     the runtime. ``then``: called with it in the loop, in the same turn it is made (before it
     hears anything: a relay joins its hub part to it there)."""
     def make() -> NodeCore:
         node = NodeCore(rt, address, hub_key, name, token=token, capacity=capacity,
-                        find_links=find_links, index_url=index_url)
+                        find_links=find_links, index_url=index_url, workers=workers)
         if then is not None:
             then(node)
         return node

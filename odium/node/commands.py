@@ -12,8 +12,8 @@ from ..core import wire as P
 from ..core.clock import hub_times
 from ..core.requirements import satisfies
 from .ports import NodeRuntime, Sends
+from .workers.kinds import Workers
 from .workers.results import RESULT_BUDGET, fit_result
-from .workers.sessions import Executor
 
 ACK_AFTER = 0.05  # seconds a command runs before the node acknowledges it
 ENVELOPE = 4096  # bytes a message takes beside its body (envelope, signature), at most
@@ -43,13 +43,13 @@ class Received:
 class Commands:
     """Runs the hub's commands for the node called ``name`` (from the node's loop thread)."""
 
-    def __init__(self, rt: NodeRuntime, name: str, send: Sends, received: Received) -> None:
+    def __init__(self, rt: NodeRuntime, name: str, send: Sends, received: Received,
+                 workers: Workers) -> None:
         self.rt = rt
         self.name = name
         self.send = send
         self.received = received
-        # the first worker starts once the node is ready, so that joining is not slowed down
-        self.executor = Executor(rt.loop, str(rt.app), self._on_event, prestart=False)
+        self.executor = workers.commands(rt.loop, str(rt.app), self._on_event)
 
     def on_exec(self, msg: P.Message, body: P.Exec) -> None:
         if self.name not in msg.env.to or not self.received.first(body.cmd):

@@ -22,7 +22,7 @@ from ..core.targeting import name_matches
 from ..errors import ProtocolError
 from ..io.transport import each_message, recv_frames
 from .ports import Below, HubLink, NodeRuntime
-from .workers.pool import JobPool
+from .workers.kinds import Workers
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ class NodeJobs:
     ``link``: the node's link to its hub; what comes for the job queue on PUB goes to the
     handlers of ``pub_handlers()``."""
 
-    def __init__(self, rt: NodeRuntime, link: HubLink, capacity: int) -> None:
+    def __init__(self, rt: NodeRuntime, link: HubLink, capacity: int, workers: Workers) -> None:
         self.rt = rt
         self.link = link
         self.loop = rt.loop
         self.capacity = capacity
-        self.pool = JobPool(self.loop, str(rt.app), self.capacity, self._ran)
+        self.pool = workers.jobs(self.loop, str(rt.app), self.capacity, self._ran)
         self.held: dict[str, P.JobSpec] = {}
         self.below: Below | None = None  # a relay's subtree (odium.relayjobs)
         self.passed: set[str] = set()  # held jobs that run below (in the relay's own queue)
