@@ -192,3 +192,38 @@ def test_star_stays_in_a_segment_and_two_stars_cross_them(pattern: str,
                                                            names: list[str]) -> None:
     tree = ["lab1", "lab1/pc-1", "lab1/pc-2", "lab10", "lab2/pc-1", "lab1/sub/pc-3", "x"]
     assert match_nodes(pattern, tree) == [n for n in tree if n in names]
+
+
+# --- sealing to many: each receiver finds its own record, and only its own ------------------
+
+
+def test_sealed_to_many_each_opens_only_its_own() -> None:
+    from odium.core.sealing import RECORD_CHARS, Keyring
+
+    hub = Identity.generate()
+    nodes = [Identity.generate() for _ in range(300)]
+    body = P.Exec(P.new_id(), "python", "x = 1")
+    sealed = Keyring(hub).seal("exec", body, [n.key_id for n in nodes[:299]],
+                               to=[f"n{i}" for i in range(299)])
+    assert len(sealed.k) == 299 * RECORD_CHARS
+    for n in (nodes[0], nodes[150], nodes[298]):
+        assert Keyring(n).open(hub.key_id, sealed) is not None
+    assert Keyring(nodes[299]).open(hub.key_id, sealed) is None  # not a recipient
+
+
+def test_sealed_tag_across_two_records_is_not_a_record() -> None:
+    """A receiver's tag that appears in the keys text off a record's start (here: planted
+    across the boundary of two records) is not taken for its record."""
+    from odium.core.encoding import b64url, unb64url
+    from odium.core.sealing import RECORD_CHARS, Keyring, _tag
+
+    hub, node, other = Identity.generate(), Identity.generate(), Identity.generate()
+    sealed = Keyring(hub).seal("exec", P.Exec(P.new_id(), "python", "1"),
+                               [other.key_id, Identity.generate().key_id], to=["o"])
+    tag = b64url(_tag(Keyring(node).shared(hub.key_id), unb64url(sealed.n)))
+    k = sealed.k[:RECORD_CHARS - 6] + tag + sealed.k[RECORD_CHARS + 6:]
+    assert len(k) == len(sealed.k)
+    forged = P.Sealed(sealed.n, k, sealed.box)
+    assert Keyring(node).open(hub.key_id, forged) is None
+    with pytest.raises(ProtocolError):
+        Keyring(node).open(hub.key_id, P.Sealed(sealed.n, sealed.k + "x", sealed.box))
