@@ -40,7 +40,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import psutil  # noqa: E402
-
 from bench_core import percentile  # noqa: E402
 from swarm import Swarm  # noqa: E402
 
