@@ -334,7 +334,8 @@ class JobReport(Body):
 
 
 class JobState(Body):
-    """Node -> hub: its job slots and the jobs it runs (after registering, and every beat)."""
+    """Node -> hub: its job slots and the jobs it runs (after registering, when they change,
+    and every 10 beats when they do not)."""
 
     capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)]
     free: Annotated[int, msgspec.Meta(ge=0)]

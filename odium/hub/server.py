@@ -31,6 +31,7 @@ from ..io.transport import ZapHandler
 from ..local.appstate import commit_relation, resolve_state
 from ..local.files import atomic_write
 from .asking import Asker
+from .beat import Beat
 from .broadcasts import Broadcast, Broadcasts
 from .bundles import Syncs
 from .inbox import Inbox
@@ -38,7 +39,7 @@ from .jobqueue import JobQueue
 from .keytable import KeyInfo, KeyTable, key_fp, shown
 from .links import HubRuntime
 from .nodedesk import DeskHooks, NodeDesk
-from .nodes import NodeInfo, NodeStatus, Registry
+from .nodes import LIVE, NodeInfo, NodeStatus, Registry
 from .sockets import HubSockets
 from .store import Store
 from .tree import Tree
@@ -59,6 +60,7 @@ class HubCore:
         self.store = store
         self.interface = interface
         self.hb_interval = hb_interval
+        self.beat = Beat(hb_interval)  # what nodes beat at: longer with many of them
         self.max_message = max_message
         self.boot = P.new_id()
         self.keyring = Keyring(rt.ident)  # keys shared with each node: sealed payloads
@@ -89,12 +91,11 @@ class HubCore:
         loop = rt.loop
         self.wire.listen("query", self.inbox.on_query)
         self.wire.listen("results", self.inbox.on_results)
-        loop.every(hb_interval, self._heartbeat)
         loop.every(min(hb_interval / 2, 0.25), self._check_liveness)
         loop.every(STATE_EVERY, rt.watch.refresh)
         store.event("hub_start", f"hub {fingerprint(rt.ident.key_id)} listening on "
                     f"{interface} ports {self.ports}")
-        self._heartbeat()
+        self._beat()
 
     def _parts(self, wheelhouse: Path | None) -> None:
         """Make the parts that handle messages, and take their handlers in."""
@@ -174,9 +175,15 @@ class HubCore:
 
     # --- liveness --------------------------------------------------------------------------
 
+    def _beat(self) -> None:
+        """Beat, and beat again after the interval the number of live nodes asks for."""
+        self.beat.update(sum(1 for n in self.nodes.values() if n.status in LIVE))
+        self._heartbeat()
+        self.rt.loop.call_later(self.beat.interval, self._beat)
+
     def _heartbeat(self) -> None:
         above = self.tree.above()
-        self.wire.publish("hb", P.HubBeat(self.boot, self.hb_interval,
+        self.wire.publish("hb", P.HubBeat(self.boot, self.beat.interval,
                                           P.digest(above) if above else ""), seq=self.seq)
 
     def _fast_heartbeat(self) -> None:
@@ -185,7 +192,7 @@ class HubCore:
                                          for n in self.nodes.values()):
             self._connecting_fast -= 1
             self._heartbeat()
-            self.rt.loop.call_later(0.02, self._fast_heartbeat)
+            self.rt.loop.call_later(self.beat.fast(len(self.nodes)), self._fast_heartbeat)
         else:
             self._connecting_fast = 0
 
@@ -200,7 +207,7 @@ class HubCore:
 
     def _welcome(self) -> dict[str, Any]:
         """What a registering node is told: this hub's run, its beat, its other ports."""
-        return {"hub_boot": self.boot, "seq": self.seq, "interval": self.hb_interval,
+        return {"hub_boot": self.boot, "seq": self.seq, "interval": self.beat.interval,
                 "ports": {k: v for k, v in self.ports.items() if k != "query"},
                 "above": self.tree.above()}  # the authorities over this hub (odium.hub.tree)
 
@@ -213,7 +220,7 @@ class HubCore:
         return self.bc.seq
 
     def _check_liveness(self) -> None:
-        self.registry.check_liveness(self.hb_interval)
+        self.registry.check_liveness(self.beat.liveness())
         self.bc.check_deadlines()
 
     def _check_watchers(self) -> None:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between checks for results to send again and slot reports
 REPORT_WAIT = 0.002  # seconds a report of jobs taken or finished waits for more news
+STATE_REFRESH = 10  # beats between two job states that say the same
 MAX_UNACKED = 100_000  # results kept for a hub that does not acknowledge them
 RESULT_BYTES = 4 * 1024 * 1024  # result bytes in one report at most (one larger result goes alone)
 
@@ -61,6 +62,7 @@ class NodeJobs:
         self._flush_now = False  # the report due is due at the end of this loop round
         self._names: dict[str, bool] = {}
         self._last_state = 0.0
+        self._sent_state: P.JobState | None = None  # the last one the hub was sent
         self._inner: Dispatch[None] = Dispatch("jobs")  # what comes sealed on the jobs socket
         self._inner.on("job_batch", P.JobBatch, self._on_batch)
         self.loop.every(TICK, self._tick)
@@ -106,7 +108,7 @@ class NodeJobs:
         cannot leave yet goes at the next tick)."""
         for j, (o, _t) in list(self.unacked.items()):
             self.unacked[j] = (o, 0.0)
-        self._last_state = 0.0
+        self._last_state, self._sent_state = 0.0, None
         self._tick()
 
     def close(self) -> None:
@@ -294,9 +296,9 @@ class NodeJobs:
                 if o.id in self.unacked:
                     self.unacked[o.id] = (o, now)
 
-    def _send_state(self) -> None:
-        if self._send("job_state", self._state()):
-            self._last_state = time.monotonic()
+    def _send_state(self, state: P.JobState) -> None:
+        if self._send("job_state", state):
+            self._last_state, self._sent_state = time.monotonic(), state
 
     def _tick(self) -> None:
         if not self.link.registered or not self.link.connected:
@@ -309,7 +311,13 @@ class NodeJobs:
             if late:
                 self._send_results(late)
         if now - self._last_state >= self.link.interval:
-            self._send_state()
+            # what changed goes at once; the same again only every STATE_REFRESH beats (the
+            # hub's view, set right if a report went astray: two messages a beat, not one,
+            # is what a hub with many nodes spends most of its idle time on)
+            state = self._state()
+            if state != self._sent_state or now - self._last_state >= (
+                    STATE_REFRESH * self.link.interval):
+                self._send_state(state)
 
 
 __all__ = ["NodeJobs"]
