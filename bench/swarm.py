@@ -10,7 +10,8 @@ own home, identity (Curve25519 + Ed25519 keys), clock, signer, replay cache, sta
 heartbeats, join token or trusted key, and its own session namespaces. What the nodes of one
 process share: the process and its one loop thread, one ZeroMQ context (its I/O thread), the
 application checkout and its one state watch (one state id, checked at most every 5 s for
-them all), and the running of their commands and jobs, in-process, in the loop thread, one
+them all), the verification of the hub's signature on the same bytes (once for all of them;
+each node still checks its own replay window and handles every message), and the running of their commands and jobs, in-process, in the loop thread, one
 after another (``SharedWorkers``: the node's worker processes are replaced, and nothing else).
 See bench/README.md.
 
@@ -30,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,13 @@ class Shared:
                 real_refresh()
 
         self.watch.refresh = refresh  # type: ignore[method-assign]
+        self.verified: dict[bytes, OrderedDict[bytes, bytes]] = {}
+
+    def verifier(self, vk: Any) -> Any:
+        """The hub's verify key as a node of this process uses it: the same bytes, signed
+        by the same key, are verified once for all the nodes here (each PUB message reaches
+        every one of them: verified 1,000 times, it is the swarm's work, not the hub's)."""
+        return OnceVerified(vk, self.verified.setdefault(bytes(vk), OrderedDict()))
 
     def later(self, fn: Callable[[], None]) -> None:
         """Run fn in the loop thread once what it is handling now is done (the swarm's one
@@ -75,6 +84,22 @@ class Shared:
 
     def _set_state(self, state: str) -> None:
         self.state = state
+
+
+class OnceVerified:
+    """A verify key that remembers the last 4,096 (signature, bytes) it found good."""
+
+    def __init__(self, vk: Any, good: OrderedDict[bytes, bytes]) -> None:
+        self.vk, self.good = vk, good
+
+    def verify(self, signed: bytes, sig: bytes) -> bytes:
+        if self.good.get(sig) == signed:
+            return signed
+        self.vk.verify(signed, sig)  # (raises BadSignatureError)
+        self.good[sig] = signed
+        if len(self.good) > 4096:
+            self.good.popitem(last=False)
+        return signed
 
 
 class NodeRT:
@@ -278,6 +303,7 @@ def serve(spec: dict[str, Any]) -> None:
                 save_joined(rt.home, spec["address"], spec["hub_key"], n["name"])
             node = NodeCore(rt, spec["address"], spec["hub_key"], n["name"], token=token,
                             capacity=spec.get("capacity", 1), workers=SharedWorkers(shared))
+            node.vk = shared.verifier(node.vk)
             counts.watch(node)
             nodes.append((node, rt))
         counts.write()

@@ -227,3 +227,23 @@ def test_sealed_tag_across_two_records_is_not_a_record() -> None:
     assert Keyring(node).open(hub.key_id, forged) is None
     with pytest.raises(ProtocolError):
         Keyring(node).open(hub.key_id, P.Sealed(sealed.n, sealed.k + "x", sealed.box))
+
+
+def test_sealed_reuse_shares_a_key_only_among_the_same_readers() -> None:
+    from odium.core.sealing import Keyring
+
+    hub, a, b, c = (Identity.generate() for _ in range(4))
+    ring = Keyring(hub)
+    body = P.Exec(P.new_id(), "python", "1")
+    one = ring.seal("exec", body, [a.key_id, b.key_id], to=["a", "b"], reuse=True)
+    two = ring.seal("exec", body, [a.key_id, b.key_id], to=["a", "b"], reuse=True)
+    assert (one.n, one.k) == (two.n, two.k)  # wrapped once for both messages
+    assert one.bn != two.bn and one.box != two.box  # each box its own nonce
+    for sealed in (one, two):
+        assert Keyring(a).open(hub.key_id, sealed) == Keyring(b).open(hub.key_id, sealed)
+        assert Keyring(c).open(hub.key_id, sealed) is None
+    fewer = ring.seal("exec", body, [a.key_id], to=["a"], reuse=True)
+    assert fewer.n != one.n and Keyring(b).open(hub.key_id, fewer) is None
+    # a box moved under another message's nonce does not open
+    with pytest.raises(AuthError):
+        Keyring(a).open(hub.key_id, P.Sealed(one.n, one.k, two.box, one.bn))

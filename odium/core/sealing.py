@@ -10,7 +10,10 @@ their Ed25519 identities; ``crypto_box_beforenm``). Each wrap is filed under a
 tag only its recipient can compute, so the message names neither its type nor
 its targets to anyone else: a node outside the targets learns only that
 something was sent. The sender's signature covers the sealed bytes, so a
-target cannot alter what the others read.
+target cannot alter what the others read. A hub sealing many messages to the same readers
+(job batches any of 1,000 nodes may take) uses one key for them for up to a minute, wrapped
+once, each box under a nonce of its own (``Keyring.seal(reuse=True)``): a reader fewer or more
+is a new key.
 
 Pure: no sockets. See docs/protocol.md ("Sealed payloads").
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Annotated
 
@@ -44,6 +49,8 @@ NONCE = bindings.crypto_secretbox_NONCEBYTES  # 24
 KEY = bindings.crypto_secretbox_KEYBYTES  # 32
 TAG_BYTES = 9  # a recipient's tag: 12 base64url characters
 MAX_SHARED = 100_000  # shared keys remembered (one per peer)
+GROUP_TTL = 60.0  # seconds one key serves the messages sealed to the same readers (reuse)
+MAX_GROUPS = 256  # sets of readers whose key is remembered
 
 # What may travel sealed, and where (a sealed message names its inner type only inside).
 SEALED_TYPES = {"pub": ("exec", "sync"), "jobs": ("job_batch",), "query": ("reply",),
@@ -92,6 +99,9 @@ class Keyring:
         self.ident = ident
         self._sk = curve_secret_raw(ident)
         self._shared: dict[str, bytes] = {}
+        # readers -> (key, nonce, wrapped keys, until when it is used): see seal(reuse=True)
+        self._groups: OrderedDict[tuple[str, ...], tuple[bytes, bytes, str, float]] = \
+            OrderedDict()
 
     def shared(self, key_id: str) -> bytes:
         k = self._shared.get(key_id)
@@ -103,25 +113,48 @@ class Keyring:
         return k
 
     def seal(self, type_: str, body: Body, recipients: Iterable[str],
-             to: list[str] | None = None) -> Sealed:
+             to: list[str] | None = None, reuse: bool = False) -> Sealed:
         """Seal a message body of ``type_`` for the given key ids (``to``: the names the inner
-        message is addressed to, as its receivers check them)."""
+        message is addressed to, as its receivers check them).
+
+        ``reuse``: the same readers as a message sealed less than GROUP_TTL ago share its key
+        (wrapped once for them all, not again for each message: a job batch that any of 1,000
+        nodes may take costs 1,000 wraps otherwise); each box has a nonce of its own (``bn``).
+        Other readers, a reader fewer or more, get a new key."""
         if type(body) is not BODIES.get(type_):
             raise ProtocolError(f"message type {type_!r} takes {BODIES.get(type_)}, "
                                 f"not {type(body)}")
         inner: dict[str, object] = {"type": type_, "body": body}
         if to:
             inner["to"] = to
+        readers = tuple(dict.fromkeys(recipients))
+        if not reuse:
+            key, nonce, records = self._wrap(readers)
+            box = bindings.crypto_secretbox(encode_json(inner), nonce, key)
+            return Sealed(b64url(nonce), records, b64url(box))
+        now = time.monotonic()
+        group = self._groups.pop(readers, None)
+        if group is None or now > group[3]:
+            group = (*self._wrap(readers), now + GROUP_TTL)
+        self._groups[readers] = group
+        while len(self._groups) > MAX_GROUPS:
+            self._groups.popitem(last=False)
+        key, nonce, records, _ = group
+        box_nonce = os.urandom(NONCE)  # a new one for each box under the group's key
+        box = bindings.crypto_secretbox(encode_json(inner), box_nonce, key)
+        return Sealed(b64url(nonce), records, b64url(box), b64url(box_nonce))
+
+    def _wrap(self, readers: tuple[str, ...]) -> tuple[bytes, bytes, str]:
+        """A new key and nonce, and the key wrapped for each reader (base64url records)."""
         key = os.urandom(KEY)
         nonce = os.urandom(NONCE)
-        box = bindings.crypto_secretbox(encode_json(inner), nonce, key)
         records: list[bytes] = []
         secretbox, shared = bindings.crypto_secretbox, self.shared
-        for kid in dict.fromkeys(recipients):
+        for kid in readers:
             s = shared(kid)
             # the same nonce under a different shared key each time: each (key, nonce) is new
             records.append(_tag(s, nonce) + secretbox(key, nonce, s))
-        return Sealed(b64url(nonce), b64url(b"".join(records)), b64url(box))
+        return key, nonce, b64url(b"".join(records))
 
     def open(self, sender: str, sealed: Sealed) -> bytes | None:
         """The inner bytes, or None when the message is not sealed to this identity.
@@ -142,9 +175,10 @@ class Keyring:
         if at < 0:
             return None
         wrap = unb64url(k[at:at + RECORD_CHARS])[TAG_BYTES:]
+        box_nonce = unb64url(sealed.bn) if sealed.bn is not None else nonce
         try:
             key = bindings.crypto_secretbox_open(wrap, nonce, s)
-            return bytes(bindings.crypto_secretbox_open(unb64url(sealed.box), nonce, key))
+            return bytes(bindings.crypto_secretbox_open(unb64url(sealed.box), box_nonce, key))
         except CryptoError:
             raise AuthError("a sealed message does not open with the key it names") from None
 

@@ -437,6 +437,7 @@ class Sealed(Body):
     # checked where a receiver finds and decodes its own record, not over every recipient's
     k: Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
     box: Annotated[str, msgspec.Meta(max_length=64 * 1024 * 1024)]
+    bn: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32}$")] | None = None  # box's nonce
 
 
 # type -> body struct. One entry per message type; see docs/protocol.md.

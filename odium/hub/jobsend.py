@@ -141,6 +141,7 @@ class JobSender:
         live = [n for n, i in self.nodes.items()
                 if i.status in (NodeStatus.READY, NodeStatus.CONNECTING)]
         may_run: dict[QueueKey, frozenset[str]] = {}
+        keys: dict[frozenset[str], list[str]] = {}  # (each set's keys made once a round)
 
         def readers(chunk: list[JobRecord]) -> list[str]:
             """The nodes that may run every job of a batch: the only ones it is sealed to
@@ -151,7 +152,10 @@ class JobSender:
                 if el is None:
                     el = may_run[k] = frozenset(n for n in live if self.eligible(k, n))
                 names = el if names is None else names & el
-            return [self.nodes[n].key_id for n in sorted(names or ())]
+            names = names or frozenset()
+            if names not in keys:
+                keys[names] = [self.nodes[n].key_id for n in sorted(names)]
+            return keys[names]
 
         mono = time.monotonic()
         for node, ids in plan.items():

@@ -74,7 +74,8 @@ class HubSockets:
     def publish_sealed(self, type_: str, body: P.Body, keys: list[str], to: list[str],
                        seq: int) -> bytes:
         """Publish a message whose body only ``keys`` can read (odium.core.sealing)."""
-        return self.publish("sealed", self.keyring.seal(type_, body, keys, to=to), seq=seq)
+        return self.publish("sealed", self.keyring.seal(type_, body, keys, to=to, reuse=True),
+                            seq=seq)
 
     def can_push(self) -> bool:
         return "jobs" in self.sockets
@@ -84,7 +85,8 @@ class HubSockets:
         sock = self.sockets.get("jobs")
         if sock is None:
             return False
-        raw = self.rt.sign("sealed", self.keyring.seal(type_, body, keys), msg_id=msg_id)
+        raw = self.rt.sign("sealed", self.keyring.seal(type_, body, keys, reuse=True),
+                           msg_id=msg_id)
         try:
             sock.send(raw, zmq.NOBLOCK)
         except zmq.Again:  # no node connected on the jobs socket (yet)
