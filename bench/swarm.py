@@ -11,8 +11,9 @@ heartbeats, join token or trusted key, and its own session namespaces. What the 
 process share: the process and its one loop thread, one ZeroMQ context (its I/O thread), the
 application checkout and its one state watch (one state id, checked at most every 5 s for
 them all), the verification of the hub's signature on the same bytes (once for all of them;
-each node still checks its own replay window and handles every message), and the running of their commands and jobs, in-process, in the loop thread, one
-after another (``SharedWorkers``: the node's worker processes are replaced, and nothing else).
+each node still checks its own replay window and handles every message), and the running of
+their commands and jobs, in-process, in the loop thread, one after another
+(``SharedWorkers``: the node's worker processes are replaced, and nothing else).
 See bench/README.md.
 
 ``Swarm`` (used by bench/bench_scale.py and tests/test_swarm.py) prepares the nodes' homes

@@ -12,6 +12,7 @@ import errno
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -233,15 +234,29 @@ class Loop:
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._counter), fn))
 
-    def every(self, interval: float, fn: Callable[[], None]) -> None:
+    def every(self, interval: float | Callable[[], float], fn: Callable[[], None]) -> None:
+        """Call fn every ``interval`` seconds (or as often as ``interval()`` says each time),
+        on the multiples of it (of the monotonic clock): what beats at the same pace runs in
+        the same turn of the loop, one wake-up for all of it (a process with many nodes, or a
+        hub and a node, polls once, not once each)."""
+        every = interval if callable(interval) else lambda: interval
+
+        def at(after: float, step: float) -> float:
+            return math.ceil(after / step) * step
+
         def tick() -> None:
             try:
                 fn()
             finally:
                 if not self._stopped:
-                    self.call_later(interval, tick)
+                    nxt = at(time.monotonic() + 1e-6, every())
+                    self._at(nxt, tick)
 
-        self.call_later(interval, tick)
+        step = every()
+        self._at(at(time.monotonic() + step / 2, step), tick)
+
+    def _at(self, when: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (when, next(self._counter), fn))
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         self._calls.put(fn)

@@ -48,7 +48,8 @@ from .workers.kinds import ProcessWorkers, Workers
 
 log = logging.getLogger(__name__)
 
-TICK = 0.05
+TICK = 0.05  # seconds between checks (retries, beats, what waits to be sent), at the fastest
+SLOW_TICK = 0.25  # ... and at the slowest: a quarter of the beat, within these
 STATE_EVERY = 5.0  # seconds between checks of the node's own state
 
 
@@ -106,7 +107,7 @@ class NodeCore:
         self.workers = workers or ProcessWorkers()
         self._parts(find_links, index_url)
         self._watch_state()
-        rt.loop.every(TICK, self._tick)
+        rt.loop.every(lambda: min(SLOW_TICK, max(TICK, self.interval / 4)), self._tick)
         if token is not None:
             self.joiner = Joiner(rt, address, hub_key, name, token, self.requests, self.link,
                                  self._on_query, self._fail, self._joined)
