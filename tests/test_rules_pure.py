@@ -247,3 +247,27 @@ def test_sealed_reuse_shares_a_key_only_among_the_same_readers() -> None:
     # a box moved under another message's nonce does not open
     with pytest.raises(AuthError):
         Keyring(a).open(hub.key_id, P.Sealed(one.n, one.k, two.box, one.bn))
+
+
+def test_only_the_newest_attempt_of_a_repeated_request_in_one_batch_is_handled() -> None:
+    """A join, register or fetch asked again (same connection, type and body) and read in the
+    same batch as its earlier attempts is handled once, the newest; anything else each time."""
+    import zmq
+
+    from odium.hub.inbox import newest_attempts
+
+    node, other = Identity.generate(), Identity.generate()
+
+    def req(ident: Identity, type_: str, body: P.Body, rid: bytes) -> list[zmq.Frame]:
+        return [zmq.Frame(rid), zmq.Frame(P.seal(ident.signing, ident.key_id, "unknown",
+                                                 type_, body))]
+
+    a1 = req(node, "fetch", P.Fetch(3), b"r1")
+    a2 = req(node, "fetch", P.Fetch(3), b"r1")
+    other_conn = req(other, "fetch", P.Fetch(3), b"r2")  # the same request, another node
+    newer = req(node, "fetch", P.Fetch(4), b"r1")  # another request
+    ping1, ping2 = req(node, "ping", P.Empty(), b"r1"), req(node, "ping", P.Empty(), b"r1")
+    junk = [zmq.Frame(b"r1"), zmq.Frame(b"not json")]
+    batch = [a1, ping1, other_conn, a2, newer, ping2, junk]
+    assert newest_attempts(batch) == [ping1, other_conn, a2, newer, ping2, junk]
+    assert newest_attempts([a1]) == [a1]

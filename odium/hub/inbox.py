@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import zmq
 
 from ..core import wire as P
@@ -173,7 +174,8 @@ class Inbox:
     # --- the query socket ------------------------------------------------------------------
 
     def on_query(self) -> None:
-        each_message([(f, self._request(f)) for f in recv_frames(self.wire.sockets["query"])],
+        frames = newest_attempts(recv_frames(self.wire.sockets["query"]))
+        each_message([(f, self._request(f)) for f in frames],
                      self._query, lambda fr, e: self._failed("query", fr[0][-1], e, fr[1]))
 
     def _request(self, frames: list[zmq.Frame]) -> _Request:
@@ -244,4 +246,39 @@ class Inbox:
         self.results.handle(msg, node)
 
 
-__all__ = ["Inbox", "QUERY_TYPES", "RESULT_TYPES"]
+class _Peek(msgspec.Struct):
+    """What says which request a message is, read without checking it (it is checked after)."""
+
+    type: str = ""
+    body: msgspec.Raw = msgspec.Raw(b"")
+
+
+_peek = msgspec.json.Decoder(_Peek).decode
+RETRIED = ("join", "register", "fetch")  # what a node asks again, the same, until answered
+
+
+def newest_attempts(batch: list[list[zmq.Frame]]) -> list[list[zmq.Frame]]:
+    """Of the attempts of one request (a node's join, register or fetch: the same type and
+    body on the same connection) read in one batch, only the newest: the node takes an answer
+    to any of its last attempts, and in a join storm the hub is behind by more than a retry,
+    so that every request waits there two or three times over. Anything else, every time."""
+    if len(batch) < 2:
+        return batch
+    last: dict[tuple[bytes, str, bytes], int] = {}
+    keys: list[tuple[bytes, str, bytes] | None] = []
+    for i, frames in enumerate(batch):
+        key = None
+        if len(frames) == 2:
+            try:
+                peek = _peek(frames[-1].buffer)
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                peek = None
+            if peek is not None and peek.type in RETRIED:
+                key = (frames[0].bytes, peek.type, bytes(peek.body))
+                last[key] = i
+        keys.append(key)
+    return [f for i, (f, k) in enumerate(zip(batch, keys, strict=True))
+            if k is None or last[k] == i]
+
+
+__all__ = ["Inbox", "QUERY_TYPES", "RESULT_TYPES", "newest_attempts"]

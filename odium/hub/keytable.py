@@ -65,6 +65,7 @@ class KeyTable:
         self._pending_seen: dict[str, float] = {}
         self.keys: dict[str, KeyInfo] = {}  # replaced whole on every change
         self._zap_view: tuple[dict[bytes, KeyInfo], dict[bytes, KeyInfo]] = ({}, {})
+        self._curves: dict[str, bytes] = {}  # key id -> its CURVE public key (z85)
         keys = {}
         for row in store.keys():
             if len(row.key_id) == 43 and not P.is_key_point(row.key_id):
@@ -92,7 +93,16 @@ class KeyTable:
     def publish(self, keys: dict[str, KeyInfo]) -> None:
         """Swap in a new key table with its CURVE indexes, all computed first: if anything
         fails, the old table stays whole. The ZAP thread reads the indexes as one snapshot."""
-        by_curve = {curve_public(k): v for k, v in keys.items() if len(k) == 43}
+        known = self._curves
+        if len(known) > 2 * len(keys) + 1024:  # (keys dropped since: forget theirs)
+            known = self._curves = {k: c for k, c in known.items() if k in keys}
+        by_curve = {}
+        for k, v in keys.items():
+            if len(k) == 43:
+                c = known.get(k)
+                if c is None:  # each key's CURVE key computed once, not at every change
+                    c = known[k] = curve_public(k)
+                by_curve[c] = v
         # pending/rejected entries of keys never trusted are keyed by their CURVE key (z85)
         pending = {k.encode(): v for k, v in keys.items() if len(k) == 40}
         self.keys = keys

@@ -121,7 +121,9 @@ def _common(sock: zmq.Socket[Any], max_message: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, max(max_message * 2, 1 << 20))
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
+    # a handshake may take long while a hub takes a join storm (thousands of handshakes, one
+    # I/O thread, each key judged by ZAP): one dropped at 5 s was made again, and again
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 30_000)
 
 
 def server_socket(
@@ -148,6 +150,7 @@ def server_socket(
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     sock.sndhwm = hwm
     sock.rcvhwm = hwm
+    sock.setsockopt(zmq.BACKLOG, 4096)  # connections waiting to be accepted (libzmq: 100)
     try:
         if port == 0:
             port = sock.bind_to_random_port(f"tcp://{interface}")

@@ -104,6 +104,7 @@ class NodeCore:
         self.requests = Requests(self._signer, self._on_error_reply, rt.clock)
         admitted = rt.home.joinpath("joined.json").exists() and token is None
         self.link = Link(rt.loop, address, rt.ident.key_id, admitted, self._refused, self._cut_off)
+        self.link.on_link = self.requests.connected  # (a query sent again once reconnected)
         self.workers = workers or ProcessWorkers()
         self._parts(find_links, index_url)
         self._watch_state()

@@ -32,6 +32,8 @@ class Link:
         self.admitted = admitted
         self.on_refused = on_refused
         self.on_cut_off = on_cut_off
+        # a watched socket's connection made (True: its handshake done) or broken (False)
+        self.on_link: Callable[[zmq.Socket[Any], bool], None] = lambda _s, _up: None
         self.monitors: dict[str, zmq.Socket[Any]] = {}
         self.monitored: dict[str, zmq.Socket[Any]] = {}  # the socket each monitor watches
         # what this node says to whoever runs it (odium node prints it; else the log)
@@ -45,7 +47,8 @@ class Link:
     def watch(self, sock: zmq.Socket[Any], what: str) -> None:
         """Hear refused handshakes at once (a spent token, a key the hub does not trust)."""
         mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                      | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                                      | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                      | zmq.EVENT_DISCONNECTED)
         self.monitors[what] = mon
         self.monitored[what] = sock
         self.auth_failed.discard(what)
@@ -56,6 +59,9 @@ class Link:
                 event = struct.unpack("=H", frames[0].bytes[:2])[0]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.auth_failed.discard(what)
+                    self.on_link(sock, True)
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self.on_link(sock, False)
                 elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     self.auth_failed.add(what)
                     if what in ("query", "join"):

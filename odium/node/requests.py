@@ -22,6 +22,11 @@ from ..core.clock import Clock
 from ..core.dispatch import Dispatch
 
 REQUEST_RETRY = 2.0  # seconds before a query is first sent again; then twice as long, ...
+# ... or this, when it went on a connection that stands (its handshake done, no disconnect
+# since): TCP loses nothing there, so the hub is only slow (a join storm: sent again every
+# 2 s, each request waits at the hub two or three times over); one that breaks sends again
+# at once when it is made anew (``connected``)
+STEADY_RETRY = 10.0
 RETRY_MAX = 30.0  # ... up to this
 ATTEMPTS_KEPT = 8  # attempts of one request whose answers still count
 CLOCK_RETRIES = 3  # times a request refused for its timestamp is asked again at once
@@ -38,10 +43,12 @@ class Request:
     attempts: dict[str, float] = field(default_factory=dict)  # message id -> when sent
     tries: int = 0  # attempts so far
     clock_retries: int = 0
+    steady: bool = False  # the newest attempt went on a connection known to stand
 
     def due(self) -> float:
         """When the next attempt is due (monotonic)."""
-        return self.sent + min(REQUEST_RETRY * 2 ** max(self.tries - 1, 0), RETRY_MAX)
+        first = STEADY_RETRY if self.steady else REQUEST_RETRY
+        return self.sent + min(first * 2 ** max(self.tries - 1, 0), RETRY_MAX)
 
 
 class Requests:
@@ -57,6 +64,8 @@ class Requests:
         self.signer = signer
         self.clock = clock
         self.waiting: dict[str, Request] = {}  # every kept attempt's id -> its request
+        self.steady: set[zmq.Socket[Any]] = set()  # connected, and not broken since
+        self.broken: set[zmq.Socket[Any]] = set()  # disconnected, not yet connected again
         self.replies: Dispatch[Request] = Dispatch("query")
         self.replies.on("reply", P.Reply, lambda _m, body, req: req.on_reply(body.data))
         self.replies.on("error", P.ErrorReply, lambda _m, body, req: on_refused(req, body))
@@ -79,6 +88,7 @@ class Requests:
         mid = P.new_id()
         raw = sign(req.type, req.body, msg_id=mid)
         req.sent, req.tries = time.monotonic(), req.tries + 1
+        req.steady = req.sock in self.steady
         req.attempts[mid] = req.sent
         while len(req.attempts) > ATTEMPTS_KEPT:
             self.waiting.pop(next(iter(req.attempts)), None)
@@ -121,9 +131,29 @@ class Requests:
 
     def forget(self, sock: zmq.Socket[Any]) -> None:
         """The socket is closed: its requests are never answered."""
+        self.steady.discard(sock)
+        self.broken.discard(sock)
         for req in self._requests():
             if req.sock is sock:
                 self._drop(req)
+
+    def connected(self, sock: zmq.Socket[Any], up: bool) -> None:
+        """A socket's connection was made (its handshake done) or broken. Made again after a
+        break: what waits on it is sent again now (its attempts, or their answers, may have
+        gone with the old connection)."""
+        if not up:
+            self.steady.discard(sock)
+            self.broken.add(sock)
+            return
+        self.steady.add(sock)
+        again = sock in self.broken
+        self.broken.discard(sock)
+        for req in self._requests():
+            if req.sock is sock:
+                if again:
+                    self.again(req)
+                else:  # sent before the first connection: it goes on this one, which stands
+                    req.steady = True
 
     def overdue(self, now: float) -> list[Request]:
         """The requests whose next attempt is due (they keep waiting: the caller sends the
