@@ -121,12 +121,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         # jobs
         if args.jobs:
             hub.map(inc, range(200), nodes="sw*", wait=120)  # warm-up
-            t = perf()
-            values = hub.map(inc, range(args.jobs), nodes="sw*", wait=600)
-            dt = perf() - t
-            ok = values == [x + 1 for x in range(args.jobs)]
-            out["jobs"] = {"jobs": args.jobs, "seconds": round(dt, 2),
-                           "per_s": round(args.jobs / dt), "values_ok": ok}
+            out["jobs"] = jobs(hub, args.jobs, args.jobs_wait)
         out["load_after"] = os.getloadavg()
         return out
     finally:
@@ -134,6 +129,26 @@ def one_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             sw.close()
         hub.close()
         remove_home(home)
+
+
+def jobs(hub: Any, n: int, wait: float) -> dict[str, Any]:
+    """``n`` jobs at once (as ``hub.map`` submits them); every value checked. One not done in
+    ``wait`` seconds is reported with every move it made (nothing may be lost)."""
+    t = perf()
+    submitted = hub.submit_many([(inc, (x,), {}, None) for x in range(n)], nodes="sw*")
+    values, stuck = [], []
+    for j in submitted:
+        try:
+            values.append(j.result(max(0.1, wait - (perf() - t))))
+        except Exception as e:  # noqa: BLE001 - reported, with what the hub knows of it
+            stuck.append((j.id, f"{type(e).__name__}: {e}"))
+    dt = perf() - t
+    out: dict[str, Any] = {"jobs": n, "seconds": round(dt, 2), "per_s": round(n / dt),
+                           "values_ok": values == [x + 1 for x in range(n)],
+                           "not_done": len(stuck)}
+    if stuck:
+        out["not_done_examples"] = [{"error": why, "job": hub.job(jid)} for jid, why in stuck[:3]]
+    return out
 
 
 def report(r: dict[str, Any]) -> None:
@@ -151,7 +166,9 @@ def report(r: dict[str, Any]) -> None:
     if "jobs" in r:
         j = r["jobs"]
         print(f"  jobs         {j['jobs']} in {j['seconds']} s: {j['per_s']} jobs/s "
-              f"(values {'ok' if j['values_ok'] else 'WRONG'})")
+              f"(values {'ok' if j['values_ok'] else 'WRONG'}; not done: {j['not_done']})")
+        for ex in j.get("not_done_examples", []):
+            print(f"    NOT DONE {ex['error']}: {json.dumps(ex['job'], default=str)[:3000]}")
 
 
 def slopes(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -178,6 +195,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of the idle window")
     ap.add_argument("--jobs", type=int, default=10_000, help="jobs in the map (0: none)")
+    ap.add_argument("--jobs-wait", type=float, default=120.0,
+                    help="seconds the jobs may take before those not done are reported")
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
