@@ -344,9 +344,10 @@ class JobState(Body):
 
 
 class JobAck(Body):
-    """Hub -> nodes on PUB: results recorded (committed to the store), per node name."""
+    """Hub -> nodes on PUB: results recorded (committed to the store), per node name. Each
+    node only looks up its own name (1,000 nodes' ids are not checked one by one on each)."""
 
-    acks: dict[Name, list[JobId]]
+    acks: dict[str, list[str]]
 
 
 class JobCancel(Body):
