@@ -273,3 +273,14 @@ def test_raise_for_job() -> None:
         raise_for_job({"status": "cancelled", "id": "j"})
     with pytest.raises(JobStateError):
         raise_for_job({"status": "running", "id": "j"})
+
+
+def test_a_node_holds_more_than_its_slots_only_while_its_jobs_are_short() -> None:
+    from odium.core.jobs import AHEAD, PREFETCH, slots_offered
+
+    assert slots_offered(2, 0, 1.0) == 2  # long jobs (and none yet: 1 s): its slots only
+    assert slots_offered(2, 1, 1.0) == 1
+    assert slots_offered(2, 2, AHEAD) == 0
+    assert slots_offered(2, 0, AHEAD / 4) == 8  # about AHEAD seconds of work a slot
+    assert slots_offered(2, 0, 0.0001) == 2 * PREFETCH  # never more than this
+    assert slots_offered(2, 40, 0.0001) == 0

@@ -16,7 +16,7 @@ import zmq
 from ..core import wire as P
 from ..core.clock import hub_times
 from ..core.dispatch import Dispatch
-from ..core.jobs import MAX_BATCH, split_batch
+from ..core.jobs import MAX_BATCH, slots_offered, split_batch
 from ..core.requirements import satisfies
 from ..core.targeting import name_matches
 from ..errors import ProtocolError
@@ -47,6 +47,9 @@ class NodeJobs:
         self.link = link
         self.loop = rt.loop
         self.capacity = capacity
+        # how long its jobs took lately (a moving average): while they are short, it holds
+        # more than its slots (odium.core.jobs.slots_offered)
+        self.job_seconds = 1.0
         self.pool = workers.jobs(self.loop, str(rt.app), self.capacity, self._ran)
         self.held: dict[str, P.JobSpec] = {}
         self.below: Below | None = None  # a relay's subtree (odium.relayjobs)
@@ -80,7 +83,7 @@ class NodeJobs:
         every job to the instances below it)."""
         if self.below is not None:
             return self.below.free()
-        return max(0, self.capacity - len(self.held))
+        return slots_offered(self.capacity, len(self.held), self.job_seconds)
 
     def _state(self) -> P.JobState:
         below = self.below
@@ -209,6 +212,8 @@ class NodeJobs:
 
     def _ran(self, job_id: str, res: dict[str, Any]) -> None:
         """A job ended in the pool: its times, taken by this machine's clock, in the hub's."""
+        took = max(0.0, float(res.get("finished", 0.0)) - float(res.get("started", 0.0)))
+        self.job_seconds += 0.1 * (min(took, 60.0) - self.job_seconds)
         self._done(job_id, hub_times(res, self.rt.clock.skew()))
 
     def _done(self, job_id: str, res: dict[str, Any]) -> None:
