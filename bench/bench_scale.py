@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import psutil  # noqa: E402
 from bench_core import percentile  # noqa: E402
+from runtag import wait_until  # noqa: E402
 from swarm import Swarm  # noqa: E402
 
 perf = time.perf_counter
@@ -53,16 +54,6 @@ def inc(x: int) -> int:
 def cpu(p: psutil.Process) -> float:
     t = p.cpu_times()
     return float(t.user + t.system)
-
-
-def wait_until(pred: Any, timeout: float, what: str, every: float = 0.05) -> float:
-    """Wait for pred() with a deadline (polling the hub's own view); the seconds it took."""
-    t0 = perf()
-    while not pred():
-        if perf() - t0 > timeout:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(every)
-    return perf() - t0
 
 
 def one_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -81,9 +72,9 @@ def one_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         out["prepare_s"] = round(sw.prepared, 2)
         t0 = perf()
         sw.start()
-        wait_until(lambda: sw.ready() == n, args.ready_timeout, f"{n} nodes ready")
+        wait_until(lambda: sw.ready() == n, args.ready_timeout, f"{n} nodes ready", 0.05)
         out["ready_s"] = round(perf() - t0, 2)
-        wait_until(lambda: sw.counts()["ready"] == n, 10, "the swarm's counts")
+        wait_until(lambda: sw.counts()["ready"] == n, 10, "the swarm's counts", 0.05)
         out["join_counts"] = sw.counts()
         # broadcast round trip
         samples, failed = [], []

@@ -128,10 +128,18 @@ class Keyring:
         if to:
             inner["to"] = to
         readers = tuple(dict.fromkeys(recipients))
-        if not reuse:
+        if reuse:
+            key, nonce, records = self._group(readers)
+            box_nonce = os.urandom(NONCE)  # a new one for each box under the group's key
+        else:
             key, nonce, records = self._wrap(readers)
-            box = bindings.crypto_secretbox(encode_json(inner), nonce, key)
-            return Sealed(b64url(nonce), records, b64url(box))
+            box_nonce = nonce
+        box = bindings.crypto_secretbox(encode_json(inner), box_nonce, key)
+        return Sealed(b64url(nonce), records, b64url(box),
+                      b64url(box_nonce) if reuse else None)
+
+    def _group(self, readers: tuple[str, ...]) -> tuple[bytes, bytes, str]:
+        """The key, nonce and wrapped keys these readers share (made anew after GROUP_TTL)."""
         now = time.monotonic()
         group = self._groups.pop(readers, None)
         if group is None or now > group[3]:
@@ -139,10 +147,7 @@ class Keyring:
         self._groups[readers] = group
         while len(self._groups) > MAX_GROUPS:
             self._groups.popitem(last=False)
-        key, nonce, records, _ = group
-        box_nonce = os.urandom(NONCE)  # a new one for each box under the group's key
-        box = bindings.crypto_secretbox(encode_json(inner), box_nonce, key)
-        return Sealed(b64url(nonce), records, b64url(box), b64url(box_nonce))
+        return group[:3]
 
     def _wrap(self, readers: tuple[str, ...]) -> tuple[bytes, bytes, str]:
         """A new key and nonce, and the key wrapped for each reader (base64url records)."""

@@ -235,7 +235,7 @@ class Loop:
             self._poller.unregister(sock)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._counter), fn))
+        self._at(time.monotonic() + delay, fn)
 
     def every(self, interval: float | Callable[[], float], fn: Callable[[], None]) -> None:
         """Call fn every ``interval`` seconds (or as often as ``interval()`` says each time),

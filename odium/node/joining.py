@@ -70,6 +70,7 @@ class Joiner:
         self.sign = None  # the token is spent: forget it
         if self.sock is not None:
             self.rt.loop.remove(self.sock)
+            self.requests.forget(self.sock)
             self.sock.close(linger=0)
             self.sock = None
         self.joined()

@@ -32,7 +32,7 @@ class Link:
         self.admitted = admitted
         self.on_refused = on_refused
         self.on_cut_off = on_cut_off
-        # a watched socket's connection made (True: its handshake done) or broken (False)
+        # the query or join socket's connection made (True: its handshake done) or broken
         self.on_link: Callable[[zmq.Socket[Any], bool], None] = lambda _s, _up: None
         self.monitors: dict[str, zmq.Socket[Any]] = {}
         self.monitored: dict[str, zmq.Socket[Any]] = {}  # the socket each monitor watches
@@ -57,11 +57,14 @@ class Link:
             for frames in recv_frames(mon):
                 # a monitor event: u16 event, u32 value, then the endpoint (zmq_socket_monitor)
                 event = struct.unpack("=H", frames[0].bytes[:2])[0]
+                asks = what in ("query", "join")  # (the sockets requests go on)
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.auth_failed.discard(what)
-                    self.on_link(sock, True)
+                    if asks:
+                        self.on_link(sock, True)
                 elif event == zmq.EVENT_DISCONNECTED:
-                    self.on_link(sock, False)
+                    if asks:
+                        self.on_link(sock, False)
                 elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     self.auth_failed.add(what)
                     if what in ("query", "join"):
