@@ -49,7 +49,7 @@ report instead of printed one by one, with the store's event log by kind.
 
 Nothing here sleeps to synchronise: every wait is on a result or a condition with a
 deadline. Every process started is stopped at the end and looked for afterwards (by a tag in
-its environment, workers and fork servers included), and the temporary directory is removed
+its environment, workers and zygotes included), and the temporary directory is removed
 (``--keep`` keeps it, logs and store). ``--tracemalloc`` (a diagnostic: it slows the hub down
 a lot) also prints where the Python heap grew between the start and the end.
 """
@@ -101,7 +101,7 @@ def rss_mb() -> float:
 
 
 def node_rss(hub: Any) -> dict[str, dict[str, Any]]:
-    """RSS of every local node process and of its descendants (job workers, fork servers)."""
+    """RSS of every local node process and of its descendants (job workers, zygotes)."""
     import psutil
 
     out: dict[str, dict[str, Any]] = {}

@@ -1,7 +1,7 @@
 """A node's worker processes: the node's whole tree dies with the node (SIGKILL a real node
-process while its worker runs a long cell or job, and every process it had started, fork
-server, workers, resource tracker, is gone within 2 s), and starting them never stalls the
-node (a slow fork server does not make it lost).
+process while its worker runs a long cell or job, and every process it had started, zygote,
+workers, reaper, is gone within 2 s), and starting them never stalls the node (a slow zygote
+does not make it lost).
 
 The code under test writes its pid to a file before it sleeps; the test waits for that file
 (with a deadline), never for a fixed time.
@@ -52,26 +52,32 @@ def describe(procs: list[psutil.Process]) -> str:
     return "; ".join(out)
 
 
-def forkservers(node_pid: int) -> set[int]:
+def zygotes(node_pid: int) -> set[int]:
     out = set()
     for p in psutil.Process(node_pid).children():
         try:
-            if "multiprocessing.forkserver" in " ".join(p.cmdline()):
+            if p.name() == "odium-zygote":
                 out.add(p.pid)
         except psutil.Error:
             pass
     return out
 
 
+# a node whose zygote is a new interpreter, not forked from it (what a node part in any other
+# process than ``odium node`` has), so that a sitecustomize can make it slow, or fail
+EXEC = {"ODIUM_ZYGOTE": "exec"}
+IN_ZYGOTE = "if 'odium.node.workers.zygote' in getattr(sys, 'orig_argv', []):\n"
+
+
 def kill_and_watch(hub: odium.Hub, pidfile: Path, forked: bool = True) -> None:
     """SIGKILL the hub's one local node once the user's code runs in it; check its tree ends.
-    ``forked``: the worker is a child of the node's fork server (else of the node)."""
+    ``forked``: the worker is a child of the node's zygote (else of the node)."""
     node = hub.local[0]
     worker_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 30,
                                 "the user's code to start"))
     tree = psutil.Process(node.proc.pid).children(recursive=True)
     assert worker_pid in {p.pid for p in tree}, describe(tree)
-    servers = forkservers(node.proc.pid)
+    servers = zygotes(node.proc.pid)
     assert (psutil.Process(worker_pid).ppid() in servers) == forked, describe(tree)
     node.kill(signal.SIGKILL)
     node.proc.wait(10)
@@ -88,7 +94,7 @@ def kill_and_watch(hub: odium.Hub, pidfile: Path, forked: bool = True) -> None:
     assert not left, f"alive {DEATH} s after their node's death: {describe(left)}"
 
 
-def test_a_killed_nodes_broadcast_worker_and_fork_server_die(hub: odium.Hub,
+def test_a_killed_nodes_broadcast_worker_and_zygote_die(hub: odium.Hub,
                                                              tmp_path: Path) -> None:
     hub.start_local(1, prefix="tree")
     pidfile = tmp_path / "worker.pid"
@@ -96,7 +102,7 @@ def test_a_killed_nodes_broadcast_worker_and_fork_server_die(hub: odium.Hub,
     kill_and_watch(hub, pidfile)
 
 
-def test_a_killed_nodes_job_worker_and_fork_server_die(hub: odium.Hub, tmp_path: Path) -> None:
+def test_a_killed_nodes_job_worker_and_zygote_die(hub: odium.Hub, tmp_path: Path) -> None:
     hub.start_local(1, prefix="tree", capacity=1)
     pidfile = tmp_path / "job.pid"
     hub.submit(sleeper(pidfile), nodes="tree-1")
@@ -145,64 +151,77 @@ def test_processes_the_users_code_starts_die_with_the_node(hub: odium.Hub,
     assert not left, f"alive {DEATH} s after their node's death: {describe(left)}"
 
 
-# --- a slow fork server ------------------------------------------------------------------------
+def test_a_worker_has_the_nodes_environment_of_now_and_not_its_options(
+        hub: odium.Hub) -> None:
+    """The zygote is a copy of the node from before it joined: each worker still gets the
+    node's environment as it is when the worker starts (ODIUM_NODE is set after the fork), a
+    new interpreter's argv, and none of the node's memory of its key."""
+    hub.start_local(1, prefix="env")
+    code = ("import os, sys, gc\n"
+            "keys = [o for o in gc.get_objects() if type(o).__name__ == 'Identity']\n"
+            "(os.environ.get('ODIUM_NODE'), sys.argv, len(keys), os.getcwd())")
+    r = hub.run(code, "env-1", require="any", timeout=30)["env-1"]
+    assert r.ok, r.error
+    assert r.value == ["env-1", ["-c"], 0, str(hub.core.rt.app)], r.value
+    j = hub.submit("import os; os.environ.get('ODIUM_NODE')", nodes="env-1").result(30)
+    assert j == "env-1"
 
 
-def test_a_slow_fork_server_does_not_make_the_node_lost(hub: odium.Hub, tmp_path: Path) -> None:
-    """The first worker waits for the fork server's imports (seconds on a loaded machine); the
-    node's loop must go on beating meanwhile, or its hub calls it lost (5 beats: 1 s here)."""
+# --- a slow zygote ----------------------------------------------------------------------------
+
+
+def test_a_slow_zygote_does_not_make_the_node_lost(hub: odium.Hub, tmp_path: Path) -> None:
+    """The first worker waits for the zygote's imports where the zygote is a new interpreter
+    (seconds on a loaded machine); the node's loop must go on beating meanwhile, or its hub
+    calls it lost (5 beats: 1 s here)."""
     slow = tmp_path / "slow"
     slow.mkdir()
-    # a loaded machine, made certain: the fork server (only it) takes 3 s to start
-    (slow / "sitecustomize.py").write_text(
-        "import sys, time\n"
-        "if 'multiprocessing.forkserver' in ' '.join(getattr(sys, 'orig_argv', [])):\n"
-        "    time.sleep(3)\n")
+    # a loaded machine, made certain: the zygote (only it) takes 3 s to start
+    (slow / "sitecustomize.py").write_text(f"import sys, time\n{IN_ZYGOTE}    time.sleep(3)\n")
     path = os.pathsep.join(p for p in (str(slow), os.environ.get("PYTHONPATH", "")) if p)
-    hub.start_local(1, prefix="slow", capacity=1, env={"PYTHONPATH": path})
+    hub.start_local(1, prefix="slow", capacity=1, env={"PYTHONPATH": path, **EXEC})
     r = hub.run("1 + 1", require="any", timeout=30)
     assert r["slow-1"].status is Status.OK and r["slow-1"].value == 2, r["slow-1"]
     assert hub.submit("2 + 2", nodes="slow-1").result(30) == 4
     assert hub.nodes("slow-1")[0]["status"] == "ready"
 
 
-# --- no fork server ----------------------------------------------------------------------------
+# --- no zygote ------------------------------------------------------------------------------
 
 
-def no_forkserver_env(tmp_path: Path) -> dict[str, str]:
-    """An environment in which the fork server cannot start (it exits as it starts): workers
-    are then new interpreters, children of the node itself."""
+def no_zygote_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which the zygote cannot start (it exits as it starts): workers are
+    then new interpreters, children of the node itself."""
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        "if 'multiprocessing.forkserver' in ' '.join(getattr(sys, 'orig_argv', [])):\n"
-        "    os._exit(3)\n")
+    (broken / "sitecustomize.py").write_text(f"import os, sys\n{IN_ZYGOTE}    os._exit(3)\n")
     return {"PYTHONPATH": os.pathsep.join(p for p in (str(broken), os.environ.get("PYTHONPATH", ""))
-                                          if p)}
+                                          if p), **EXEC}
 
 
-def test_workers_without_a_fork_server_live_and_die_with_the_node(hub: odium.Hub,
-                                                                  tmp_path: Path) -> None:
-    hub.start_local(1, prefix="tree", env=no_forkserver_env(tmp_path))
+def test_workers_without_a_zygote_live_and_die_with_the_node(hub: odium.Hub,
+                                                             tmp_path: Path) -> None:
+    hub.start_local(1, prefix="tree", env=no_zygote_env(tmp_path))
     r = hub.run("import os; os.getppid()", "tree-1", require="any", timeout=30)["tree-1"]
-    assert r.ok and r.value == hub.local[0].proc.pid, r  # a child of the node: no fork server
+    assert r.ok and r.value == hub.local[0].proc.pid, r  # a child of the node: no zygote
     pidfile = tmp_path / "worker.pid"
     hub.submit_broadcast(sleeper(pidfile), "tree-1", require="any")
     kill_and_watch(hub, pidfile, forked=False)
 
 
-# --- a fork server started again -----------------------------------------------------------------
+# --- a zygote started again -----------------------------------------------------------------
 
 
-def test_a_fork_server_started_again_lives_on_with_its_workers(hub: odium.Hub) -> None:
-    """The parent-death signal follows the node's *thread* that made the fork server: one
-    started again from a short-lived thread would die when that thread ended, and take the
-    session's worker, and its namespace, with it."""
+def test_a_zygote_started_again_lives_on_with_its_workers(hub: odium.Hub) -> None:
+    """A killed zygote takes its workers with it; the node's next workers come from a new one
+    (a new interpreter: the node has threads now, it cannot fork itself again). The
+    parent-death signal follows the node's *thread* that made the zygote: one started again
+    from a short-lived thread would die when that thread ended, and take the session's
+    worker, and its namespace, with it."""
     hub.start_local(1, prefix="again")
     node_pid = hub.local[0].proc.pid
     assert hub.run("1", "again-1", require="any", timeout=30)["again-1"].ok
-    first = wait_until(lambda: forkservers(node_pid), 10, "the fork server")
+    first = wait_until(lambda: zygotes(node_pid), 10, "the zygote")
 
     def workers() -> int:
         try:
@@ -215,9 +234,9 @@ def test_a_fork_server_started_again_lives_on_with_its_workers(hub: odium.Hub) -
     forked = [c for p in first for c in psutil.Process(p).children()]
     for pid in first:
         psutil.Process(pid).kill()
-    wait_until(lambda: all(gone(p) for p in forked), 10, "the old fork server's workers to die")
+    wait_until(lambda: all(gone(p) for p in forked), 10, "the old zygote's workers to die")
     # a command may still meet a worker the node has not yet seen die (its namespace is
-    # lost: WorkerDied); then the node's next workers come from a new fork server, and live
+    # lost: WorkerDied); then the node's next workers come from a new zygote, and live
     for _ in range(3):
         first_ = hub.run("x = 41", "again-1", require="any", timeout=30)["again-1"]
         r = hub.run("x + 1", "again-1", require="any", timeout=30)["again-1"]
@@ -226,4 +245,4 @@ def test_a_fork_server_started_again_lives_on_with_its_workers(hub: odium.Hub) -
         for bad in (first_, r):
             assert bad.ok or (bad.error or {}).get("ename") == "WorkerDied", bad.error
     assert r.ok and r.value == 42, (r.status, r.error)
-    assert forkservers(node_pid) - first
+    assert zygotes(node_pid) - first

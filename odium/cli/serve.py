@@ -62,9 +62,14 @@ def _serve(rt: Runtime, args: argparse.Namespace) -> HubCore:
 def cmd_node(args: argparse.Namespace) -> int:
     from ..core.keys import Token, check_key_id, fingerprint
     from ..node.agent import load_joined, start_node
+    from ..node.workers.zygote import prefork
     from ..runtime import Runtime
 
     _check_serve_options(args)
+    # the workers' zygote: a copy of this process as it is now, imported, with no thread,
+    # no ZeroMQ context, no key and no token read yet (each worker gets the node's
+    # environment as it is when it starts: without ODIUM_TOKEN)
+    prefork()
     text = _token_text(args)
     rt = Runtime(args.home, args.app)
     try:

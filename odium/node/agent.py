@@ -123,7 +123,7 @@ class NodeCore:
         # what code running here can ask: which node am I on? (workers inherit it)
         os.environ["ODIUM_NODE"] = self.name
         os.environ["ODIUM_NODE_PID"] = str(os.getpid())
-        self.workers.start()  # (the fork server starts now and imports in the background)
+        self.workers.start()  # (a zygote that is a new interpreter imports in the background)
         self.commands = Commands(rt, self.name, self._send, received, self.workers)
         self.executor = self.commands.executor
         self.sync = Syncer(rt, self.name, self._send, self._ask, received, self.executor.running,

@@ -1,24 +1,22 @@
 """Tying a node's processes to its life: none of them outlives the node, even a node killed
-with SIGKILL (Linux: the parent-death signal, plus a parent check and a watchdog pipe).
+with SIGKILL (Linux: the parent-death signal, plus a parent check and a watchdog socket).
 
-The tree of a node: its fork server (a child of the node), the workers the fork server
-forks (children of the fork server, not of the node), workers started as new interpreters
-when there is no fork server (children of the node), and multiprocessing's resource tracker
-(a child of the node). Each link is held two ways:
+The tree of a node: its zygote (a child of the node, ``odium.node.workers.zygote``), the
+workers the zygote forks (children of the zygote, not of the node), workers started as new
+interpreters when there is no zygote (children of the node), and the reaper of process groups
+(below). Each link is held two ways:
 
 * every child asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), then
   checks that its parent is still the process that started it (the parent may have died
   before the request: the signal is then never sent);
-* the fork server also watches its "alive" pipe, whose write end only the node holds: when
-  the node dies, the pipe reaches end of file and the fork server exits (then its workers
-  get their parent-death signal). A forked worker therefore closes the copy of that write
-  end it inherits, and its copy of the resource tracker's pipe, which otherwise keep the
-  fork server and the tracker waiting for ever.
+* the zygote also reads its socket to the node, whose other end only the node holds: when
+  the node dies, the socket ends and the zygote exits (then its workers get their
+  parent-death signal). A forked worker closes its copy of that socket first thing.
 
-The parent-death signal comes when the *thread* that made the child ends: the node makes
-its fork server and workers from one thread that lives as long as it does (the
-starter thread of ``odium.node.workers.start``), and the fork server forks from its only
-thread.
+The parent-death signal comes when the *thread* that made the child ends: ``odium node``
+forks its zygote from its main thread, which lives as long as it does; elsewhere the node
+makes its zygote and workers from one thread that lives as long as it does (the starter
+thread of ``odium.node.workers.start``), and the zygote forks from its only thread.
 """
 
 from __future__ import annotations
@@ -58,40 +56,6 @@ def die_with_parent(parent: int, watch: bool = True) -> None:
         os._exit(1)
 
     threading.Thread(target=look, name="odium-parent-watch", daemon=True).start()
-
-
-_SERVER_PID = 0  # in the fork server, and so in every worker it forks: the fork server's pid
-
-
-def forked_by_forkserver() -> None:
-    """In a worker just forked by the node's fork server: die with the fork server, and let go
-    of the pipes it inherited from it, so that the node's death ends the fork server.
-
-    The fork server's pid comes from before the fork: should it have died already, the
-    worker's parent is no longer it (``getppid`` would name whoever adopted the worker)."""
-    die_with_parent(_SERVER_PID or os.getppid())
-    from multiprocessing import forkserver, resource_tracker
-
-    server: object = forkserver._forkserver
-    tracker: object = resource_tracker._resource_tracker
-    for owner, attr in ((server, "_forkserver_alive_fd"), (tracker, "_fd")):
-        fd = getattr(owner, attr, None)
-        if isinstance(fd, int):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            setattr(owner, attr, None)  # code here that needs a tracker starts its own
-    if hasattr(tracker, "_pid"):
-        setattr(tracker, "_pid", None)  # noqa: B010 - a private attribute, named once
-
-
-def in_forkserver() -> None:
-    """In the node's fork server, as it starts (it imports ``odium.node.forkserver_guard`` first):
-    die with the node. Should the node be dead already, the alive pipe ends the server."""
-    global _SERVER_PID
-    _SERVER_PID = os.getpid()
-    die_with_parent(os.getppid(), watch=False)
 
 
 # The reaper: a tiny interpreter (no site, no odium) that kills the process groups of the
@@ -253,5 +217,4 @@ def own_group() -> None:
         pass
 
 
-__all__ = ["REAPER", "GroupReaper", "die_with_parent", "forked_by_forkserver",
-           "in_forkserver", "own_group"]
+__all__ = ["REAPER", "GroupReaper", "die_with_parent", "own_group"]

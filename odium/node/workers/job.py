@@ -18,13 +18,12 @@ from .capture import Capture
 from .channel import Channel
 from .code import add_value, cell_name, error_info, forget_cell, interrupted_error, run_python
 from .results import fit_result
-from .start import connect, forked_start
+from .start import connect
 
 MAX_JOB_CAPTURE = 1024 * 1024  # characters of a job's stdout/stderr kept
 
 Event = dict[str, Any]
 
-FRESH = "from odium.node.workers.job import main; main()"  # a new interpreter's source
 
 _OUT, _ERR = Capture("stdout", MAX_JOB_CAPTURE), Capture("stderr", MAX_JOB_CAPTURE)
 
@@ -88,11 +87,6 @@ def run_job(req: dict[str, Any], fns: dict[str, bytes] | None = None) -> Event:
     return res
 
 
-def forked(sock: socket.socket, app: str) -> None:
-    """Entry point of a job worker forked by the node's fork server (already imported)."""
-    main(*forked_start(sock, app))
-
-
 def main(sock: socket.socket | None = None, parent: int | None = None) -> None:
     """Entry point of a job worker process, talking to its node over ``sock`` (or, started
     as a fresh interpreter, the fd in ODIUM_WORKER_FD).
@@ -135,4 +129,4 @@ def _send(conn: Channel, res: Event) -> None:
     conn.send_surely(data)
 
 
-__all__ = ["FRESH", "forked", "main", "run_job"]
+__all__ = ["main", "run_job"]

@@ -1,5 +1,5 @@
 """What runs a node's commands and jobs: by default worker processes (``ProcessWorkers``: the
-session executor, the job pool and the fork server that makes both). A node is given its
+session executor, the job pool and the zygote that forks both). A node is given its
 workers when it starts; the swarm of the scale benchmark (``bench/swarm.py``) gives many
 nodes of one process one shared worker instead. The node's own code only sees these
 Protocols."""
@@ -62,20 +62,18 @@ class Workers(Protocol):
 
 
 class ProcessWorkers:
-    """Worker processes made by the process's fork server (started now: it imports in the
-    background while the node joins); new interpreters when there is none."""
+    """Worker processes forked by the process's zygote (``odium.node.workers.zygote``: the one
+    ``odium node`` forked as it started, or a new interpreter started now, which imports in
+    the background while the node joins); new interpreters when there is none."""
 
     def __init__(self) -> None:
-        self._forkserver = False
+        self._zygote = False
 
     def start(self) -> None:
-        from .start import warm_forkserver
+        from .start import warm_zygote
 
-        try:
-            warm_forkserver()
-            self._forkserver = True
-        except (OSError, ValueError, RuntimeError) as e:
-            log.warning("no fork server (%s): workers start as new interpreters", e)
+        warm_zygote()
+        self._zygote = True
 
     def commands(self, loop: Loop, app: str,
                  on_event: Callable[[Event], None]) -> CommandRunner:
@@ -91,11 +89,11 @@ class ProcessWorkers:
         return JobPool(loop, app, capacity, on_done)
 
     def stop(self) -> None:
-        if self._forkserver:
-            from .start import release_forkserver
+        if self._zygote:
+            from .start import release_zygote
 
-            self._forkserver = False
-            release_forkserver()
+            self._zygote = False
+            release_zygote()
 
 
 __all__ = ["CommandRunner", "JobRunner", "ProcessWorkers", "Workers"]

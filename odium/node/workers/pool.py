@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import job as job_worker
 from .channel import Channel
 from .code import timeout_error
 from .start import KILL_GRACE, spawn_worker
@@ -61,8 +60,7 @@ class JobPool:
         self.closed = False
 
     def _spawn(self) -> _JobWorker:
-        return self._add(*spawn_worker(job_worker.forked, job_worker.FRESH, self.app,
-                                       "odium-job-worker"))
+        return self._add(*spawn_worker("job", self.app))
 
     def _add(self, proc: Any, sock: socket.socket) -> _JobWorker:
         w = _JobWorker(proc, Channel(sock))

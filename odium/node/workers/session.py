@@ -13,18 +13,12 @@ from typing import Any
 from .capture import Capture, Displays, route_ipython_display
 from .code import add_value, interrupted_error, run_python
 from .results import fit_result
-from .start import connect, forked_start
+from .start import connect
 
 MAX_CAPTURE = 4 * 1024 * 1024  # characters of stdout/stderr kept for the final result
 
 Event = dict[str, Any]
 
-FRESH = "from odium.node.workers.session import main; main()"  # a new interpreter's source
-
-
-def forked(sock: socket.socket, app: str) -> None:
-    """Entry point of a session worker forked by the node's fork server (already imported)."""
-    main(*forked_start(sock, app))
 
 
 def main(sock: socket.socket | None = None, parent: int | None = None) -> None:
@@ -84,4 +78,4 @@ def _run(cmd: str, code: str, ns: dict[str, Any], out: Capture, err: Capture,
     return fit_result(res)  # here, not in the node's loop: it may take a while for a big one
 
 
-__all__ = ["FRESH", "forked", "main"]
+__all__ = ["main"]

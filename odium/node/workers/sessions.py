@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..lifeline import REAPER
-from . import session as session_worker
 from .channel import Channel
 from .code import timeout_error
 from .results import fit_result
@@ -83,8 +82,7 @@ class Executor:
     # --- workers ---------------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
-        proc, sock = spawn_worker(session_worker.forked, session_worker.FRESH, self.app,
-                                  "odium-worker")
+        proc, sock = spawn_worker("session", self.app)
         w = _Worker(proc, Channel(sock))
         self.loop.add(w.conn.fileno(), lambda: self._on_worker(w))
         return w
