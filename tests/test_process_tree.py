@@ -20,7 +20,7 @@ import pytest
 import odium
 from odium.core.results import Status
 
-from .conftest import wait_until
+from .conftest import HB, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -246,3 +246,34 @@ def test_a_zygote_started_again_lives_on_with_its_workers(hub: odium.Hub) -> Non
             assert bad.ok or (bad.error or {}).get("ename") == "WorkerDied", bad.error
     assert r.ok and r.value == 42, (r.status, r.error)
     assert zygotes(node_pid) - first
+
+
+# --- the hub's launcher of local nodes --------------------------------------------------------
+
+
+def test_local_nodes_are_forked_from_one_launcher_that_ends_with_the_hub(
+        tmp_path: Path) -> None:
+    """``start_local`` forks its nodes from one launcher process per hub (the node's code
+    imported once); a node whose environment changes the interpreter (PYTHONPATH) is a new
+    interpreter instead. A node killed with SIGKILL is reported lost, and the launcher and
+    every node end with the hub."""
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=tmp_path) as hub:
+        hub.start_local(2, prefix="fork")
+        hub.start_local(1, prefix="exec", env={"PYTHONPATH": path})
+        forked = [psutil.Process(n.proc.pid) for n in hub.local if n.name.startswith("fork")]
+        launchers = {p.parent().pid for p in forked}
+        assert len(launchers) == 1, describe(forked)
+        launcher = psutil.Process(launchers.pop())
+        assert launcher.name() == "odium-launcher" and launcher.ppid() == os.getpid()
+        assert all(p.name() == "odium-node" for p in forked), describe(forked)
+        execd = psutil.Process(next(n.proc.pid for n in hub.local if n.name == "exec-1"))
+        assert execd.ppid() == os.getpid(), describe([execd])
+        r = hub.run("import os; os.getpid()", require="any", timeout=30)
+        assert all(r[n].ok for n in ("fork-1", "fork-2", "exec-1")), r
+        os.kill(forked[0].pid, signal.SIGKILL)
+        wait_until(lambda: hub.nodes("fork-1")[0]["status"] == "lost", 30, "fork-1 lost")
+        r = hub.run("1", nodes="fork-2", require="any", timeout=30)
+        assert r["fork-2"].value == 1, r
+        everyone = [launcher, *forked, execd]
+    wait_until(lambda: all(gone(p) for p in everyone), DEATH, "the launcher and nodes to end")

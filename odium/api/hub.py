@@ -21,20 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core import wire as P
-from ..core.keys import check_key_id
+from ..core.keys import check_key_id, is_reserved_name
 from ..core.results import NodeResult, Result
 from ..errors import ConfigError, NotConnectedError
 from ..errors import TimeoutError as OdiumTimeout
 from ..hub.keytable import KeyInfo, key_fp
 from ..hub.server import HubCore
 from ..hub.start import start_hub
-from ..local.home import ensure_home, load_or_create
-from ..node.agent import save_joined
+from ..local.home import ensure_home
 from ..runtime import Runtime
 from .hubjobs import HubJobs
 from .interface import DEFAULT_SESSION, JobVerbs, KeyVerbs
 from .jobs import Job, JobExecutor, as_completed, check_options, check_status
-from .local import MAX_LOCAL, LocalNode, free_name, launch
+from .local import MAX_LOCAL, Launcher, LocalNode, free_name, launch, prepare_homes
 
 if TYPE_CHECKING:
     from .interface import HubAPI
@@ -80,6 +79,7 @@ class Hub(KeyVerbs, JobVerbs):
         self.rt: Runtime | None = None
         self._core: HubCore | None = None
         self.local: list[LocalNode] = []
+        self._launcher = Launcher()  # forks the local nodes
         self._hints: set[str] = set()  # hints already given: each once per Hub (session)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -111,6 +111,7 @@ class Hub(KeyVerbs, JobVerbs):
             n.stop()
         self._forget_local([n.name for n in self.local])
         self.local.clear()
+        self._launcher.close()
         if self.rt is not None:
             self.rt.close()
             self.rt = self._core = None
@@ -364,8 +365,6 @@ class Hub(KeyVerbs, JobVerbs):
 
     def trust(self, key_id: str, name: str, role: str = "node") -> None:
         """Trust a key directly (for nodes whose keys you made yourself)."""
-        from ..core.keys import is_reserved_name
-
         check_key_id(key_id)  # a clear error here, before anything changes
         if role != "admin" and is_reserved_name(name):
             raise ConfigError(f"node name {name!r} is reserved for the hub's own keys")
@@ -408,17 +407,26 @@ class Hub(KeyVerbs, JobVerbs):
             "0.0.0.0", "*", "127.0.0.1") else core.public_address()
         known = self._call(lambda: set(core.nodes))
         running = {ln.name for ln in self.local if ln.proc.poll() is None}
-        started = []
+        names = []
         for _ in range(n):
-            name = free_name(prefix, base, running, known)
-            running.add(name)
-            home = ensure_home(base / name)
-            self.trust(load_or_create(home / "identity.key").key_id, name)
-            save_joined(home, addr, self.key, name)
-            node = launch(name, home, str(app or core.rt.app), python=python,
-                          capacity=capacity, extra_args=extra_args, env=env)
-            self.local.append(node)
-            started.append(node)
+            names.append(free_name(prefix, base, running, known))
+            running.add(names[-1])
+        self._launcher.warm()  # its imports while the homes are written
+        homes = prepare_homes(base, names, addr, self.key)
+        for name, _home, key_id in homes:
+            check_key_id(key_id)  # a clear error here, before anything changes
+            if is_reserved_name(name):
+                raise ConfigError(f"node name {name!r} is reserved for the hub's own keys")
+
+        def trust() -> None:
+            for name, _home, key_id in homes:
+                core.keytable.put(KeyInfo(key_id, "node", name, None, "a local node"))
+
+        self._call(trust)
+        started = launch([(name, home) for name, home, _key in homes], str(app or core.rt.app),
+                         python=python, capacity=capacity, extra_args=extra_args, env=env,
+                         launcher=self._launcher)
+        self.local.extend(started)
         if wait:
             self.wait_for_nodes([n.name for n in started], timeout)
         return started

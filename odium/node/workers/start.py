@@ -65,6 +65,29 @@ class _Starter:
 _STARTER = _Starter()
 
 
+def in_starter(fn: Callable[[], Any], timeout: float = START_TIMEOUT) -> Any:
+    """``fn()`` called in the starter thread (a process that must live as long as this one:
+    see ``_Starter``), its value or its exception."""
+    done = threading.Event()
+    out: list[Any] = []
+
+    def call() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            out.append((False, e))
+        finally:
+            done.set()
+
+    _STARTER.submit(call)
+    if not done.wait(timeout):
+        raise OSError(f"the starter thread did not answer in {timeout} s")
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
 class _Zygotes:
     """This process's zygote (``odium.node.workers.zygote``): the one ``odium node`` forked as it
     started, else one started as a new interpreter; started again when it has ended. Used from
@@ -255,4 +278,5 @@ def connect(sock: socket.socket | None, parent: int | None) -> Channel:
     return Channel(sock)
 
 
-__all__ = ["KILL_GRACE", "connect", "release_zygote", "spawn_worker", "warm_zygote"]
+__all__ = ["KILL_GRACE", "connect", "in_starter", "release_zygote", "spawn_worker",
+           "warm_zygote"]

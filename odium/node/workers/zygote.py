@@ -34,9 +34,17 @@ from typing import Any, NoReturn
 
 from ..lifeline import die_with_parent
 
-KINDS = {"session": "odium.node.workers.session", "job": "odium.node.workers.job"}
+# what each kind of process runs (``main(sock, zygote)`` for a worker; ``main(argv)``, the
+# command line's, for a node) and what a zygote for it imports before it forks
+KINDS = {"session": "odium.node.workers.session", "job": "odium.node.workers.job",
+         "node": "odium.cli.main"}
+PRELOAD = {"session": ["odium.node.workers.session"], "job": ["odium.node.workers.job"],
+           "node": ["odium.cli.main", "odium.cli.serve", "odium.node.agent", "odium.runtime",
+                    "odium.node.workers.session", "odium.node.workers.job", "git"]}
+WORKERS = ("session", "job")
 MODE_ENV = "ODIUM_ZYGOTE"  # "exec": start it as a new interpreter, never forked (tests, debug)
 NAME = b"odium-zygote"  # its name in ps and /proc/PID/comm
+LAUNCHER = b"odium-launcher"  # a zygote of local nodes (``odium.api.local``)
 PR_SET_NAME = 15
 MAX_PACKET = 1 << 20  # bytes of one request (the worker's environment is most of it)
 
@@ -44,9 +52,9 @@ MAX_PACKET = 1 << 20  # bytes of one request (the worker's environment is most o
 # --- the zygote ------------------------------------------------------------------------------
 
 
-def serve(ctl: socket.socket, parent: int) -> NoReturn:
+def serve(ctl: socket.socket, parent: int, name: bytes = NAME) -> NoReturn:
     """The zygote's loop, in its only thread, until its node closes the socket or dies."""
-    _name(NAME)
+    _name(name)
     die_with_parent(parent, watch=False)  # (and the socket's end, should prctl be missing)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C for the node's group is not ours
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -81,6 +89,8 @@ def _answer(ctl: socket.socket, data: bytes, fds: list[int], wake: tuple[int, in
         n = req["n"]
         if len(fds) != 1 or req["kind"] not in KINDS:
             raise ValueError(f"bad request: kind {req.get('kind')!r}, {len(fds)} descriptors")
+        if req["kind"] == "node":
+            _warm_state(req["app"])
         pid = os.fork()
         if pid == 0:
             _worker(req, fds[0], ctl, wake)
@@ -90,6 +100,22 @@ def _answer(ctl: socket.socket, data: bytes, fds: list[int], wake: tuple[int, in
     finally:
         for fd in fds:
             os.close(fd)
+
+
+_WARMED: set[str] = set()
+
+
+def _warm_state(app: str) -> None:
+    """A launcher, before its first node of ``app``: that app's environment fingerprint,
+    computed once here (~20 ms of CPU: the installed distributions read) and cached, so that
+    each node forked after it finds it made (the cache checks it is still right)."""
+    if app in _WARMED:
+        return
+    _WARMED.add(app)
+    try:
+        importlib.import_module("odium.local.appstate").snapshot(app)
+    except Exception:  # noqa: BLE001 - the node computes it itself, and says what is wrong
+        pass
 
 
 def _reap(ctl: socket.socket) -> None:
@@ -124,13 +150,16 @@ def _worker(req: dict[str, Any], fd: int, ctl: socket.socket, wake: tuple[int, i
         signal.signal(signal.SIGINT, signal.default_int_handler)  # interrupts stop the code
         os.environ.clear()
         os.environ.update(req["env"])
-        sys.argv = ["-c"]  # as a new interpreter's: never the node's (its options)
-        sys.orig_argv = [sys.executable, "-c", "odium worker"]
-        _name(b"odium-worker")
         os.chdir(req["app"])
-        sock = socket.socket(fileno=fd)
-        importlib.import_module(KINDS[req["kind"]]).main(sock, zygote)
-        code = 0
+        if req["kind"] == "node":
+            code = _node(req["argv"], fd)
+        else:
+            sys.argv = ["-c"]  # as a new interpreter's: never the node's (its options)
+            sys.orig_argv = [sys.executable, "-c", "odium worker"]
+            _name(b"odium-worker")
+            sock = socket.socket(fileno=fd)
+            importlib.import_module(KINDS[req["kind"]]).main(sock, zygote)
+            code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - said on the node's log, then the worker ends
@@ -142,6 +171,23 @@ def _worker(req: dict[str, Any], fd: int, ctl: socket.socket, wake: tuple[int, i
             except (OSError, ValueError, AttributeError):
                 pass
     os._exit(code)
+
+
+def _node(argv: list[str], log: int) -> int:
+    """A local node, forked by a launcher: what ``python -m odium node ...`` in the app's
+    directory, in a session of its own, its output to ``log``, would have been."""
+    os.setsid()  # a Ctrl-C meant for the hub's process group is not the node's
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    for fd in (null, log):
+        os.close(fd)
+    sys.path[0] = os.getcwd()  # ``python -m``'s first entry: the directory it started in
+    sys.argv = [sys.executable, "-m", "odium", *argv]
+    sys.orig_argv = list(sys.argv)
+    _name(b"odium-node")
+    return int(importlib.import_module(KINDS["node"]).main(argv) or 0)
 
 
 def _name(name: bytes) -> None:
@@ -228,40 +274,60 @@ class Zygote:
         return cls(ours, pid)
 
     @classmethod
-    def started(cls, timeout: float = 60.0) -> Zygote:
-        """Start the zygote as a new interpreter (it imports the workers' modules first)."""
+    def started(cls, kinds: tuple[str, ...] = WORKERS, cwd: str | None = None) -> Zygote:
+        """Start a zygote as a new interpreter (it imports what ``kinds`` need first), in this
+        process's environment, in ``cwd``."""
         import subprocess
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "odium.node.workers.zygote", str(theirs.fileno()),
-                 str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                 str(os.getpid()), *kinds], pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL, cwd=cwd)
         finally:
             theirs.close()
         return cls(ours, proc.pid, proc)
 
-    def fork(self, kind: str, app: str, sock: socket.socket, timeout: float) -> Forked:
-        """A new worker of ``kind`` in ``app``, on ``sock`` (its end of the node's socketpair),
-        with this process's environment as it is now."""
-        done: tuple[threading.Event, list[Any]] = (threading.Event(), [])
+    def fork(self, kind: str, app: str, sock: socket.socket | int, timeout: float, *,
+             env: dict[str, str] | None = None, argv: list[str] | None = None) -> Forked:
+        """A new process of ``kind`` in ``app``: a worker on ``sock`` (its end of the node's
+        socketpair), or a node with ``argv`` (its command line's) writing to ``sock`` (its
+        log); with ``env``, else this process's environment as it is now."""
+        return self.answer(self.ask(kind, app, sock, env=env, argv=argv), timeout)
+
+    def ask(self, kind: str, app: str, sock: socket.socket | int, *,
+            env: dict[str, str] | None = None, argv: list[str] | None = None) -> int:
+        """``fork``'s request, sent: its number, for ``answer`` (``sock`` may be closed)."""
         with self._lock:
             if not self.alive:
                 raise OSError("the zygote has ended")
             self._n += 1
             n = self._n
-            self._asked[n] = done
-        req = json.dumps({"n": n, "kind": kind, "app": app, "env": dict(os.environ)}).encode()
+            self._asked[n] = (threading.Event(), [])
+        req = json.dumps({"n": n, "kind": kind, "app": app, "argv": argv or [],
+                          "env": dict(os.environ) if env is None else env}).encode()
         try:
-            socket.send_fds(self.ctl, [req], [sock.fileno()])
-            if not done[0].wait(timeout):
-                raise OSError(f"the zygote did not fork a worker in {timeout} s")
+            socket.send_fds(self.ctl, [req], [sock if isinstance(sock, int) else sock.fileno()])
+        except OSError:
+            with self._lock:
+                self._asked.pop(n, None)
+            raise
+        return n
+
+    def answer(self, n: int, timeout: float) -> Forked:
+        """The process request ``n`` forked (OSError: it was not, or not in ``timeout`` s)."""
+        with self._lock:
+            done = self._asked.get(n)
+        try:
+            if done is None or not done[0].wait(timeout):
+                raise OSError(f"the zygote did not fork a process in {timeout} s")
         finally:
             with self._lock:
                 self._asked.pop(n, None)
         answer = done[1][0] if done[1] else {"error": "the zygote has ended"}
         if "pid" not in answer:
-            raise OSError(f"the zygote could not fork a worker: {answer.get('error')}")
+            raise OSError(f"the zygote could not fork a process: {answer.get('error')}")
         worker = answer["worker"]
         assert isinstance(worker, Forked)
         return worker
@@ -339,18 +405,19 @@ def prefork() -> None:
     global _PREFORKED
     if os.environ.get(MODE_ENV) == "exec" or threading.active_count() > 1:
         return
-    _preload()
+    _preload(WORKERS)
     try:
         _PREFORKED = Zygote.forked()
     except OSError:
         _PREFORKED = None
 
 
-def _preload() -> None:
-    """Import the workers' modules (each worker forks with them; by name: they import the
+def _preload(kinds: tuple[str, ...] | list[str]) -> None:
+    """Import what ``kinds`` run (each one forks with them; by name: they import the
     node's side of their start, which imports this)."""
-    for module in KINDS.values():
-        importlib.import_module(module)
+    for kind in kinds:
+        for module in PRELOAD[kind]:
+            importlib.import_module(module)
 
 
 def take_preforked() -> Zygote | None:
@@ -361,14 +428,16 @@ def take_preforked() -> Zygote | None:
 
 
 def main() -> None:
-    """``python -m odium.node.workers.zygote FD PARENT``: a zygote as a new interpreter."""
-    _preload()
+    """``python -m odium.node.workers.zygote FD PARENT [KIND ...]``: a zygote as a new
+    interpreter, for workers (the default) or for local nodes (``node``)."""
+    kinds = sys.argv[3:] or list(WORKERS)
+    _preload(kinds)
     ctl = socket.socket(fileno=int(sys.argv[1]))
-    serve(ctl, int(sys.argv[2]))
+    serve(ctl, int(sys.argv[2]), LAUNCHER if "node" in kinds else NAME)
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["KINDS", "Forked", "Zygote", "prefork", "take_preforked"]
+__all__ = ["KINDS", "WORKERS", "Forked", "Zygote", "prefork", "take_preforked"]
