@@ -79,8 +79,9 @@ class ProcessWorkers:
                  on_event: Callable[[Event], None]) -> CommandRunner:
         from .sessions import Executor
 
-        # the first worker starts once the node is ready, so that joining is not slowed down
-        return Executor(loop, app, on_event, prestart=False)
+        # a spare session worker is forked from the zygote while the node joins (it takes
+        # a millisecond), so the first command finds it ready
+        return Executor(loop, app, on_event, prestart=True)
 
     def jobs(self, loop: Loop, app: str, capacity: int,
              on_done: Callable[[str, Event], None]) -> JobRunner:

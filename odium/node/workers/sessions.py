@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 OUT_CHUNK = 1024 * 1024  # characters of streamed output per 'output' message (at most)
 MAX_STREAM = MAX_CAPTURE  # characters of each stream of a command sent while it runs
+REFILL_AFTER = 1.0  # seconds after a session took the spare worker before the next one starts
 
 Event = dict[str, Any]
 
@@ -94,7 +95,10 @@ class Executor:
                 self._worker_died(self.spare)  # it died before we heard: not for a session
             w, self.spare = (self.spare or self._spawn()), None
             self.sessions[session] = w
-            self.loop.call_soon_threadsafe(self._refill_spare)
+            # not at once: a broadcast starts a session on every node together, and their new
+            # spares would take the CPU the command needs (a new session meanwhile forks
+            # one, in milliseconds)
+            self.loop.call_later(REFILL_AFTER, self._refill_spare)
         return w
 
     def warm(self) -> None:
