@@ -54,10 +54,15 @@ def test_local_nodes_are_forgotten_when_their_hub_stops_them(tmp_path: Path) -> 
     """Two notebooks one after the other, same home: the second sees only its own nodes."""
     home = tmp_path / "hub"
     with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path) as h:
-        h.start_local(2, prefix="local")
+        h.start_local(16, prefix="local")
         h.run("1", timeout=10).raise_for_error()
     with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path) as h:
         assert h.nodes() == [], "the first hub's local nodes are gone"
+        events = h.log(500)
+        # every node's bye was heard before it was forgotten, not rejected as a stranger's
+        assert not [e for e in events if e["kind"] == "rejected"], events
+        left = {e["node"] for e in events if e["kind"] == "node_left"}
+        assert left == {f"local-{i}" for i in range(1, 17)}, events
         h.start_local(1, prefix="other")
         r = h.run("1", timeout=10)
         assert sorted(r) == ["other-1"] and r.ok

@@ -26,6 +26,7 @@ from ..core.results import NodeResult, Result
 from ..errors import ConfigError, NotConnectedError
 from ..errors import TimeoutError as OdiumTimeout
 from ..hub.keytable import KeyInfo, key_fp
+from ..hub.nodes import LIVE
 from ..hub.server import HubCore
 from ..hub.start import start_hub
 from ..local.home import ensure_home
@@ -109,6 +110,7 @@ class Hub(KeyVerbs, JobVerbs):
                 n.proc.terminate()
         for n in self.local:
             n.stop()
+        self._heard_byes([n.name for n in self.local])
         self._forget_local([n.name for n in self.local])
         self.local.clear()
         self._launcher.close()
@@ -381,6 +383,21 @@ class Hub(KeyVerbs, JobVerbs):
         registry, with their keys; the names forgotten. ``*`` no longer targets them."""
         core = self.core
         return list(self._call(lambda: core.forget(pattern)))
+
+    def _heard_byes(self, names: list[str], timeout: float = 2.0) -> None:
+        """Wait (a little) until the stopped local nodes' last messages are read: a bye read
+        after the node is forgotten is from a key the hub no longer knows (a warning)."""
+        if self.rt is None or not names:
+            return
+        core = self.core
+
+        def heard() -> bool:  # in the loop thread
+            return not any(n in core.nodes and core.nodes[n].status in LIVE for n in names)
+
+        try:
+            self.rt.wait_for(heard, timeout, "the local nodes' byes")
+        except OdiumTimeout:
+            pass  # a node killed before it could say bye: forgotten all the same
 
     def _forget_local(self, names: list[str]) -> None:
         """Local nodes this hub started and has stopped itself are gone for good: forgotten."""
