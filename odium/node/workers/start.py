@@ -18,7 +18,7 @@ from typing import Any
 
 from ..lifeline import REAPER, die_with_parent, own_group
 from .channel import Channel
-from .zygote import KINDS, Forked, Zygote, take_preforked
+from .zygote import KINDS, Forked, Zygote, ZygoteEnded, take_preforked
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +118,26 @@ class _Zygotes:
         return self.current
 
     def fork(self, kind: str, app: str, child: socket.socket) -> Forked | None:
-        z = self.get()
-        if z is None:
-            return None
-        try:
-            w = z.fork(kind, app, child, START_TIMEOUT)
-        except OSError as e:
-            log.warning("%s; starting a new interpreter", e)
-            return None
-        self._forked_any = True
-        return w
+        for again in (False, True):
+            z = self.get()
+            if z is None:
+                return None
+            try:
+                w = z.fork(kind, app, child, START_TIMEOUT)
+            except ZygoteEnded as e:
+                if again or not self._forked_any:
+                    log.warning("%s; starting a new interpreter", e)
+                    return None
+                # it worked and has died (killed): its reader may not have heard it yet
+                self.current = None
+                z.close()
+                continue
+            except OSError as e:
+                log.warning("%s; starting a new interpreter", e)
+                return None
+            self._forked_any = True
+            return w
+        return None
 
     def stop(self) -> None:
         z, self.current = self.current, None

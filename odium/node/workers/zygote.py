@@ -202,6 +202,10 @@ def _name(name: bytes) -> None:
 # --- the node's side --------------------------------------------------------------------------
 
 
+class ZygoteEnded(OSError):
+    """The zygote has ended (killed, or it failed): a new one may take its place."""
+
+
 class Forked:
     """A worker the zygote forked, with the parts of ``subprocess.Popen`` the executor and the
     job pool use (its status comes from the zygote)."""
@@ -301,7 +305,7 @@ class Zygote:
         """``fork``'s request, sent: its number, for ``answer`` (``sock`` may be closed)."""
         with self._lock:
             if not self.alive:
-                raise OSError("the zygote has ended")
+                raise ZygoteEnded("the zygote has ended")
             self._n += 1
             n = self._n
             self._asked[n] = (threading.Event(), [])
@@ -309,10 +313,10 @@ class Zygote:
                           "env": dict(os.environ) if env is None else env}).encode()
         try:
             socket.send_fds(self.ctl, [req], [sock if isinstance(sock, int) else sock.fileno()])
-        except OSError:
+        except OSError as e:
             with self._lock:
                 self._asked.pop(n, None)
-            raise
+            raise ZygoteEnded(f"the zygote has ended ({e})") from e
         return n
 
     def answer(self, n: int, timeout: float) -> Forked:
@@ -325,7 +329,9 @@ class Zygote:
         finally:
             with self._lock:
                 self._asked.pop(n, None)
-        answer = done[1][0] if done[1] else {"error": "the zygote has ended"}
+        if not done[1]:
+            raise ZygoteEnded("the zygote has ended")
+        answer = done[1][0]
         if "pid" not in answer:
             raise OSError(f"the zygote could not fork a process: {answer.get('error')}")
         worker = answer["worker"]
