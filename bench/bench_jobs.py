@@ -2,7 +2,7 @@
 """Job queue benchmark: many trivial jobs over local nodes, end to end; ipyparallel optionally.
 
     python bench/bench_jobs.py [--jobs 10000] [--nodes 4] [--capacity 16] [--ipyparallel]
-                               [--repeat 3] [--json OUT]
+                               [--repeat 3] [--latency 300] [--json OUT]
 
 Odium: a hub (this process) and ``--nodes`` local node processes with ``--capacity``
 job workers each (``0``: each node's default, its number of cores), CURVE-encrypted and
@@ -12,14 +12,17 @@ starts every worker:
 
   * map       ``hub.map(inc, range(N))``: N jobs submitted at once, until every value is in
               hand (in order) and checked;
-  * submit    N separate ``hub.submit(inc, i)`` calls, then every ``Job.result()``.
+  * submit    N separate ``hub.submit(inc, i)`` calls, then every ``Job.result()``;
+  * latency   ``--latency`` single jobs on an idle queue, one after the other:
+              ``hub.submit(inc, i).result()``, submit to result in hand (median, p90).
 
 Each is run ``--repeat`` times; the report gives every run and the best and median jobs/s.
 At the end the store is checked: N done jobs per run, each with its four moves.
 
 ipyparallel (``--ipyparallel``): ``ipp.Cluster(n=N)`` in a throwaway profile,
 ``load_balanced_view().map_sync(inc, range(--ipp-jobs))``, timed the same way (after a
-warm-up), in the same run; the ratio Odium / ipyparallel is printed.
+warm-up), and ``apply_sync(inc, i)`` one after the other for the latency, in the same run;
+the ratios Odium / ipyparallel are printed.
 
 Nothing here sleeps to synchronise: every wait is on the results.
 """
@@ -54,10 +57,23 @@ def summary(rates: list[float]) -> dict[str, Any]:
     return {"runs": rates, "best": max(rates), "median": statistics.median(rates)}
 
 
+def latency(call: Any, n: int) -> dict[str, float]:
+    """``call(i)`` n times one after the other (each returns i + 1): ms, median and p90."""
+    ms = []
+    for i in range(n):
+        t = perf()
+        assert call(i) == i + 1, "wrong value"
+        ms.append((perf() - t) * 1000)
+    ms.sort()
+    return {"n": n, "median_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (n - 1))],
+            "min_ms": ms[0]}
+
+
 # --- Odium ----------------------------------------------------------------------------------
 
 
-def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int) -> dict[str, Any]:
+def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int,
+                lat: int) -> dict[str, Any]:
     import odium
     from odium.hub.store import JobEventRow, JobRow
 
@@ -86,6 +102,8 @@ def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int) -> dict[str, 
                 assert got == [i + 1 for i in range(jobs)], "wrong values from submit"
             out["map"] = summary(maps)
             out["submit"] = summary(submits)
+            if lat:
+                out["latency"] = latency(lambda i: hub.submit(inc, i).result(30), lat)
             out["queue_stats"] = dict(hub.core.jobq.stats)
             # everything is in the store: every job done, every move recorded
             store = hub.core.store
@@ -98,7 +116,7 @@ def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int) -> dict[str, 
                                 .where(JobRow.status == "done"))
                 moves = s.scalar(select(func.count()).select_from(JobEventRow))
             out["stored_done"], out["stored_moves"] = int(done or 0), int(moves or 0)
-            expected = slots * 20 + 2 * repeat * jobs
+            expected = slots * 20 + 2 * repeat * jobs + lat
             assert out["stored_done"] == expected, (out["stored_done"], expected)
             assert out["stored_moves"] >= 4 * expected, (out["stored_moves"], 4 * expected)
     except Exception as e:
@@ -112,7 +130,7 @@ def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int) -> dict[str, 
 # --- ipyparallel ----------------------------------------------------------------------------
 
 
-def bench_ipp(jobs: int, engines: int, repeat: int) -> dict[str, Any]:
+def bench_ipp(jobs: int, engines: int, repeat: int, lat: int) -> dict[str, Any]:
     out: dict[str, Any] = {"engines": engines, "jobs": jobs}
     try:
         import ipyparallel as ipp
@@ -137,6 +155,8 @@ def bench_ipp(jobs: int, engines: int, repeat: int) -> dict[str, Any]:
             rates.append(_rate(jobs, perf() - t))
             assert list(values) == [x + 1 for x in range(jobs)], "wrong values"
         out["map"] = summary(rates)
+        if lat:
+            out["latency"] = latency(lambda i: view.apply_sync(inc, i), lat)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
         out["traceback"] = traceback.format_exc()
@@ -168,6 +188,10 @@ def report(res: dict[str, Any]) -> str:
             runs = ", ".join(f"{r:.0f}" for r in o[k]["runs"])
             lines.append(f"  {k:<7} best {o[k]['best']:7.0f} jobs/s  median "
                          f"{o[k]['median']:7.0f} jobs/s   (runs: {runs})")
+    if "latency" in o:
+        la = o["latency"]
+        lines.append(f"  latency median {la['median_ms']:.2f} ms  p90 {la['p90_ms']:.2f} ms  "
+                     f"(one job at a time, idle queue, {la['n']} jobs)")
     if "stored_done" in o:
         lines.append(f"  store: {o['stored_done']} jobs done, {o['stored_moves']} moves "
                      f"recorded; queue: {o.get('queue_stats')}")
@@ -179,6 +203,10 @@ def report(res: dict[str, Any]) -> str:
             runs = ", ".join(f"{r:.0f}" for r in ipp["map"]["runs"])
             lines.append(f"  map_sync best {ipp['map']['best']:7.0f} tasks/s  median "
                          f"{ipp['map']['median']:7.0f} tasks/s   (runs: {runs})")
+        if "latency" in ipp:
+            la = ipp["latency"]
+            lines.append(f"  apply_sync latency median {la['median_ms']:.2f} ms  p90 "
+                         f"{la['p90_ms']:.2f} ms  ({la['n']} tasks)")
         if "error" in ipp:
             lines.append(f"  ipyparallel FAILED: {ipp['error']}")
     for k, v in res.get("ratios", {}).items():
@@ -196,17 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ipyparallel", action="store_true", help="also time ipyparallel")
     ap.add_argument("--ipp-jobs", type=int, default=None,
                     help="tasks per ipyparallel run (default: --jobs)")
+    ap.add_argument("--latency", type=int, default=300, metavar="N",
+                    help="single jobs timed one at a time on an idle queue")
     ap.add_argument("--json", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load": os.getloadavg(),
                                        "python": platform.python_version()}}
-    res["odium"] = bench_odium(args.jobs, args.nodes, args.capacity, args.repeat)
+    res["odium"] = bench_odium(args.jobs, args.nodes, args.capacity, args.repeat, args.latency)
     if args.ipyparallel:
-        res["ipyparallel"] = bench_ipp(args.ipp_jobs or args.jobs, args.nodes, args.repeat)
+        res["ipyparallel"] = bench_ipp(args.ipp_jobs or args.jobs, args.nodes, args.repeat,
+                                       args.latency)
         o, i = res["odium"], res["ipyparallel"]
         if "map" in o and "map" in i:
             res["ratios"] = {"best map": o["map"]["best"] / i["map"]["best"],
                              "median map": o["map"]["median"] / i["map"]["median"]}
+        if "latency" in o and "latency" in i:
+            res["ratios"]["median latency (ipyparallel / odium)"] = (
+                i["latency"]["median_ms"] / o["latency"]["median_ms"])
     print(report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
