@@ -70,6 +70,8 @@ class JobBook:
         self.flush_due = False
         self._holding = False  # a flush waits for the store to write again
         self.flushed_at = 0.0
+        self._writing = 0  # urgent writes of the book handed to the store, not yet committed
+        self._flush_soon = False  # a flush at the end of this loop round is coming
 
     # --- after a restart -------------------------------------------------------------------
 
@@ -99,21 +101,27 @@ class JobBook:
     # --- the store -------------------------------------------------------------------------
 
     def touch(self) -> None:
-        """Changes are waiting: write them at the end of this loop round, or, while writes
-        come thick and fast, at most every FLUSH_EVERY (so one row update covers a job's
-        several moves)."""
-        if not self.flush_due:
+        """Changes are waiting. New jobs and submitters wait for their write: it goes at the
+        end of this loop round when no write of the book is on its way to the store, else as
+        soon as that one commits (a group commit: whatever came meanwhile goes in one write).
+        Moves of jobs alone are written at most every FLUSH_UPDATES (one row update covers a
+        job's several moves)."""
+        if self.new or self.after_persist:
+            if not self._writing and not self._flush_soon:
+                self._flush_soon = True
+                self.loop.call_later(0, self.flush)
+            elif self._writing and not self.flush_due:
+                # fallback only (the commit's callback flushes): a store that holds writes
+                self.flush_due = True
+                self.loop.call_later(FLUSH_EVERY, self.flush)
             self.flush_due = True
-            every = FLUSH_EVERY if self.new or self.after_persist else FLUSH_UPDATES
-            wait = every - (time.monotonic() - self.flushed_at)
+        elif not self.flush_due:
+            self.flush_due = True
+            wait = FLUSH_UPDATES - (time.monotonic() - self.flushed_at)
             self.loop.call_later(max(0.0, wait), self.flush)
 
     def soon(self) -> None:
         """New jobs came: write them sooner than the update cadence."""
-        if self.flush_due and time.monotonic() - self.flushed_at < FLUSH_EVERY:
-            pass  # a flush is coming soon enough
-        elif self.flush_due:
-            self.loop.call_later(0, self.flush)
         self.touch()
 
     def flush(self, force: bool = False) -> None:
@@ -127,7 +135,7 @@ class JobBook:
                 self._holding = True
                 self.loop.call_later(HOLD_BACK, self._unhold)
             return
-        self.flush_due = False
+        self.flush_due = self._flush_soon = False
         self.flushed_at = time.monotonic()
         if not (self.new or self._dirty or self.events or self.acks or self.after_persist
                 or self.new_fns):
@@ -154,25 +162,30 @@ class JobBook:
         loop = self.loop
         # the results are acknowledged (and nodes forget them) only once this very write has
         # committed, durably (store.SQLITE_SYNCHRONOUS); never if it failed
+        urgent = bool(new_ids or after)
+        self._writing += urgent
         self.store.write_jobs(rows, upd, events, fns, on_commit=lambda: loop.call_soon_threadsafe(
-            lambda: self._committed(new_ids, acks, after)), on_fail=lambda: (
-            loop.call_soon_threadsafe(lambda: self._dropped(new_ids, acks))))
+            lambda: self._committed(new_ids, acks, after, urgent)), on_fail=lambda: (
+            loop.call_soon_threadsafe(lambda: self._dropped(new_ids, acks, urgent))),
+            urgent=urgent)
 
     def _unhold(self) -> None:
         self._holding = False
         self.flush()
 
-    def _dropped(self, new_ids: list[str], acks: dict[str, set[str]]) -> None:
+    def _dropped(self, new_ids: list[str], acks: dict[str, set[str]], urgent: bool) -> None:
         """The store dropped the write (it was bad, not the store): its results are never
         acknowledged, so their nodes keep them; its new jobs never go out."""
+        self._wrote(urgent)
         ids = set().union(*acks.values()) if acks else set()
         self.unstored |= ids
         log.error("the store dropped a write of %d new job(s) and %d result(s): those results "
                   "are not acknowledged, and those jobs are not sent", len(new_ids), len(ids))
 
     def _committed(self, new_ids: list[str], acks: dict[str, set[str]],
-                   after: list[Callable[[], None]]) -> None:
+                   after: list[Callable[[], None]], urgent: bool) -> None:
         """In the store: the new jobs may go, the results may be acknowledged."""
+        self._wrote(urgent)
         for j in new_ids:
             rec = self.jobs.get(j)
             if rec is not None and rec.status is Q:
@@ -185,6 +198,13 @@ class JobBook:
             except Exception:
                 log.exception("job callback failed")
         self.kick()
+
+    def _wrote(self, urgent: bool) -> None:
+        """A write of the book has committed or been dropped: what waited for it goes now."""
+        self._writing -= urgent
+        if not self._writing and (self.new or self.after_persist) and not self._flush_soon:
+            self._flush_soon = True
+            self.loop.call_later(0, self.flush)
 
     def rows(self, ids: list[str]) -> list[JobRow]:
         out: list[JobRow] = []

@@ -231,6 +231,7 @@ class Store:
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self._job_sql = _job_statements(self.engine.dialect.paramstyle)
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._urgent = False  # an urgent write is queued (write_jobs): commit without waiting
         self._health = sf.Health(self.event)
         self._closing = threading.Event()  # the store stops: a write it cannot make is given up
         self._writer = threading.Thread(target=self._write_loop, name="odium-store", daemon=True)
@@ -277,14 +278,18 @@ class Store:
                 self._watch_file()
                 continue
             # let a burst finish (bounded) so that one transaction takes it all and the
-            # writer does not compete with the loop thread in the middle of a round
+            # writer does not compete with the loop thread in the middle of a round; but an
+            # urgent write (jobs wait for it) takes only what is queued already
+            urgent = False
             deadline = time.monotonic() + QUIET_MAX
             while len(batch) < 5000 and batch[-1] is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
+                if self._urgent:
+                    self._urgent, urgent = False, True
                 try:
-                    batch.append(q.get(timeout=min(QUIET, left)))
+                    batch.append(q.get_nowait() if urgent else q.get(timeout=min(QUIET, left)))
                 except queue.Empty:
                     break
             stop = None in batch
@@ -499,11 +504,14 @@ class Store:
 
     def write_jobs(self, jobs: list[tuple[Any, ...]], updates: list[tuple[Any, ...]],
                    events: list[tuple[Any, ...]], fns: list[tuple[str, str]],
-                   on_commit: Callable[[], None], on_fail: Callable[[], None]) -> None:
+                   on_commit: Callable[[], None], on_fail: Callable[[], None],
+                   urgent: bool = False) -> None:
         """Queue the job queue's changes as one write: new jobs (tuples in ``JOB_COLS``
         order), updates (``JOB_MUTABLE`` then the row's seq), job events (``JOB_EVENT_COLS``)
         and functions (hash, data). Plain executemany: this is the queue's hot path.
-        ``on_commit`` and ``on_fail`` as for ``write``."""
+        ``on_commit`` and ``on_fail`` as for ``write``; ``urgent``: someone waits for this
+        commit (new jobs go out only after it), so the writer takes what is queued already and
+        does not wait for more."""
         created = time.time()
         sql = self._job_sql
 
@@ -522,6 +530,8 @@ class Store:
             if events:
                 conn.exec_driver_sql(sql["event"], sql["fit"](events))
 
+        if urgent:
+            self._urgent = True
         self.write(work, on_commit=on_commit, on_fail=on_fail)
 
     def jobs_unfinished(self) -> list[JobRow]:
