@@ -27,7 +27,8 @@ from .workers.kinds import Workers
 log = logging.getLogger(__name__)
 
 TICK = 0.25  # seconds between checks for results to send again and slot reports
-REPORT_WAIT = 0.002  # seconds a report of jobs taken or finished waits for more news
+REPORT_WAIT = 0.002  # seconds a report of jobs taken or finished waits for more news, at least
+REPORT_WAIT_MAX = 0.01  # ... and at most: while the jobs it holds keep its slots busy
 STATE_REFRESH = 10  # beats between two job states that say the same
 MAX_UNACKED = 100_000  # results kept for a hub that does not acknowledge them
 RESULT_BYTES = 4 * 1024 * 1024  # result bytes in one report at most (one larger result goes alone)
@@ -254,14 +255,18 @@ class NodeJobs:
     def _schedule(self) -> None:
         """Report soon. At the end of this loop round when there is no point waiting: jobs
         were declined (the hub sends them on at once), nothing else runs here, or results
-        for half the slots are waiting already. Otherwise up to REPORT_WAIT later, so that
-        jobs taken and several results leave in one message."""
+        for half the jobs it holds are waiting already. Otherwise a little later, so that
+        jobs taken and several results leave in one message (one signature to make and to
+        check, not one a job): a quarter of the time the jobs it holds keep its slots busy,
+        within REPORT_WAIT and REPORT_WAIT_MAX."""
         now = (self._declined or self._unopened or not self.held
-               or 2 * len(self._results) >= self.capacity)
+               or 2 * len(self._results) >= max(self.capacity, len(self.held)))
         if self._flush_due and (self._flush_now or not now):
             return
         self._flush_due, self._flush_now = True, bool(now)
-        self.loop.call_later(0 if now else REPORT_WAIT, self._flush)
+        busy = len(self.held) * self.job_seconds / max(1, self.capacity)
+        wait = min(REPORT_WAIT_MAX, max(REPORT_WAIT, busy / 4))
+        self.loop.call_later(0 if now else wait, self._flush)
 
     def _flush(self) -> None:
         self._flush_due = self._flush_now = False
