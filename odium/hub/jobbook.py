@@ -150,9 +150,9 @@ class JobBook:
         rows = [(r.id, r.seq, r.kind, r.code, r.fn, r.args, r.kwargs, r.args_pickle, r.nodes,
                  r.retries, r.timeout, r.require, r.issuer, _VALUE[r.status], r.node,
                  r.attempts, r.created, r.updated, r.started, r.finished, r.result, r.reason)
-                for r in new_recs]  # in store.JOB_COLS order
+                for r in new_recs]  # in jobsql.JOB_COLS order
         upd = [(_VALUE[r.status], r.node, r.attempts, r.updated, r.started, r.finished,
-                r.result, r.reason, r.seq) for r in dirty]  # store.JOB_MUTABLE, then seq
+                r.result, r.reason, r.seq) for r in dirty]  # jobsql.JOB_MUTABLE, then seq
         events = [(e.seq, e.job, e.ts, e.prev, e.status, e.node, e.detail[:4000])
                   for e in self.events]
         self.events = []

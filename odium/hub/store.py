@@ -7,7 +7,6 @@ so the hub's loop never waits on the disk; reads run in the caller's thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -16,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from sqlalchemy import (
     JSON,
     Float,
@@ -37,18 +35,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from ..errors import ConfigError
 from ..errors import TimeoutError as OdiumTimeout
 from . import storefaults as sf
+from .jobsql import dumps_json, job_statements
 
 log = logging.getLogger(__name__)
 
 QUIET = 0.003  # the writer waits this long for more writes before committing a batch
 QUIET_MAX = 0.05  # but never longer than this
-# the job queue's hot writes (Store.write_jobs) take plain tuples, in these columns' order
-JOB_COLS = ("id", "seq", "kind", "code", "fn", "args", "kwargs", "args_pickle", "nodes",
-            "retries", "timeout", "require", "issuer", "status", "node", "attempts", "created",
-            "updated", "started", "finished", "result", "reason")
-JOB_MUTABLE = ("status", "node", "attempts", "updated", "started", "finished", "result",
-               "reason")  # an update's columns, then the seq of its row
-JOB_EVENT_COLS = ("job_seq", "job_id", "ts", "prev", "status", "node", "detail")
 
 
 class Base(DeclarativeBase):
@@ -229,7 +221,7 @@ class Store:
         self.file = sf.DbFile(self.engine)  # the SQLite file it writes, if it writes one
         sf.open_schema(self.engine, Base.metadata, url, self.file)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
-        self._job_sql = _job_statements(self.engine.dialect.paramstyle)
+        self._job_sql = job_statements(self.engine.dialect.paramstyle)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._urgent = False  # an urgent write is queued (write_jobs): commit without waiting
         self._health = sf.Health(self.event)
@@ -519,7 +511,7 @@ class Store:
             for h, data in fns:
                 s.merge(JobFnRow(hash=h, data=data, created=created))
             conn = s.connection()
-            dumps = _dumps
+            dumps = dumps_json
             if jobs:
                 conn.exec_driver_sql(sql["insert"], sql["fit"]([
                     r[:5] + (dumps(r[5]), dumps(r[6])) + r[7:20] + (dumps(r[20]), r[21])
@@ -568,43 +560,3 @@ class Store:
             from sqlalchemy import func
 
             return int(s.scalar(select(func.max(JobRow.seq))) or 0)
-
-
-def _dumps(value: Any, _encode: Callable[[Any], bytes] = msgspec.json.encode) -> str | None:
-    """A JSON column's text (what SQLAlchemy's JSON type reads back)."""
-    if value is None:
-        return None
-    try:
-        return _encode(value).decode()
-    except (TypeError, OverflowError, msgspec.EncodeError):
-        return json.dumps(value, default=str)
-
-
-def _job_statements(paramstyle: str) -> dict[str, Any]:
-    """The job queue's three hot statements in the driver's own parameter style, and a function
-    that shapes rows (tuples in column order) for it. The column types are the models'."""
-    def marks(names: tuple[str, ...]) -> list[str]:
-        if paramstyle == "qmark":
-            return ["?"] * len(names)
-        if paramstyle == "format":
-            return ["%s"] * len(names)
-        if paramstyle == "numeric":
-            return [f":{i + 1}" for i in range(len(names))]
-        if paramstyle == "named":
-            return [f":p{i}" for i in range(len(names))]
-        return [f"%(p{i})s" for i in range(len(names))]  # pyformat
-
-    def insert_sql(table: str, cols: tuple[str, ...]) -> str:
-        return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(marks(cols))})"
-
-    m = marks(JOB_MUTABLE + ("seq",))
-    sets = ", ".join(f"{c} = {x}" for c, x in zip(JOB_MUTABLE, m[:-1], strict=True))
-    update_sql = f"UPDATE jobs SET {sets} WHERE seq = {m[-1]}"
-
-    def fit(rows: list[tuple[Any, ...]]) -> list[Any]:
-        if paramstyle in ("named", "pyformat"):
-            return [{f"p{i}": v for i, v in enumerate(r)} for r in rows]
-        return rows
-
-    return {"insert": insert_sql("jobs", JOB_COLS), "update": update_sql,
-            "event": insert_sql("job_events", JOB_EVENT_COLS), "fit": fit}
