@@ -73,7 +73,7 @@ def latency(call: Any, n: int) -> dict[str, float]:
 
 
 def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int,
-                lat: int) -> dict[str, Any]:
+                lat: int = 0) -> dict[str, Any]:
     import odium
     from odium.hub.store import JobEventRow, JobRow
 
@@ -130,7 +130,7 @@ def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int,
 # --- ipyparallel ----------------------------------------------------------------------------
 
 
-def bench_ipp(jobs: int, engines: int, repeat: int, lat: int) -> dict[str, Any]:
+def bench_ipp(jobs: int, engines: int, repeat: int, lat: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {"engines": engines, "jobs": jobs}
     try:
         import ipyparallel as ipp
