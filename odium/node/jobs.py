@@ -115,6 +115,11 @@ class NodeJobs:
         self._last_state, self._sent_state = 0.0, None
         self._tick()
 
+    def results_up(self) -> None:
+        """The results socket's handshake is done: the job state and any result that could
+        not leave before go now, not at the next tick."""
+        self._tick()
+
     def close(self) -> None:
         if self.pull is not None:
             try:

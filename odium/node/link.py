@@ -34,6 +34,8 @@ class Link:
         self.on_cut_off = on_cut_off
         # the query or join socket's connection made (True: its handshake done) or broken
         self.on_link: Callable[[zmq.Socket[Any], bool], None] = lambda _s, _up: None
+        # a data socket's handshake done ("pub", "results", "jobs"): what waited for it may go
+        self.on_data_up: Callable[[str], None] = lambda _what: None
         self.monitors: dict[str, zmq.Socket[Any]] = {}
         self.monitored: dict[str, zmq.Socket[Any]] = {}  # the socket each monitor watches
         # what this node says to whoever runs it (odium node prints it; else the log)
@@ -62,6 +64,8 @@ class Link:
                     self.auth_failed.discard(what)
                     if asks:
                         self.on_link(sock, True)
+                    else:
+                        self.on_data_up(what)
                 elif event == zmq.EVENT_DISCONNECTED:
                     if asks:
                         self.on_link(sock, False)

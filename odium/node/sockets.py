@@ -21,6 +21,8 @@ class JobsSocket(Protocol):
 
     def detach(self) -> None: ...
 
+    def results_up(self) -> None: ...
+
 
 class DataSockets:
     """Opened with the ports a register reply names; ``on_pub``: something came on SUB."""
@@ -36,6 +38,14 @@ class DataSockets:
         self.on_pub = on_pub
         self.sub: zmq.Socket[Any] | None = None
         self.pull: zmq.Socket[Any] | None = None
+        link.on_data_up = self._up
+
+    def _up(self, what: str) -> None:
+        """A data socket's handshake is done: what waited for the results socket (a result
+        right after ready, the job state) goes now, not at the next tick."""
+        if what == "results":
+            self.outbox.flush()
+            self.jobs.results_up()
 
     def _endpoint(self, port: int) -> str:
         return f"tcp://{self.host}:{port}"
