@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -277,3 +279,36 @@ def test_local_nodes_are_forked_from_one_launcher_that_ends_with_the_hub(
         assert r["fork-2"].value == 1, r
         everyone = [launcher, *forked, execd]
     wait_until(lambda: all(gone(p) for p in everyone), DEATH, "the launcher and nodes to end")
+
+
+HUB_WITH_LOCAL_NODES = """
+import pathlib, sys, time, odium
+hub = odium.Hub(pathlib.Path(sys.argv[1]) / "hub", ports=0, app=sys.argv[1])
+hub.start()
+hub.start_local(2, prefix="orphan")
+print(" ".join(str(n.proc.pid) for n in hub.local), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_hub_killed_with_sigkill_takes_its_launcher_and_local_nodes(tmp_path: Path) -> None:
+    """Nobody calls Hub.close: the launcher dies with the hub (parent-death signal), and
+    each local node with the launcher."""
+    proc = subprocess.Popen([sys.executable, "-c", HUB_WITH_LOCAL_NODES, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # (the hub prints it once its nodes are ready)
+        nodes = [psutil.Process(int(p)) for p in line.split()]
+        assert len(nodes) == 2, line
+        launcher = nodes[0].parent()
+        assert launcher is not None and launcher.name() == "odium-launcher"
+        everyone = [launcher, *nodes, *(c for n in nodes for c in n.children(recursive=True))]
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: all(gone(p) for p in everyone), DEATH,
+                   "the launcher and the nodes to end with their hub")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
