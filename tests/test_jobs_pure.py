@@ -284,3 +284,21 @@ def test_a_node_holds_more_than_its_slots_only_while_its_jobs_are_short() -> Non
     assert slots_offered(2, 0, AHEAD / 4) == 8  # about AHEAD seconds of work a slot
     assert slots_offered(2, 0, 0.0001) == 2 * PREFETCH  # never more than this
     assert slots_offered(2, 40, 0.0001) == 0
+
+
+def test_the_flight_clock_waits_longer_while_batches_are_slow_to_be_reported() -> None:
+    """A batch goes back to the queue after the floor, or after three times the slowest
+    flight seen lately, whose memory halves every half-life: a busy hub does not send every
+    batch again (which made it busier still), and a quiet one is quick again soon."""
+    from odium.core.jobs import FlightClock
+
+    c = FlightClock(3.0, margin=3.0, half_life=10.0)
+    assert c.limit(100.0) == 3.0  # nothing seen: the floor
+    c.seen(0.2, 100.0)
+    assert c.limit(100.0) == 3.0  # fast flights: the floor
+    c.seen(5.0, 101.0)  # a late report (its batch may have gone back already)
+    assert c.limit(101.0) == pytest.approx(15.0)
+    assert c.limit(111.0) == pytest.approx(7.5)  # one half-life later
+    c.seen(1.0, 111.0)  # a faster one does not hide the slow one still remembered
+    assert c.limit(111.0) == pytest.approx(7.5)
+    assert c.limit(200.0) == 3.0  # long quiet: back to the floor

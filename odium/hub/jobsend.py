@@ -54,7 +54,8 @@ class JobSender:
         self.book, self.wire, self.nodes, self.loop = book, wire, nodes, loop
         self.slots: dict[str, NodeSlots] = {}
         self.flights: dict[str, Flight] = {}
-        self.batch_jobs: OrderedDict[str, list[str]] = OrderedDict()  # which jobs each carried
+        # every batch sent lately (its flight: when, which jobs), to check reports
+        self.batch_jobs: OrderedDict[str, Flight] = OrderedDict()
         self._eligible_cache: dict[tuple[str, ...], bool] = {}
         self._due = False
 
@@ -203,7 +204,7 @@ class JobSender:
         for rec in chunk:
             book.move(rec, A, node=node, reason=f"sent in batch {mid[:12]}")
         self.flights[mid] = Flight(node, mono, [r.id for r in chunk])
-        self.batch_jobs[mid] = self.flights[mid].jobs
+        self.batch_jobs[mid] = self.flights[mid]
         if len(self.batch_jobs) > KEEP_BATCHES:
             self.batch_jobs.popitem(last=False)
         self.slots[node].reserved += len(chunk)
