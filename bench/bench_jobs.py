@@ -11,7 +11,8 @@ recorded, on OS-chosen 127.0.0.1 ports in a temporary home. Timed, after a warm-
 starts every worker:
 
   * map       ``hub.map(inc, range(N))``: N jobs submitted at once, until every value is in
-              hand (in order) and checked;
+              hand (in order) and checked; and the CPU each kind of process took a job
+              (this process, the nodes, their workers: psutil, median over the runs);
   * submit    N separate ``hub.submit(inc, i)`` calls, then every ``Job.result()``;
   * latency   ``--latency`` single jobs on an idle queue, one after the other:
               ``hub.submit(inc, i).result()``, submit to result in hand (median, p90).
@@ -57,6 +58,22 @@ def summary(rates: list[float]) -> dict[str, Any]:
     return {"runs": rates, "best": max(rates), "median": statistics.median(rates)}
 
 
+def tree_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process and each kind of process under it, by
+    process name (odium-node, odium-worker, odium-zygote, ...)."""
+    import psutil
+
+    me = psutil.Process()
+    out = {"hub (this process)": sum(me.cpu_times()[:2])}
+    for p in me.children(recursive=True):
+        try:
+            name, t = p.name(), sum(p.cpu_times()[:2])
+        except psutil.Error:
+            continue
+        out[name] = out.get(name, 0.0) + t
+    return out
+
+
 def latency(call: Any, n: int) -> dict[str, float]:
     """``call(i)`` n times one after the other (each returns i + 1): ms, median and p90."""
     ms = []
@@ -90,10 +107,15 @@ def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int,
             # warm-up: every worker process started, the function shipped to it
             hub.map(inc, range(slots * 20), wait=120)
             maps, submits = [], []
+            cpu: dict[str, list[float]] = {}
             for _ in range(repeat):
+                before = tree_cpu()
                 t = perf()
                 values = hub.map(inc, range(jobs), wait=600)
                 maps.append(_rate(jobs, perf() - t))
+                after = tree_cpu()
+                for k, v in after.items():  # (a process that ended meanwhile is left out)
+                    cpu.setdefault(k, []).append((v - before.get(k, 0.0)) / jobs * 1e6)
                 assert values == [x + 1 for x in range(jobs)], "wrong values from map"
                 t = perf()
                 handles = [hub.submit(inc, i) for i in range(jobs)]
@@ -101,6 +123,8 @@ def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int,
                 submits.append(_rate(jobs, perf() - t))
                 assert got == [i + 1 for i in range(jobs)], "wrong values from submit"
             out["map"] = summary(maps)
+            out["map_cpu_us_per_job"] = {k: statistics.median(v) for k, v in cpu.items()
+                                         if statistics.median(v) >= 0.5}
             out["submit"] = summary(submits)
             if lat:
                 out["latency"] = latency(lambda i: hub.submit(inc, i).result(30), lat)
@@ -188,6 +212,9 @@ def report(res: dict[str, Any]) -> str:
             runs = ", ".join(f"{r:.0f}" for r in o[k]["runs"])
             lines.append(f"  {k:<7} best {o[k]['best']:7.0f} jobs/s  median "
                          f"{o[k]['median']:7.0f} jobs/s   (runs: {runs})")
+    if "map_cpu_us_per_job" in o:
+        lines.append("  map CPU per job (median): " + ", ".join(
+            f"{k} {v:.0f} us" for k, v in o["map_cpu_us_per_job"].items()))
     if "latency" in o:
         la = o["latency"]
         lines.append(f"  latency median {la['median_ms']:.2f} ms  p90 {la['p90_ms']:.2f} ms  "
