@@ -102,8 +102,8 @@ class JobBook:
 
     def touch(self) -> None:
         """Changes are waiting. New jobs and submitters wait for their write: it goes at the
-        end of this loop round when no write of the book is on its way to the store, else as
-        soon as that one commits (a group commit: whatever came meanwhile goes in one write).
+        end of this loop round when no such write of the book is on its way to the store, else
+        as soon as that one commits (a group commit: whatever came meanwhile goes in one write).
         Moves of jobs alone are written at most every FLUSH_UPDATES (one row update covers a
         job's several moves)."""
         if self.new or self.after_persist:
