@@ -43,6 +43,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench_core import summary as ms_summary  # (run as a script: its directory is on sys.path)
+
 perf = time.perf_counter
 
 
@@ -74,16 +76,15 @@ def tree_cpu() -> dict[str, float]:
     return out
 
 
-def latency(call: Any, n: int) -> dict[str, float]:
-    """``call(i)`` n times one after the other (each returns i + 1): ms, median and p90."""
-    ms = []
+def latency(call: Any, n: int) -> dict[str, Any]:
+    """``call(i)`` n times one after the other (each returns i + 1): ``bench_core.summary``
+    of the times (ms)."""
+    took = []
     for i in range(n):
         t = perf()
         assert call(i) == i + 1, "wrong value"
-        ms.append((perf() - t) * 1000)
-    ms.sort()
-    return {"n": n, "median_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * (n - 1))],
-            "min_ms": ms[0]}
+        took.append(perf() - t)
+    return ms_summary(took)
 
 
 # --- Odium ----------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def report(res: dict[str, Any]) -> str:
             f"{k} {v:.0f} us" for k, v in o["map_cpu_us_per_job"].items()))
     if "latency" in o:
         la = o["latency"]
-        lines.append(f"  latency median {la['median_ms']:.2f} ms  p90 {la['p90_ms']:.2f} ms  "
+        lines.append(f"  latency median {la['median']:.2f} ms  p90 {la['p90']:.2f} ms  "
                      f"(one job at a time, idle queue, {la['n']} jobs)")
     if "stored_done" in o:
         lines.append(f"  store: {o['stored_done']} jobs done, {o['stored_moves']} moves "
@@ -232,8 +233,8 @@ def report(res: dict[str, Any]) -> str:
                          f"{ipp['map']['median']:7.0f} tasks/s   (runs: {runs})")
         if "latency" in ipp:
             la = ipp["latency"]
-            lines.append(f"  apply_sync latency median {la['median_ms']:.2f} ms  p90 "
-                         f"{la['p90_ms']:.2f} ms  ({la['n']} tasks)")
+            lines.append(f"  apply_sync latency median {la['median']:.2f} ms  p90 "
+                         f"{la['p90']:.2f} ms  ({la['n']} tasks)")
         if "error" in ipp:
             lines.append(f"  ipyparallel FAILED: {ipp['error']}")
     for k, v in res.get("ratios", {}).items():
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                              "median map": o["map"]["median"] / i["map"]["median"]}
         if "latency" in o and "latency" in i:
             res["ratios"]["median latency (ipyparallel / odium)"] = (
-                i["latency"]["median_ms"] / o["latency"]["median_ms"])
+                i["latency"]["median"] / o["latency"]["median"])
     print(report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
