@@ -367,11 +367,21 @@ class Hub(KeyVerbs, JobVerbs):
 
     def trust(self, key_id: str, name: str, role: str = "node") -> None:
         """Trust a key directly (for nodes whose keys you made yourself)."""
-        check_key_id(key_id)  # a clear error here, before anything changes
-        if role != "admin" and is_reserved_name(name):
-            raise ConfigError(f"node name {name!r} is reserved for the hub's own keys")
+        self._trust([(key_id, name)], role, "trusted by API")
+
+    def _trust(self, keys: list[tuple[str, str]], role: str, note: str) -> None:
+        """Trust keys ``(key id, name)``, all in one call of the loop."""
+        for key_id, name in keys:  # a clear error here, before anything changes
+            check_key_id(key_id)
+            if role != "admin" and is_reserved_name(name):
+                raise ConfigError(f"node name {name!r} is reserved for the hub's own keys")
         core = self.core
-        self._call(lambda: core.keytable.put(KeyInfo(key_id, role, name, None, "trusted by API")))
+
+        def put() -> None:
+            for key_id, name in keys:
+                core.keytable.put(KeyInfo(key_id, role, name, None, note))
+
+        self._call(put)
 
     def log(self, limit: int = 50) -> list[dict[str, Any]]:
         """The hub's recent events."""
@@ -430,16 +440,7 @@ class Hub(KeyVerbs, JobVerbs):
             running.add(names[-1])
         self._launcher.warm()  # its imports while the homes are written
         homes = prepare_homes(base, names, addr, self.key)
-        for name, _home, key_id in homes:
-            check_key_id(key_id)  # a clear error here, before anything changes
-            if is_reserved_name(name):
-                raise ConfigError(f"node name {name!r} is reserved for the hub's own keys")
-
-        def trust() -> None:
-            for name, _home, key_id in homes:
-                core.keytable.put(KeyInfo(key_id, "node", name, None, "a local node"))
-
-        self._call(trust)
+        self._trust([(key_id, name) for name, _home, key_id in homes], "node", "a local node")
         started = launch([(name, home) for name, home, _key in homes], str(app or core.rt.app),
                          python=python, capacity=capacity, extra_args=extra_args, env=env,
                          launcher=self._launcher)
