@@ -67,7 +67,8 @@ _STARTER = _Starter()
 
 def in_starter(fn: Callable[[], Any], timeout: float = START_TIMEOUT) -> Any:
     """``fn()`` called in the starter thread (a process that must live as long as this one:
-    see ``_Starter``), its value or its exception."""
+    see ``_Starter``), its value or its exception; TimeoutError (an OSError) after
+    ``timeout`` s."""
     done = threading.Event()
     out: list[Any] = []
 
@@ -81,7 +82,7 @@ def in_starter(fn: Callable[[], Any], timeout: float = START_TIMEOUT) -> Any:
 
     _STARTER.submit(call)
     if not done.wait(timeout):
-        raise OSError(f"the starter thread did not answer in {timeout} s")
+        raise TimeoutError(f"the starter thread did not answer in {timeout} s")
     ok, value = out[0]
     if not ok:
         raise value
@@ -165,16 +166,12 @@ def release_zygote(timeout: float = 5.0) -> None:
     _ZYGOTES.users = max(0, _ZYGOTES.users - 1)
     if _ZYGOTES.users:
         return
-    done = threading.Event()
-
-    def stop() -> None:  # in the starter thread: never while it starts a worker
-        try:
-            _ZYGOTES.stop()
-        finally:
-            done.set()
-
-    _STARTER.submit(stop)
-    done.wait(timeout)
+    try:
+        in_starter(_ZYGOTES.stop, timeout)  # (there: never while it starts a worker)
+    except TimeoutError:
+        pass  # not in time: it goes on stopping there
+    except Exception:  # noqa: BLE001 - a node part closing goes on
+        log.exception("stopping the zygote failed")
 
 
 class _Starting:

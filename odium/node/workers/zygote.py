@@ -446,4 +446,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["KINDS", "WORKERS", "Forked", "Zygote", "prefork", "take_preforked"]
+__all__ = ["KINDS", "WORKERS", "Forked", "Zygote", "ZygoteEnded", "prefork", "take_preforked"]
