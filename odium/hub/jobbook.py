@@ -21,8 +21,8 @@ from .store import JobRow, Store
 log = logging.getLogger(__name__)
 
 Q, A, R = JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING
-FLUSH_EVERY = 0.01  # seconds: new jobs are written at most this often while they pour in
-FLUSH_UPDATES = 0.05  # and moves of jobs (coalesced: one row update for several moves)
+FLUSH_EVERY = 0.01  # seconds: a write of new jobs goes next to one still on its way after this
+FLUSH_UPDATES = 0.05  # moves of jobs alone are written this often (one row update for several)
 KEEP_FINISHED = 20_000  # finished jobs kept in memory (older ones are read from the store)
 HOLD_BACK = 0.25  # seconds between flushes while the store cannot write (the book coalesces)
 _VALUE = {s: s.value for s in JobStatus}
@@ -107,12 +107,10 @@ class JobBook:
         Moves of jobs alone are written at most every FLUSH_UPDATES (one row update covers a
         job's several moves)."""
         if self.new or self.after_persist:
-            if not self._writing and not self._flush_soon:
-                self._flush_soon = True
-                self.loop.call_later(0, self.flush)
-            elif self._writing and not self.flush_due:
+            if not self._writing:
+                self._flush_this_round()
+            elif not self.flush_due:
                 # fallback only (the commit's callback flushes): a store that holds writes
-                self.flush_due = True
                 self.loop.call_later(FLUSH_EVERY, self.flush)
             self.flush_due = True
         elif not self.flush_due:
@@ -120,9 +118,10 @@ class JobBook:
             wait = FLUSH_UPDATES - (time.monotonic() - self.flushed_at)
             self.loop.call_later(max(0.0, wait), self.flush)
 
-    def soon(self) -> None:
-        """New jobs came: write them sooner than the update cadence."""
-        self.touch()
+    def _flush_this_round(self) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            self.loop.call_later(0, self.flush)
 
     def flush(self, force: bool = False) -> None:
         """Hand the changes to the store as one write; once committed, queue the new jobs and
@@ -202,9 +201,8 @@ class JobBook:
     def _wrote(self, urgent: bool) -> None:
         """A write of the book has committed or been dropped: what waited for it goes now."""
         self._writing -= urgent
-        if not self._writing and (self.new or self.after_persist) and not self._flush_soon:
-            self._flush_soon = True
-            self.loop.call_later(0, self.flush)
+        if not self._writing and (self.new or self.after_persist):
+            self._flush_this_round()
 
     def rows(self, ids: list[str]) -> list[JobRow]:
         out: list[JobRow] = []

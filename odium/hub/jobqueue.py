@@ -172,7 +172,7 @@ class JobQueue:
                 fn = watchers.get(j)
                 if fn is not None:
                     book.watchers[j] = [fn]
-        book.soon()
+        book.touch()
         return [r.id for r in recs]
 
     def watch(self, job_id: str, fn: Watcher) -> None:
