@@ -16,8 +16,9 @@ import zmq
 
 import odium
 from odium.core import wire as P
+from odium.core.encoding import unb64url
 from odium.core.keys import Identity
-from odium.core.sealing import Keyring, open_inner
+from odium.core.sealing import Keyring, UnknownGroup, open_inner
 
 from .conftest import wait_until
 from .raw import Raw, events, seal
@@ -60,7 +61,20 @@ class RawNode:
 
     def opened(self, raw: bytes, where: str) -> P.Message | None:
         msg = P.open_message(raw, self.query.vk, self.hub.key)
-        return open_inner(self.keyring, msg, where)
+        try:
+            return open_inner(self.keyring, msg, where, self.name)
+        except UnknownGroup as e:  # as a node does: ask for the key of a group it missed
+            self.group_key(e.gid)
+            return open_inner(self.keyring, msg, where, self.name)
+
+    def group_key(self, gid: str) -> str | None:
+        """Ask the hub for a group's key (and keep what it says: the key, or None)."""
+        reply = self.query.request(self.query.seal("group_key", P.GroupKeys([gid])))
+        inner = open_inner(self.keyring, reply, "query")
+        assert inner is not None and inner.type == "reply", reply
+        key = inner.body.data["keys"][gid]  # type: ignore[attr-defined]
+        self.keyring.keep(self.hub.key, gid, unb64url(key) if key else None)
+        return key  # type: ignore[no-any-return]
 
 
 def rejections(hub: odium.Hub, key: str, says: str) -> list[dict[str, Any]]:
@@ -157,6 +171,37 @@ def test_command_for_another_node_is_sealed(hub: odium.Hub, zctx) -> None:
                         and evil.opened(raw, "pub") is None]
     assert sealed_to_others, "evil saw the other command's (sealed) message"
     hub.interrupt(h.cmd)  # evil never answers: end it now
+
+
+def test_a_groups_key_goes_only_to_its_readers(hub: odium.Hub, zctx) -> None:
+    """A command to many is sealed under its readers' group key, wrapped for each of them in
+    the group's first message only. A reader that missed that message asks the hub for the
+    key and opens the next one; a node outside the group asks for the same group and gets
+    nothing, nor for a group id it made up."""
+    a, b, evil = RawNode(hub, zctx, "a"), RawNode(hub, zctx, "b"), RawNode(hub, zctx, "evil")
+    handles = [hub.submit_broadcast(f"v = {SECRET!r} + {str(i)!r}", nodes="a,b", timeout=30)
+               for i in range(2)]
+    got: dict[str, list[bytes]] = {"a": [], "b": [], "evil": []}
+
+    def both_heard() -> bool:
+        for n, node in (("a", a), ("b", b), ("evil", evil)):
+            got[n] += [r for r in node.sub.pending() if b'"type":"sealed"' in r]
+        return all(len(x) >= 2 for x in got.values())
+
+    wait_until(both_heard, 10, "both commands on each SUB")
+    first, second = (P.open_message(r, a.query.vk, hub.key).body for r in got["a"][:2])
+    assert isinstance(first, P.Sealed) and isinstance(second, P.Sealed)
+    assert first.g is not None and first.g == second.g and first.k and second.k == ""
+    assert len(got["a"][1]) < len(got["a"][0])
+    cmd = a.opened(got["a"][1], "pub")  # (a keeps the key from the first message)
+    assert cmd is not None and cmd.body.code.endswith("'1'")  # type: ignore[attr-defined]
+    cmd = b.opened(got["b"][1], "pub")  # b missed the first: it asks for the key
+    assert cmd is not None and SECRET in cmd.body.code  # type: ignore[attr-defined]
+    assert evil.opened(got["evil"][1], "pub") is None  # it asked: no key for evil
+    assert evil.group_key(first.g) is None
+    assert evil.group_key("A" * 12) is None
+    for h in handles:
+        hub.interrupt(h.cmd)  # nobody answers them: end them now
 
 
 def test_unsealed_command_is_refused_by_a_node(hub: odium.Hub, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from odium.core import wire as P
 from odium.core.dispatch import Dispatch
 from odium.core.guards import ReplayCache
-from odium.core.keys import Identity
+from odium.core.keys import Identity, verify_key
 from odium.core.ratelimit import TokenBucket
 from odium.core.targeting import match_nodes, name_matches
 from odium.errors import AuthError, ProtocolError
@@ -99,7 +99,8 @@ def test_the_role_tables_name_real_types_and_roles_and_keep_nodes_from_commandin
         assert all(set(roles) <= {*ALLOWED_ROLES, "used"} for roles in table.values())
     assert not set(QUERY_TYPES) & set(RESULT_TYPES)  # each type on one socket only
     node_may = {t for t, roles in QUERY_TYPES.items() if "node" in roles}
-    assert node_may == {"register", "fetch", "ping", "bundle"}  # nothing that commands
+    # nothing that commands ("group_key": the keys of groups it reads, odium.node.groups)
+    assert node_may == {"register", "fetch", "ping", "bundle", "group_key"}
     assert all(roles == ("node",) for roles in RESULT_TYPES.values())
     assert QUERY_TYPES["join"] == ("token", "used")  # a token key may only join
     assert [t for t, roles in QUERY_TYPES.items() if "used" in roles] == ["join"]
@@ -237,16 +238,68 @@ def test_sealed_reuse_shares_a_key_only_among_the_same_readers() -> None:
     body = P.Exec(P.new_id(), "python", "1")
     one = ring.seal("exec", body, [a.key_id, b.key_id], to=["a", "b"], reuse=True)
     two = ring.seal("exec", body, [a.key_id, b.key_id], to=["a", "b"], reuse=True)
-    assert (one.n, one.k) == (two.n, two.k)  # wrapped once for both messages
+    assert (one.n, one.g) == (two.n, two.g) and one.k and two.k == ""  # wrapped once
     assert one.bn != two.bn and one.box != two.box  # each box its own nonce
-    for sealed in (one, two):
-        assert Keyring(a).open(hub.key_id, sealed) == Keyring(b).open(hub.key_id, sealed)
-        assert Keyring(c).open(hub.key_id, sealed) is None
+    ring_a, ring_b, ring_c = Keyring(a), Keyring(b), Keyring(c)
+    for sealed in (one, two):  # (the second opens with the key kept from the first)
+        assert ring_a.open(hub.key_id, sealed) == ring_b.open(hub.key_id, sealed)
+        assert ring_c.open(hub.key_id, sealed) is None
     fewer = ring.seal("exec", body, [a.key_id], to=["a"], reuse=True)
     assert fewer.n != one.n and Keyring(b).open(hub.key_id, fewer) is None
     # a box moved under another message's nonce does not open
     with pytest.raises(AuthError):
         Keyring(a).open(hub.key_id, P.Sealed(one.n, one.k, two.box, one.bn))
+
+
+def test_a_group_key_is_kept_announced_or_asked_for_and_only_its_readers_get_it() -> None:
+    from odium.core.sealing import GROUP_TTL, Keyring, UnknownGroup
+
+    hub, a, b, c = (Identity.generate() for _ in range(4))
+    ring = Keyring(hub)
+    body = P.Exec(P.new_id(), "python", "1")
+    readers = [a.key_id, b.key_id]
+    announced = ring.announcement(readers)
+    assert announced is not None and announced.box == "" and announced.k
+    assert ring.announcement(readers) is None  # once per group
+    batch = ring.seal("exec", body, readers, to=["a"], reuse=True)
+    assert batch.g == announced.g and batch.k == ""
+    ring_a, ring_c = Keyring(a), Keyring(c)
+    assert ring_a.learn(hub.key_id, announced) and not ring_c.learn(hub.key_id, announced)
+    assert ring_a.open(hub.key_id, batch) is not None
+    assert ring_c.open(hub.key_id, batch) is None  # it heard it is not a reader
+    ring_b = Keyring(b)  # missed the announcement: it cannot tell, so it must ask
+    with pytest.raises(UnknownGroup) as e:
+        ring_b.open(hub.key_id, batch)
+    assert e.value.gid == batch.g
+    key = ring.group_key(batch.g, b.key_id)
+    assert key is not None and ring.group_key(batch.g, c.key_id) is None
+    assert ring.group_key("A" * 12, b.key_id) is None
+    ring_b.keep(hub.key_id, batch.g, key)
+    assert ring_b.open(hub.key_id, batch) == ring_a.open(hub.key_id, batch)
+    # a key kept under another sender's name opens nothing of this one's
+    with pytest.raises(UnknownGroup):
+        Keyring(b).open(c.key_id, batch)
+    # after GROUP_TTL the readers get a new group, and the old one's key is no longer given
+    group = ring._groups[tuple(readers)]
+    group.until -= GROUP_TTL + 1
+    assert ring.group_key(batch.g, a.key_id) is None
+    fresh = ring.seal("exec", body, readers, to=["a"], reuse=True)
+    assert fresh.g != batch.g and fresh.k
+
+
+def test_a_message_for_every_reader_names_none_and_each_reads_itself_as_its_target() -> None:
+    from odium.core.sealing import Keyring, open_inner
+
+    hub, a, b = (Identity.generate() for _ in range(3))
+    sealed = Keyring(hub).seal("exec", P.Exec(P.new_id(), "python", "1"), [a.key_id, b.key_id],
+                               to=["node-a", "node-b"], reuse=True, every_reader=True)
+    raw = P.seal(hub.signing, hub.key_id, "unknown", "sealed", sealed)
+    assert b"node-" not in raw
+    msg = P.open_message(raw, verify_key(hub.key_id), hub.key_id)
+    opened = open_inner(Keyring(a), msg, "pub", "node-a")
+    assert opened is not None and opened.env.to == ["node-a"]
+    nameless = open_inner(Keyring(b), msg, "pub")  # no name given: addressed to nobody
+    assert nameless is not None and nameless.env.to == []
 
 
 def test_only_the_newest_attempt_of_a_repeated_request_in_one_batch_is_handled() -> None:

@@ -1,9 +1,11 @@
-"""Encodings the wire uses that need none of its vocabulary: base64url, key points, and the
-id of a message that failed to open. Pure; re-exported by ``odium.core.wire``."""
+"""Encodings the wire uses that need none of its vocabulary: canonical JSON, base64url, key
+points, and the id of a message that failed to open. Pure; re-exported by ``odium.core.wire``."""
 
 import base64
 import binascii
+import hashlib
 import re
+from typing import Any
 
 import msgspec
 from nacl import bindings as _sodium
@@ -14,6 +16,21 @@ from .guards import too_deep
 SIG_LEN = 86  # base64url of a 64-byte signature, no padding
 SIG_HEAD = b',"sig":"'
 SUFFIX_LEN = len(SIG_HEAD) + SIG_LEN + 2  # ... ,"sig":"<86>"}
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def encode_json(obj: Any) -> bytes:
+    """The canonical JSON of ``obj``: sorted keys, no spaces, ASCII (what is signed)."""
+    return _canonical.encode(obj)
+
+
+def digest(obj: Any) -> str:
+    """A short digest of the canonical JSON of ``obj`` (e.g. the authorities over a hub)."""
+    return hashlib.blake2b(_canonical.encode(obj), digest_size=16).hexdigest()
+
+
+def to_builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj)
 
 
 def b64url(data: bytes) -> str:

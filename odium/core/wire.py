@@ -11,7 +11,6 @@ the end, verifies it with the key the link says the sender has, and only
 then parses and validates.
 """
 
-import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -23,9 +22,12 @@ from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import AuthError, ProtocolError
 from .encoding import SIG_HEAD, SIG_LEN, SUFFIX_LEN, b64url, is_key_point, unb64url
-from .encoding import peek_from as peek_from  # re-exported: the wire's helpers, one import
+from .encoding import digest as digest  # re-exported: the wire's helpers, one import
+from .encoding import encode_json as encode_json
+from .encoding import peek_from as peek_from
 from .encoding import peek_id as peek_id
 from .encoding import peek_type as peek_type
+from .encoding import to_builtins as to_builtins
 from .guards import ReplayCache, check_depth
 from .requirements import ASKED_RE, SENT_RE, STATE_RE
 from .term import CONTROL
@@ -428,6 +430,8 @@ class Relayed(Body):  # relay -> its hub (results): a message signed at ``path``
 
 # --- sealed payloads (odium.core.sealing) ---------------------------------------------------
 
+GroupId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{12}\Z")]
+
 
 class Sealed(Body):
     """The body of a ``sealed`` message (odium.core.sealing): nonce, one wrapped key per recipient
@@ -439,6 +443,13 @@ class Sealed(Body):
     k: Annotated[str, msgspec.Meta(max_length=8 * 1024 * 1024)]
     box: Annotated[str, msgspec.Meta(max_length=64 * 1024 * 1024)]
     bn: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{32}$")] | None = None  # box's nonce
+    g: GroupId | None = None  # the readers' group, whose key a reader keeps (then k may be "")
+
+
+class GroupKeys(Body):
+    """Node -> hub: the keys of these groups of readers, which this node lacks."""
+
+    g: Annotated[list[GroupId], msgspec.Meta(min_length=1, max_length=16)]
 
 
 # type -> body struct. One entry per message type; see docs/protocol.md.
@@ -485,6 +496,8 @@ BODIES: dict[str, type[Body]] = {
     "relay": Relay,
     "relayed": Relayed,
     "sealed": Sealed,  # exec, sync, job_batch and node replies travel sealed
+    "group": Sealed,  # hub -> nodes on PUB: a readers' group's key, wrapped for each (no box)
+    "group_key": GroupKeys,
 }
 
 def _key_fields(body: type[Body]) -> tuple[str, ...]:
@@ -496,7 +509,6 @@ def _key_fields(body: type[Body]) -> tuple[str, ...]:
 _KEY_FIELDS = {t: f for t, b in BODIES.items() if (f := _key_fields(b))}
 _env_decoder = msgspec.json.Decoder(Envelope)
 _body_decoders = {t: msgspec.json.Decoder(b) for t, b in BODIES.items()}
-_encoder = msgspec.json.Encoder(order="sorted")
 
 
 def new_id() -> str:
@@ -550,7 +562,7 @@ def seal(
         env["seq"] = seq
     if re:
         env["re"] = re
-    raw = _encoder.encode(env)
+    raw = encode_json(env)
     sig = key.sign(raw).signature
     return raw[:-1] + _SIG_HEAD + b64url(sig).encode("ascii") + b'"}'
 
@@ -635,15 +647,3 @@ def decode_body(env: Envelope) -> Body:
                                     "Ed25519 public key (not a point on the curve)")
     return body
 
-
-def digest(obj: Any) -> str:
-    """A short digest of the canonical JSON of ``obj`` (e.g. the authorities over a hub)."""
-    return hashlib.blake2b(_encoder.encode(obj), digest_size=16).hexdigest()
-
-
-def encode_json(obj: Any) -> bytes:
-    return _encoder.encode(obj)
-
-
-def to_builtins(obj: Any) -> Any:
-    return msgspec.to_builtins(obj)

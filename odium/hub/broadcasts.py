@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from ..core import wire as P
 from ..core.dispatch import Dispatch
+from ..core.encoding import b64url
 from ..core.requirements import is_commit_id
 from ..core.results import NodeResult, Result, Status
 from ..core.sealing import Keyring
@@ -90,6 +91,7 @@ class Broadcasts:
         self.queries.on("run", P.Run, self._h_run)
         self.queries.on("interrupt", P.Interrupt, self._h_interrupt)
         self.queries.on("fetch", P.Fetch, self._h_fetch)
+        self.queries.on("group_key", P.GroupKeys, self._h_group_key)
         self.results: Dispatch[NodeInfo] = Dispatch("results (broadcasts)")
         self.results.on("ack", P.Ack, self._r_ack)
         self.results.on("output", P.Output, self._r_output)
@@ -296,6 +298,13 @@ class Broadcasts:
         if self.tree is not None:  # and what went down for the nodes below it, if a relay
             out.extend(self.tree.fetch_for(name, body.since))
         ask.reply({"commands": out, "seq": self.seq}, sealed=True)
+
+    def _h_group_key(self, msg: P.Message, body: P.GroupKeys, ask: Asker) -> None:
+        """The keys of groups of readers (odium.core.sealing) a node missed: of those it is
+        one of the readers of; None for the others."""
+        keys = {g: self.keyring.group_key(g, ask.key.key_id) for g in body.g}
+        ask.reply({"keys": {g: b64url(k) if k else None for g, k in keys.items()}},
+                  sealed=True)
 
     def _seal_for(self, b: Broadcast, name: str, key_id: str) -> bytes:
         """A missed command again, sealed to the one node that asks for it."""

@@ -38,6 +38,7 @@ QUERY_TYPES = {
     "join": ("token", "used"),  # used: the same join again (odium.hub.nodedesk)
     "register": ("node",),
     "fetch": ("node",),
+    "group_key": ("node",),
     "ping": ("node", "admin"),
     "run": ("admin",),
     "interrupt": ("admin",),

@@ -33,6 +33,7 @@ from ..io.transport import client_socket, each_message, recv_frames
 from ..local.files import atomic_write
 from .commands import Commands, Received
 from .failures import Failures
+from .groups import MissedKeys
 from .jobs import NodeJobs
 from .joining import Joiner
 from .ledger import Ledger
@@ -135,6 +136,9 @@ class NodeCore:
         self.pub.on("hb", P.HubBeat, self._on_hb)
         self.pub.on("interrupt", P.Interrupt, lambda m, b, _: self.commands.on_interrupt(m, b))
         self.pub.on("sealed", P.Sealed, self._on_sealed)
+        self.pub.on("group", P.Sealed, lambda _m, body, _: self.groups.learn(body))
+        self.groups = MissedKeys(self.keyring, self.hub_key, self.name, self._ask,
+                                 self.requests.pending, self.failed, rt.loop.call_later)
         self.pub.update(self.jobs.pub_handlers())
         # what may come inside a sealed message on PUB (or fetched): commands for some nodes
         self.sealed: Dispatch[None] = Dispatch("sealed")
@@ -169,8 +173,9 @@ class NodeCore:
     def open(self, raw: bytes) -> P.Message:
         return P.open_message(raw, self.vk, self.hub_key, replay=self.replay)
 
-    def open_sealed(self, msg: P.Message, where: str) -> P.Message | None:
-        return open_inner(self.keyring, msg, where)
+    def open_sealed(self, msg: P.Message, where: str, then: Callable[[P.Message], None],
+                    not_mine: Callable[[], None]) -> None:
+        self.groups.open(msg, where, then, not_mine)
 
     def heard(self, quietly: bool = False) -> None:
         self.last_heard = time.monotonic()
@@ -318,6 +323,7 @@ class NodeCore:
         if not self.rt.home.joinpath("joined.json").exists():
             save_joined(self.rt.home, self.address, self.hub_key, self.name)
         self._fetch()
+        self.groups.ask()  # (a request made on a query socket closed since is gone)
         self.jobs.registered()
         if self.heard_boot == self.hub_boot:
             self._beat()
@@ -364,10 +370,8 @@ class NodeCore:
     def _on_sealed(self, msg: P.Message, _body: P.Sealed, _: None) -> None:
         """A sealed command on PUB: run it if it opens with this node's key, else only note
         that one was sent (its sequence number, to see gaps)."""
-        self._seen(msg.env.seq)
-        inner = open_inner(self.keyring, msg, "pub")  # (what fails is rejected by the wrapper)
-        if inner is not None:
-            self.sealed.handle(inner, None)
+        self._seen(msg.env.seq)  # (what fails is rejected by the wrapper)
+        self.groups.open(msg, "pub", lambda inner: self.sealed.handle(inner, None), _nothing)
 
     def _on_relay(self, msg: P.Message, body: P.Relay, _: None) -> None:
         self._seen(msg.env.seq)  # (a command relayed down is numbered as the hub's own)
@@ -466,6 +470,10 @@ class NodeCore:
                 except KeyError:
                     pass
                 s.close(linger=0 if s is not push else 200)
+
+
+def _nothing() -> None:
+    pass
 
 
 def save_joined(home: Any, address: str, hub_key: str, name: str) -> None:

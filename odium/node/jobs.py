@@ -139,13 +139,14 @@ class NodeJobs:
         outer = self.link.open(frames[-1].bytes)
         if outer.type != "sealed":
             raise ProtocolError(f"message type {outer.type!r} does not come on the jobs socket")
-        msg = self.link.open_sealed(outer, "jobs")
         self.link.heard(quietly=True)
-        if msg is None:  # jobs this node may not run: the hub sends them on at once
-            self._unopened.append(outer.env.id)
-            self._schedule()
-        else:
-            self._inner.handle(msg, None)
+        self.link.open_sealed(outer, "jobs", lambda msg: self._inner.handle(msg, None),
+                              lambda: self._not_mine(outer.env.id))
+
+    def _not_mine(self, batch: str) -> None:
+        """Jobs this node may not run: the hub sends them on at once."""
+        self._unopened.append(batch)
+        self._schedule()
 
     def _name_ok(self, pattern: str) -> bool:
         ok = self._names.get(pattern)

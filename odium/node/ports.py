@@ -70,8 +70,11 @@ class HubLink(Protocol):
         """A message from the hub, verified (its signature, a replay) and decoded."""
         ...
 
-    def open_sealed(self, msg: P.Message, where: str) -> P.Message | None:
-        """The inner message of a sealed one, or None when it is not sealed to this node."""
+    def open_sealed(self, msg: P.Message, where: str, then: Callable[[P.Message], None],
+                    not_mine: Callable[[], None]) -> None:
+        """Hand the inner message of a sealed one to ``then``, or call ``not_mine`` when it is
+        not sealed to this node; one sealed to a group whose key this node lacks waits for
+        the key (odium.node.groups)."""
         ...
 
     def heard(self, quietly: bool = False) -> None:
