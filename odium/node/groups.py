@@ -106,6 +106,7 @@ class MissedKeys:
         if self._pending("group_key") or not self._waiting:
             return
         self._asked = list(self._waiting)[:ASKED_AT_ONCE]
+        log.info("asking the hub for the keys of %d group(s) of readers", len(self._asked))
         self._ask("group_key", P.GroupKeys(self._asked), self._got)
 
     def _got(self, data: Any) -> None:
