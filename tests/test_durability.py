@@ -69,9 +69,20 @@ class RawNode:
         raw = self.pull.recv(timeout)
         assert raw is not None, "no job batch reached the node"
         outer = P.open_message(raw, self.pull.vk, self.pull.hub_key)
-        msg = open_inner(Keyring(self.ident), outer, "jobs")  # sealed to this node
+        ring = Keyring(self.ident)
+        ring.learn(self.pull.hub_key, self._announcement(timeout))  # the readers' key, on PUB
+        msg = open_inner(ring, outer, "jobs")  # sealed to this node
         assert msg is not None and msg.type == "job_batch", outer
         return msg.env.id, msg.body  # type: ignore[return-value]
+
+    def _announcement(self, timeout: float) -> P.Sealed:
+        """The group of readers' key the hub published before its first batch to them."""
+        deadline = time.monotonic() + timeout
+        while (raw := self.sub.recv(max(deadline - time.monotonic(), 0.0))) is not None:
+            msg = P.open_message(raw, self.sub.vk, self.sub.hub_key)
+            if msg.type == "group":
+                return msg.body  # type: ignore[return-value]
+        raise AssertionError("no group announcement before the batch")
 
     def report(self, batch_id: str, outcome: P.JobOutcome) -> None:
         assert self.push.send(seal(self.ident, "job_report", P.JobReport(
