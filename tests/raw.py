@@ -97,15 +97,17 @@ class Raw:
         return True
 
     def recv(self, timeout: float) -> bytes | None:
+        """The next message (its last frame: one for a single node on PUB has its topic
+        first, odium.io.transport.node_topic)."""
         if self.sock.poll(int(timeout * 1000)):
-            return self.sock.recv()
+            return self.sock.recv_multipart()[-1]
         return None
 
     def pending(self) -> list[bytes]:
         """Everything already received, without waiting."""
         out = []
         while self.sock.poll(0):
-            out.append(self.sock.recv())
+            out.append(self.sock.recv_multipart()[-1])
         return out
 
     def reply(self, timeout: float = 5.0) -> P.Message:

@@ -13,17 +13,19 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from sqlalchemy.orm import Session
 
 import odium
 from odium.core import wire as P
 from odium.core.keys import Identity
-from odium.core.sealing import Keyring, open_inner
+from odium.core.sealing import Keyring, UnknownGroup, open_inner
+from odium.io.transport import pub_topics
 
 from .conftest import wait_until
 from .raw import Raw, seal
@@ -63,6 +65,14 @@ class RawNode:
     push: Raw
     sub: Raw
     pull: Raw
+    heard: list[P.Message] = field(default_factory=list)  # everything read on PUB
+
+    def _next_on_pub(self, deadline: float) -> P.Message | None:
+        raw = self.sub.recv(max(deadline - time.monotonic(), 0.0))
+        if raw is None:
+            return None
+        self.heard.append(P.open_message(raw, self.sub.vk, self.sub.hub_key))
+        return self.heard[-1]
 
     def batch(self, timeout: float = 10.0) -> tuple[str, P.JobBatch]:
         """The next job batch: its id and its body."""
@@ -70,16 +80,19 @@ class RawNode:
         assert raw is not None, "no job batch reached the node"
         outer = P.open_message(raw, self.pull.vk, self.pull.hub_key)
         ring = Keyring(self.ident)
-        ring.learn(self.pull.hub_key, self._announcement(timeout))  # the readers' key, on PUB
-        msg = open_inner(ring, outer, "jobs")  # sealed to this node
+        while True:
+            try:
+                msg = open_inner(ring, outer, "jobs")  # sealed to this node
+                break
+            except UnknownGroup:  # the readers' key comes on PUB (after other groups' maybe)
+                ring.learn(self.pull.hub_key, self._announcement(timeout))
         assert msg is not None and msg.type == "job_batch", outer
         return msg.env.id, msg.body  # type: ignore[return-value]
 
     def _announcement(self, timeout: float) -> P.Sealed:
         """The group of readers' key the hub published before its first batch to them."""
         deadline = time.monotonic() + timeout
-        while (raw := self.sub.recv(max(deadline - time.monotonic(), 0.0))) is not None:
-            msg = P.open_message(raw, self.sub.vk, self.sub.hub_key)
+        while (msg := self._next_on_pub(deadline)) is not None:
             if msg.type == "group":
                 return msg.body  # type: ignore[return-value]
         raise AssertionError("no group announcement before the batch")
@@ -91,11 +104,7 @@ class RawNode:
     def ack(self, timeout: float) -> list[str] | None:
         """The job ids of the next job_ack for this node within ``timeout`` s, else None."""
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            raw = self.sub.recv(left)
-            if raw is None:
-                return None
-            msg = P.open_message(raw, self.sub.vk, self.sub.hub_key)
+        while (msg := self._next_on_pub(deadline)) is not None:
             if msg.type == "job_ack" and self.name in msg.body.acks:  # type: ignore[attr-defined]
                 return list(msg.body.acks[self.name])  # type: ignore[attr-defined]
         return None
@@ -103,8 +112,11 @@ class RawNode:
 
 @pytest.fixture
 def node(hub: odium.Hub, zctx: Any) -> RawNode:
+    return raw_node(hub, zctx, "disk")
+
+
+def raw_node(hub: odium.Hub, zctx: Any, name: str) -> RawNode:
     ident = Identity.generate()
-    name = "disk"
     hub.trust(ident.key_id, name)
     q = Raw(zctx, hub, "query", ident)
     boot = P.new_id()
@@ -160,6 +172,34 @@ def test_job_ack_comes_only_after_the_result_is_committed(hub: odium.Hub, node: 
     assert acked == [job.id]
     assert got is not None and got[0] == "done" and got[1]["value"] == 2, got
     assert job.result(5) == 2
+
+
+def test_an_ack_goes_only_to_its_node(hub: odium.Hub, zctx: Any) -> None:
+    """A job acknowledgement is for one node: on PUB it goes under that node's topic, so a
+    node subscribed as nodes are (every message for all, and its own) does not receive the
+    acknowledgements of another node's jobs; it still receives its own."""
+    hub.start_local(1, prefix="a")
+    node = raw_node(hub, zctx, "disk")
+    node.sub.sock.setsockopt(zmq.UNSUBSCRIBE, b"")
+    for topic in pub_topics(node.name):
+        node.sub.sock.setsockopt(zmq.SUBSCRIBE, topic)
+    jobs = [hub.submit(f"{i} * 3", nodes="a-1") for i in range(20)]  # acked to a-1 while
+    deadline = time.monotonic() + 20  # disk listens; a batch that reaches disk goes back
+    while not all(j.done() for j in jobs):
+        assert time.monotonic() < deadline, "a-1's jobs did not finish"
+        for raw in node.pull.pending():
+            mid = P.open_message(raw, node.pull.vk, hub.key).env.id
+            assert node.push.send(seal(node.ident, "job_report",
+                                       P.JobReport(unopened=[mid], free=1)))
+        node.pull.sock.poll(20)  # a batch, or 20 ms, before looking again
+    assert [j.result(0) for j in jobs] == [3 * i for i in range(20)]
+    job = hub.submit("1 + 1", nodes=node.name)  # its batch's group is announced after them
+    bid, _batch = node.batch()
+    node.report(bid, done(job.id, 2))
+    assert node.ack(10.0) == [job.id]
+    acks = [m for m in node.heard if m.type == "job_ack"]
+    assert [m.env.to for m in acks] == [[node.name]]  # none of a-1's 30
+    assert any(m.type == "group" for m in node.heard)  # what is for all still reaches it
 
 
 def test_no_ack_for_a_result_whose_write_failed(hub: odium.Hub, node: RawNode,

@@ -55,7 +55,8 @@ class JobQueue:
         hb = hb_interval
 
         def ack(acks: dict[str, list[str]]) -> None:
-            wire.publish("job_ack", P.JobAck(acks), to=sorted(acks))
+            for name, ids in acks.items():  # each to its node alone (PUB topics)
+                wire.publish_to(name, "job_ack", P.JobAck({name: ids}))
 
         self.book = JobBook(store, loop, max(2.0, 3 * hb), ack=ack)
         self.sender = JobSender(self.book, wire, nodes, loop)

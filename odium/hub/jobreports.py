@@ -56,7 +56,7 @@ class JobReports:
 
     def cancel_on(self, node: str, ids: list[str]) -> None:
         if ids:
-            self.wire.publish("job_cancel", P.JobCancel(ids), to=[node])
+            self.wire.publish_to(node, "job_cancel", P.JobCancel(ids))
 
     def _holds(self, j: str, rec: JobRecord, node: str) -> bool:
         """Whether a node may speak for a job: a batch that carried it reached that node, or

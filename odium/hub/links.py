@@ -80,6 +80,9 @@ class Publisher(Protocol):
     def publish_sealed(self, type_: str, body: P.Body, keys: list[str], to: list[str],
                        seq: int) -> bytes: ...
 
+    def publish_to(self, name: str, type_: str, body: P.Body) -> None:
+        """A message for one node, which only that node receives."""
+
 
 class JobWire(Publisher, Protocol):
     """The job queue's sockets: batches on PUSH (sealed to the nodes that may run them; False

@@ -166,6 +166,19 @@ def server_socket(
     return sock, port
 
 
+def node_topic(name: str) -> bytes:
+    """The first frame of a message on PUB for one node alone (``[topic, message]``): the PUB
+    socket sends it only to the connections that subscribed to it (``pub_topics``), not to
+    every node. The NUL ends the name: ``@n-1`` is not a prefix of ``@n-10``'s topic."""
+    return b"@" + name.encode() + b"\0"
+
+
+def pub_topics(name: str) -> tuple[bytes, ...]:
+    """What a node named ``name`` subscribes to: every message for all (one frame, a JSON
+    object: it begins with ``{``) and those for it alone."""
+    return (b"{", node_topic(name))
+
+
 def client_socket(
     ctx: zmq.Context[Any],
     kind: int,
@@ -177,6 +190,7 @@ def client_socket(
     routing_id: bytes | None = None,
     hwm: int = 100_000,
     immediate: bool = False,
+    topics: tuple[bytes, ...] = (b"",),
 ) -> zmq.Socket[Any]:
     """A CURVE client socket that pins the server's key and connects to endpoint."""
     sock = ctx.socket(kind)
@@ -191,7 +205,8 @@ def client_socket(
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if kind == zmq.SUB:
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as e:

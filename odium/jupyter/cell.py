@@ -78,11 +78,17 @@ class BackgroundRun:
         return self.handle.ready()
 
     def wait(self, timeout: float | None = None) -> Result:
-        return self.handle.wait(timeout)
+        """The Result, waiting for it if the command still runs; by then the display shows
+        it too (a notebook run to its end otherwise could stop before the display's last
+        update)."""
+        result = self.handle.wait(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)  # it has only the result's display left to publish
+        return result
 
     def result(self, timeout: float | None = None) -> Result:
         """The Result, waiting for it if the command still runs."""
-        return self.handle.wait(timeout)
+        return self.wait(timeout)
 
     def interrupt(self) -> bool:
         return self.hub.interrupt(self.cmd)

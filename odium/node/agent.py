@@ -316,7 +316,7 @@ class NodeCore:
         self.status = next_status(self.status, Event.REGISTERED)
         self.link.admitted = True
         self.last_heard = time.monotonic()
-        self.data.open(data["ports"])
+        self.data.open(data["ports"], self.name)
         self.tree.welcome(data)
         if self.state_info is not None:  # it may have been computed while we registered
             self._send("state", P.StateReport(self.state_info.to_dict()), keep=True)

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from ..io.transport import client_socket
+from ..io.transport import client_socket, pub_topics
 from .link import Link
 from .outbox import Outbox
 from .ports import NodeRuntime
@@ -50,11 +50,14 @@ class DataSockets:
     def _endpoint(self, port: int) -> str:
         return f"tcp://{self.host}:{port}"
 
-    def open(self, ports: dict[str, int]) -> None:
+    def open(self, ports: dict[str, int], name: str) -> None:
+        """Connect the data sockets to the ports the hub named (``name``: this node's, on the
+        hub's PUB)."""
         if self.sub is not None:
             return
         ctx, ident, key = self.rt.ctx, self.rt.ident, self.hub_key
-        self.sub = client_socket(ctx, zmq.SUB, ident, key, self._endpoint(ports["pub"]))
+        self.sub = client_socket(ctx, zmq.SUB, ident, key, self._endpoint(ports["pub"]),
+                                 topics=pub_topics(name))
         push = client_socket(ctx, zmq.PUSH, ident, key, self._endpoint(ports["results"]),
                              immediate=True)
         self.outbox.push = push
