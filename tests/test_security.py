@@ -542,7 +542,7 @@ def test_node_runs_only_commands_signed_by_its_hub(hub: odium.Hub, tmp_path: Pat
         exec_cmd(hub_ident, "stale", ts=time.time() - 3600),
         exec_cmd(hub_ident, "future", ts=time.time() + 3600),
         exec_cmd(hub_ident, "extra-field", admin=True),
-        b"\x00\xffnot a message",
+        b"{\x00\xffnot a message",  # (what does not begin with "{" no node subscribes to)
     ]
     unaddressed = exec_cmd(hub_ident, "unaddressed", to=("n-2",))
     genuine = exec_cmd(hub_ident, "genuine")
