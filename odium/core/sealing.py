@@ -231,9 +231,12 @@ class Keyring:
         """Keep the key of a group its sender announced; whether this identity reads it."""
         if sealed.g is None:
             raise ProtocolError("a group's announcement names no group")
+        return self._learn(sender, sealed.g, sealed) is not None
+
+    def _learn(self, sender: str, gid: str, sealed: Sealed) -> bytes | None:
         key = self._unwrap(sender, sealed)
-        self.keep(sender, sealed.g, key)
-        return key is not None
+        self.keep(sender, gid, key)
+        return key
 
     def open(self, sender: str, sealed: Sealed) -> bytes | None:
         """The inner bytes, or None when the message is not sealed to this identity.
@@ -245,8 +248,7 @@ class Keyring:
         elif (sender, g) in self._kept:
             key = self._kept[(sender, g)]
         elif sealed.k:
-            key = self._unwrap(sender, sealed)
-            self.keep(sender, g, key)
+            key = self._learn(sender, g, sealed)
         else:
             raise UnknownGroup(g)
         if key is None:

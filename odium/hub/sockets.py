@@ -62,26 +62,22 @@ class HubSockets:
     def publish(self, type_: str, body: P.Body, *, to: list[str] | None = None, seq: int = 0,
                 msg_id: str | None = None) -> bytes:
         raw = self.rt.sign(type_, body, to=to, seq=seq, msg_id=msg_id)
-        pub = self.sockets.get("pub")
-        if pub is None:  # being rebound: nodes catch up over fetch
-            return raw
-        try:
-            pub.send(raw, zmq.NOBLOCK)
-        except zmq.Again:  # high-water mark: nodes catch up over fetch
-            log.warning("PUB queue full; %s dropped", type_)
+        self._send_pub([raw], type_)
         return raw
 
     def publish_to(self, name: str, type_: str, body: P.Body) -> None:
         """Publish a message for one node: only that node's SUB receives it (its topic),
         not every node's (a job acknowledgement reaching 1,000 nodes cost each of them)."""
-        raw = self.rt.sign(type_, body, to=[name])
+        self._send_pub([node_topic(name), self.rt.sign(type_, body, to=[name])], type_)
+
+    def _send_pub(self, frames: list[bytes], type_: str) -> None:
         pub = self.sockets.get("pub")
-        if pub is None:
+        if pub is None:  # being rebound: nodes catch up over fetch
             return
         try:
-            pub.send_multipart([node_topic(name), raw], zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("PUB queue full; %s to %s dropped", type_, name)
+            pub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:  # high-water mark: nodes catch up over fetch
+            log.warning("PUB queue full; %s dropped", type_)
 
     def publish_sealed(self, type_: str, body: P.Body, keys: list[str], to: list[str],
                        seq: int) -> bytes:

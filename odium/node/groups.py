@@ -51,27 +51,18 @@ class MissedKeys:
         self._due = False  # an ask is scheduled
 
     def open(self, msg: P.Message, where: str, then: Callable[[P.Message], None],
-             not_mine: Callable[[], None]) -> None:
+             not_mine: Callable[[], None], hold: bool = True) -> None:
         """Open a sealed message: what it holds for this node goes to ``then``; ``not_mine``
         when it is not sealed to this node. One sealed to a group whose key is missing is held
-        until the key comes (dropped if too many wait: a command comes again by fetch, a job
-        batch after its flight's time)."""
+        until the key comes, then opened again (``hold=False``: the key is kept by then, or
+        that the group is not this node's; past MAX_HELD it is not held)."""
         try:
             inner = open_inner(self.keyring, msg, where, self.name)
         except UnknownGroup as e:
-            self.missing(e.gid, lambda: self._again(msg, where, then, not_mine))
-            return
-        if inner is not None:
-            then(inner)
-        else:
-            not_mine()
-
-    def _again(self, msg: P.Message, where: str, then: Callable[[P.Message], None],
-               not_mine: Callable[[], None]) -> None:
-        try:
-            inner = open_inner(self.keyring, msg, where, self.name)  # (kept now)
-        except UnknownGroup:  # the hub had forgotten the group
-            inner = None
+            if hold:
+                self.missing(e.gid, lambda: self.open(msg, where, then, not_mine, hold=False))
+                return
+            inner = None  # (its kept key made room for others meanwhile)
         if inner is not None:
             then(inner)
         else:
