@@ -15,7 +15,7 @@ import zmq
 
 from odium.core import wire as P
 from odium.core.keys import Identity
-from odium.node.requests import REQUEST_RETRY, STEADY_RETRY, Requests
+from odium.node.requests import REFUSED_RETRY_MAX, REQUEST_RETRY, RETRY_MAX, STEADY_RETRY, Requests
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -57,6 +57,21 @@ def test_asked_again_soon_before_the_connection_is_made(pair: Any) -> None:
     requests, req = asking(node)
     assert len(received(hub)) == 1
     assert req.due() - req.sent == pytest.approx(REQUEST_RETRY)
+
+
+def test_asked_again_later_and_later_but_soon_while_refused(pair: Any) -> None:
+    """A key pending at the hub is refused at every handshake until someone accepts it there:
+    the node keeps trying every few seconds (it comes in soon after), not every half minute."""
+    node, hub = pair
+    requests, req = asking(node)
+    for _ in range(6):
+        requests.again(req)
+    assert req.due() - req.sent == pytest.approx(RETRY_MAX)
+    requests.again(req, refused=True)
+    assert req.due() - req.sent == pytest.approx(REFUSED_RETRY_MAX)
+    requests.again(req)  # (a handshake that was not refused: later and later again)
+    assert req.due() - req.sent == pytest.approx(RETRY_MAX)
+    assert len(received(hub)) == 9
 
 
 def test_on_a_connection_that_stands_asked_again_only_after_ten_seconds(pair: Any) -> None:

@@ -28,6 +28,9 @@ REQUEST_RETRY = 2.0  # seconds before a query is first sent again; then twice as
 # at once when it is made anew (``connected``)
 STEADY_RETRY = 10.0
 RETRY_MAX = 30.0  # ... up to this
+# ... but only up to this after a refused handshake: a key waits pending until someone runs
+# `odium keys accept` there, and the node should come in seconds after that, not half a minute
+REFUSED_RETRY_MAX = 4.0
 ATTEMPTS_KEPT = 8  # attempts of one request whose answers still count
 CLOCK_RETRIES = 3  # times a request refused for its timestamp is asked again at once
 
@@ -44,11 +47,13 @@ class Request:
     tries: int = 0  # attempts so far
     clock_retries: int = 0
     steady: bool = False  # the newest attempt went on a connection known to stand
+    refused: bool = False  # the hub refused the handshake of the one before it
 
     def due(self) -> float:
         """When the next attempt is due (monotonic)."""
         first = STEADY_RETRY if self.steady else REQUEST_RETRY
-        return self.sent + min(first * 2 ** max(self.tries - 1, 0), RETRY_MAX)
+        most = REFUSED_RETRY_MAX if self.refused else RETRY_MAX
+        return self.sent + min(first * 2 ** max(self.tries - 1, 0), most)
 
 
 class Requests:
@@ -75,9 +80,12 @@ class Requests:
             on_error: Callable[[str], None] | None = None) -> None:
         self.again(Request(type_, body, on_reply, time.monotonic(), sock, on_error))
 
-    def again(self, req: Request, sock: zmq.Socket[Any] | None = None) -> None:
+    def again(self, req: Request, sock: zmq.Socket[Any] | None = None,
+              refused: bool = False) -> None:
         """Send another attempt of ``req`` (on ``sock``, when its socket was opened anew:
-        the attempts made on the old one can no longer be answered)."""
+        the attempts made on the old one can no longer be answered; ``refused``: because the
+        hub refused the old one's handshake)."""
+        req.refused = refused
         if sock is not None and sock is not req.sock:
             self._drop(req)
             req.sock = sock
