@@ -561,7 +561,7 @@ def test_node_runs_only_commands_signed_by_its_hub(hub: odium.Hub, tmp_path: Pat
     _publish(hub, genuine)
     _publish(hub, genuine)  # a replay of a genuine command runs it once
     r = hub.run("count", nodes="n-1", timeout=10)  # published after all of the above
-    assert r["n-1"].value == 1
+    assert r["n-1"].value == 1, r["n-1"]
     assert sorted(os.listdir(marks)) == ["genuine", "probe"]
     wanted = len(forged) + 1  # and the replay
     reported = wait_until(
