@@ -70,10 +70,11 @@ def one_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     try:
         sw = Swarm(hub, n, args.procs, join=args.join, capacity=args.capacity)
         out["prepare_s"] = round(sw.prepared, 2)
-        t0 = perf()
+        t0, c0 = perf(), cpu(me)
         sw.start()
         wait_until(lambda: sw.ready() == n, args.ready_timeout, f"{n} nodes ready", 0.05)
         out["ready_s"] = round(perf() - t0, 2)
+        out["join_hub_cpu_s"] = round(cpu(me) - c0, 2)  # (less noisy than the time: one core)
         wait_until(lambda: sw.counts()["ready"] == n, 10, "the swarm's counts", 0.05)
         out["join_counts"] = sw.counts()
         # broadcast round trip
@@ -147,7 +148,7 @@ def report(r: dict[str, Any]) -> None:
     print(f"\n== {r['nodes']} nodes in {r['procs']} swarm processes (join: {r['join']}); "
           f"load {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}")
     print(f"  join storm   all ready in {r['ready_s']} s; retried: {jc['retries'] or 'none'}; "
-          f"refused handshakes: {jc['refused']}")
+          f"refused handshakes: {jc['refused']}; hub CPU {r['join_hub_cpu_s']} s")
     print(f"  broadcast    median {b['median_ms']} ms, p90 {b['p90_ms']} ms "
           f"({b['per_node_ms']} ms per node), hub CPU {b['hub_cpu_ms_per_round']} ms a round; "
           f"{b['rounds']} rounds, {len(b['failed'])} failed {b['failed'][:2]}")

@@ -72,3 +72,40 @@ def test_writes_survive_a_bad_one(tmp_path: Path) -> None:
         assert kinds == ["first", "second"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("on_conflict", [True, False], ids=["on-conflict", "through-orm"])
+def test_keys_nodes_and_states_change_only_what_is_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_conflict: bool) -> None:
+    """put_key, put_node and put_state are upserts (one executemany for a join storm's
+    thousands): a row is made with what is given, and later only what is given changes;
+    a state's declaration is kept as first seen. Without ON CONFLICT (a database other than
+    SQLite and PostgreSQL) the same through the ORM."""
+    if not on_conflict:
+        monkeypatch.setattr("odium.hub.store.upsert_statement", lambda *_a: None)
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    try:
+        store.put_key("k" * 43, "token", name="t", note="for the lab", expires=5.0)
+        store.put_node("n1", key_id="k" * 43, status="connecting", host="pc1", capacity=4)
+        store.put_state("s1", {"first": 1})
+        store.flush()
+        for i in range(3):  # several of one shape in one batch, and the others between them
+            store.put_node(f"m{i}", key_id="m" * 43, status="connecting")
+            store.put_node("n1", status="ready")
+        store.put_key("k" * 43, "used")
+        store.put_state("s1", {"second": 2})
+        store.put_node("n1", state="s1", info={"parts": [1]})
+        store.flush()
+        (key,) = [k for k in store.keys() if k.key_id == "k" * 43]
+        assert (key.role, key.name, key.note, key.expires) == ("used", "t", "for the lab", None)
+        nodes = {n.name: n for n in store.nodes()}
+        assert sorted(nodes) == ["m0", "m1", "m2", "n1"]
+        n1 = nodes["n1"]
+        assert (n1.key_id, n1.status, n1.host, n1.capacity, n1.state, n1.info) == (
+            "k" * 43, "ready", "pc1", 4, "s1", {"parts": [1]})
+        assert n1.first_seen == n1.last_seen > 0
+        with store.session() as s:
+            assert list(s.execute(text("SELECT state, declaration FROM states"))) == [
+                ("s1", '{"first": 1}')]
+    finally:
+        store.close()

@@ -1,6 +1,7 @@
-"""The job queue's hot writes as plain SQL (``Store.write_jobs``): its columns, its three
-statements in the driver's own parameter style, and JSON columns' text. The column types
-are the models' (``odium.hub.store``)."""
+"""The store's hot writes as plain SQL: the job queue's (``Store.write_jobs``: its columns, its
+three statements in the driver's own parameter style, and JSON columns' text) and the upserts
+of a join storm's keys and nodes (``Store.upsert``). The column types are the models'
+(``odium.hub.store``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from sqlalchemy import Table
+from sqlalchemy.dialects import postgresql, sqlite
 
 # the job queue's hot writes (Store.write_jobs) take plain tuples, in these columns' order
 JOB_COLS = ("id", "seq", "kind", "code", "fn", "args", "kwargs", "args_pickle", "nodes",
@@ -59,4 +62,21 @@ def job_statements(paramstyle: str) -> dict[str, Any]:
             "event": insert_sql("job_events", JOB_EVENT_COLS), "fit": fit}
 
 
-__all__ = ["JOB_COLS", "JOB_EVENT_COLS", "JOB_MUTABLE", "dumps_json", "job_statements"]
+def upsert_statement(dialect: str, table: Table, changes: tuple[str, ...]) -> Any:
+    """An insert that, where a row with its primary key is there already, sets only the
+    ``changes`` columns from the row given instead (none: leaves that row as it is). One
+    statement for many rows: executemany. None for a database without ``ON CONFLICT``
+    (SQLite and PostgreSQL have it)."""
+    make = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
+    if make is None:
+        return None
+    ins: Any = make(table)  # (each dialect's own Insert: on_conflict_*, excluded)
+    pk = [c.name for c in table.primary_key.columns]
+    if not changes:
+        return ins.on_conflict_do_nothing(index_elements=pk)
+    return ins.on_conflict_do_update(index_elements=pk,
+                                     set_={c: ins.excluded[c] for c in changes})
+
+
+__all__ = ["JOB_COLS", "JOB_EVENT_COLS", "JOB_MUTABLE", "dumps_json", "job_statements",
+           "upsert_statement"]

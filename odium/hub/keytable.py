@@ -77,15 +77,25 @@ class KeyTable:
 
     def put(self, info: KeyInfo, persist: bool = True) -> None:
         """Add or change one key. A key id that is not a real key is refused here, before
-        anything changes (ConfigError)."""
-        if len(info.key_id) != 40:  # 40: a pending key known only by its CURVE key (z85)
+        anything changes (ConfigError); one in the table was checked as it came in."""
+        # 40: a pending key known only by its CURVE key (z85)
+        if len(info.key_id) != 40 and info.key_id not in self.keys:
             check_key_id(info.key_id)
         if info.role not in KEY_ROLES:
             raise ConfigError(f"a key's role is one of {', '.join(KEY_ROLES)}, not "
                               f"{info.role!r}")
         keys = dict(self.keys)
         keys[info.key_id] = info
-        self.publish(keys)
+        by_curve, pending = self._zap_view  # (one key changes: only its entry is made again)
+        if len(info.key_id) == 43:
+            c = self._curves.get(info.key_id)
+            if c is None:
+                c = self._curves[info.key_id] = curve_public(info.key_id)
+            by_curve = {**by_curve, c: info}
+        else:
+            pending = {**pending, info.key_id.encode(): info}
+        self.keys = keys
+        self._zap_view = (by_curve, pending)
         if persist:
             self.store.put_key(info.key_id, info.role, name=info.name, expires=info.expires,
                                note=info.note)

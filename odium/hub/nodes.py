@@ -113,7 +113,8 @@ class Registry:
         self.forgotten: dict[str, str] = {}
         # (name, key id) of every node, replaced whole when a node comes or goes, so that
         # any thread may read who can be targeted (``targetable``) without the loop
-        self._roster: tuple[tuple[str, str], ...] = ()
+        self._roster: dict[str, str] = {}  # replaced whole, never changed in place
+        self._leaves: dict[str, set[str]] = {}  # relay -> the names below it
         for n in store.nodes():
             self.add(NodeInfo(n.name, n.key_id, S.OFFLINE, n.state, n.boot, n.host,
                               n.pid, n.capacity, n.last_seen, info=n.info))
@@ -122,21 +123,32 @@ class Registry:
     def add(self, node: NodeInfo) -> NodeInfo:
         """A node the hub did not know (in the loop thread)."""
         self.nodes[node.name] = node
-        self._new_roster()
+        if node.via:
+            self._leaves.setdefault(node.via, set()).add(node.name)
+        self._new_roster(node.name)
         return node
 
     def remove(self, name: str) -> NodeInfo:
         """Forget a node (in the loop thread)."""
         node = self.nodes.pop(name)
-        self._new_roster()
+        if node.via and node.via in self._leaves:
+            self._leaves[node.via].discard(name)
+        self._new_roster(name)
         return node
 
-    def _new_roster(self) -> None:
-        """(name, the key whose trust decides whether it is targeted): below a relay, the
-        relay's key (the relay vouches for what is below it)."""
+    def _new_roster(self, changed: str) -> None:
+        """(name -> the key whose trust decides whether it is targeted): below a relay, the
+        relay's key (the relay vouches for what is below it). Only what ``changed`` changes
+        is worked out again (a join storm adds 1,000 nodes: not 1,000 times all of them)."""
         nodes = self.nodes
-        self._roster = tuple((n, nodes[i.via].key_id if i.via in nodes else i.key_id)
-                             for n, i in nodes.items())
+        roster = dict(self._roster)
+        for n in (changed, *self._leaves.get(changed, ())):
+            i = nodes.get(n)
+            if i is None:
+                roster.pop(n, None)
+            else:
+                roster[n] = nodes[i.via].key_id if i.via in nodes else i.key_id
+        self._roster = roster
 
     def below(self, relay: str) -> list[NodeInfo]:
         """The instances a relay reports below it."""
@@ -221,7 +233,7 @@ class Registry:
         one that is only off (a lab PC shut down for the night) is targeted, and answers
         ``not connected``."""
         keys = self._keys()  # both snapshots, replaced whole: any thread may read them
-        return sorted(n for n, key_id in self._roster
+        return sorted(n for n, key_id in self._roster.items()
                       if (k := keys.get(key_id)) is not None and k.role == "node")
 
     def node_list(self, pattern: str | None = None) -> list[dict[str, Any]]:
@@ -229,7 +241,7 @@ class Registry:
         if pattern:
             names = match_nodes(pattern, names)
         keys = self._keys()
-        trust = dict(self._roster)
+        trust = self._roster
         out = []
         for n in names:
             d = self.nodes[n].to_dict()

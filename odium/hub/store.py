@@ -35,7 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from ..errors import ConfigError
 from ..errors import TimeoutError as OdiumTimeout
 from . import storefaults as sf
-from .jobsql import dumps_json, job_statements
+from .jobsql import dumps_json, job_statements, upsert_statement
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _shape(item: Any) -> tuple[Any, ...] | None:
+    """What makes queued rows one executemany: inserts into one table; upserts into one
+    table, of the same columns and changes. None: not a row."""
+    if isinstance(item, tuple) and item[0] == "insert":
+        return ("insert", item[1])
+    if isinstance(item, tuple) and item[0] == "upsert":
+        return ("upsert", item[1], tuple(item[2]), item[3])
+    return None
+
+
 def default_url(home: Path) -> str:
     return f"sqlite:///{home / 'odium.db'}"
 
@@ -222,6 +232,7 @@ class Store:
         sf.open_schema(self.engine, Base.metadata, url, self.file)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self._job_sql = job_statements(self.engine.dialect.paramstyle)
+        self._upserts: dict[tuple[str, tuple[str, ...]], Any] = {}  # statements made so far
         self._queue: queue.Queue[Any] = queue.Queue()
         self._urgent = False  # an urgent write is queued (write_jobs): commit without waiting
         self._health = sf.Health(self.event)
@@ -256,6 +267,12 @@ class Store:
     def insert(self, model: type[Base], values: dict[str, Any]) -> None:
         """Queue a plain row insert (the cheap path: many become one executemany)."""
         self._queue.put(("insert", model, values))
+
+    def upsert(self, model: type[Base], values: dict[str, Any], changes: tuple[str, ...]) -> None:
+        """Queue a row's insert that, where the row is there already, sets only ``changes``
+        (from ``values``; none: leaves it as it is). Those of one shape queued together are
+        one executemany: a join storm writes thousands of keys and nodes."""
+        self._queue.put(("upsert", model, values, changes))
 
     def update(self, model: type[Base], key: Any, values: dict[str, Any]) -> None:
         """Queue an update of one row by primary key."""
@@ -346,14 +363,16 @@ class Store:
             i = 0
             while i < len(work):
                 item = work[i]
-                if isinstance(item, tuple) and item[0] == "insert":
-                    model = item[1]
+                shape = _shape(item)
+                if shape is not None:  # inserts or upserts: those of one shape, one executemany
                     rows = [item[2]]
-                    while (i + 1 < len(work) and isinstance(work[i + 1], tuple)
-                           and work[i + 1][0] == "insert" and work[i + 1][1] is model):
+                    while i + 1 < len(work) and _shape(work[i + 1]) == shape:
                         i += 1
                         rows.append(work[i][2])
-                    s.execute(insert(model.__table__), rows)  # type: ignore[attr-defined]
+                    if item[0] == "insert":
+                        s.execute(insert(item[1].__table__), rows)
+                    else:
+                        self._upsert(s, item[1], rows, item[3])
                 elif isinstance(item, tuple) and item[0] == "update":
                     _, model, key, values = item
                     table = model.__table__  # type: ignore[attr-defined]
@@ -373,6 +392,25 @@ class Store:
                 fn()
             except Exception:  # noqa: BLE001 - a callback must not undo a commit
                 log.exception("after-commit callback failed")
+
+    def _upsert(self, s: Session, model: Any, rows: list[dict[str, Any]],
+                changes: tuple[str, ...]) -> None:
+        table = model.__table__
+        key = (table.name, changes)
+        if key not in self._upserts:
+            self._upserts[key] = upsert_statement(self.engine.dialect.name, table, changes)
+        stmt = self._upserts[key]
+        if stmt is not None:
+            s.execute(stmt, rows)
+            return
+        pk = list(table.primary_key.columns)[0].name  # (no ON CONFLICT: through the ORM)
+        for values in rows:
+            row = s.get(model, values[pk])
+            if row is None:
+                s.add(model(**values))
+            for c in changes if row is not None else ():
+                setattr(row, c, values[c])
+        s.flush()
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every queued write is committed."""
@@ -408,38 +446,19 @@ class Store:
 
     def put_key(self, key_id: str, role: str, *, name: str = "", address: str = "",
                 expires: float | None = None, note: str = "") -> None:
+        """A key's row, or its role and expiry changed (and its name, address and note, when
+        given)."""
         now = time.time()
-
-        def fn(s: Session) -> None:
-            row = s.get(KeyRow, key_id)
-            if row is None:
-                s.add(KeyRow(key_id=key_id, role=role, name=name, address=address, created=now,
-                             updated=now, expires=expires, note=note))
-            else:
-                row.role, row.updated = role, now
-                if name:
-                    row.name = name
-                if address:
-                    row.address = address
-                row.expires = expires
-                if note:
-                    row.note = note
-
-        self.write(fn)
+        given = {"name": name, "address": address, "note": note}
+        self.upsert(KeyRow, {"key_id": key_id, "role": role, "created": now, "updated": now,
+                             "expires": expires, **given},
+                    ("role", "updated", "expires", *(k for k, v in given.items() if v)))
 
     def put_node(self, name: str, **fields: Any) -> None:
+        """A node's row, or the fields given changed."""
         now = time.time()
-
-        def fn(s: Session) -> None:
-            row = s.get(NodeRow, name)
-            if row is None:
-                row = NodeRow(name=name, key_id=fields.get("key_id", ""), status="new",
-                              first_seen=now, last_seen=now)
-                s.add(row)
-            for k, v in fields.items():
-                setattr(row, k, v)
-
-        self.write(fn)
+        self.upsert(NodeRow, {"name": name, "key_id": "", "status": "new", "first_seen": now,
+                              "last_seen": now, **fields}, tuple(fields))
 
     def forget_node(self, name: str, key_id: str = "") -> None:
         """Delete a node's row, and its key's row when given (what the hub forgot)."""
@@ -456,13 +475,9 @@ class Store:
         self.write(lambda s: s.query(KeyRow).filter_by(key_id=key_id).delete())
 
     def put_state(self, state: str, declaration: dict[str, Any]) -> None:
-        now = time.time()
-
-        def fn(s: Session) -> None:
-            if s.get(StateRow, state) is None:
-                s.add(StateRow(state=state, declaration=declaration, first_seen=now))
-
-        self.write(fn)
+        """A state's declaration, the first time it is seen (it never changes)."""
+        self.upsert(StateRow, {"state": state, "declaration": declaration,
+                               "first_seen": time.time()}, ())
 
     # --- reads -----------------------------------------------------------------------------
 

@@ -21,15 +21,19 @@ from ..core import wire as P
 from ..core.clock import Clock
 from ..core.dispatch import Dispatch
 
-REQUEST_RETRY = 2.0  # seconds before a query is first sent again; then twice as long, ...
-# ... or this, when it went on a connection that stands (its handshake done, no disconnect
-# since): TCP loses nothing there, so the hub is only slow (a join storm: sent again every
-# 2 s, each request waits at the hub two or three times over); one that breaks sends again
-# at once when it is made anew (``connected``)
+# A request waits for its answer this long before it is sent again; then twice as long, ...
+# What goes on a socket while its connection is being made waits in libzmq's queue and goes
+# when it is made; on a connection that stands TCP loses nothing; one that breaks sends again
+# at once when it is made anew (``connected``). So the hub is only slow (a join storm: sent
+# again every 2 s while thousands of handshakes waited, each request reached the hub two or
+# three times over, and each was more work for it) ...
 STEADY_RETRY = 10.0
 RETRY_MAX = 30.0  # ... up to this
-# ... but only up to this after a refused handshake: a key waits pending until someone runs
-# `odium keys accept` there, and the node should come in seconds after that, not half a minute
+# ... except after a handshake the hub refused: that loses what waited (libzmq gives the
+# connection up), and the socket is opened anew. Sooner then, and never less often than
+# REFUSED_RETRY_MAX: a key waits pending until someone runs `odium keys accept` there, and
+# the node should come in seconds after that, not half a minute
+REQUEST_RETRY = 2.0
 REFUSED_RETRY_MAX = 4.0
 ATTEMPTS_KEPT = 8  # attempts of one request whose answers still count
 CLOCK_RETRIES = 3  # times a request refused for its timestamp is asked again at once
@@ -51,9 +55,10 @@ class Request:
 
     def due(self) -> float:
         """When the next attempt is due (monotonic)."""
-        first = STEADY_RETRY if self.steady else REQUEST_RETRY
-        most = REFUSED_RETRY_MAX if self.refused else RETRY_MAX
-        return self.sent + min(first * 2 ** max(self.tries - 1, 0), most)
+        if self.refused and not self.steady:  # (once a connection stands, it counts no more)
+            return self.sent + min(REQUEST_RETRY * 2 ** max(self.tries - 1, 0),
+                                   REFUSED_RETRY_MAX)
+        return self.sent + min(STEADY_RETRY * 2 ** max(self.tries - 1, 0), RETRY_MAX)
 
 
 class Requests:
