@@ -57,6 +57,10 @@ class Broadcast:
     hint: str | None = None
     kind: str = "python"
     code: str = ""
+    targeted: frozenset[str] = field(init=False)  # the targets, to ask whether one is
+
+    def __post_init__(self) -> None:
+        self.targeted = frozenset(self.targets)
 
     @property
     def done(self) -> bool:
@@ -171,9 +175,9 @@ class Broadcasts:
 
     def not_connected(self, b: Broadcast, connected: list[str]) -> None:
         """Every matched node that is not connected gets its entry at once."""
-        nodes = self.registry.nodes
+        nodes, connected_ = self.registry.nodes, set(connected)
         for name in b.targets:
-            if name not in connected:
+            if name not in connected_:
                 self.record(b, NodeResult(name, Status.NOT_CONNECTED, state=nodes[name].state,
                                           error=_error("NotConnected",
                                                        f"node is {nodes[name].status.value}")))
@@ -240,7 +244,7 @@ class Broadcasts:
         for b in list(self.broadcasts.values()):
             if restart and b.kind == "sync":
                 continue  # a sync restarts the node on purpose; it answers when it is back
-            if node.name in b.targets and node.name not in b.results:
+            if node.name in b.targeted and node.name not in b.results:
                 self.record(b, NodeResult(node.name, Status.LOST, state=node.state, error=_error(
                     "NodeLost", f"node lost while running: {why}")))
 
@@ -293,7 +297,7 @@ class Broadcasts:
         name = self.registry.by_key.get(key_id, "")
         out = [self._seal_for(b, name, key_id).decode()
                for b in sorted(self.broadcasts.values(), key=lambda b: b.seq)
-               if b.seq > body.since and name in b.targets and name not in b.results
+               if b.seq > body.since and name in b.targeted and name not in b.results
                and b.inner is not None]
         if self.tree is not None:  # and what went down for the nodes below it, if a relay
             out.extend(self.tree.fetch_for(name, body.since))
@@ -317,13 +321,13 @@ class Broadcasts:
 
     def _r_ack(self, msg: P.Message, body: P.Ack, node: NodeInfo) -> None:
         b = self.broadcasts.get(body.cmd)
-        if b is not None and node.name in b.targets:
+        if b is not None and node.name in b.targeted:
             b.acked.add(node.name)
             node.running.add(body.cmd)
 
     def _r_output(self, msg: P.Message, body: P.Output, node: NodeInfo) -> None:
         b = self.broadcasts.get(body.cmd)
-        if b is not None and node.name in b.targets:  # a node speaks only for itself
+        if b is not None and node.name in b.targeted:  # a node speaks only for itself
             for fn in b.output:
                 fn(node.name, body.stream, body.text)
 
@@ -331,7 +335,7 @@ class Broadcasts:
         node.running.discard(body.cmd)
         b = self.broadcasts.get(body.cmd)
         status = Status(body.status) if body.status != "state_mismatch" else Status.STATE_MISMATCH
-        if b is None or node.name not in b.targets or node.name in b.results:
+        if b is None or node.name not in b.targeted or node.name in b.results:
             # late or duplicate: the first answer (or lost) stands
             self._late(body.cmd, _entry(msg, body, node, status, None))
             return

@@ -77,7 +77,7 @@ class Syncs:
         name = self.broadcasts.registry.by_key.get(ask.key.key_id, "")
         b = self.broadcasts.broadcasts.get(body.cmd)
         relayed = self.relayed.get(body.cmd)
-        if b is not None and b.kind == "sync" and name in b.targets:
+        if b is not None and b.kind == "sync" and name in b.targeted:
             target = b.code
         elif relayed is not None and name in relayed[1]:  # a sync from above, through here
             target = relayed[0]
