@@ -72,7 +72,7 @@ class Raw:
         self.sock.connect(self.endpoint)
         self.vk = verify_key(hub.key)
 
-    def handshake(self, timeout: float = 5.0) -> str:
+    def handshake(self, timeout: float = 15.0) -> str:
         """The outcome of the next handshake: ok, auth, protocol or failed."""
         deadline = time.monotonic() + timeout
         while True:
