@@ -324,3 +324,39 @@ def test_only_the_newest_attempt_of_a_repeated_request_in_one_batch_is_handled()
     batch = [a1, ping1, other_conn, a2, newer, ping2, junk]
     assert newest_attempts(batch) == [ping1, other_conn, a2, newer, ping2, junk]
     assert newest_attempts([a1]) == [a1]
+
+
+def test_a_pub_command_that_cannot_wait_for_its_groups_key_is_fetched_again() -> None:
+    """Past MAX_WAITING groups (or MAX_HELD messages) a node gives up holding a command whose
+    group key it lacks; the command is not lost: the next fetch starts before it."""
+    from odium.core.sealing import Keyring
+    from odium.node.groups import MAX_WAITING, MissedKeys
+
+    hub, node = Identity.generate(), Identity.generate()
+    ring = Keyring(hub)
+    asked: list[list[str]] = []
+    later: list[object] = []
+    fetches: list[int] = []
+    missed = MissedKeys(Keyring(node), hub.key_id, "n", lambda _t, b, _r: asked.append(b.g),
+                        lambda _t: bool(asked), lambda _w, e: None,
+                        lambda _s, fn: later.append(fn), lambda: fetches.append(1))
+    opened: list[int] = []
+
+    def command(seq: int) -> P.Message:
+        """The second message to a group of this node and another: it names only the group."""
+        readers = [node.key_id, Identity.generate().key_id]
+        body = P.Exec(P.new_id(), "python", str(seq))
+        ring.seal("exec", body, readers, to=["n", "x"], reuse=True)
+        compact = ring.seal("exec", body, readers, to=["n", "x"], reuse=True)
+        raw = P.seal(hub.signing, hub.key_id, "unknown", "sealed", compact, seq=seq)
+        return P.open_message(raw, verify_key(hub.key_id), hub.key_id)
+
+    for seq in range(10, 10 + MAX_WAITING + 3):
+        missed.open(command(seq), "pub", lambda _m, s=seq: opened.append(s), lambda: None)
+    assert opened == [] and len(fetches) == 3  # the three oldest groups given up, each said
+    assert missed.lost == 10
+    assert missed.since(10 + MAX_WAITING + 2) == 9 and missed.lost is None
+    assert missed.since(99) == 99  # (once: the fetch that starts there takes them)
+    # a job batch given up is not fetched: the hub sends it again when no report comes
+    missed.give_up(command(500), "jobs")
+    assert missed.lost is None and len(fetches) == 3

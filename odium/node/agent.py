@@ -138,7 +138,8 @@ class NodeCore:
         self.pub.on("sealed", P.Sealed, self._on_sealed)
         self.pub.on("group", P.Sealed, lambda _m, body, _: self.groups.learn(body))
         self.groups = MissedKeys(self.keyring, self.hub_key, self.name, self._ask,
-                                 self.requests.pending, self.failed, rt.loop.call_later)
+                                 self.requests.pending, self.failed, rt.loop.call_later,
+                                 self._fetch)
         self.pub.update(self.jobs.pub_handlers())
         # what may come inside a sealed message on PUB (or fetched): commands for some nodes
         self.sealed: Dispatch[None] = Dispatch("sealed")
@@ -307,7 +308,7 @@ class NodeCore:
         host = host if re.match(P.HOST_RE, host) else ""
         body = P.Register(self.name, self.boot, self.capacity, os.getpid(), host,
                           clean(self.rt.app)[:4096],
-                          self.state_info.to_dict() if self.state_info else None)
+                          info.to_dict() if (info := self.rt.watch.info) else None)
         self._ask("register", body, self._registered)
 
     def _registered(self, data: Any) -> None:
@@ -318,8 +319,8 @@ class NodeCore:
         self.last_heard = time.monotonic()
         self.data.open(data["ports"], self.name)
         self.tree.welcome(data)
-        if self.state_info is not None:  # it may have been computed while we registered
-            self._send("state", P.StateReport(self.state_info.to_dict()), keep=True)
+        if (info := self.rt.watch.info) is not None:  # (it may be new since we registered)
+            self._send("state", P.StateReport(info.to_dict()), keep=True)
         if not self.rt.home.joinpath("joined.json").exists():
             save_joined(self.rt.home, self.address, self.hub_key, self.name)
         self._fetch()
@@ -333,11 +334,13 @@ class NodeCore:
     def _fetch(self) -> None:
         if self.query is None or self.requests.pending("fetch"):
             return
-        self._ask("fetch", P.Fetch(self.seq), self._fetched)
+        self._ask("fetch", P.Fetch(self.groups.since(self.seq)), self._fetched)
 
     def _fetched(self, data: Any) -> None:
         each_message(data["commands"], self._fetched_one, lambda _r, e: self.failed("fetch", e))
         self.seq = max(self.seq, int(data["seq"]))
+        if self.groups.lost is not None:  # (one given up while this fetch was on its way)
+            self._fetch()
 
     def _fetched_one(self, raw: str) -> None:
         m = P.open_message(raw.encode(), self.vk, self.hub_key)
@@ -410,11 +413,6 @@ class NodeCore:
         self.sync.on_sync(msg, body)
 
     # --- state ------------------------------------------------------------------------------
-
-    @property
-    def state_info(self) -> StateInfo | None:
-        """This node's latest view of its state (the process's one view of it), if any yet."""
-        return self.rt.watch.info
 
     def _state_changed(self, info: StateInfo) -> None:
         """The state moved: tell the hub."""

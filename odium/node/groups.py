@@ -8,7 +8,11 @@ group. It asks the hub for the key on the query socket, one request at a time, a
 what waited for the key when the key comes. The hub answers only for the groups the node
 reads; for the others it answers None, and the node then knows the group is not its own.
 
-Pure of sockets: ``ask`` sends the request.
+A command on PUB that cannot be held (more are waiting than MAX_HELD, or for more than
+MAX_WAITING groups) is not lost: its sequence number is remembered (``lost``), and the next
+fetch asks for what the hub sent from there on (``since``), sealed to this node alone.
+
+Pure of sockets: ``ask`` sends the request, ``refetch`` a fetch.
 """
 
 from __future__ import annotations
@@ -42,10 +46,15 @@ class MissedKeys:
 
     def __init__(self, keyring: Keyring, hub_key: str, name: str, ask: Ask,
                  pending: Callable[[str], bool], failed: Callable[[str, Exception], None],
-                 later: Callable[[float, Callable[[], None]], object]) -> None:
+                 later: Callable[[float, Callable[[], None]], object],
+                 refetch: Callable[[], None] = lambda: None) -> None:
         self.keyring, self.hub_key, self.name = keyring, hub_key, name
         self._ask, self._pending, self._failed, self._later = ask, pending, failed, later
-        self._waiting: OrderedDict[str, list[Callable[[], None]]] = OrderedDict()
+        self._refetch = refetch
+        self.lost: int | None = None  # the first PUB command given up, to be fetched again
+        # group id -> what waits for its key: (open it again, give it up)
+        self._waiting: OrderedDict[str, list[tuple[Callable[[], None], Callable[[], None]]]] \
+            = OrderedDict()
         self._held = 0
         self._asked: list[str] = []
         self._due = False  # an ask is scheduled
@@ -60,7 +69,8 @@ class MissedKeys:
             inner = open_inner(self.keyring, msg, where, self.name)
         except UnknownGroup as e:
             if hold:
-                self.missing(e.gid, lambda: self.open(msg, where, then, not_mine, hold=False))
+                self.missing(e.gid, lambda: self.open(msg, where, then, not_mine, hold=False),
+                             lambda: self.give_up(msg, where))
                 return
             inner = None  # (its kept key made room for others meanwhile)
         if inner is not None:
@@ -68,19 +78,43 @@ class MissedKeys:
         else:
             not_mine()
 
-    def missing(self, gid: str, then: Callable[[], None]) -> None:
-        """A message named group ``gid``, whose key this node lacks: ``then`` when it comes."""
+    def missing(self, gid: str, then: Callable[[], None],
+                given_up: Callable[[], None] = lambda: None) -> None:
+        """A message named group ``gid``, whose key this node lacks: ``then`` when it comes;
+        ``given_up`` if it cannot wait for it (too many others wait)."""
         held = self._waiting.get(gid)
         if held is None:
             held = self._waiting[gid] = []
             while len(self._waiting) > MAX_WAITING:
-                self._held -= len(self._waiting.popitem(last=False)[1])
+                dropped = self._waiting.popitem(last=False)[1]
+                self._held -= len(dropped)
+                for _, give_up in dropped:
+                    give_up()
         if self._held < MAX_HELD:
-            held.append(then)
+            held.append((then, given_up))
             self._held += 1
+        else:
+            given_up()
         if not self._due:
             self._due = True
             self._later(ASK_AFTER, self._ask_due)
+
+    def give_up(self, msg: P.Message, where: str) -> None:
+        """A message that could not wait for its group's key: one from PUB is fetched again
+        (``since``); a job batch the hub sends again when no report of it comes."""
+        if where != "pub":
+            return
+        seq = msg.env.seq
+        log.warning("a command on PUB (#%d) could not wait for its group's key: fetching it "
+                    "again", seq)
+        self.lost = seq if self.lost is None else min(self.lost, seq)
+        self._refetch()
+
+    def since(self, seq: int) -> int:
+        """Where a fetch starts: after ``seq``, the last command seen, or before the first
+        one given up (it is fetched again now)."""
+        lost, self.lost = self.lost, None
+        return seq if lost is None else min(seq, lost - 1)
 
     def _ask_due(self) -> None:
         self._due = False
@@ -115,7 +149,7 @@ class MissedKeys:
         self.ask()
 
     def _release(self, gid: str) -> None:
-        for fn in self._waiting.pop(gid, ()):
+        for fn, _ in self._waiting.pop(gid, ()):
             self._held -= 1
             try:
                 fn()
