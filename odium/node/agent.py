@@ -259,6 +259,8 @@ class NodeCore:
             self.joiner.refused()
             return
         self.link.refused()
+        if what == "query" and self.query is not None:  # lost with it: asked again soon
+            self.requests.refused(self.query)
 
     def _cut_off(self, what: str) -> None:
         """A data socket's handshake was refused: the hub no longer trusts this key. Drop

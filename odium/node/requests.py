@@ -150,6 +150,13 @@ class Requests:
             if req.sock is sock:
                 self._drop(req)
 
+    def refused(self, sock: zmq.Socket[Any]) -> None:
+        """The hub refused the handshake of ``sock``: what waits on it is lost with it, and is
+        asked again soon (on a socket opened anew), not after the usual wait."""
+        for req in self._requests():
+            if req.sock is sock:
+                req.refused, req.steady = True, False
+
     def connected(self, sock: zmq.Socket[Any], up: bool) -> None:
         """A socket's connection was made (its handshake done) or broken. Made again after a
         break: what waits on it is sent again now (its attempts, or their answers, may have
