@@ -191,8 +191,11 @@ def client_socket(
     hwm: int = 100_000,
     immediate: bool = False,
     topics: tuple[bytes, ...] = (b"",),
+    watch: Callable[[zmq.Socket[Any]], None] | None = None,
 ) -> zmq.Socket[Any]:
-    """A CURVE client socket that pins the server's key and connects to endpoint."""
+    """A CURVE client socket that pins the server's key and connects to endpoint
+    (``watch``: called before it connects, to monitor it: what its first handshake says is
+    heard too; a monitor started after the connect can miss it)."""
     sock = ctx.socket(kind)
     _common(sock, max_message)
     sock.curve_secretkey = ident.curve_secret
@@ -207,6 +210,8 @@ def client_socket(
     if kind == zmq.SUB:
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic)
+    if watch is not None:
+        watch(sock)
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as e:

@@ -193,12 +193,10 @@ class NodeCore:
 
     def _open_query(self) -> None:
         # no routing id of our own: the hub's ROUTER gives each connection one nobody can claim
-        self.query = client_socket(self.rt.ctx, zmq.DEALER, self.rt.ident, self.hub_key,
-                                   self.address)
-        q = self.query
-        self.rt.loop.add(q, lambda: self._on_query(q))
         self.link.unwatch("query")
-        self.link.watch(q, "query")
+        q = self.query = client_socket(self.rt.ctx, zmq.DEALER, self.rt.ident, self.hub_key,
+                                       self.address, watch=lambda s: self.link.watch(s, "query"))
+        self.rt.loop.add(q, lambda: self._on_query(q))
 
     def _reopen_query(self) -> zmq.Socket[Any]:
         self.link.unwatch("query")

@@ -37,11 +37,10 @@ class Joiner:
         tok = token.identity
         self.sign: P.Signer | None = P.Signer(tok.signing, tok.key_id, lambda: rt.state,
                                               rt.clock)
-        self.sock: zmq.Socket[Any] | None = client_socket(rt.ctx, zmq.DEALER, tok, hub_key,
-                                                          address)
+        self.sock: zmq.Socket[Any] | None = client_socket(
+            rt.ctx, zmq.DEALER, tok, hub_key, address, watch=lambda s: link.watch(s, "join"))
         js = self.sock
         rt.loop.add(js, lambda: on_answer(js))
-        link.watch(js, "join")
 
     def start(self) -> None:
         token, js = self.token, self.sock

@@ -56,16 +56,16 @@ class DataSockets:
         if self.sub is not None:
             return
         ctx, ident, key = self.rt.ctx, self.rt.ident, self.hub_key
+        watch = self.link.watch  # (each before it connects: its first handshake is heard)
         self.sub = client_socket(ctx, zmq.SUB, ident, key, self._endpoint(ports["pub"]),
-                                 topics=pub_topics(name))
+                                 topics=pub_topics(name), watch=lambda s: watch(s, "pub"))
         push = client_socket(ctx, zmq.PUSH, ident, key, self._endpoint(ports["results"]),
-                             immediate=True)
+                             immediate=True, watch=lambda s: watch(s, "results"))
         self.outbox.push = push
-        self.pull = client_socket(ctx, zmq.PULL, ident, key, self._endpoint(ports["jobs"]))
+        self.pull = client_socket(ctx, zmq.PULL, ident, key, self._endpoint(ports["jobs"]),
+                                  watch=lambda s: watch(s, "jobs"))
         self.jobs.attach(self.pull)
         self.rt.loop.add(self.sub, self.on_pub)
-        for sk, what in ((self.sub, "pub"), (push, "results"), (self.pull, "jobs")):
-            self.link.watch(sk, what)
 
     def close(self) -> None:
         """Close them at once (the hub no longer trusts this key); registering opens them
