@@ -88,10 +88,7 @@ class KeyTable:
         keys[info.key_id] = info
         by_curve, pending = self._zap_view  # (one key changes: only its entry is made again)
         if len(info.key_id) == 43:
-            c = self._curves.get(info.key_id)
-            if c is None:
-                c = self._curves[info.key_id] = curve_public(info.key_id)
-            by_curve = {**by_curve, c: info}
+            by_curve = {**by_curve, self._curve(info.key_id): info}
         else:
             pending = {**pending, info.key_id.encode(): info}
         self.keys = keys
@@ -103,20 +100,20 @@ class KeyTable:
     def publish(self, keys: dict[str, KeyInfo]) -> None:
         """Swap in a new key table with its CURVE indexes, all computed first: if anything
         fails, the old table stays whole. The ZAP thread reads the indexes as one snapshot."""
-        known = self._curves
-        if len(known) > 2 * len(keys) + 1024:  # (keys dropped since: forget theirs)
-            known = self._curves = {k: c for k, c in known.items() if k in keys}
-        by_curve = {}
-        for k, v in keys.items():
-            if len(k) == 43:
-                c = known.get(k)
-                if c is None:  # each key's CURVE key computed once, not at every change
-                    c = known[k] = curve_public(k)
-                by_curve[c] = v
+        if len(self._curves) > 2 * len(keys) + 1024:  # (keys dropped since: forget theirs)
+            self._curves = {k: c for k, c in self._curves.items() if k in keys}
+        by_curve = {self._curve(k): v for k, v in keys.items() if len(k) == 43}
         # pending/rejected entries of keys never trusted are keyed by their CURVE key (z85)
         pending = {k.encode(): v for k, v in keys.items() if len(k) == 40}
         self.keys = keys
         self._zap_view = (by_curve, pending)
+
+    def _curve(self, key_id: str) -> bytes:
+        """A key's CURVE key, computed once, not at every change of the table."""
+        c = self._curves.get(key_id)
+        if c is None:
+            c = self._curves[key_id] = curve_public(key_id)
+        return c
 
     def drop(self, key_id: str) -> None:
         """Take one key out of the table and the store."""
