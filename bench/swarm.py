@@ -266,10 +266,10 @@ class Counts:
         self.nodes.append(node)
         again, refused = node.requests.again, node._refused
 
-        def counted_again(req: Any, sock: Any = None, refused: bool = False) -> None:
+        def counted_again(req: Any, sock: Any = None) -> None:
             if req.tries:  # an attempt after the first: a retry
                 self.retries[req.type] = self.retries.get(req.type, 0) + 1
-            again(req, sock, refused)
+            again(req, sock)
 
         def counted_refused(what: str) -> None:
             self.refused += 1

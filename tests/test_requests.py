@@ -70,14 +70,16 @@ def test_asked_again_later_and_later_but_soon_while_refused(pair: Any) -> None:
     for _ in range(6):
         requests.again(req)
     assert req.due() - req.sent == pytest.approx(RETRY_MAX)
-    requests.again(req, refused=True)
+    requests.again(req)
+    requests.refused(node)  # its handshake refused
     assert req.due() - req.sent == pytest.approx(REFUSED_RETRY_MAX)
     assert requests.overdue(req.sent + REFUSED_RETRY_MAX + 0.1) == [req]
     requests.again(req)  # (a handshake that was not refused: later and later again)
     assert req.due() - req.sent == pytest.approx(RETRY_MAX)
     requests.refused(node)  # the hub refused the handshake: soon, whatever was sent when
     assert req.due() - req.sent == pytest.approx(REFUSED_RETRY_MAX)
-    requests.again(req, refused=True)
+    requests.again(req)
+    requests.refused(node)
     requests.connected(node, True)  # and once its connection stands, as on any that stands
     assert req.due() - req.sent == pytest.approx(RETRY_MAX)
     assert len(received(hub)) == 10

@@ -438,7 +438,7 @@ class NodeCore:
             refused = req.sock is self.query and "query" in self.link.auth_failed
             # a refused CURVE handshake is not retried by libzmq: start over (only then: a new
             # handshake over a slow link is what makes an answer later still)
-            self.requests.again(req, self._reopen_query() if refused else None, refused)
+            self.requests.again(req, self._reopen_query() if refused else None)
         if self.registered and now - self.last_beat >= self.interval:
             self._beat()
         self.outbox.flush()

@@ -51,7 +51,7 @@ class Request:
     tries: int = 0  # attempts so far
     clock_retries: int = 0
     steady: bool = False  # the newest attempt went on a connection known to stand
-    refused: bool = False  # the hub refused the handshake of the one before it
+    refused: bool = False  # the hub refused the handshake of the socket it went on
 
     def due(self) -> float:
         """When the next attempt is due (monotonic)."""
@@ -85,12 +85,11 @@ class Requests:
             on_error: Callable[[str], None] | None = None) -> None:
         self.again(Request(type_, body, on_reply, time.monotonic(), sock, on_error))
 
-    def again(self, req: Request, sock: zmq.Socket[Any] | None = None,
-              refused: bool = False) -> None:
+    def again(self, req: Request, sock: zmq.Socket[Any] | None = None) -> None:
         """Send another attempt of ``req`` (on ``sock``, when its socket was opened anew:
-        the attempts made on the old one can no longer be answered; ``refused``: because the
-        hub refused the old one's handshake)."""
-        req.refused = refused
+        the attempts made on the old one can no longer be answered). Whether its handshake
+        is refused is for ``refused`` to say, when the hub refuses it."""
+        req.refused = False
         if sock is not None and sock is not req.sock:
             self._drop(req)
             req.sock = sock
