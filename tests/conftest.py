@@ -204,10 +204,12 @@ def end_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
 class HubProcess:
     """A hub run by ``odium hub`` in its own process (for CLI and restart tests)."""
 
-    def __init__(self, home: Path, ports: str = "0", app: Path | None = None) -> None:
+    def __init__(self, home: Path, ports: str = "0", app: Path | None = None,
+                 interface: str | None = None) -> None:
         self.home = home
         self.ports_arg = ports
         self.app = app
+        self.interface = interface
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 15.0) -> HubProcess:
@@ -218,6 +220,8 @@ class HubProcess:
                self.ports_arg, "--heartbeat", str(HB)]
         if self.app:
             cmd += ["--app", str(self.app)]
+        if self.interface:
+            cmd += ["--interface", self.interface]
         self.log = open(self.home.parent / f"{self.home.name}.log", "a")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         wait_until(lambda: info.exists() or self.proc.poll() is not None, timeout, "hub.json")

@@ -36,12 +36,12 @@ from ..errors import (
 from ..errors import TimeoutError as OdiumTimeout
 from ..io.transport import client_socket
 from ..local.home import check_home, default_home, load_or_create
-from .interface import JobVerbs, KeyVerbs
+from .interface import JobVerbs, KeyVerbs, LaunchVerbs
 
 WATCH_EVERY = 2.0  # seconds between looks at whether a hub that takes long is still the same run
 
 
-class Admin(KeyVerbs, JobVerbs):
+class Admin(KeyVerbs, JobVerbs, LaunchVerbs):
     """Talk to a running hub as its admin, using the admin key in its home directory.
 
     The methods are ``Hub``'s (``odium.api.interface.HubAPI``): same names, arguments and shapes.
@@ -51,6 +51,7 @@ class Admin(KeyVerbs, JobVerbs):
 
     def __init__(self, home: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
         home_path = Path(home or default_home()).expanduser()
+        self.home = home_path
         info_path = home_path / "hub.json"
         if not info_path.exists():
             raise NotConnectedError(f"no hub is running with home {home_path} (start one with: "
@@ -239,6 +240,13 @@ class Admin(KeyVerbs, JobVerbs):
 
     def token(self, ttl: float = 3600.0) -> str:
         return str(self.request("token", P.TokenRequest(ttl))["token"])
+
+    def launch_request(self, type_: str, body: Any) -> Any:
+        """A request about launches, asked of the hub (odium.hub.launches)."""
+        return self.request(type_, body)
+
+    def launch_dir(self) -> Path:
+        return self.home / "launches"
 
     def join_command(self, ttl: float = 3600.0, name: str | None = None) -> str:
         """The command that joins another machine, the token in ODIUM_TOKEN (never on argv);

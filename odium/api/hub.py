@@ -32,7 +32,7 @@ from ..hub.start import start_hub
 from ..local.home import ensure_home
 from ..runtime import Runtime
 from .hubjobs import HubJobs
-from .interface import DEFAULT_SESSION, JobVerbs, KeyVerbs
+from .interface import DEFAULT_SESSION, JobVerbs, KeyVerbs, LaunchVerbs
 from .jobs import Job, JobExecutor, as_completed, check_options, check_status
 from .local import MAX_LOCAL, Launcher, LocalNode, free_name, launch, prepare_homes
 
@@ -57,7 +57,7 @@ def _ports(ports: int | dict[str, int] | None) -> dict[str, int]:
     return {**P.DEFAULT_PORTS, **ports}
 
 
-class Hub(KeyVerbs, JobVerbs):
+class Hub(KeyVerbs, JobVerbs, LaunchVerbs):
     """This process as a hub: bind the four sockets, trust nodes, broadcast, collect.
 
     The methods it shares with ``Admin`` (``odium.api.interface.HubAPI``) have the same names,
@@ -336,6 +336,14 @@ class Hub(KeyVerbs, JobVerbs):
             return len(now) >= names if isinstance(names, int) else set(names) <= now
 
         rt.wait_for(ok, timeout, f"nodes {names!r} to be {status}")
+
+    def launch_request(self, type_: str, body: Any) -> Any:
+        """A request about launches, answered in the loop (odium.hub.launches)."""
+        core = self.core
+        return self._call(lambda: core.launches.answer(type_, body))
+
+    def launch_dir(self) -> Path:
+        return self.home / "launches"
 
     def token(self, ttl: float = 3600.0) -> str:
         core = self.core

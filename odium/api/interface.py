@@ -25,10 +25,12 @@ Shell commands (``shell=True``) run in a fresh shell each time, whatever the ses
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..core.results import Result
+    from ..launch.common import Launcher
     from .jobs import Job
 
 DEFAULT_SESSION = "default"  # Hub.run without a session
@@ -79,6 +81,53 @@ class JobVerbs:
         return self.submit_many([(code_or_function, args, kwargs, job_id)], nodes=nodes,
                                 retries=retries, timeout=timeout,
                                 require_state=require_state)[0]
+
+
+class LaunchVerbs:
+    """``launch``/``launches``/``launch_stop`` over a ``launch_request`` (both ``Hub`` and
+    ``Admin`` have one): nodes started over SSH or through Slurm (odium.launch)."""
+
+    def launch_request(self, type_: str, body: Any) -> Any:
+        raise NotImplementedError
+
+    def launch_dir(self) -> Path:
+        """Where launches keep their files on this machine (batch scripts, nodes' homes)."""
+        raise NotImplementedError
+
+    def launch(self, launcher: Launcher, *, name: str | None = None, ttl: float | None = None,
+               dry_run: bool = False, wait: float = 120.0,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Start the nodes ``launcher`` says (``odium.launch.SSH([...])``,
+        ``odium.launch.Slurm(nodes=2)``) as one launch, named ``name`` (else made up), its
+        nodes ``<launch>-1`` ...; wait up to ``wait`` seconds for them to be ready
+        (``progress(view)`` at each change). Returns the launch as ``launches`` shows it.
+        ``dry_run``: start nothing; the view's ``plan`` is exactly what would run. The
+        credential admits these nodes only, by these names, until ``ttl`` or the stop."""
+        from ..launch import launch
+
+        return launch(self, launcher, workdir=self.launch_dir(), name=name, ttl=ttl,
+                      dry_run=dry_run, wait=wait, progress=progress)
+
+    def launches(self, pattern: str | None = None) -> list[dict[str, Any]]:
+        """The launches: id, kind, where, status, each node's name and status (``pending``
+        until it joins), and what the launcher's side says (a Slurm job's state)."""
+        from ..launch import view
+
+        found = self.launch_request("launches", _query(pattern))["launches"]
+        return [view(self, v["id"]) for v in found]
+
+    def launch_stop(self, launch_id: str) -> dict[str, Any]:
+        """Stop a launch: its credential and its nodes' keys revoked, its processes or batch
+        job cancelled. The launch, with ``done``: a line per thing done."""
+        from ..launch import stop
+
+        return stop(self, launch_id)
+
+
+def _query(pattern: str | None) -> Any:
+    from ..core import wire as P
+
+    return P.Query(pattern=pattern)
 
 
 class HubAPI(Protocol):
@@ -141,6 +190,15 @@ class HubAPI(Protocol):
     def cancel_job(self, job_id: str) -> str: ...
 
     def cancel_jobs(self, ids: list[str]) -> dict[str, str]: ...
+
+    def launch(self, launcher: Launcher, *, name: str | None = None, ttl: float | None = None,
+               dry_run: bool = False, wait: float = 120.0,
+               progress: Callable[[dict[str, Any]], None] | None = None
+               ) -> dict[str, Any]: ...
+
+    def launches(self, pattern: str | None = None) -> list[dict[str, Any]]: ...
+
+    def launch_stop(self, launch_id: str) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 

@@ -18,7 +18,7 @@ COMMANDS: dict[str, str] = {
     "hub": "serve", "node": "serve", "nodes": "commands", "run": "commands",
     "keys": "commands", "token": "commands", "state": "commands", "log": "commands",
     "demo": "commands", "kernel": "kernel", "submit": "jobcmds", "jobs": "jobcmds",
-    "job": "jobcmds"}
+    "job": "jobcmds", "launch": "launchcmds"}
 
 
 def command(name: str) -> Callable[[argparse.Namespace], int]:

@@ -5,6 +5,7 @@ import base64
 import binascii
 import hashlib
 import re
+import secrets
 from typing import Any
 
 import msgspec
@@ -92,3 +93,22 @@ def peek_type(data: bytes) -> str | None:
     i = data.rfind(b'"type":"')
     j = data.find(b'"', i + 8) if i >= 0 else -1
     return data[i + 8:j].decode("ascii", "replace") if 0 <= j - i - 8 <= 32 else None
+
+
+def split_signature(data: bytes, max_size: int) -> tuple[bytes, bytes]:
+    """Check size and shape; return (signed bytes, signature). Parses nothing."""
+    if len(data) > max_size:
+        raise ProtocolError(f"message of {len(data)} bytes is over the limit of {max_size}")
+    if len(data) < SUFFIX_LEN + 2 or not data.endswith(b'"}'):
+        raise ProtocolError("not a signed Odium message (no trailing signature)")
+    if data[-SUFFIX_LEN : -SUFFIX_LEN + len(SIG_HEAD)] != SIG_HEAD:
+        raise ProtocolError("not a signed Odium message (signature is not the last member)")
+    sig = unb64url(data[-SIG_LEN - 2 : -2])
+    if len(sig) != 64:
+        raise ProtocolError("signature is not 64 bytes")
+    return data[:-SUFFIX_LEN] + b"}", sig
+
+
+def new_id() -> str:
+    """A message's (or command's, or token's) id: 32 random hex digits."""
+    return secrets.token_hex(16)

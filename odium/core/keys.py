@@ -17,12 +17,14 @@ import shlex
 import time
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Any
 
 from nacl import bindings
 from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import AuthError, ConfigError
-from .wire import KEY_RE, b64url, is_key_point, new_id, unb64url
+from .encoding import unb64url
+from .wire import KEY_RE, b64url, is_key_point, new_id
 from .z85 import CHARS as _Z85_CHARS
 from .z85 import decode as z85_decode
 from .z85 import encode as z85_encode
@@ -174,26 +176,30 @@ def join_command(token: str, token_file: str | os.PathLike[str] | None = None,
 
 @dataclass(frozen=True)
 class Token:
-    """A single-use, expiring invitation: the hub's address and key, and a one-time identity."""
+    """An expiring invitation: the hub's address and key, and a one-time identity. A single
+    join, or, with ``launch``, up to as many as that launch starts (``odium.hub.launches``)."""
 
     address: str
     hub_key: str
     token_id: str
     seed: bytes
     expires: float
+    launch: str = ""
 
     @property
     def identity(self) -> Identity:
         return Identity.from_seed(self.seed)
 
     def encode(self) -> str:
-        doc = {"a": self.address, "h": self.hub_key, "t": self.token_id,
-               "s": b64url(self.seed), "e": int(self.expires)}
+        doc: dict[str, Any] = {"a": self.address, "h": self.hub_key, "t": self.token_id,
+                               "s": b64url(self.seed), "e": int(self.expires)}
+        if self.launch:
+            doc["l"] = self.launch
         return TOKEN_PREFIX + b64url(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
-    def new(cls, address: str, hub_key: str, ttl: float) -> Token:
-        return cls(address, hub_key, new_id(), os.urandom(32), time.time() + ttl)
+    def new(cls, address: str, hub_key: str, ttl: float, launch: str = "") -> Token:
+        return cls(address, hub_key, new_id(), os.urandom(32), time.time() + ttl, launch)
 
     @classmethod
     def decode(cls, text: str) -> Token:
@@ -204,7 +210,7 @@ class Token:
         try:
             doc = json.loads(unb64url(text[len(TOKEN_PREFIX):]))
             tok = cls(str(doc["a"]), check_key_id(doc["h"]), str(doc["t"]),
-                      unb64url(doc["s"]), float(doc["e"]))
+                      unb64url(doc["s"]), float(doc["e"]), str(doc.get("l", "")))
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(
                 f"damaged join token ({e}); copy it again from: odium token") from None

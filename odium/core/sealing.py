@@ -35,6 +35,7 @@ from nacl import bindings
 from nacl.exceptions import CryptoError
 
 from ..errors import AuthError, ProtocolError
+from .encoding import unb64url
 from .keys import Identity, check_key_id
 from .wire import (
     BODIES,
@@ -45,7 +46,6 @@ from .wire import (
     b64url,
     decode_body,
     encode_json,
-    unb64url,
 )
 
 NONCE = bindings.crypto_secretbox_NONCEBYTES  # 24

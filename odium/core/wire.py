@@ -11,7 +11,6 @@ the end, verifies it with the key the link says the sender has, and only
 then parses and validates.
 """
 
-import secrets
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -21,12 +20,14 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import AuthError, ProtocolError
-from .encoding import SIG_HEAD, SIG_LEN, SUFFIX_LEN, b64url, is_key_point, unb64url
+from .encoding import SIG_HEAD, b64url, is_key_point
 from .encoding import digest as digest  # re-exported: the wire's helpers, one import
 from .encoding import encode_json as encode_json
+from .encoding import new_id as new_id
 from .encoding import peek_from as peek_from
 from .encoding import peek_id as peek_id
 from .encoding import peek_type as peek_type
+from .encoding import split_signature as split_signature
 from .encoding import to_builtins as to_builtins
 from .guards import ReplayCache, check_depth
 from .requirements import ASKED_RE, SENT_RE, STATE_RE
@@ -35,8 +36,6 @@ from .term import CONTROL
 VERSION = 1
 DEFAULT_PORTS = {"pub": 18202, "query": 18203, "jobs": 18220, "results": 18221}
 MAX_MESSAGE = 16 * 1024 * 1024  # default limit on one frame, bytes
-
-_SIG_HEAD, _SUFFIX_LEN = SIG_HEAD, SUFFIX_LEN
 
 # Identifiers: validated everywhere, never used raw as paths or SQL.
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"
@@ -47,6 +46,8 @@ LINE_RE = f"^[^{CONTROL}]*\\Z"  # one line of text: no control characters (odium
 HOST_RE = r"^([A-Za-z0-9_][A-Za-z0-9._-]{0,252})?\Z"
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
+LAUNCH_RE = r"^[A-Za-z][A-Za-z0-9_-]{0,31}\Z"  # a launch's id (odium.core.launching)
+LaunchId = Annotated[str, msgspec.Meta(pattern=LAUNCH_RE)]
 # a name in a tree of hubs: segments joined by "/" (``lab1/pc-1``), relative to whoever says it
 MAX_DEPTH = 16
 PATH_RE = (r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})"
@@ -255,6 +256,20 @@ class KeyAction(Body):
 
 class TokenRequest(Body):
     ttl: Seconds = 3600.0
+
+
+class LaunchOpen(Body):  # admin -> hub: open a launch of ``count`` nodes (odium.hub.launches)
+    kind: Literal["ssh", "slurm", "manual"]
+    count: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    names: list[Name] | None = None
+    place: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    ttl: Seconds | None = None
+    launch: LaunchId | None = None
+
+
+class LaunchNote(Body):  # launch_note: what a launcher did (job id, hosts...); launch_stop
+    launch: LaunchId
+    detail: dict[str, Any] = {}
 
 
 class Reply(Body):
@@ -471,6 +486,10 @@ BODIES: dict[str, type[Body]] = {
     "keys": Query,
     "key": KeyAction,
     "token": TokenRequest,
+    "launch": LaunchOpen,  # launches (odium.hub.launches)
+    "launch_note": LaunchNote,
+    "launches": Query,
+    "launch_stop": LaunchNote,  # (its detail empty)
     "ping": Empty,
     "bye": Empty,
     "restarting": Empty,
@@ -509,10 +528,6 @@ def _key_fields(body: type[Body]) -> tuple[str, ...]:
 _KEY_FIELDS = {t: f for t, b in BODIES.items() if (f := _key_fields(b))}
 _env_decoder = msgspec.json.Decoder(Envelope)
 _body_decoders = {t: msgspec.json.Decoder(b) for t, b in BODIES.items()}
-
-
-def new_id() -> str:
-    return secrets.token_hex(16)
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -564,7 +579,7 @@ def seal(
         env["re"] = re
     raw = encode_json(env)
     sig = key.sign(raw).signature
-    return raw[:-1] + _SIG_HEAD + b64url(sig).encode("ascii") + b'"}'
+    return raw[:-1] + SIG_HEAD + b64url(sig).encode("ascii") + b'"}'
 
 
 class Signer:
@@ -580,20 +595,6 @@ class Signer:
                  re: str | None = None, msg_id: str | None = None) -> bytes:
         return seal(self.key, self.sender, self._state(), type_, body, to=to, seq=seq, re=re,
                     msg_id=msg_id, ts=self.clock())
-
-
-def split_signature(data: bytes, max_size: int = MAX_MESSAGE) -> tuple[bytes, bytes]:
-    """Check size and shape; return (signed bytes, signature). Parses nothing."""
-    if len(data) > max_size:
-        raise ProtocolError(f"message of {len(data)} bytes is over the limit of {max_size}")
-    if len(data) < _SUFFIX_LEN + 2 or not data.endswith(b'"}'):
-        raise ProtocolError("not a signed Odium message (no trailing signature)")
-    if data[-_SUFFIX_LEN : -_SUFFIX_LEN + len(_SIG_HEAD)] != _SIG_HEAD:
-        raise ProtocolError("not a signed Odium message (signature is not the last member)")
-    sig = unb64url(data[-SIG_LEN - 2 : -2])
-    if len(sig) != 64:
-        raise ProtocolError("signature is not 64 bytes")
-    return data[:-_SUFFIX_LEN] + b"}", sig
 
 
 def open_message(

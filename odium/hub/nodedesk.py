@@ -20,6 +20,7 @@ from ..core.statediff import StateInfo
 from ..errors import AuthError, OdiumError, ProtocolError
 from .asking import Asker
 from .keytable import KeyInfo, KeyTable
+from .launches import Launches
 from .nodes import LIVE, NodeInfo, NodeStatus, Registry
 from .store import Store
 
@@ -49,6 +50,7 @@ class NodeDesk:
         self.store, self.registry, self.keys, self.keyring = store, registry, keys, keyring
         self.boot = boot
         self.hooks = hooks
+        self.launches: Launches | None = None  # set by the server
         q: Dispatch[Asker] = Dispatch("query (nodes)")
         q.on("join", P.Join, self._h_join)
         q.on("register", P.Register, self._h_register)
@@ -69,6 +71,10 @@ class NodeDesk:
         if info.note != body.token or (info.expires or 0) < time.time():
             raise AuthError("join token does not match or has expired")
         verify_proof(body.key, join_proof_bytes(body.token, self.keys.own), body.proof)
+        if info.name:  # a launch's credential: up to N joins, by the names it gives
+            self._join_launch(info, body)
+            ask.reply({"name": body.name, "hub": self.keys.own})
+            return
         if info.role == "used":  # the answer to the join that used it was lost: the same again
             joined = self.keys.keys.get(body.key)
             if joined is None or joined.role != "node" or joined.name != body.name:
@@ -86,6 +92,24 @@ class NodeDesk:
         self.store.event("join", f"{body.name} joined with a token ({fingerprint(body.key)})",
                          node=body.name, key_id=body.key)
         ask.reply({"name": body.name, "hub": self.keys.own})
+
+    def _join_launch(self, cred: KeyInfo, body: P.Join) -> None:
+        _refuse_reserved(body.name)
+        taken = self.registry.nodes.get(body.name)
+        if taken is not None and taken.key_id != body.key:
+            raise AuthError(f"node name {body.name!r} is taken by another key")
+        had = self.keys.keys.get(body.key)
+        if had is not None and had.role in ("revoked", "rejected"):
+            raise AuthError(f"this node's key was {had.role} on this hub; start the node with "
+                            "a new home (a new key)")
+        if had is not None and had.role in ("node", "admin") and had.name != body.name:
+            raise AuthError(f"this node's key is trusted already, as {had.name!r}")
+        if self.launches is None:
+            raise AuthError("this hub has no launches")
+        self.launches.admit(cred, body.key, body.name)
+        if had is None or had.role not in ("node", "admin"):
+            self.keys.put(KeyInfo(body.key, "node", body.name, None,
+                                  f"joined by launch {cred.name}"))
 
     def _h_register(self, msg: P.Message, body: P.Register, ask: Asker) -> None:
         info = ask.key
@@ -183,8 +207,16 @@ class NodeDesk:
     # --- an admin's view -------------------------------------------------------------------
 
     def _h_nodes(self, msg: P.Message, body: P.Query, ask: Asker) -> None:
-        ask.reply({"nodes": self.registry.node_list(body.pattern),
+        ask.reply({"nodes": self.node_list(body.pattern),
                    "hub_state": self.hooks.state(), "store": self.store.problem})
+
+    def node_list(self, pattern: str | None = None) -> list[dict[str, Any]]:
+        """The nodes as an admin sees them, each with the launch that started it ("" if none)."""
+        out = self.registry.node_list(pattern)
+        by_name = self.launches.by_node() if self.launches is not None else {}
+        for d in out:
+            d["launch"] = by_name.get(d["name"], "")
+        return out
 
     def _h_forget(self, msg: P.Message, body: P.Query, ask: Asker) -> None:
         if not body.pattern:

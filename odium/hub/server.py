@@ -37,6 +37,7 @@ from .bundles import Syncs
 from .inbox import Inbox
 from .jobqueue import JobQueue
 from .keytable import KeyInfo, KeyTable, key_fp, shown
+from .launches import Launches
 from .links import HubRuntime
 from .nodedesk import DeskHooks, NodeDesk
 from .nodes import LIVE, NodeInfo, NodeStatus, Registry
@@ -120,6 +121,9 @@ class HubCore:
                          own=lambda cmd: cmd in self.bc.broadcasts, max_message=self.max_message,
                          clock=rt.sign.clock)
         self.bc.tree = self.tree
+        self.launches = Launches(store, self.keytable, self.public_address, self._revoke_nodes,
+                                 self._node_status)
+        self.desk.launches = self.launches
         self.inbox.tap = self.tree.tap
         reg.on_lost.append(self.bc.lose_running)
         # a node lost for its silence may be frozen or cut off: a last run may still answer
@@ -133,7 +137,7 @@ class HubCore:
         own.on("log", P.Query, self._h_log)
         own.on("state_diff", P.Query, self._h_state_diff)
         for part in (own, self.bc.queries, self.syncs.queries, self.desk.queries,
-                     self.jobq.query_handlers):
+                     self.jobq.query_handlers, self.launches.queries):
             self.inbox.queries.update(part)
         for results in (self.bc.results, self.desk.results, self.jobq.result_handlers,
                         self.tree.handlers):
@@ -321,7 +325,7 @@ class HubCore:
         return self.desk.forget(pattern, force=force)
 
     def node_list(self, pattern: str | None = None) -> list[dict[str, Any]]:
-        return self.registry.node_list(pattern)
+        return self.desk.node_list(pattern)
 
     def key_list(self) -> list[dict[str, Any]]:
         return self.keytable.key_list()
@@ -335,10 +339,29 @@ class HubCore:
             self.wire.rebind(("pub", "jobs", "results"))
         return chosen
 
-    def _revoked(self, key_id: str) -> None:
+    def _revoked(self, key_id: str, why: str = "its key was revoked") -> None:
         node = self.registry.of_key(key_id)
         if node is not None:
-            self.registry.gone(node, NodeStatus.LOST, "its key was revoked")
+            self.registry.gone(node, NodeStatus.LOST, why)
+
+    def _node_status(self, name: str) -> str | None:
+        """A node's status as the node list says it (a key no longer trusted: its role)."""
+        node = self.registry.nodes.get(name)
+        if node is None:
+            return None
+        k = self.keytable.keys.get(node.key_id)
+        return node.status.value if k is not None and k.role == "node" else (
+            k.role if k is not None else "untrusted")
+
+    def _revoke_nodes(self, key_ids: list[str], why: str) -> None:
+        """Revoke these node keys (a stopped launch's): each node lost at once, and deaf."""
+        for kid in key_ids:
+            k = self.keytable.keys[kid]
+            self.keytable.put(KeyInfo(kid, "revoked", k.name, None, k.note))
+            self.store.event("key_revoke", f"node key {k.name or '?'} {key_fp(kid)}: {why}",
+                             key_id=kid)
+            self._revoked(kid, why)
+        self.wire.rebind(("pub", "jobs", "results"))
 
     def make_token(self, ttl: float = 3600.0) -> str:
         return self.keytable.issue_token(self.public_address(), ttl)
