@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 
 import odium
 from odium.core import wire as P
@@ -448,3 +448,44 @@ def test_database_server_stopped_holds_writes_and_loses_none(
     finally:
         if not pg_server.running():
             pg_server.start()
+
+
+@pytest.mark.parametrize("store_db", ["postgresql"], indirect=True)
+def test_tables_locked_on_the_server_hold_writes_and_lose_none(
+        tmp_path: Path, store_db: str) -> None:
+    """Another session holds EXCLUSIVE locks on the store's tables (reads go on, writes
+    wait): broadcasts still run, after the lock timeout the store says so and keeps trying
+    (instead of waiting for ever, PostgreSQL's default); once the locks go, the command, its
+    results and the jobs are all in."""
+    import psycopg
+
+    conninfo = make_url(store_db).set(drivername="postgresql").render_as_string(False)
+    with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=tmp_path,
+                   db=store_db) as hub, psycopg.connect(conninfo) as other:
+        hub.start_local(2, prefix="l")
+        store = hub.core.store
+        store.flush()
+        other.execute("LOCK TABLE commands, results, jobs, job_events, events IN EXCLUSIVE MODE")
+        r = hub.run("6 * 7", timeout=10)
+        assert r.ok and set(r.values()) == {42}
+        jobs = [hub.submit(f"{i} * 2") for i in range(20)]
+        wait_until(lambda: "lock timeout" in store.problem, 10, "the store to say it waits")
+        assert store.health()["waiting"] > 0
+        wait_until(lambda: store.health()["failed"] >= 2, 15, "a second try, locked again")
+        other.rollback()  # the locks go
+        assert [j.result(30) for j in jobs] == [2 * i for i in range(20)]
+        wait_until(lambda: not store.problem, 10, "the store to write again")
+        other.autocommit = True
+
+        def stored() -> bool:
+            cmd = other.execute("SELECT status FROM commands WHERE id = %s",
+                                (r.command,)).fetchall()
+            res = other.execute("SELECT count(*) FROM results WHERE command_id = %s",
+                                (r.command,)).fetchone()
+            done = other.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()
+            return cmd == [("ok",)] and res == (2,) and done == (20,)
+
+        wait_until(stored, 10, "the command, its results and the jobs stored")
+        assert store.health()["dropped"] == 0
+        events = store_events(hub)
+        assert "lock timeout" in events["store_fault"][0] and "store_recovered" in events

@@ -5,6 +5,9 @@ SQLite does not (docs/store.md says when to choose which).
   SQLAlchemy's default psycopg2; a driver named in the URL is used as named.
 * A server's connections can be cut (the server restarted): each is checked as it is taken
   from the pool, so a restart costs no failed write or read once the server is back.
+* A lock another session holds makes a write wait ``LOCK_TIMEOUT_MS`` at most (PostgreSQL
+  waits for ever by default), as SQLite's busy timeout does: then the store says so and tries
+  again (storefaults), instead of hanging without a word.
 * A string column holds a string of any length, as in SQLite (which ignores the lengths the
   models give): PostgreSQL would refuse the whole write of a longer value (a command to a
   long list of nodes, a long note) and the store drop it; ``Str`` is that type.
@@ -25,6 +28,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.types import TypeEngine
 
 NUL_STORED_AS = "\u2400"  # what PostgreSQL stores for a NUL in a string (see above)
+LOCK_TIMEOUT_MS = 2000  # (store._sqlite_pragmas: SQLite's busy_timeout is the same)
 
 
 def parse(url: str) -> URL:
@@ -51,8 +55,10 @@ def engine_for(url: str) -> Engine:
             raise
         raise ImportError(f"{e} (PostgreSQL's driver: pip install 'odium[postgresql]')"
                           ) from None
-    if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
-        event.listen(engine, "connect", _psycopg_nul)
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _postgresql_session)
+        if engine.dialect.driver == "psycopg":
+            event.listen(engine, "connect", _psycopg_nul)
     return engine
 
 
@@ -60,6 +66,13 @@ def Str(length: int) -> TypeEngine[str]:  # (a column type: named like one)
     """A string column: ``length`` is its size where the database needs one; PostgreSQL's
     is unbounded (as every string is in SQLite)."""
     return String(length).with_variant(postgresql.VARCHAR(), "postgresql")
+
+
+def _postgresql_session(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute(f"SET lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+    cur.close()
+    dbapi_conn.commit()
 
 
 def _psycopg_nul(dbapi_conn: Any, _record: Any) -> None:
@@ -78,4 +91,4 @@ def _nul_safe() -> type:
     return NulSafe
 
 
-__all__ = ["NUL_STORED_AS", "Str", "engine_for", "parse", "shown"]
+__all__ = ["LOCK_TIMEOUT_MS", "NUL_STORED_AS", "Str", "engine_for", "parse", "shown"]
