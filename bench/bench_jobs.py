@@ -2,13 +2,17 @@
 """Job queue benchmark: many trivial jobs over local nodes, end to end; ipyparallel optionally.
 
     python bench/bench_jobs.py [--jobs 10000] [--nodes 4] [--capacity 16] [--ipyparallel]
-                               [--repeat 3] [--latency 300] [--json OUT]
+                               [--repeat 3] [--latency 300] [--db URL|temp-postgresql]
+                               [--json OUT]
 
 Odium: a hub (this process) and ``--nodes`` local node processes with ``--capacity``
 job workers each (``0``: each node's default, its number of cores), CURVE-encrypted and
-Ed25519-signed as always, every job stored (SQLite, WAL) before dispatch with every move
-recorded, on OS-chosen 127.0.0.1 ports in a temporary home. Timed, after a warm-up that
-starts every worker:
+Ed25519-signed as always, every job stored before dispatch with every move recorded, on
+OS-chosen 127.0.0.1 ports in a temporary home. The store is SQLite (WAL, synchronous=FULL)
+in that home, or ``--db URL`` (an empty database: the check at the end counts its rows), or
+``--db temp-postgresql``: a throwaway PostgreSQL server (Debian's binaries, default
+settings: fsync and synchronous_commit on) started on 127.0.0.1 for the run
+(tests/pgserver.py). Timed, after a warm-up that starts every worker:
 
   * map       ``hub.map(inc, range(N))``: N jobs submitted at once, until every value is in
               hand (in order) and checked; and the CPU each kind of process took a job
@@ -40,6 +44,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +66,25 @@ def summary(rates: list[float]) -> dict[str, Any]:
     return {"runs": rates, "best": max(rates), "median": statistics.median(rates)}
 
 
+SERVERS: list[int] = []  # the pid of a database server this run started (temp-postgresql)
+
+
 def tree_cpu() -> dict[str, float]:
     """CPU seconds (user + system) of this process and each kind of process under it, by
-    process name (odium-node, odium-worker, odium-zygote, ...)."""
+    process name (odium-node, odium-worker, odium-zygote, ...), and of a database server the
+    run started (its backends that ended meanwhile are not counted)."""
     import psutil
 
     me = psutil.Process()
     out = {"hub (this process)": sum(me.cpu_times()[:2])}
-    for p in me.children(recursive=True):
+    procs = me.children(recursive=True)
+    for pid in SERVERS:
+        try:
+            server = psutil.Process(pid)
+            procs += [server, *server.children(recursive=True)]
+        except psutil.Error:
+            continue
+    for p in procs:
         try:
             name, t = p.name(), sum(p.cpu_times()[:2])
         except psutil.Error:
@@ -90,16 +107,43 @@ def latency(call: Any, n: int) -> dict[str, Any]:
 # --- Odium ----------------------------------------------------------------------------------
 
 
+@contextmanager
+def database(db: str | None) -> Iterator[str | None]:
+    """The store's URL: None (SQLite in the hub's home), the URL given, or a database on a
+    throwaway PostgreSQL server (``temp-postgresql``), stopped and removed after."""
+    if db != "temp-postgresql":
+        yield db
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.pgserver import PgServer, unavailable
+
+    why = unavailable()
+    if why:
+        raise SystemExit(f"bench_jobs: --db temp-postgresql: {why}")
+    server = PgServer()
+    try:
+        server.init()
+        server.start()
+        SERVERS.append(int((server.data / "postmaster.pid").read_text().split()[0]))
+        with server.database() as url:
+            yield url
+    finally:
+        if server.port and server.running():
+            server.stop()
+        server.remove()
+
+
 def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int,
-                lat: int = 0) -> dict[str, Any]:
+                lat: int = 0, db: str | None = None) -> dict[str, Any]:
     import odium
     from odium.hub.store import JobEventRow, JobRow
+    from odium.hub.storedb import shown
 
     out: dict[str, Any] = {"nodes": nodes, "capacity": capacity or "default (cores)",
-                           "jobs": jobs}
+                           "jobs": jobs, "store": shown(db) if db else "sqlite (the home)"}
     home = Path(tempfile.mkdtemp(prefix="odium-bench-jobs-"))
     try:
-        with odium.Hub(home / "hub", ports=0, app=home) as hub:
+        with odium.Hub(home / "hub", ports=0, app=home, db=db) as hub:
             t0 = perf()
             hub.start_local(nodes, prefix="b", capacity=capacity or None)
             out["ready_s"] = perf() - t0
@@ -204,7 +248,7 @@ def report(res: dict[str, Any]) -> str:
     o = res["odium"]
     lines.append(f"odium: {o['nodes']} nodes x capacity {o['capacity']} "
                  f"({o.get('slots', '?')} job slots), {o['jobs']} trivial jobs per run, "
-                 "stored, encrypted, signed")
+                 f"stored ({o['store']}), encrypted, signed")
     if "error" in o:
         lines.append(f"  FAILED: {o['error']}")
         lines.append(o.get("traceback", ""))
@@ -254,11 +298,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="tasks per ipyparallel run (default: --jobs)")
     ap.add_argument("--latency", type=int, default=300, metavar="N",
                     help="single jobs timed one at a time on an idle queue")
+    ap.add_argument("--db", default=None, metavar="URL",
+                    help="the hub's store: an SQLAlchemy URL of an empty database, or "
+                    "temp-postgresql (a throwaway server); default: SQLite in the home")
     ap.add_argument("--json", default=None, metavar="OUT")
     args = ap.parse_args(argv)
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load": os.getloadavg(),
                                        "python": platform.python_version()}}
-    res["odium"] = bench_odium(args.jobs, args.nodes, args.capacity, args.repeat, args.latency)
+    with database(args.db) as db:
+        res["odium"] = bench_odium(args.jobs, args.nodes, args.capacity, args.repeat,
+                                   args.latency, db)
     if args.ipyparallel:
         res["ipyparallel"] = bench_ipp(args.ipp_jobs or args.jobs, args.nodes, args.repeat,
                                        args.latency)

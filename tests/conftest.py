@@ -26,7 +26,14 @@ import zmq
 import odium
 from odium.api.hub import Hub
 
+from .pgserver import PgServer, unavailable
+
 HB = 0.2  # heartbeat interval used by tests: fast failure detection
+
+# The hub's store, for the tests that run on both (``@both_stores``): SQLite in the hub's home
+# (the default, and every other test's) and a fresh database on a real PostgreSQL server
+STORES = ("sqlite", "postgresql")
+both_stores = pytest.mark.parametrize("store_db", STORES, indirect=True)
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
@@ -140,6 +147,39 @@ def no_leaked_processes() -> Iterator[None]:
     raise AssertionError(f"test leaked processes: {sorted(leaked)}\n  {described}")
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A PostgreSQL server for the session (tests/pgserver.py), started when a test first
+    needs it; skipped, with the reason, only where PostgreSQL or its driver is not installed."""
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    server = PgServer()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        try:
+            if server.port and server.running():
+                server.stop()
+        finally:
+            server.remove()
+
+
+@pytest.fixture
+def store_db(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The URL of the test's store: None (SQLite in the hub's home) unless the test runs on
+    PostgreSQL too (``@both_stores``): then a new database on the session's server, dropped
+    after the test."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield None
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    with server.database() as url:
+        yield url
+
+
 @pytest.fixture
 def zctx() -> Iterator[zmq.Context[Any]]:
     """A context for raw clients; every socket made on it is closed at teardown."""
@@ -149,9 +189,9 @@ def zctx() -> Iterator[zmq.Context[Any]]:
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
+def hub(tmp_path: Path, store_db: str | None) -> Iterator[Hub]:
     """An in-process hub on OS-chosen loopback ports with a fast heartbeat."""
-    with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=tmp_path) as h:
+    with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=tmp_path, db=store_db) as h:
         yield h
 
 
@@ -205,11 +245,12 @@ class HubProcess:
     """A hub run by ``odium hub`` in its own process (for CLI and restart tests)."""
 
     def __init__(self, home: Path, ports: str = "0", app: Path | None = None,
-                 interface: str | None = None) -> None:
+                 interface: str | None = None, db: str | None = None) -> None:
         self.home = home
         self.ports_arg = ports
         self.app = app
         self.interface = interface
+        self.db = db
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 15.0) -> HubProcess:
@@ -222,6 +263,8 @@ class HubProcess:
             cmd += ["--app", str(self.app)]
         if self.interface:
             cmd += ["--interface", self.interface]
+        if self.db:
+            cmd += ["--db", self.db]
         self.log = open(self.home.parent / f"{self.home.name}.log", "a")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         wait_until(lambda: info.exists() or self.proc.poll() is not None, timeout, "hub.json")
@@ -245,12 +288,12 @@ class HubProcess:
 
 
 @pytest.fixture
-def hub_process(tmp_path: Path) -> Iterator[HubProcess]:
+def hub_process(tmp_path: Path, store_db: str | None) -> Iterator[HubProcess]:
     home = tmp_path / "hubhome"
     home.mkdir(mode=0o700)
     # the application is the test's own (unversioned) directory, like its nodes': the default
     # requirement is then "any", whatever the checkout the tests run from
-    hp = HubProcess(home, app=tmp_path).start()
+    hp = HubProcess(home, app=tmp_path, db=store_db).start()
     yield hp
     hp.stop()
 

@@ -25,7 +25,7 @@ import pytest
 import odium
 from odium import Status
 
-from .conftest import HB, HubProcess, NodeProcess, odium_cli, wait_until
+from .conftest import HB, HubProcess, NodeProcess, both_stores, odium_cli, wait_until
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -109,6 +109,7 @@ def test_sigkilled_node_becomes_lost_and_others_complete(hub4: odium.Hub) -> Non
 # --- 2. the hub restarted with the same home -------------------------------------------------
 
 
+@both_stores
 def test_nodes_rejoin_a_restarted_hub_without_a_new_token(
         hub_process: HubProcess, node_processes: Callable[..., NodeProcess],
         tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 import odium
 from odium import OdiumError, Status
 
-from .conftest import HB, HubProcess, NodeProcess, odium_cli, wait_until
+from .conftest import HB, HubProcess, NodeProcess, both_stores, odium_cli, wait_until
 
 
 def statuses(hub: odium.Hub) -> dict[str, str]:
@@ -39,14 +39,16 @@ def test_forget_an_offline_node_and_star_works_again(hub: odium.Hub) -> None:
     assert statuses(hub) == {"a-2": "ready"}
 
 
-def test_forgotten_nodes_stay_forgotten_after_a_restart(tmp_path: Path) -> None:
+@both_stores
+def test_forgotten_nodes_stay_forgotten_after_a_restart(tmp_path: Path,
+                                                        store_db: str | None) -> None:
     home = tmp_path / "hub"
-    with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path) as h:
+    with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path, db=store_db) as h:
         h.start_local(1, prefix="b")
         h.local[0].stop()
         wait_until(lambda: statuses(h)["b-1"] == "left", 10, "b-1 to be left")
         h.forget("b-1")
-    with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path) as h:
+    with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path, db=store_db) as h:
         assert h.nodes() == []
 
 

@@ -1,5 +1,6 @@
 """The job queue on real processes and sockets: the API, capacity, cancels, timeouts, a node
-killed mid-job, the hub killed and restarted, and the CLI.
+killed mid-job, the hub killed and restarted, and the CLI. Those marked ``@both_stores`` run
+on SQLite and on a real PostgreSQL server.
 
 Jobs that must wait for the test block on a file the test creates (``release``); the test
 itself never sleeps: it waits for conditions with a deadline.
@@ -21,7 +22,7 @@ import odium
 from odium.core.jobs import Repr
 from odium.errors import ConfigError, JobCancelledError, NotConnectedError, RemoteError
 
-from .conftest import HB, HubProcess, NodeProcess, odium_cli, wait_until
+from .conftest import HB, HubProcess, NodeProcess, both_stores, odium_cli, wait_until
 
 
 def blocker(flag: Path, log: Path, name: str, value: Any = 42) -> str:
@@ -60,6 +61,7 @@ def hub2(hub: odium.Hub) -> odium.Hub:
 # --- the API ---------------------------------------------------------------------------------
 
 
+@both_stores
 def test_submit_code_and_functions(hub2: odium.Hub) -> None:
     assert hub2.submit("6 * 7").result(20) == 42
     assert hub2.submit(add, 2, y=3).result(20) == 5
@@ -86,6 +88,7 @@ def test_errors_come_back_with_the_remote_traceback(hub2: odium.Hub) -> None:
     assert isinstance(job.exception(0), RemoteError)
 
 
+@both_stores
 def test_map_in_order_unordered_and_executor(hub2: odium.Hub) -> None:
     assert hub2.map(triple, range(50), wait=60) == [3 * x for x in range(50)]
     assert sorted(hub2.map_unordered(triple, range(20), wait=60)) == [3 * x for x in range(20)]
@@ -118,6 +121,7 @@ def test_bad_submissions_fail_at_once(hub2: odium.Hub) -> None:
         hub2.submit(add, __import__("threading").Lock())
 
 
+@both_stores
 def test_job_ids_are_idempotent_and_the_job_runs_once(hub2: odium.Hub, tmp_path: Path) -> None:
     log = tmp_path / "once.log"
     code = f"open({str(log)!r}, 'a').write('ran\\n')\n7"
@@ -130,6 +134,7 @@ def test_job_ids_are_idempotent_and_the_job_runs_once(hub2: odium.Hub, tmp_path:
     assert lines(log) == ["ran"]
 
 
+@both_stores
 def test_every_move_is_recorded_and_jobs_are_stored_before_dispatch(hub2: odium.Hub) -> None:
     import threading
 
@@ -200,6 +205,7 @@ def test_capacity_is_honoured_and_an_idle_node_takes_the_work(hub: odium.Hub,
 # --- cancel and timeout ------------------------------------------------------------------------
 
 
+@both_stores
 def test_cancel_a_queued_and_a_running_job(hub: odium.Hub, tmp_path: Path) -> None:
     hub.start_local(1, prefix="c", capacity=1)
     never, log = tmp_path / "never", tmp_path / "cancel.log"
@@ -283,10 +289,11 @@ def test_jobs_of_a_killed_node_run_elsewhere_then_fail_when_retries_run_out(
 
 
 @pytest.fixture
-def hub_with_nodes(tmp_path: Path) -> Iterator[tuple[HubProcess, Callable[..., NodeProcess]]]:
+def hub_with_nodes(tmp_path: Path, store_db: str | None
+                   ) -> Iterator[tuple[HubProcess, Callable[..., NodeProcess]]]:
     home = tmp_path / "hubhome"
     home.mkdir(mode=0o700)
-    hp = HubProcess(home, app=tmp_path).start()
+    hp = HubProcess(home, app=tmp_path, db=store_db).start()
     started: list[NodeProcess] = []
 
     def node(name: str, capacity: int) -> NodeProcess:
@@ -305,6 +312,7 @@ def hub_with_nodes(tmp_path: Path) -> Iterator[tuple[HubProcess, Callable[..., N
     hp.stop()
 
 
+@both_stores
 def test_hub_killed_and_restarted_jobs_carry_on_results_recorded_once(
         hub_with_nodes: tuple[HubProcess, Callable[..., NodeProcess]], tmp_path: Path) -> None:
     hp, node = hub_with_nodes

@@ -17,7 +17,7 @@ import odium
 from odium.core import wire as P
 from odium.errors import ConfigError, OdiumError
 from odium.launch import SSH, LaunchError, Slurm
-from tests.conftest import HB, NodeProcess, odium_cli, wait_until
+from tests.conftest import HB, NodeProcess, both_stores, odium_cli, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -108,9 +108,10 @@ def test_bad_launch_requests_are_refused_before_anything_opens(hub: odium.Hub) -
     assert [v["id"] for v in hub.launches()] == ["one"]
 
 
-def test_launches_outlive_a_hub_restart(tmp_path: Path) -> None:
+@both_stores
+def test_launches_outlive_a_hub_restart(tmp_path: Path, store_db: str | None) -> None:
     home = tmp_path / "hub"
-    with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path) as hub:
+    with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path, db=store_db) as hub:
         rec = _open(hub, 2, launch="keep")
         cred = _credential(tmp_path, rec)
         node = _node(tmp_path, cred, "keep-1")
@@ -118,7 +119,7 @@ def test_launches_outlive_a_hub_restart(tmp_path: Path) -> None:
             hub.wait_for_nodes(["keep-1"], timeout=30)
         finally:
             node.stop()
-    with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path) as hub:
+    with odium.Hub(home, ports=0, hb_interval=HB, app=tmp_path, db=store_db) as hub:
         (v,) = hub.launches()
         assert (v["id"], v["joined"], v["status"]) == ("keep", 1, "open")
         assert v["nodes"]["keep-2"] == "pending"

@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, make_url, select
 
 import odium
 from odium.core import wire as P
 from odium.core.keys import Identity
 from odium.errors import ConfigError, OdiumError
-from odium.hub.store import Store
+from odium.hub.store import CommandRow, ResultRow, Store
 
 from .conftest import HB, NodeProcess, odium_cli, wait_until
+from .pgserver import PgServer
 from .raw import Raw
 
 pytestmark = pytest.mark.timeout(90)
@@ -388,3 +390,102 @@ def test_damaged_database_at_start_is_one_clear_line(tmp_path: Path) -> None:
     db.write_bytes(b"not a database at all\n" * 100)
     with pytest.raises(ConfigError, match="damaged"):
         Store(f"sqlite:///{db}")
+
+
+# --- a database server stopped while the hub runs ------------------------------------------------
+
+
+@pytest.mark.parametrize("store_db", ["postgresql"], indirect=True)
+def test_database_server_stopped_holds_writes_and_loses_none(
+        tmp_path: Path, zctx: Any, pg_server: PgServer, store_db: str) -> None:
+    """The PostgreSQL server is stopped under a running hub (its connections cut) while jobs
+    run: their values still come back, a broadcast still runs, the store says the server is
+    gone, acknowledges no result and takes no new job from an admin; the server started
+    again, everything is stored (nothing dropped), acknowledged, and no job ran twice."""
+    flag, ran, n = tmp_path / "go", tmp_path / "runs", 6
+    code = (f"import pathlib, time\nwith open({str(ran)!r}, 'a') as f: f.write(f'{{args[0]}}\\n')\n"
+            f"while not pathlib.Path({str(flag)!r}).exists(): time.sleep(0.01)\nargs[0] * 2")
+    try:
+        with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=tmp_path,
+                       db=store_db) as hub:
+            hub.start_local(2, prefix="p", capacity=3)
+            acks = AckWatch(zctx, hub)
+            jobs = [hub.submit(code, i) for i in range(n)]
+            wait_until(lambda: len(runs(ran)) == n, 20, "every job running")
+            store = hub.core.store
+            store.flush()
+            pg_server.stop()
+            flag.touch()
+            assert [j.result(30) for j in jobs] == [2 * i for i in range(n)]
+            r = hub.run("6 * 7", timeout=10)
+            assert r.ok and set(r.values()) == {42}
+            wait_until(lambda: "database server" in store.problem, 10,
+                       "the store to say the server is gone")
+            assert not acks.take(listen=1.6), "a result acknowledged that was not stored"
+            health = store.health()
+            assert health["waiting"] > 0 and health["dropped"] == 0, health
+            with odium.Admin(hub.home) as admin, pytest.raises(OdiumError, match="cannot store"):
+                admin.submit("1 + 1")
+
+            pg_server.start()
+            wait_until(lambda: not store.problem, 15, "the store to write again")
+            wait_until(lambda: acks.all_of(n), 15, "every result acknowledged")
+            assert store.health()["dropped"] == 0
+            other = Store(store_db)  # another engine: what the database holds
+            try:
+                statuses = {j.id: j.status for j in other.job_rows([j.id for j in jobs])}
+                assert statuses == {j.id: "done" for j in jobs}
+                with other.session() as s:
+                    assert s.get(CommandRow, r.command).status == "ok"  # type: ignore[union-attr]
+                    assert s.scalar(select(func.count()).select_from(ResultRow).where(
+                        ResultRow.command_id == r.command)) == 2
+            finally:
+                other.close()
+            events = store_events(hub)
+            assert "database server" in events["store_fault"][0], events
+            assert "store_recovered" in events, events
+        assert sorted(map(int, runs(ran))) == list(range(n)), "a job ran twice, or not at all"
+    finally:
+        if not pg_server.running():
+            pg_server.start()
+
+
+@pytest.mark.parametrize("store_db", ["postgresql"], indirect=True)
+def test_tables_locked_on_the_server_hold_writes_and_lose_none(
+        tmp_path: Path, store_db: str) -> None:
+    """Another session holds EXCLUSIVE locks on the store's tables (reads go on, writes
+    wait): broadcasts still run, after the lock timeout the store says so and keeps trying
+    (instead of waiting for ever, PostgreSQL's default); once the locks go, the command, its
+    results and the jobs are all in."""
+    import psycopg
+
+    conninfo = make_url(store_db).set(drivername="postgresql").render_as_string(False)
+    with odium.Hub(tmp_path / "hub", ports=0, hb_interval=HB, app=tmp_path,
+                   db=store_db) as hub, psycopg.connect(conninfo) as other:
+        hub.start_local(2, prefix="l")
+        store = hub.core.store
+        store.flush()
+        other.execute("LOCK TABLE commands, results, jobs, job_events, events IN EXCLUSIVE MODE")
+        r = hub.run("6 * 7", timeout=10)
+        assert r.ok and set(r.values()) == {42}
+        jobs = [hub.submit(f"{i} * 2") for i in range(20)]
+        wait_until(lambda: "lock timeout" in store.problem, 10, "the store to say it waits")
+        assert store.health()["waiting"] > 0
+        wait_until(lambda: store.health()["failed"] >= 2, 15, "a second try, locked again")
+        other.rollback()  # the locks go
+        assert [j.result(30) for j in jobs] == [2 * i for i in range(20)]
+        wait_until(lambda: not store.problem, 10, "the store to write again")
+        other.autocommit = True
+
+        def stored() -> bool:
+            cmd = other.execute("SELECT status FROM commands WHERE id = %s",
+                                (r.command,)).fetchall()
+            res = other.execute("SELECT count(*) FROM results WHERE command_id = %s",
+                                (r.command,)).fetchone()
+            done = other.execute("SELECT count(*) FROM jobs WHERE status = 'done'").fetchone()
+            return cmd == [("ok",)] and res == (2,) and done == (20,)
+
+        wait_until(stored, 10, "the command, its results and the jobs stored")
+        assert store.health()["dropped"] == 0
+        events = store_events(hub)
+        assert "lock timeout" in events["store_fault"][0] and "store_recovered" in events

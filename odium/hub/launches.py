@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, select
+from sqlalchemy import JSON, Float, Integer, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ..core import wire as P
@@ -35,6 +35,7 @@ from ..errors import AuthError, ConfigError, OdiumError
 from .asking import Asker
 from .keytable import KeyInfo, KeyTable
 from .store import Base, Store
+from .storedb import Str
 
 FOREVER = 10 * 365 * 86400.0  # a credential without a ttl lives as long as its launch
 
@@ -44,14 +45,14 @@ class LaunchRow(Base):
     its launcher recorded (``detail``: job id, hosts and processes, the command)."""
 
     __tablename__ = "launches"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    place: Mapped[str] = mapped_column(String(1024), default="")  # hosts, partition, ...
+    id: Mapped[str] = mapped_column(Str(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(Str(16))
+    place: Mapped[str] = mapped_column(Str(1024), default="")  # hosts, partition, ...
     count: Mapped[int] = mapped_column(Integer)
     names: Mapped[Any] = mapped_column(JSON)
     joined: Mapped[Any] = mapped_column(JSON)  # name -> node key id
-    token_key: Mapped[str] = mapped_column(String(43))
-    status: Mapped[str] = mapped_column(String(16))  # open, full, stopped
+    token_key: Mapped[str] = mapped_column(Str(43))
+    status: Mapped[str] = mapped_column(Str(16))  # open, full, stopped
     created: Mapped[float] = mapped_column(Float)
     expires: Mapped[float] = mapped_column(Float)
     stopped: Mapped[float | None] = mapped_column(Float, nullable=True)

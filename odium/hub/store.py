@@ -1,8 +1,9 @@
 """The store: SQLAlchemy models and sessions for keys, nodes, commands, results and the event log.
 
-SQLite in the instance's home by default (WAL), any SQLAlchemy URL by
-configuration. Writes go through one writer thread that commits in batches,
-so the hub's loop never waits on the disk; reads run in the caller's thread.
+SQLite in the instance's home by default (WAL), PostgreSQL or any SQLAlchemy URL by
+configuration (odium.hub.storedb; docs/store.md says when to choose which). Writes go through
+one writer thread that commits in batches, so the hub's loop never waits on the disk; reads
+run in the caller's thread.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from sqlalchemy import (
     JSON,
     Float,
     Integer,
-    String,
     Text,
     UniqueConstraint,
-    create_engine,
     event,
     insert,
     select,
@@ -36,6 +35,7 @@ from ..errors import ConfigError
 from ..errors import TimeoutError as OdiumTimeout
 from . import storefaults as sf
 from .jobsql import dumps_json, job_statements, upsert_statement
+from .storedb import Str, engine_for, shown
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +52,26 @@ class KeyRow(Base):
     revoked. Only admin, node and unexpired token keys complete a handshake."""
 
     __tablename__ = "keys"
-    key_id: Mapped[str] = mapped_column(String(43), primary_key=True)
-    role: Mapped[str] = mapped_column(String(16), index=True)
-    name: Mapped[str] = mapped_column(String(64), default="")
-    address: Mapped[str] = mapped_column(String(128), default="")
+    key_id: Mapped[str] = mapped_column(Str(43), primary_key=True)
+    role: Mapped[str] = mapped_column(Str(16), index=True)
+    name: Mapped[str] = mapped_column(Str(64), default="")
+    address: Mapped[str] = mapped_column(Str(128), default="")
     created: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
     expires: Mapped[float | None] = mapped_column(Float, nullable=True)
-    note: Mapped[str] = mapped_column(String(256), default="")
+    note: Mapped[str] = mapped_column(Str(256), default="")
 
 
 class NodeRow(Base):
     __tablename__ = "nodes"
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    key_id: Mapped[str] = mapped_column(String(43), index=True)
-    status: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(128), default="unknown")
-    host: Mapped[str] = mapped_column(String(256), default="")
+    name: Mapped[str] = mapped_column(Str(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(Str(43), index=True)
+    status: Mapped[str] = mapped_column(Str(16))
+    state: Mapped[str] = mapped_column(Str(128), default="unknown")
+    host: Mapped[str] = mapped_column(Str(256), default="")
     pid: Mapped[int] = mapped_column(Integer, default=0)
     capacity: Mapped[int] = mapped_column(Integer, default=1)
-    boot: Mapped[str] = mapped_column(String(32), default="")
+    boot: Mapped[str] = mapped_column(Str(32), default="")
     first_seen: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
     info: Mapped[Any] = mapped_column(JSON, nullable=True)  # StateInfo: fingerprint and parts
@@ -81,36 +81,36 @@ class StateRow(Base):
     """Every state id the hub has seen, with the declaration its commit makes."""
 
     __tablename__ = "states"
-    state: Mapped[str] = mapped_column(String(128), primary_key=True)
+    state: Mapped[str] = mapped_column(Str(128), primary_key=True)
     declaration: Mapped[Any] = mapped_column(JSON)
     first_seen: Mapped[float] = mapped_column(Float)
 
 
 class CommandRow(Base):
     __tablename__ = "commands"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    id: Mapped[str] = mapped_column(Str(32), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, index=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(Str(16))
     code: Mapped[str] = mapped_column(Text)
-    session: Mapped[str] = mapped_column(String(64))
-    nodes: Mapped[str] = mapped_column(String(4096))
+    session: Mapped[str] = mapped_column(Str(64))
+    nodes: Mapped[str] = mapped_column(Str(4096))
     targets: Mapped[list[str]] = mapped_column(JSON)
-    issuer: Mapped[str] = mapped_column(String(43))
-    state: Mapped[str] = mapped_column(String(128))
+    issuer: Mapped[str] = mapped_column(Str(43))
+    state: Mapped[str] = mapped_column(Str(128))
     timeout: Mapped[float | None] = mapped_column(Float, nullable=True)
     created: Mapped[float] = mapped_column(Float)
     finished: Mapped[float | None] = mapped_column(Float, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="running")
+    status: Mapped[str] = mapped_column(Str(16), default="running")
 
 
 class ResultRow(Base):
     __tablename__ = "results"
     __table_args__ = (UniqueConstraint("command_id", "node"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    command_id: Mapped[str] = mapped_column(String(32), index=True)
-    node: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(128), default="unknown")
+    command_id: Mapped[str] = mapped_column(Str(32), index=True)
+    node: Mapped[str] = mapped_column(Str(64))
+    status: Mapped[str] = mapped_column(Str(16))
+    state: Mapped[str] = mapped_column(Str(128), default="unknown")
     stdout: Mapped[str] = mapped_column(Text, default="")
     stderr: Mapped[str] = mapped_column(Text, default="")
     value: Mapped[Any] = mapped_column(JSON, nullable=True)
@@ -127,10 +127,10 @@ class EventRow(Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     ts: Mapped[float] = mapped_column(Float, index=True)
-    level: Mapped[str] = mapped_column(String(8))
-    kind: Mapped[str] = mapped_column(String(32), index=True)
-    node: Mapped[str] = mapped_column(String(64), default="")
-    key_id: Mapped[str] = mapped_column(String(43), default="")
+    level: Mapped[str] = mapped_column(Str(8))
+    kind: Mapped[str] = mapped_column(Str(32), index=True)
+    node: Mapped[str] = mapped_column(Str(64), default="")
+    key_id: Mapped[str] = mapped_column(Str(43), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
@@ -139,20 +139,20 @@ class JobRow(Base):
 
     __tablename__ = "jobs"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # order
-    id: Mapped[str] = mapped_column(String(64), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))  # python | call
+    id: Mapped[str] = mapped_column(Str(64), unique=True)
+    kind: Mapped[str] = mapped_column(Str(16))  # python | call
     code: Mapped[str] = mapped_column(Text, default="")
-    fn: Mapped[str | None] = mapped_column(String(32), nullable=True)  # JobFnRow.hash
+    fn: Mapped[str | None] = mapped_column(Str(32), nullable=True)  # JobFnRow.hash
     args: Mapped[Any] = mapped_column(JSON, nullable=True)
     kwargs: Mapped[Any] = mapped_column(JSON, nullable=True)
     args_pickle: Mapped[str | None] = mapped_column(Text, nullable=True)
-    nodes: Mapped[str] = mapped_column(String(4096), default="*")
+    nodes: Mapped[str] = mapped_column(Str(4096), default="*")
     retries: Mapped[int] = mapped_column(Integer, default=0)
     timeout: Mapped[float | None] = mapped_column(Float, nullable=True)
-    require: Mapped[str] = mapped_column(String(64), default="any")
-    issuer: Mapped[str] = mapped_column(String(43), default="")
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    node: Mapped[str] = mapped_column(String(64), default="")
+    require: Mapped[str] = mapped_column(Str(64), default="any")
+    issuer: Mapped[str] = mapped_column(Str(43), default="")
+    status: Mapped[str] = mapped_column(Str(16), index=True)
+    node: Mapped[str] = mapped_column(Str(64), default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
@@ -168,11 +168,11 @@ class JobEventRow(Base):
     __tablename__ = "job_events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_seq: Mapped[int] = mapped_column(Integer, index=True)  # JobRow.seq
-    job_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(Str(64))
     ts: Mapped[float] = mapped_column(Float)
-    prev: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))
-    node: Mapped[str] = mapped_column(String(64), default="")
+    prev: Mapped[str] = mapped_column(Str(16))
+    status: Mapped[str] = mapped_column(Str(16))
+    node: Mapped[str] = mapped_column(Str(64), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
@@ -180,7 +180,7 @@ class JobFnRow(Base):
     """A function jobs call, serialised once (base64 cloudpickle), by its hash."""
 
     __tablename__ = "job_functions"
-    hash: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hash: Mapped[str] = mapped_column(Str(32), primary_key=True)
     data: Mapped[str] = mapped_column(Text)
     created: Mapped[float] = mapped_column(Float)
 
@@ -223,13 +223,13 @@ class Store:
 
     def __init__(self, url: str) -> None:
         try:
-            self.engine: Engine = create_engine(url, future=True)
+            self.engine: Engine = engine_for(url)
         except (SQLAlchemyError, ValueError, ImportError) as e:
-            raise ConfigError(f"cannot use database {url!r}: {e}") from None
+            raise ConfigError(f"cannot use database {shown(url)!r}: {e}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.file = sf.DbFile(self.engine)  # the SQLite file it writes, if it writes one
-        sf.open_schema(self.engine, Base.metadata, url, self.file)
+        sf.open_schema(self.engine, Base.metadata, shown(url), self.file)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self._job_sql = job_statements(self.engine.dialect.paramstyle)
         self._upserts: dict[tuple[str, tuple[str, ...]], Any] = {}  # statements made so far

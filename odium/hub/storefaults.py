@@ -44,7 +44,9 @@ class StoreFault(Exception):
 
 def fault_of(e: BaseException) -> str | None:
     """What is wrong with the store, if the error is the store's (see FAULTS) and not the
-    write's; a server database's OperationalError (connection gone) is the store's too."""
+    write's; a server database's OperationalError (connection refused or cut, the server
+    shutting down, its disk full, a deadlock) is the store's too: held until the server takes
+    it."""
     if isinstance(e, StoreFault | OSError):
         return str(e)
     orig = getattr(e, "orig", e)
@@ -52,7 +54,10 @@ def fault_of(e: BaseException) -> str | None:
     if code is not None:
         what = FAULTS.get(code & 0xFF)
         return f"{what} (SQLite: {orig})" if what else None
-    return f"{type(orig).__name__}: {orig}" if isinstance(e, OperationalError) else None
+    if not isinstance(e, OperationalError):
+        return None
+    said = " ".join(str(orig).split())  # (psycopg's are several lines)
+    return f"the database server cannot take the write now ({type(orig).__name__}: {said})"
 
 
 def relieve(engine: Engine, e: BaseException) -> None:
