@@ -149,3 +149,76 @@ def test_a_host_without_odium_says_so_and_a_good_host_is_not_left_half_started(
             assert lab.not_sshd() == [] and other.not_sshd() == []
             (v,) = [v for v in hub.launches() if v["id"] == "mixed"]
             assert v["status"] == "stopped"
+
+
+def test_bootstrap_installs_this_odium_from_wheels_on_a_host_without_it(
+        lab: SshHost, tmp_path: Path) -> None:
+    """The host's Python (/usr/bin/python3) has no Odium; --bootstrap sends this checkout's
+    wheel and its dependencies' over ssh and installs them there, with no index."""
+    remote = tmp_path / "remote"
+    with _hub(tmp_path, lab) as hub:
+        launcher = SSH([lab.name], per_host=2, python="/usr/bin/python3", app=str(tmp_path),
+                       ssh_config=str(lab.config_path), remote_dir=str(remote), bootstrap=True)
+        v = hub.launch(launcher, name="boot", wait=60)
+        assert v["ready"] == 2, v
+        r = hub.run("import sys, odium; sys.prefix, odium.__file__", nodes="boot-*")
+        (env,) = remote.glob("env-*")
+        for n in ("boot-1", "boot-2"):
+            prefix, where = r[n].value
+            assert prefix == str(env) and where.startswith(str(env) + "/lib/"), (prefix, where)
+        assert (env / ".complete").exists() and list((env / "wheels").glob("odium-*.whl"))
+        hub.launch_stop("boot")
+        assert lab.not_sshd() == []
+        # a second launch with the same wheels finds the environment there: installs nothing
+        mark = (env / ".complete").stat().st_mtime_ns
+        v = hub.launch(launcher, name="again", wait=60)
+        assert v["ready"] == 2 and (env / ".complete").stat().st_mtime_ns == mark
+        hub.launch_stop("again")
+    assert lab.not_sshd() == []
+
+
+def test_the_notebook_magic_launches_shows_k_of_n_and_stops(
+        lab: SshHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``%odium launch`` in a real IPython shell: the command's options, progress lines as the
+    nodes come up, the launches as a table, the stop; bad arguments are one-line errors."""
+    IPython = pytest.importorskip("IPython")
+    from IPython.core.error import UsageError
+    from IPython.utils.capture import capture_output
+
+    import odium.jupyter
+    from odium.jupyter.launching import LaunchProgress
+
+    monkeypatch.setenv("ODIUM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ODIUM_PORTS", "0")
+    monkeypatch.setenv("ODIUM_HEARTBEAT", str(HB))
+    monkeypatch.setenv("ODIUM_INTERFACE", lab.host_address)
+    monkeypatch.chdir(tmp_path)
+    ip = IPython.core.interactiveshell.InteractiveShell.instance()
+    with capture_output():
+        ip.run_line_magic("load_ext", "odium")
+    try:
+        line = (f"launch ssh {lab.name} --per-host 2 --name nb --ssh-config {lab.config_path} "
+                f"--python {sys.executable} --app {tmp_path} --remote-dir {tmp_path / 'r'}")
+        with capture_output() as cap:
+            ip.run_line_magic("odium", line)
+        lines = cap.stdout.splitlines()
+        assert lines[0].startswith("launch nb: 0 of 2 nodes up; nb-1 pending, nb-2 pending")
+        assert lines[-1] == "launch nb: 2 of 2 nodes up", lines
+        table = ip.run_line_magic("odium", "launch list")
+        assert [(v["id"], v["ready"]) for v in table.data] == [("nb", 2)]
+        assert 'data-status="full"' in table._repr_html_()
+        html = LaunchProgress(rich=True).html(table.data[0])
+        assert 'data-ready="2" data-count="2"' in html and 'data-status="ready"' in html
+        with capture_output() as cap:
+            ip.run_line_magic("odium", "launch stop nb")
+        assert "lab1: stopped 2 node(s)" in cap.stdout
+        assert lab.not_sshd() == []
+        for bad, says in (("launch", "needs an action"),
+                          ("launch ssh", "the following arguments are required: HOST"),
+                          ("launch ssh h --per-host 0", "argument --per-host"),
+                          ("launch stop nope", "no launch 'nope'")):
+            with pytest.raises(UsageError, match=says):
+                ip.run_line_magic("odium", bad)
+    finally:
+        ip.run_line_magic("unload_ext", "odium")
+        assert odium.jupyter.current() is None

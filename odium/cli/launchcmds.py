@@ -24,13 +24,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return _start(args)
 
 
-def _launcher(args: argparse.Namespace) -> Any:
+def launcher_from(args: argparse.Namespace) -> Any:
+    """The launcher an ``odium launch ssh|slurm`` command line says (the magic's too)."""
     from ..launch import SSH, Slurm
 
     if args.action == "ssh":
         return SSH(list(args.hosts), per_host=args.per_host, python=args.python, app=args.app,
                    ssh_config=args.ssh_config, ssh_options=list(args.ssh_options),
-                   remote_dir=args.remote_dir)
+                   remote_dir=args.remote_dir, bootstrap=args.bootstrap,
+                   wheelhouse=args.wheelhouse)
     return Slurm(nodes=args.nodes, tasks_per_node=args.tasks_per_node,
                  partition=args.partition, time=args.time, account=args.account,
                  sbatch_args=list(args.sbatch_args), python=args.python, app=args.app)
@@ -39,7 +41,7 @@ def _launcher(args: argparse.Namespace) -> Any:
 def _start(args: argparse.Namespace) -> int:
     from ..launch import LaunchError, progress_line
 
-    launcher = _launcher(args)
+    launcher = launcher_from(args)
     tty = sys.stderr.isatty()
     last = [""]
 

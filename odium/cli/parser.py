@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from . import args as A
 from .kernel import add_kernel_parser
+from .launchargs import add_launch_parsers
 
 JOB_STATUSES = ["queued", "assigned", "running", "done", "failed", "timeout", "cancelled"]
 
@@ -31,7 +32,7 @@ def _home(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     p = _Parser(prog="odium", description="Run Python on many machines; know what ran where.")
     p.add_argument("--version", action="version", version=f"odium {__version__}")
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_parsers(sub)
     add_key_parsers(sub)
     add_job_parsers(sub)
-    add_launch_parsers(sub)
+    add_launch_parsers(sub, _Parser)
     sp = sub.add_parser("demo", help="hub + 3 local nodes, a Python and a shell broadcast")
     sp.add_argument("--nodes", type=A.count, default=3)
     add_kernel_parser(sub)
@@ -187,52 +188,6 @@ def add_job_parsers(sub: Any) -> None:
     sp.add_argument("--wait", type=A.non_negative, default=0.0, metavar="SECONDS",
                     help="wait for it to finish first")
     sp.add_argument("--json", action="store_true")
-
-
-def add_launch_parsers(sub: Any) -> None:
-    """``odium launch ssh|slurm|list|stop``: nodes started elsewhere, as one launch each."""
-    sp = sub.add_parser("launch", help="start nodes over SSH or through Slurm; list, stop")
-    lsub = sp.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
-    for kind, what in (("ssh", "start nodes on these hosts over ssh"),
-                       ("slurm", "start nodes as one Slurm batch job (sbatch)")):
-        lp = lsub.add_parser(kind, help=what)
-        _home(lp)
-        if kind == "ssh":
-            lp.add_argument("hosts", nargs="+", metavar="HOST", help="as ssh knows them")
-            lp.add_argument("--per-host", type=A.how_many, default=1, help="nodes on each host")
-            lp.add_argument("--ssh-config", metavar="FILE", default=None,
-                            help="ssh config file (ssh -F; default: your own)")
-            lp.add_argument("-o", dest="ssh_options", action="append", default=[],
-                            metavar="OPTION", help="an ssh -o option, for every host")
-            lp.add_argument("--remote-dir", default="$HOME/.odium/launches",
-                            help="where on each host the nodes keep their homes and logs")
-        else:
-            lp.add_argument("--nodes", type=A.count, default=1, help="machines")
-            lp.add_argument("--tasks-per-node", type=A.how_many, default=1,
-                            help="Odium nodes on each machine")
-            lp.add_argument("--partition", default=None)
-            lp.add_argument("--time", default=None, help="time limit, as Slurm writes it")
-            lp.add_argument("--account", default=None)
-            lp.add_argument("sbatch_args", nargs="*", metavar="-- SBATCH-ARG",
-                            help="after --: more arguments for sbatch, as given")
-        lp.add_argument("--python", default="python3", help="the Python with Odium there")
-        lp.add_argument("--app", default=None, help="the application directory there")
-        lp.add_argument("--name", default=None, help="the launch's name (its nodes are "
-                        "NAME-1, NAME-2, ...; default: made up)")
-        lp.add_argument("--ttl", type=A.positive, default=None,
-                        help="seconds the credential admits nodes (default: until stopped)")
-        lp.add_argument("--wait", type=A.non_negative, default=120.0, metavar="SECONDS",
-                        help="how long to wait for the nodes to be ready")
-        lp.add_argument("--dry-run", action="store_true",
-                        help="print exactly what would run, and run nothing")
-        lp.add_argument("--json", action="store_true")
-    lp = lsub.add_parser("list", help="the launches and their nodes")
-    _home(lp)
-    lp.add_argument("--json", action="store_true")
-    lp = lsub.add_parser("stop", help="stop a launch: its credential, nodes and batch job")
-    _home(lp)
-    lp.add_argument("launch_id", metavar="ID")
-    lp.add_argument("--json", action="store_true")
 
 
 def key_words(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -66,7 +66,7 @@ def kernel_class() -> type:
     """IPython's kernel with the odium extension loaded: the hub starts with the kernel."""
     from ipykernel.ipkernel import IPythonKernel
 
-    from .. import __version__
+    from ..version import __version__
 
     class OdiumKernel(IPythonKernel):
         implementation = "odium"

@@ -24,6 +24,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..api.hub import Hub
 from ..cli import args as A
+from ..cli.launchargs import launch_parser
 from ..core.keys import fingerprint
 from ..core.results import Result, short_state
 from ..core.term import clean
@@ -38,7 +39,7 @@ ENV_HEARTBEAT = "ODIUM_HEARTBEAT"  # seconds between heartbeats (default 1)
 ENV_APP = "ODIUM_APP"  # the application directory (default: the notebook's git work tree)
 
 SUBCOMMANDS = ("local", "nodes", "token", "accept", "reject", "revoke", "keys", "state", "sync",
-               "log", "forget", "start", "stop", "autorun", "help")
+               "log", "forget", "launch", "start", "stop", "autorun", "help")
 
 
 def _first_line(e: BaseException) -> str:
@@ -246,6 +247,15 @@ class SubCommands(HubMagics):
         except OdiumError as e:
             raise self._usage(e, "%odium nodes") from None
         return D.nodes_table(nodes, hub_state, diffs)
+
+    def sub_launch(self, line: str) -> Any:
+        """Start nodes over SSH or through Slurm as one launch (the options of odium launch);
+        list the launches; stop one."""
+        from .launching import launch_magic
+
+        return launch_magic(self._need_hub(), line, self.rich)
+
+    sub_launch.parser = launch_parser()  # type: ignore[attr-defined]  # (for %odium help)
 
     @magic_arguments(name="odium token")
     @argument("--ttl", type=A.seconds, default=3600.0, help="seconds the token stays valid")

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..core.launching import launch_names
 from ..errors import ConfigError
+from . import bootstrap
 from .common import CREDENTIAL_SHOWN, LaunchError, Opened
 
 CONNECT_TIMEOUT = 15  # seconds ssh may take to connect
@@ -40,7 +41,10 @@ class SSH:
     too). ``python``: the remote Python that has Odium (default ``python3``); ``app``: the
     application directory on the host; ``ssh_config``: an ssh config file (``ssh -F``; default:
     the user's own); ``ssh_options``: more ``-o`` options; ``remote_dir``: where the launch
-    keeps its nodes' homes and logs on each host."""
+    keeps its nodes' homes and logs on each host; ``bootstrap``: install this machine's Odium
+    and its dependencies from wheels sent over ssh (odium.launch.bootstrap) into a virtual
+    environment of ``python`` on each host first; ``wheelhouse``: those wheels, made by you
+    (default: gathered with pip wheel)."""
 
     hosts: list[str]
     per_host: int = 1
@@ -50,7 +54,10 @@ class SSH:
     ssh_options: list[str] = field(default_factory=list)
     remote_dir: str = "$HOME/.odium/launches"
     names: list[str] | None = None
+    bootstrap: bool = False
+    wheelhouse: str | None = None
     kind: str = "ssh"
+    _wheels: list[Path] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if not self.hosts:
@@ -89,9 +96,15 @@ class SSH:
         k = self.per_host
         return {h: names[i * k:(i + 1) * k] for i, h in enumerate(self.hosts)}
 
+    def _remote_python(self) -> str:
+        """The Python the nodes run, as the start script writes it."""
+        if self.bootstrap and self._wheels:
+            return f'"{bootstrap.env_dir(self.remote_dir, self._wheels)}/bin/python"'
+        return shlex.quote(self.python)
+
     def start_script(self, lid: str, names: list[str]) -> str:
         d = f"{self.remote_dir}/{lid}"
-        py = shlex.quote(self.python)
+        py = self._remote_python()
         app = f" --app {shlex.quote(self.app)}" if self.app else ""
         lines = ["set -e", "umask 077", f'D="{d}"', 'mkdir -p "$D"',
                  f"if ! {py} -c 'import odium' >/dev/null 2>&1; then",
@@ -105,8 +118,23 @@ class SSH:
                       f'echo "odium-launch: started {n} $!"']
         return "\n".join(lines) + "\n"
 
+    def gather(self, workdir: Path) -> None:
+        """With ``bootstrap``: the wheels to send (gathered once, into ``workdir``'s parent's
+        ``wheels``, the launches' own directory)."""
+        if self.bootstrap and not self._wheels:
+            given = Path(self.wheelhouse) if self.wheelhouse else None
+            self._wheels = bootstrap.gather(workdir.parent / "wheels", given)
+
     def plan(self, opened: Opened, workdir: Path) -> str:
+        self.gather(workdir)
         out = []
+        if self.bootstrap:
+            env = bootstrap.env_dir(self.remote_dir, self._wheels)
+            out.append(f"# first, on each host: {len(self._wheels)} wheels "
+                       f"({', '.join(w.name for w in self._wheels)}) as a tar stream on ssh's "
+                       "standard input, installed unless there already:\n" + shlex.join(
+                           self.ssh_command("HOST", bootstrap.install_script(
+                               self.python, env, self._wheels))))
         for host, names in self._by_host(opened).items():
             cmd = self.ssh_command(host, self.start_script(opened.id, names))
             out.append(f"# {host}: {', '.join(names)}; the credential goes on ssh's standard "
@@ -115,6 +143,7 @@ class SSH:
         return "\n\n".join(out) + "\n"
 
     def start(self, opened: Opened, workdir: Path) -> dict[str, Any]:
+        self.gather(workdir)
         by_host = self._by_host(opened)
         with ThreadPoolExecutor(max_workers=min(16, len(by_host))) as pool:
             done = dict(zip(by_host, pool.map(
@@ -130,6 +159,10 @@ class SSH:
 
     def _start_host(self, host: str, opened: Opened, names: list[str]) -> dict[str, Any] | str:
         """A host's nodes started: {names, pids}; or the line that says why not."""
+        if self.bootstrap:
+            why = self._install(host)
+            if why:
+                return why
         cmd = self.ssh_command(host, self.start_script(opened.id, names))
         try:
             p = subprocess.run(cmd, input=opened.token + "\n", capture_output=True, text=True,
@@ -151,6 +184,27 @@ class SSH:
         if pids:  # (started some, then failed: stop those)
             return _partial(self, host, names, pids, p)
         why = _last_line(p.stderr) or _last_line(p.stdout) or f"exit status {p.returncode}"
+        return f"{host}: {why}"
+
+
+    def _install(self, host: str) -> str:
+        """Odium installed on the host from the wheels (or there already): "" or why not."""
+        env = bootstrap.env_dir(self.remote_dir, self._wheels)
+        cmd = self.ssh_command(host, bootstrap.install_script(self.python, env, self._wheels))
+        try:
+            p = subprocess.run(cmd, input=bootstrap.tar_of(self._wheels), capture_output=True,
+                               timeout=bootstrap.INSTALL_TIMEOUT)
+        except FileNotFoundError:
+            return f"{host}: no ssh client here (install OpenSSH's ssh)"
+        except subprocess.TimeoutExpired:
+            return f"{host}: installing Odium took over {bootstrap.INSTALL_TIMEOUT:.0f} s"
+        out, err = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+        if p.returncode == 0 and "odium-bootstrap:" in out:
+            return ""
+        why = _last_line(out) or _last_line(err) or f"exit status {p.returncode}"
+        if p.returncode == 4:  # (the host's Python could not take the wheels)
+            return f"{host}: could not install Odium with {self.python}: {why} " \
+                   + bootstrap.mismatch_hint()
         return f"{host}: {why}"
 
 
