@@ -5,6 +5,7 @@ record across a hub restart, and the launchers' refusals that need no remote mac
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,29 @@ def test_launcher_arguments_are_checked(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", "from odium.launch import Slurm; Slurm().check()"],
                        env=env, capture_output=True, text=True, timeout=30)
     assert "sbatch not found" in p.stderr
+
+
+def test_a_manual_launch_writes_its_credential_and_says_what_each_node_runs(
+        hub_process: Any, tmp_path: Path) -> None:
+    home = str(hub_process.home)
+    cred = tmp_path / "lab.credential"
+    p = odium_cli("launch", "manual", "--count", "2", "--name", "pcs", "--file", str(cred),
+                  "--home", home)
+    assert p.returncode == 0, p.stderr
+    assert cred.stat().st_mode & 0o777 == 0o600 and "odt1." not in p.stdout
+    commands = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("odium")]
+    assert commands == [f"odium node --token-file {cred} --name pcs-{k}" for k in (1, 2)]
+    node = NodeProcess(tmp_path / "pc", [*commands[1].split()[2:], "--app", str(tmp_path)])
+    node.start()
+    try:
+        def up() -> bool:
+            (v,) = json.loads(odium_cli("launch", "list", "--json", "--home", home).stdout)
+            return bool(v["nodes"] == {"pcs-1": "pending", "pcs-2": "ready"})
+
+        wait_until(up, 30, "pcs-2 ready", interval=0.2)
+        table = odium_cli("launch", "list", "--home", home).stdout
+        assert "pcs" in table and "manual" in table and "1/2" in table
+    finally:
+        node.stop()
+    again = odium_cli("launch", "manual", "--count", "1", "--file", str(cred), "--home", home)
+    assert again.returncode == 1 and "exists already" in again.stderr

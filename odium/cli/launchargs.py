@@ -72,6 +72,17 @@ def add_launch_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) ->
         lp.add_argument("--dry-run", action="store_true",
                         help="print exactly what would run, and run nothing")
         lp.add_argument("--json", action="store_true")
+    lp = lsub.add_parser("manual", help="a credential for N nodes you start yourself, and "
+                         "the command each runs")
+    lp.add_argument("--home", default=None, help="the hub's home directory")
+    lp.add_argument("--count", type=A.count, default=1, help="how many nodes")
+    lp.add_argument("--file", metavar="PATH", default=None,
+                    help="write the credential to this new 0600 file (else: in the commands)")
+    lp.add_argument("--name", default=None, help="the launch's name (its nodes are NAME-1, ...)")
+    lp.add_argument("--ttl", type=A.positive, default=None,
+                    help="seconds the credential admits nodes (default: until stopped)")
+    lp.add_argument("--dry-run", action="store_true", help="print the commands, open nothing")
+    lp.add_argument("--json", action="store_true")
     lp = lsub.add_parser("list", help="the launches and their nodes")
     lp.add_argument("--home", default=None, help="the hub's home directory")
     lp.add_argument("--json", action="store_true")

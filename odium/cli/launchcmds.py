@@ -26,8 +26,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def launcher_from(args: argparse.Namespace) -> Any:
     """The launcher an ``odium launch ssh|slurm`` command line says (the magic's too)."""
-    from ..launch import SSH, Slurm
+    from ..launch import SSH, Manual, Slurm
 
+    if args.action == "manual":
+        return Manual(count=args.count, file=args.file)
     if args.action == "ssh":
         return SSH(list(args.hosts), per_host=args.per_host, python=args.python, app=args.app,
                    ssh_config=args.ssh_config, ssh_options=list(args.ssh_options),
@@ -52,10 +54,12 @@ def _start(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             last[0] = line
 
+    manual = args.action == "manual"
     with connect(args) as admin:
         try:
             v = admin.launch(launcher, name=args.name, ttl=args.ttl, dry_run=args.dry_run,
-                             wait=args.wait, progress=None if args.json else progress)
+                             wait=0.0 if manual else args.wait,
+                             progress=None if args.json or manual else progress)
         except LaunchError as e:
             for line in e.lines:
                 print(f"odium: {clean(line)}", file=sys.stderr)
@@ -69,6 +73,12 @@ def _start(args: argparse.Namespace) -> int:
     elif args.dry_run:
         print(v["plan"], end="")
     if args.dry_run:
+        return 0
+    if manual:
+        if not args.json:
+            print(f"launch {v['id']}: {v['count']} node(s) may join with its credential"
+                  + (f" (in {args.file}, 0600)" if args.file else "") + "; on each machine:\n")
+            print("\n".join(f"    {c}" for c in launcher.commands) + "\n")
         return 0
     if v["ready"] < v["count"]:
         waiting = [n for n, s in v["nodes"].items() if s != "ready"]

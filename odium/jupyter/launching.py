@@ -76,9 +76,12 @@ def launch_magic(hub: Hub, line: str, rich: bool) -> Any:
             v = hub.launch_stop(args.launch_id)
             print("\n".join([f"launch {v['id']} stopped", *v["done"]]))
             return None
+        launcher = launcher_from(args)
+        manual = args.action == "manual"
         progress = LaunchProgress(rich)
-        v = hub.launch(launcher_from(args), name=args.name, ttl=args.ttl,
-                       dry_run=args.dry_run, wait=args.wait, progress=progress.update)
+        v = hub.launch(launcher, name=args.name, ttl=args.ttl, dry_run=args.dry_run,
+                       wait=0.0 if manual else args.wait,
+                       progress=None if manual else progress.update)
     except LaunchError as err:
         raise UsageError("%odium launch: " + "\n".join(err.lines)
                          + "\n(the launch was stopped; nothing of it is left running)") from None
@@ -86,6 +89,10 @@ def launch_magic(hub: Hub, line: str, rich: bool) -> Any:
         raise UsageError(f"%odium launch: {err}") from None
     if args.dry_run:
         print(v["plan"], end="")
+        return None
+    if manual:
+        print(f"launch {v['id']}: on each machine:\n\n" + "\n".join(
+            f"    {c}" for c in launcher.commands) + "\n")
         return None
     if v["ready"] < v["count"]:
         waiting = ", ".join(n for n, s in v["nodes"].items() if s != "ready")

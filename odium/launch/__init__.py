@@ -6,7 +6,9 @@ docs/launch.md."""
 from __future__ import annotations
 
 from .base import LaunchError, launch, progress_line, stop, view, wait_up
+from .manual import Manual
 from .slurm import Slurm
 from .ssh import SSH
 
-__all__ = ["SSH", "LaunchError", "Slurm", "launch", "progress_line", "stop", "view", "wait_up"]
+__all__ = ["SSH", "LaunchError", "Manual", "Slurm", "launch", "progress_line", "stop", "view",
+           "wait_up"]
