@@ -29,67 +29,80 @@ def launch_parser() -> argparse.ArgumentParser:
 
 
 def add_launch_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
-    """``odium launch ssh|slurm|list|stop``: nodes started elsewhere, as one launch each."""
+    """``odium launch ssh|slurm|manual|list|stop``: nodes started elsewhere, as one launch."""
     sp = sub.add_parser("launch", help="start nodes over SSH or through Slurm; list, stop")
     lsub = sp.add_subparsers(dest="action", metavar="ACTION", parser_class=parser_class)
-    for kind, what in (("ssh", "start nodes on these hosts over ssh"),
-                       ("slurm", "start nodes as one Slurm batch job (sbatch)")):
-        lp = lsub.add_parser(kind, help=what)
-        lp.add_argument("--home", default=None, help="the hub's home directory (default "
-                        "$ODIUM_HOME or ~/.odium)")
-        if kind == "ssh":
-            lp.add_argument("hosts", nargs="+", metavar="HOST", help="as ssh knows them")
-            lp.add_argument("--per-host", type=A.how_many, default=1, help="nodes on each host")
-            lp.add_argument("--ssh-config", metavar="FILE", default=None,
-                            help="ssh config file (ssh -F; default: your own)")
-            lp.add_argument("-o", dest="ssh_options", action="append", default=[],
-                            metavar="OPTION", help="an ssh -o option, for every host")
-            lp.add_argument("--remote-dir", default="$HOME/.odium/launches",
-                            help="where on each host the nodes keep their homes and logs")
-            lp.add_argument("--bootstrap", action="store_true",
-                            help="install this machine's Odium on each host first, from wheels "
-                            "sent over ssh (no internet, no install needed there)")
-            lp.add_argument("--wheelhouse", metavar="DIR", default=None,
-                            help="with --bootstrap: these wheels (pip wheel -w DIR odium pip), "
-                            "not ones gathered by pip wheel")
-        else:
-            lp.add_argument("--nodes", type=A.count, default=1, help="machines")
-            lp.add_argument("--tasks-per-node", type=A.how_many, default=1,
-                            help="Odium nodes on each machine")
-            lp.add_argument("--partition", default=None)
-            lp.add_argument("--time", default=None, help="time limit, as Slurm writes it")
-            lp.add_argument("--account", default=None)
-            lp.add_argument("sbatch_args", nargs="*", metavar="-- SBATCH-ARG",
-                            help="after --: more arguments for sbatch, as given")
-        lp.add_argument("--python", default="python3", help="the Python with Odium there")
-        lp.add_argument("--app", default=None, help="the application directory there")
-        lp.add_argument("--name", default=None, help="the launch's name (its nodes are "
-                        "NAME-1, NAME-2, ...; default: made up)")
-        lp.add_argument("--ttl", type=A.positive, default=None,
-                        help="seconds the credential admits nodes (default: until stopped)")
-        lp.add_argument("--wait", type=A.non_negative, default=120.0, metavar="SECONDS",
-                        help="how long to wait for the nodes to be ready")
-        lp.add_argument("--dry-run", action="store_true",
-                        help="print exactly what would run, and run nothing")
-        lp.add_argument("--json", action="store_true")
+    _ssh(lsub.add_parser("ssh", help="start nodes on these hosts over ssh"))
+    _slurm(lsub.add_parser("slurm", help="start nodes as one Slurm batch job (sbatch)"))
     lp = lsub.add_parser("manual", help="a credential for N nodes you start yourself, and "
                          "the command each runs")
-    lp.add_argument("--home", default=None, help="the hub's home directory")
+    _common(lp)
     lp.add_argument("--count", type=A.count, default=1, help="how many nodes")
     lp.add_argument("--file", metavar="PATH", default=None,
                     help="write the credential to this new 0600 file (else: in the commands)")
-    lp.add_argument("--name", default=None, help="the launch's name (its nodes are NAME-1, ...)")
-    lp.add_argument("--ttl", type=A.positive, default=None,
-                    help="seconds the credential admits nodes (default: until stopped)")
-    lp.add_argument("--dry-run", action="store_true", help="print the commands, open nothing")
-    lp.add_argument("--json", action="store_true")
     lp = lsub.add_parser("list", help="the launches and their nodes")
-    lp.add_argument("--home", default=None, help="the hub's home directory")
+    _home(lp)
     lp.add_argument("--json", action="store_true")
     lp = lsub.add_parser("stop", help="stop a launch: its credential, nodes and batch job")
-    lp.add_argument("--home", default=None, help="the hub's home directory")
+    _home(lp)
     lp.add_argument("launch_id", metavar="ID")
     lp.add_argument("--json", action="store_true")
+
+
+def _home(lp: argparse.ArgumentParser) -> None:
+    lp.add_argument("--home", default=None, help="the hub's home directory (default "
+                    "$ODIUM_HOME or ~/.odium)")
+
+
+def _common(lp: argparse.ArgumentParser) -> None:
+    """What every way of starting a launch takes."""
+    _home(lp)
+    lp.add_argument("--name", default=None, help="the launch's name (its nodes are "
+                    "NAME-1, NAME-2, ...; default: made up)")
+    lp.add_argument("--ttl", type=A.positive, default=None,
+                    help="seconds the credential admits nodes (default: until stopped)")
+    lp.add_argument("--dry-run", action="store_true",
+                    help="print exactly what would run, and run nothing")
+    lp.add_argument("--json", action="store_true")
+
+
+def _started(lp: argparse.ArgumentParser) -> None:
+    """What the launches Odium starts itself take (ssh, slurm)."""
+    _common(lp)
+    lp.add_argument("--python", default="python3", help="the Python with Odium there")
+    lp.add_argument("--app", default=None, help="the application directory there")
+    lp.add_argument("--wait", type=A.non_negative, default=120.0, metavar="SECONDS",
+                    help="how long to wait for the nodes to be ready")
+
+
+def _ssh(lp: argparse.ArgumentParser) -> None:
+    _started(lp)
+    lp.add_argument("hosts", nargs="+", metavar="HOST", help="as ssh knows them")
+    lp.add_argument("--per-host", type=A.how_many, default=1, help="nodes on each host")
+    lp.add_argument("--ssh-config", metavar="FILE", default=None,
+                    help="ssh config file (ssh -F; default: your own)")
+    lp.add_argument("-o", dest="ssh_options", action="append", default=[],
+                    metavar="OPTION", help="an ssh -o option, for every host")
+    lp.add_argument("--remote-dir", default="$HOME/.odium/launches",
+                    help="where on each host the nodes keep their homes and logs")
+    lp.add_argument("--bootstrap", action="store_true",
+                    help="install this machine's Odium on each host first, from wheels "
+                    "sent over ssh (no internet, no install needed there)")
+    lp.add_argument("--wheelhouse", metavar="DIR", default=None,
+                    help="with --bootstrap: these wheels (pip wheel -w DIR odium pip), "
+                    "not ones gathered by pip wheel")
+
+
+def _slurm(lp: argparse.ArgumentParser) -> None:
+    _started(lp)
+    lp.add_argument("--nodes", type=A.count, default=1, help="machines")
+    lp.add_argument("--tasks-per-node", type=A.how_many, default=1,
+                    help="Odium nodes on each machine")
+    lp.add_argument("--partition", default=None)
+    lp.add_argument("--time", default=None, help="time limit, as Slurm writes it")
+    lp.add_argument("--account", default=None)
+    lp.add_argument("sbatch_args", nargs="*", metavar="-- SBATCH-ARG",
+                    help="after --: more arguments for sbatch, as given")
 
 
 __all__ = ["add_launch_parsers", "launch_parser"]
