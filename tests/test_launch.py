@@ -191,6 +191,8 @@ def test_a_manual_launch_writes_its_credential_and_says_what_each_node_runs(
         wait_until(up, 30, "pcs-2 ready", interval=0.2)
         table = odium_cli("launch", "list", "--home", home).stdout
         assert "pcs" in table and "manual" in table and "1/2" in table
+        nodes = odium_cli("nodes", "--home", home).stdout.splitlines()
+        assert nodes[0].split()[-1] == "LAUNCH" and nodes[1].split()[-1] == "pcs", nodes
     finally:
         node.stop()
     again = odium_cli("launch", "manual", "--count", "1", "--file", str(cred), "--home", home)

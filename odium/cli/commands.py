@@ -54,11 +54,14 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         return 0
     # a clock column only when some node's clock is off (it stamps with the hub's time)
     skewed = any(abs(n.get("clock_skew") or 0) >= 1 for n in data["nodes"])
-    rows = [("NAME", "STATUS", "STATE", "", "LAST SEEN", *(("CLOCK",) if skewed else ()))]
+    launched = any(n.get("launch") for n in data["nodes"])  # a column when some node has one
+    rows = [("NAME", "STATUS", "STATE", "", "LAST SEEN", *(("CLOCK",) if skewed else ()),
+             *(("LAUNCH",) if launched else ()))]
     for n in data["nodes"]:
         same = "same as hub" if n["state"] == data["hub_state"] else "differs"
         rows.append((n["name"], n["status"], short_state(n["state"]), same, ago(n["last_seen"]),
-                     *((clock_text(n.get("clock_skew") or 0),) if skewed else ())))
+                     *((clock_text(n.get("clock_skew") or 0),) if skewed else ()),
+                     *((n.get("launch") or "",) if launched else ())))
     print_table(rows)
     if len(rows) == 1 and args.pattern:
         print(f"no node matches {args.pattern!r}; see: odium nodes")
