@@ -81,6 +81,7 @@ def test_a_job_waiting_in_the_queue_shows_as_pending(slurm: SlurmCluster, hub_ho
              sys.executable, "--wait", "0", "--home", home, "--", "--begin=now+3600")
     assert p.returncode == 1, p.stdout + p.stderr
     assert "0 of 1 nodes ready" in p.stderr and "later-1" in p.stderr
+    assert "the job's output is in " in p.stderr and "/launches/later/slurm-" in p.stderr
     (v,) = _launches(slurm, hub_home)
     job = v["detail"]["job"]
     assert v["nodes"] == {"later-1": "pending"}

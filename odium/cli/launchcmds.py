@@ -41,7 +41,7 @@ def launcher_from(args: argparse.Namespace) -> Any:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from ..launch import LaunchError, progress_line
+    from ..launch import LaunchError, progress_line, where_logs
 
     launcher = launcher_from(args)
     tty = sys.stderr.isatty()
@@ -85,6 +85,8 @@ def _start(args: argparse.Namespace) -> int:
         print(f"odium: launch {v['id']}: {v['ready']} of {v['count']} nodes ready after "
               f"{args.wait:.0f} s; not yet: {', '.join(waiting)} (it goes on: odium launch "
               f"list; odium launch stop {v['id']})", file=sys.stderr)
+        if where_logs(v):
+            print(f"odium: {where_logs(v)}", file=sys.stderr)
         return 1
     if not args.json:
         print(f"launch {v['id']}: {v['count']} nodes ready: {', '.join(v['nodes'])}")

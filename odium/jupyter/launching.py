@@ -16,7 +16,7 @@ from ..api.hub import Hub
 from ..cli.launchargs import launch_parser
 from ..cli.launchcmds import launcher_from
 from ..errors import OdiumError
-from ..launch import LaunchError, progress_line
+from ..launch import LaunchError, progress_line, where_logs
 from . import display as D
 from .style import MUTED, badge, e
 
@@ -98,7 +98,7 @@ def launch_magic(hub: Hub, line: str, rich: bool) -> Any:
         waiting = ", ".join(n for n, s in v["nodes"].items() if s != "ready")
         print(f"{v['ready']} of {v['count']} nodes ready after {args.wait:.0f} s; not yet: "
               f"{waiting} (the launch goes on: %odium launch list, %odium launch stop "
-              f"{v['id']})")
+              f"{v['id']})" + (f"; {where_logs(v)}" if where_logs(v) else ""))
     return None
 
 

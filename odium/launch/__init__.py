@@ -5,10 +5,10 @@ docs/launch.md."""
 
 from __future__ import annotations
 
-from .base import LaunchError, launch, progress_line, stop, view, wait_up
+from .base import LaunchError, launch, progress_line, stop, view, wait_up, where_logs
 from .manual import Manual
 from .slurm import Slurm
 from .ssh import SSH
 
 __all__ = ["SSH", "LaunchError", "Manual", "Slurm", "launch", "progress_line", "stop", "view",
-           "wait_up"]
+           "wait_up", "where_logs"]

@@ -114,6 +114,16 @@ def stop(api: Any, lid: str) -> dict[str, Any]:
     return {**v, "done": stop_detail(v["kind"], v["detail"])}
 
 
+def where_logs(v: dict[str, Any]) -> str:
+    """Where a launch's nodes write what they say (for a node that does not come up)."""
+    d = v.get("detail") or {}
+    if v.get("kind") == "ssh" and d.get("dir"):
+        return f"each node's log is on its host in {d['dir']}/NAME/node.log"
+    if v.get("kind") == "slurm" and d.get("script") and d.get("job"):
+        return f"the job's output is in {Path(d['script']).parent}/slurm-{d['job']}.out"
+    return ""
+
+
 def progress_line(v: dict[str, Any]) -> str:
     """'launch lab: 1 of 2 nodes up; lab-2 pending (slurm job 12 PENDING)'."""
     waiting = [f"{n} {s}" for n, s in v["nodes"].items() if s != "ready"]
@@ -123,4 +133,4 @@ def progress_line(v: dict[str, Any]) -> str:
 
 
 __all__ = ["LaunchError", "Launcher", "Opened", "launch", "progress_line", "stop", "view",
-           "wait_up"]
+           "wait_up", "where_logs"]
