@@ -90,6 +90,8 @@ def test_a_stopped_launch_admits_no_one_and_its_nodes_are_revoked(hub: odium.Hub
         (v,) = hub.launches("big")
         assert v["nodes"] == {"big-1": "revoked", "big-2": "pending", "big-3": "pending"}
         assert hub.launch_stop("big")["status"] == "stopped"  # again: the same, no error
+        with pytest.raises(ConfigError, match="'big-1' is taken by a revoked key; .* forget"):
+            _open(hub, 1, names=["big-1"])  # (its node would be refused: the name is held)
     finally:
         first.stop()
 

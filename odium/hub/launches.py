@@ -156,13 +156,15 @@ class Launches:
         """No launch may name a node another live launch, or a trusted node key, has."""
         mine = {n: la.id for la in self.launches.values() if la.status != "stopped"
                 for n in la.names}
-        nodes = {k.name for k in self.keys.keys.values() if k.role in ("node", "admin")}
+        keyed = {k.name: k.role for k in self.keys.keys.values()
+                 if k.role in ("node", "admin", "revoked", "rejected") and k.name}
         for n in names:
             if n in mine:
                 raise ConfigError(f"node name {n!r} belongs to launch {mine[n]} already")
-            if n in nodes:
-                raise ConfigError(f"node name {n!r} is taken by a trusted key; choose other "
-                                  "names, or forget that node first")
+            if n in keyed:
+                raise ConfigError(f"node name {n!r} is taken by a{'n' * (keyed[n] == 'admin')} "
+                                  f"{keyed[n]} key; choose other names, or forget that node "
+                                  f"first (odium nodes forget {n})")
 
     def note(self, lid: str, detail: dict[str, Any]) -> dict[str, Any]:
         """What the launcher did, merged into the launch's record (job id, hosts, processes,

@@ -263,11 +263,12 @@ def stop_ssh(detail: dict[str, Any]) -> list[str]:
     hosts = detail.get("hosts") or {}
     if not hosts:
         return []
+    d = str(detail.get("dir", ""))
     ssh = SSH(list(hosts), ssh_config=conf.get("config"), ssh_options=list(
-        conf.get("options") or []))
+        conf.get("options") or []), remote_dir=d or "$HOME")  # (checks hosts and dir)
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         return list(pool.map(lambda h: stop_host(ssh, h, [int(p) for p in hosts[h]["pids"]
-                                                             .values()], detail.get("dir", "")),
+                                                             .values()], d),
                              hosts))
 
 
