@@ -14,7 +14,12 @@ system's /etc, /run or /var is read for configuration, nor changed):
   descendants instead of being re-parented to PID 1 (which, in a container, may never
   reap them).
 
-``start()`` returns once ``sinfo`` shows the node ``idle`` (polled against a deadline).
+``SlurmCluster(tmp, nodes=N)`` (N > 1) makes N Slurm nodes of this one host instead,
+``n1`` ... ``nN`` (``nodes``; Debian's slurmd is built with ``--enable-multiple-slurmd``):
+one ``slurmd -N nI`` each, on its own port, with its own spool (``tmp/spool/nI``), pid and
+log (``tmp/log/slurmd-nI.log``), and each with all of this host's CPUs and memory.
+
+``start()`` returns once ``sinfo`` shows every node ``idle`` (polled against a deadline).
 Clients find the cluster through ``env`` (``SLURM_CONF`` and a marker, ``ODIUM_SLURM_
 CLUSTER``, which jobs inherit with sbatch's default ``--export=ALL``); ``environ()`` is a
 whole environment for a child process, without any ``SLURM_*`` variable inherited from a
@@ -189,7 +194,9 @@ class SlurmCluster:
     """
 
     def __init__(self, tmp: Path, *, partition: str = "debug", start_timeout: float = 30.0,
-                 extra_conf: str = "") -> None:
+                 extra_conf: str = "", nodes: int = 1) -> None:
+        if nodes < 1:
+            raise ValueError(f"nodes must be >= 1, not {nodes}")
         self.tmp = Path(tmp)
         self.partition = partition
         self.start_timeout = start_timeout
@@ -199,7 +206,10 @@ class SlurmCluster:
         self.munge_socket = self.munge_dir / "munge.socket"
         self.log_dir = self.tmp / "log"
         self.jobs_dir = self.tmp / "jobs"
-        self.node = socket.gethostname().split(".")[0]
+        self.host = socket.gethostname().split(".")[0]
+        # one node: this host's name; more: n1, n2, ... (one slurmd each, all on this host)
+        self.nodes = [self.host] if nodes == 1 else [f"n{i}" for i in range(1, nodes + 1)]
+        self.node = self.nodes[0]
         self.name = f"odium{secrets.token_hex(4)}"
         self.env: dict[str, str] = {"SLURM_CONF": str(self.conf), MARK: self.name}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -229,9 +239,11 @@ class SlurmCluster:
             self.conf.write_text(self._slurm_conf())
             self._spawn("slurmctld", [_which("slurmctld") or "slurmctld", "-D",
                                       "-f", str(self.conf)], reaped=True)
-            self._spawn("slurmd", [_which("slurmd") or "slurmd", "-D", "-f", str(self.conf),
-                                   "-N", self.node], reaped=True)
-            _poll(self._node_idle, self.start_timeout, f"node {self.node} idle in sinfo")
+            for node in self.nodes:
+                self._spawn(self._slurmd(node), [_which("slurmd") or "slurmd", "-D", "-f",
+                                                 str(self.conf), "-N", node], reaped=True)
+            _poll(self._node_idle, self.start_timeout,
+                  f"node{'s' if len(self.nodes) > 1 else ''} {','.join(self.nodes)} idle in sinfo")
         except BaseException as e:
             logs = self.log_tail()
             self.stop()
@@ -259,12 +271,30 @@ class SlurmCluster:
         _poll(lambda: self._alive_or_fail("munged") and self.munge_socket.exists(),
               self.start_timeout, "munged's socket")
 
+    def _slurmd(self, node: str) -> str:
+        """The name (in _procs, and of its tmp/log/<name>.out) of the slurmd of a node."""
+        return "slurmd" if len(self.nodes) == 1 else f"slurmd-{node}"
+
+    def _node_lines(self) -> str:
+        """The NodeName lines: one node, or (nodes > 1, a slurmd each on this host, each on
+        its own port) several, each with all of this host's CPUs and memory."""
+        hardware = _node_hardware()
+        if len(self.nodes) == 1:
+            return (f"NodeName={self.node} NodeAddr=127.0.0.1 NodeHostname={self.host} "
+                    f"{hardware} State=UNKNOWN")
+        return "\n".join(f"NodeName={node} NodeAddr=127.0.0.1 NodeHostname={self.host} "
+                         f"Port={_free_port()} {hardware} State=UNKNOWN" for node in self.nodes)
+
     def _slurm_conf(self) -> str:
         t = self.tmp
+        # several slurmd on one host: each its own spool, pid and log (%n: its node's name)
+        n = "" if len(self.nodes) == 1 else "-%n"
+        for node in self.nodes if n else ():
+            (t / "spool" / node).mkdir(parents=True, exist_ok=True)
         return f"""\
 # written by tests/slurmhost.py: a one-machine cluster living in {t}
 ClusterName={self.name}
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
@@ -273,11 +303,11 @@ AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 CredType=cred/munge
 StateSaveLocation={t / "state"}
-SlurmdSpoolDir={t / "spool"}
+SlurmdSpoolDir={t / "spool" / "%n" if n else t / "spool"}
 SlurmctldPidFile={t / "run" / "slurmctld.pid"}
-SlurmdPidFile={t / "run" / "slurmd.pid"}
+SlurmdPidFile={t / "run" / f"slurmd{n}.pid"}
 SlurmctldLogFile={self.log_dir / "slurmctld.log"}
-SlurmdLogFile={self.log_dir / "slurmd.log"}
+SlurmdLogFile={self.log_dir / f"slurmd{n}.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={t / "plugstack.conf"}
@@ -298,8 +328,7 @@ KillWait=2
 InactiveLimit=0
 MinJobAge=300
 {self.extra_conf}
-NodeName={self.node} NodeAddr=127.0.0.1 NodeHostname={self.node} {_node_hardware()} \
-State=UNKNOWN
+{self._node_lines()}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -323,8 +352,10 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def _node_idle(self) -> bool:
         for name in self._procs:
             self._alive_or_fail(name)
-        r = self._run("sinfo", "-h", "-n", self.node, "-o", "%T", check=False, timeout=15)
-        return r.returncode == 0 and r.stdout.strip() == "idle"
+        r = self._run("sinfo", "-h", "-N", "-n", ",".join(self.nodes), "-o", "%N %T",
+                      check=False, timeout=15)
+        states = dict(line.split() for line in r.stdout.splitlines() if len(line.split()) == 2)
+        return r.returncode == 0 and states == {node: "idle" for node in self.nodes}
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons, kill what is left of the cluster."""
@@ -333,7 +364,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if self._procs.get("slurmctld") and self._procs["slurmctld"].poll() is None:
                 self._cancel_all()
         finally:
-            for name in ("slurmd", "slurmctld", "munged"):
+            for name in (*map(self._slurmd, self.nodes), "slurmctld", "munged"):
                 self._end(name)
             self._kill_leftovers()
             for f in self._logs:
@@ -367,7 +398,8 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         if proc is None or proc.poll() is not None:
             return
         proc.terminate()
-        exe = (_which(name) or name).encode()
+        program = name.split("-")[0]  # slurmd-n1: a slurmd
+        exe = (_which(program) or program).encode()
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             table = _processes()

@@ -50,23 +50,16 @@ from types import TracebackType
 
 import psutil
 
+from tests.netns import ip as _ip
+from tests.netns import no_ipv6 as _no_ipv6
+from tests.netns import run as _run
+from tests.netns import taken_networks
+
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = "/run/sshd"  # compiled into Debian's sshd; the (absent) service would make it
 POOL = ipaddress.IPv4Network("10.232.0.0/16")  # the /29s are taken from here
 SSHD_NAMES = {"sshd", "sshd-session", "sshd-auth"}  # 9.8 and later split sshd in three
 _serial = itertools.count(1)
-
-
-def _run(*cmd: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
-def _ip(*args: str) -> str:
-    p = _run("ip", *args)
-    if p.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} -> {p.returncode}: {p.stderr.strip()}")
-    return p.stdout
 
 
 def _account_locked(user: str) -> bool:
@@ -113,14 +106,7 @@ def ssh_unavailable() -> str | None:
 def _free_subnet(prefixlen: int = 29) -> ipaddress.IPv4Network:
     """A /29 of POOL that no address or route of this machine overlaps, picked at random
     (two hosts made at once by two test processes rarely pick the same)."""
-    taken: list[ipaddress.IPv4Network] = []
-    for line in (_ip("-4", "-o", "addr", "show") + _ip("-4", "route", "show", "table", "all")
-                 ).splitlines():
-        for word in line.split():
-            try:
-                taken.append(ipaddress.IPv4Network(word, strict=False))
-            except ValueError:
-                continue
+    taken = taken_networks()
     size = 2 ** (32 - prefixlen)
     count = POOL.num_addresses // size
     for _ in range(1000):
@@ -129,16 +115,6 @@ def _free_subnet(prefixlen: int = 29) -> ipaddress.IPv4Network:
         if not any(net.overlaps(t) for t in taken):
             return net
     raise RuntimeError(f"no free /{prefixlen} in {POOL} here")
-
-
-def _no_ipv6(ns: str | None, ifname: str) -> None:
-    """IPv6 off, so that nothing (router solicitations, MLD) is sent but what the test sends."""
-    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
-    if ns is None:
-        if os.path.exists(path):
-            Path(path).write_text("1\n")
-    else:
-        _run("ip", "netns", "exec", ns, "sh", "-c", f"[ ! -e {path} ] || echo 1 > {path}")
 
 
 def _keygen(path: Path, comment: str) -> str:

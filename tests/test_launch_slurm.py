@@ -22,9 +22,10 @@ pytestmark = pytest.mark.timeout(150)
 
 @pytest.fixture
 def slurm(tmp_path: Path) -> Iterator[SlurmCluster]:
+    """Two Slurm nodes (two slurmd on this machine: Debian's build has multiple-slurmd)."""
     if why := slurm_unavailable():
         pytest.skip(why)
-    with SlurmCluster(tmp_path / "slurm") as cluster:
+    with SlurmCluster(tmp_path / "slurm", nodes=2) as cluster:
         yield cluster
 
 
@@ -50,7 +51,7 @@ def _launches(slurm: SlurmCluster, home: Path) -> list[dict[str, Any]]:
 def test_two_nodes_through_sbatch_a_broadcast_and_scancel(slurm: SlurmCluster, hub_home: Path,
                                                          tmp_path: Path) -> None:
     home = str(hub_home)
-    p = _cli(slurm, "launch", "slurm", "--nodes", "1", "--tasks-per-node", "2", "--name", "hpc",
+    p = _cli(slurm, "launch", "slurm", "--nodes", "2", "--name", "hpc",
              "--python", sys.executable, "--app", str(tmp_path), "--time", "10", "--wait", "90",
              "--home", home, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr + slurm.log_tail()
@@ -61,10 +62,12 @@ def test_two_nodes_through_sbatch_a_broadcast_and_scancel(slurm: SlurmCluster, h
     script = Path(v["detail"]["script"]).read_text()
     assert "odt1." not in script  # the credential is not in the batch script
     run = _cli(slurm, "run", "--nodes", "hpc-*", "--json", "--home", home, "-c",
-               "import os; os.environ['SLURM_JOB_ID'], 'ODIUM_TOKEN' in os.environ")
+               "import os; e = os.environ; e['SLURM_JOB_ID'], e['SLURMD_NODENAME'], "
+               "'ODIUM_TOKEN' in e")
     assert run.returncode == 0, run.stderr
     values = {n: r["value"] for n, r in json.loads(run.stdout)["nodes"].items()}
-    assert values == {"hpc-1": [job, False], "hpc-2": [job, False]}  # in the job; token gone
+    # one Odium node on each Slurm node, in the job; the credential gone from its environment
+    assert values == {"hpc-1": [job, "n1", False], "hpc-2": [job, "n2", False]}
     stop = _cli(slurm, "launch", "stop", "hpc", "--home", home)
     assert stop.returncode == 0, stop.stderr
     assert f"slurm job {job} cancelled" in stop.stdout

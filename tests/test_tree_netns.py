@@ -35,6 +35,10 @@ import psutil
 import pytest
 
 from .conftest import wait_until
+from .netns import ip as _ip
+from .netns import no_ipv6 as _no_ipv6
+from .netns import run as _run
+from .netns import taken_networks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,17 +52,6 @@ WHERE = ("import os, socket\n"
          "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
          "s.connect(({bridge!r}, 9))  # no packet: only the route, and the source it picks\n"
          "(os.environ['ODIUM_NODE'], s.getsockname()[0], os.readlink('/proc/self/ns/net'))")
-
-
-def _run(*cmd: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def _ip(*args: str) -> str:
-    p = _run("ip", *args)
-    if p.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} -> {p.returncode}: {p.stderr.strip()}")
-    return p.stdout
 
 
 def _skip_unless_netns(prefix: str) -> None:
@@ -80,28 +73,11 @@ def _skip_unless_netns(prefix: str) -> None:
 
 def _free_subnet() -> ipaddress.IPv4Network:
     """A 10.231.X.0/24 that no address or route of this machine overlaps."""
-    taken: list[ipaddress.IPv4Network] = []
-    for line in (_ip("-4", "-o", "addr", "show") + _ip("-4", "route", "show", "table", "all")
-                 ).splitlines():
-        for word in line.split():
-            try:
-                taken.append(ipaddress.IPv4Network(word, strict=False))
-            except ValueError:
-                continue
+    taken = taken_networks()
     free = [n for n in (ipaddress.IPv4Network(f"10.231.{x}.0/24") for x in range(1, 255))
             if not any(n.overlaps(t) for t in taken)]
     assert free, "no free 10.231.X.0/24 here"
     return random.choice(free)
-
-
-def _no_ipv6(ns: str | None, ifname: str) -> None:
-    """IPv6 off, so that nothing (router solicitations, MLD) is sent but what the test sends."""
-    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
-    if ns is None:
-        if os.path.exists(path):
-            Path(path).write_text("1\n")
-    else:
-        _run("ip", "netns", "exec", ns, "sh", "-c", f"[ ! -e {path} ] || echo 1 > {path}")
 
 
 @dataclass
