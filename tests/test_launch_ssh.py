@@ -213,6 +213,10 @@ def test_the_notebook_magic_launches_shows_k_of_n_and_stops(
             ip.run_line_magic("odium", "launch stop nb")
         assert "lab1: stopped 2 node(s)" in cap.stdout
         assert lab.not_sshd() == []
+        with capture_output() as cap:
+            ip.run_line_magic("odium", "help launch")
+        assert "usage: %odium launch ssh" in cap.stdout and "--bootstrap" in cap.stdout
+        assert "usage: %odium launch slurm" in cap.stdout and "manual" in cap.stdout
         for bad, says in (("launch", "needs an action"),
                           ("launch ssh", "the following arguments are required: HOST"),
                           ("launch ssh h --per-host 0", "argument --per-host"),

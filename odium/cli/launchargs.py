@@ -28,6 +28,24 @@ def launch_parser() -> argparse.ArgumentParser:
     return p
 
 
+class LaunchHelp:
+    """What ``%odium help launch`` shows: each action's options."""
+
+    def format_help(self) -> str:
+        p = launch_parser()
+        launch = _choices(p)["launch"]
+        parts = [launch.format_help()]
+        parts += [sp.format_help() for sp in _choices(launch).values()]
+        return "\n".join(parts)
+
+
+def _choices(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for a in p._actions:  # (argparse keeps its subparsers there, and nowhere public)
+        if isinstance(a, argparse._SubParsersAction):
+            return dict(a.choices)
+    return {}
+
+
 def add_launch_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """``odium launch ssh|slurm|manual|list|stop``: nodes started elsewhere, as one launch."""
     sp = sub.add_parser("launch", help="start nodes over SSH or through Slurm; list, stop")
@@ -105,4 +123,4 @@ def _slurm(lp: argparse.ArgumentParser) -> None:
                     help="after --: more arguments for sbatch, as given")
 
 
-__all__ = ["add_launch_parsers", "launch_parser"]
+__all__ = ["LaunchHelp", "add_launch_parsers", "launch_parser"]

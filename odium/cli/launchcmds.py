@@ -15,8 +15,8 @@ from .commands import ago, connect, print_table
 
 def cmd_launch(args: argparse.Namespace) -> int:
     if args.action is None:
-        raise ConfigError("odium launch needs an action: ssh, slurm, list or stop (see: odium "
-                          "launch --help)")
+        raise ConfigError("odium launch needs an action: ssh, slurm, manual, list or stop "
+                          "(see: odium launch --help)")
     if args.action == "list":
         return _list(args)
     if args.action == "stop":

@@ -69,7 +69,7 @@ def launch_magic(hub: Hub, line: str, rich: bool) -> Any:
         return None
     try:
         if args.action is None:
-            raise UsageError("%odium launch needs an action: ssh, slurm, list or stop")
+            raise UsageError("%odium launch needs an action: ssh, slurm, manual, list or stop")
         if args.action == "list":
             return launches_table(hub.launches())
         if args.action == "stop":

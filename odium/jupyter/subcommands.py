@@ -24,7 +24,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..api.hub import Hub
 from ..cli import args as A
-from ..cli.launchargs import launch_parser
+from ..cli.launchargs import LaunchHelp
 from ..core.keys import fingerprint
 from ..core.results import Result, short_state
 from ..core.term import clean
@@ -255,7 +255,7 @@ class SubCommands(HubMagics):
 
         return launch_magic(self._need_hub(), line, self.rich)
 
-    sub_launch.parser = launch_parser()  # type: ignore[attr-defined]  # (for %odium help)
+    sub_launch.parser = LaunchHelp()  # type: ignore[attr-defined]  # (for %odium help)
 
     @magic_arguments(name="odium token")
     @argument("--ttl", type=A.seconds, default=3600.0, help="seconds the token stays valid")
