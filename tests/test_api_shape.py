@@ -145,3 +145,17 @@ def test_admin_side_imports_no_hub_code(hub: Hub, tmp_path: Path) -> None:
     assert [n["name"] for n in nodes["nodes"]] == ["i-1"] and nodes["hub_state"] == hub.state
     out = json.loads(lines[-1])
     assert out == {"rc": 0, "heavy": []}
+
+
+def test_the_data_verbs_give_the_same_through_an_admin(both: tuple[Hub, odium.Admin]) -> None:
+    """apply, push, pull, scatter, gather and parallel on the same nodes, from both sides
+    (an Admin runs its own session: what it pushes is its own)."""
+    np = pytest.importorskip("numpy")
+    for side in both:
+        r = side.apply(lambda a: a[::-1], np.arange(4))
+        assert {n: r[n].value.tolist() for n in r} == {"s-1": [3, 2, 1, 0], "s-2": [3, 2, 1, 0]}
+        side.push({"w": {"k": [1, 2]}})
+        assert side.pull("w") == {"s-1": {"k": [1, 2]}, "s-2": {"k": [1, 2]}}
+        assert side.scatter("part", list(range(5))) == {"s-1": (0, 3), "s-2": (3, 5)}
+        assert side.gather("part") == [0, 1, 2, 3, 4]
+        assert side.parallel()(lambda p: [x + 1 for x in p])(list(range(5))) == [1, 2, 3, 4, 5]

@@ -36,12 +36,13 @@ from ..errors import (
 from ..errors import TimeoutError as OdiumTimeout
 from ..io.transport import client_socket
 from ..local.home import check_home, default_home, load_or_create
+from .data import DataVerbs
 from .interface import JobVerbs, KeyVerbs, LaunchVerbs
 
 WATCH_EVERY = 2.0  # seconds between looks at whether a hub that takes long is still the same run
 
 
-class Admin(KeyVerbs, JobVerbs, LaunchVerbs):
+class Admin(KeyVerbs, JobVerbs, LaunchVerbs, DataVerbs):
     """Talk to a running hub as its admin, using the admin key in its home directory.
 
     The methods are ``Hub``'s (``odium.api.interface.HubAPI``): same names, arguments and shapes.

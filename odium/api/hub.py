@@ -31,6 +31,7 @@ from ..hub.server import HubCore
 from ..hub.start import start_hub
 from ..local.home import ensure_home
 from ..runtime import Runtime
+from .data import DataVerbs
 from .hubjobs import HubJobs
 from .interface import DEFAULT_SESSION, JobVerbs, KeyVerbs, LaunchVerbs
 from .jobs import Job, JobExecutor, as_completed, check_options, check_status
@@ -57,7 +58,7 @@ def _ports(ports: int | dict[str, int] | None) -> dict[str, int]:
     return {**P.DEFAULT_PORTS, **ports}
 
 
-class Hub(KeyVerbs, JobVerbs, LaunchVerbs):
+class Hub(KeyVerbs, JobVerbs, LaunchVerbs, DataVerbs):
     """This process as a hub: bind the four sockets, trust nodes, broadcast, collect.
 
     The methods it shares with ``Admin`` (``odium.api.interface.HubAPI``) have the same names,

@@ -24,7 +24,7 @@ Shell commands (``shell=True``) run in a fresh shell each time, whatever the ses
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -195,6 +195,32 @@ class HubAPI(Protocol):
                dry_run: bool = False, wait: float = 120.0,
                progress: Callable[[dict[str, Any]], None] | None = None
                ) -> dict[str, Any]: ...
+
+    # functions and data on nodes (odium.api.data)
+    def apply(self, fn: Callable[..., Any], *args: Any, nodes: str = "*",
+              **kwargs: Any) -> Result: ...
+
+    def remote(self, nodes: str = "*", *, timeout: float | None = None,
+               session: str | None = None) -> Callable[[Callable[..., Any]], Any]: ...
+
+    def parallel(self, nodes: str = "*", *, timeout: float | None = None,
+                 session: str | None = None) -> Callable[[Callable[..., Any]], Any]: ...
+
+    def push(self, values: Mapping[str, Any], nodes: str = "*", *,
+             timeout: float | None = None, session: str | None = None) -> Result: ...
+
+    def pull(self, name: str, nodes: str = "*", *, timeout: float | None = None,
+             session: str | None = None) -> dict[str, Any]: ...
+
+    def scatter(self, name: str, seq: Any, nodes: str = "*", *,
+                timeout: float | None = None, session: str | None = None
+                ) -> dict[str, tuple[int, int]]: ...
+
+    def gather(self, name: str, nodes: str = "*", *, timeout: float | None = None,
+               session: str | None = None) -> Any: ...
+
+    def run_each(self, codes: Mapping[str, str], *, timeout: float | None = None,
+                 session: str | None = None) -> Result: ...
 
     def launches(self, pattern: str | None = None) -> list[dict[str, Any]]: ...
 
