@@ -5,6 +5,7 @@ part); what a node sends back decoded as data only (odium.core.arrays)."""
 
 from __future__ import annotations
 
+import base64
 import math
 
 import pytest
@@ -136,9 +137,15 @@ def test_encoding_refuses_what_is_not_data() -> None:
     assert back["b"] == [1.5, b"xy"] and back["c"] == 2.0
     with pytest.raises(ValueError):
         A.encode(math.nan)
-    skeleton, parts = A.split(A.encode(np.arange(10**6)), chunk=100_000)
-    assert len(parts) == math.ceil(8_000_000 / (100_000 // 3 * 3))
-    assert np.array_equal(A.decode(A.join(skeleton, parts)), np.arange(10**6))
+    big = {"a": np.arange(10**6), "small": np.arange(3), "b": b"x" * 250_001}
+    skeleton, parts = A.encode_parts(big, chunk=100_000)
+    assert len(parts) == 80 + 3 and skeleton["small"]["data"] == "AAAAAAAAAAABAAAAAAAAAAIAAAAAAAAA"
+    raw = [base64.b64decode(p()) for p in parts]
+    back = A.decode(A.join(skeleton, raw))
+    assert np.array_equal(back["a"], big["a"]) and back["b"] == big["b"]
+    back["a"][0] = 5  # writable, as an array made here is
+    with pytest.raises(ValueError, match="outside the parts"):
+        A.join(skeleton, raw[:-1])
 
 
 def test_split_and_join_keep_order() -> None:

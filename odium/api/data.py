@@ -14,6 +14,7 @@ bytes, JSON), never unpickled; a value that is not data comes back as its repr
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -169,8 +170,7 @@ class DataVerbs:
     def push(self, values: Mapping[str, Any], nodes: str = "*", *,
              timeout: float | None = None, session: str | None = None) -> Result:
         """Give each matching node these names, with these values, in its namespace."""
-        doc = _encode_names(values)
-        return self._send(doc, nodes, timeout=timeout, session=session)
+        return self._send(_encode_names(values), nodes, timeout=timeout, session=session)
 
     def pull(self, name: str, nodes: str = "*", *, timeout: float | None = None,
              session: str | None = None) -> dict[str, Any]:
@@ -238,30 +238,29 @@ class DataVerbs:
             out[n] = v if isinstance(v, dict) else {"index": None, "value": v}
         return out
 
-    def _send(self, doc: dict[str, Any], nodes: str, *, timeout: float | None,
-              session: str | None, stage: bool = False, index: tuple[int, int] | None = None
-              ) -> Result:
-        """A push to every matching node: one command, or its parts then the last one."""
-        skeleton, parts = A.split(doc) if A.size(doc) > A.CHUNK else (doc, [])
+    def _send(self, cut: tuple[Any, list[A.Part]], nodes: str, *, timeout: float | None,
+              session: str | None) -> Result:
+        """A push to every matching node: one command, or its parts (each made as it goes:
+        one part in memory at a time) then the last one."""
+        skeleton, parts = cut
         key = f"push-{secrets.token_hex(8)}"
-        for i, text in enumerate(parts):
-            r = self.run(f"{MOD}.take_part(globals(), {key!r}, {i}, {text!r})", nodes,
+        for i, make in enumerate(parts):
+            r = self.run(f"{MOD}.take_part(globals(), {key!r}, {i}, {make()!r})", nodes,
                          timeout=timeout, session=session)
             if not r.ok:
                 self.run(f"{MOD}.drop(globals(), [{key!r}])", nodes, timeout=30.0,
                          session=session)
                 return r
-        return self.run(_push_code(skeleton, key if parts else None, stage, index), nodes,
+        return self.run(_push_code(skeleton, key if parts else None, False, None), nodes,
                         timeout=timeout, session=session)
 
-    def _send_each(self, docs: dict[str, dict[str, Any]], targets: list[str],
+    def _send_each(self, cut: dict[str, tuple[Any, list[A.Part]]], targets: list[str],
                    timeout: float | None, session: str | None, key: str) -> Result:
         """Each node its own data, staged: all nodes at once, part by part (under ``key``)."""
-        cut = {n: (A.split(d) if A.size(d) > A.CHUNK else (d, [])) for n, d in docs.items()}
         total = len(targets)
         most = max(len(parts) for _, parts in cut.values())
         for i in range(most):
-            codes = {n: f"{MOD}.take_part(globals(), {key!r}, {i}, {parts[i]!r})"
+            codes = {n: f"{MOD}.take_part(globals(), {key!r}, {i}, {parts[i]()!r})"
                      for n, (_, parts) in cut.items() if i < len(parts)}
             r = self.run_each(codes, timeout=timeout, session=session)
             if not r.ok:
@@ -302,18 +301,18 @@ class DataVerbs:
             e = r[node]
             if not e.ok or not isinstance(e.value, str):
                 raise OdiumError(f"part {i} of {count} did not come ({e.status})")
-            parts.append(e.value)
+            parts.append(base64.b64decode(e.value, validate=True))
         return A.join(doc.get("skeleton"), parts)
 
 
-def _encode_names(values: Mapping[str, Any]) -> dict[str, Any]:
+def _encode_names(values: Mapping[str, Any]) -> tuple[Any, list[A.Part]]:
     if not isinstance(values, Mapping) or not values:
         raise ConfigError("push takes a dict of names and values, e.g. {'x': arr}")
     for k in values:
         if not isinstance(k, str) or not k.isidentifier():
             raise ConfigError(f"a name to push is a variable name, not {k!r}")
     try:
-        return {k: A.encode(v) for k, v in values.items()}
+        return A.encode_parts(dict(values))
     except ValueError as e:
         raise ConfigError(f"cannot push: {e}") from None
 

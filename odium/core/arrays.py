@@ -9,8 +9,8 @@ document back into values; it builds arrays only of plain numeric and boolean dt
 checks that each buffer has exactly the bytes its dtype and shape say, and never unpickles:
 what a node sends reaches the caller as data, never as code.
 
-A value whose buffers are larger than ``CHUNK`` bytes travels in parts (``split`` and
-``join``): each part a message of its own, so no message is over the frame limit.
+A value whose buffers are larger than ``CHUNK`` bytes travels in parts (``encode_parts``
+and ``join``): each part a message of its own, so no message is over the frame limit.
 
 Pure: NumPy is imported only when an array is met (a node or caller without NumPy handles
 everything else).
@@ -19,8 +19,10 @@ everything else).
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 TAG = "$odium"
@@ -85,13 +87,15 @@ def decode(doc: Any, _depth: int = 0) -> Any:
     if kind is None:
         return {k: decode(v, _depth + 1) for k, v in doc.items()}
     if kind == "bytes" and set(doc) == {TAG, "data"}:
-        return _b64(doc["data"])
+        return bytes(_b64(doc["data"]))
     if kind == "ndarray" and set(doc) == {TAG, "dtype", "shape", "data"}:
         return _array(doc["dtype"], doc["shape"], _b64(doc["data"]))
     raise ValueError(f"not a value: a {TAG} object of kind {kind!r} with {sorted(doc)}")
 
 
-def _b64(text: Any) -> bytes:
+def _b64(text: Any) -> bytes | bytearray:
+    if isinstance(text, bytearray):  # (joined from parts: the bytes themselves)
+        return text
     if not isinstance(text, str):
         raise ValueError("data is not base64 text")
     try:
@@ -111,7 +115,8 @@ def _array(dtype: Any, shape: Any, raw: bytes | bytearray) -> Any:
     dt = np.dtype(dtype)
     if math.prod(shape) * dt.itemsize != len(raw):
         raise ValueError(f"{len(raw)} bytes are not an array of shape {shape} and dtype {dtype}")
-    return np.frombuffer(bytearray(raw), dtype=dt).reshape(shape)
+    raw = raw if isinstance(raw, bytearray) else bytearray(raw)  # (writable, as arrays are)
+    return np.frombuffer(raw, dtype=dt).reshape(shape)
 
 
 class Ref:
@@ -146,30 +151,49 @@ def size(doc: Any) -> int:
     return 8
 
 
-def split(doc: Any, chunk: int = CHUNK) -> tuple[Any, list[str]]:
-    """An encoded value cut for travel: (its skeleton, the parts). The skeleton is the value
-    with each array's and bytes' ``data`` replaced by ``{"part": first, "parts": count}``,
-    and the parts are the base64 texts of ``chunk`` raw bytes each, in order."""
-    parts: list[str] = []
-    step = (chunk // 3) * 4  # base64 characters of ``chunk`` raw bytes (a multiple of 4)
+Part = Callable[[], str]
 
-    def walk(d: Any) -> Any:
-        if isinstance(d, list):
-            return [walk(v) for v in d]
-        if not isinstance(d, dict):
-            return d
-        if TAG not in d:
-            return {k: walk(v) for k, v in d.items()}
-        data = d["data"]
+
+def encode_parts(value: Any, chunk: int = CHUNK) -> tuple[Any, list[Part]]:
+    """``encode(value)`` cut for travel: (its skeleton, its parts). Each array or bytes
+    larger than ``chunk`` bytes is left out of the skeleton (its ``data`` is ``{"part":
+    first, "parts": count}``), and each part is made when called: the base64 of ``chunk``
+    bytes of its buffer, a view of it, so the whole is never copied nor encoded at once."""
+    parts: list[Part] = []
+
+    def cut(buf: memoryview) -> dict[str, int]:
         first = len(parts)
-        parts.extend(data[i:i + step] for i in range(0, len(data), step))
-        return {**d, "data": {"part": first, "parts": len(parts) - first}}
+        for i in range(0, len(buf), chunk):
+            parts.append(functools.partial(_b64_of, buf, i, chunk))
+        return {"part": first, "parts": len(parts) - first}
 
-    return walk(doc), parts
+    def walk(v: Any, depth: int = 0) -> Any:
+        if depth > 64:
+            raise ValueError("nested too deeply to travel")
+        if _is_array(v) and v.nbytes > chunk:
+            doc = _encode_array(v[:0])  # (dtype checked, no data)
+            import numpy as np
+
+            buf = memoryview(np.ascontiguousarray(v)).cast("B")  # type: ignore[arg-type]
+            return {**doc, "shape": list(v.shape), "data": cut(buf)}
+        if isinstance(v, (bytes, bytearray, memoryview)) and len(v) > chunk:
+            return {TAG: "bytes", "data": cut(memoryview(v).cast("B"))}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, depth + 1) for x in v]
+        if isinstance(v, dict) and all(isinstance(k, str) for k in v) and TAG not in v:
+            return {k: walk(x, depth + 1) for k, x in v.items()}
+        return encode(v, depth)
+
+    return walk(value), parts
 
 
-def join(skeleton: Any, parts: list[str]) -> Any:
-    """The encoded value ``split`` cut (its parts in order); ValueError if they do not fit."""
+def _b64_of(buf: memoryview, at: int, n: int) -> str:
+    return base64.b64encode(buf[at:at + n]).decode("ascii")
+
+
+def join(skeleton: Any, parts: list[bytes]) -> Any:
+    """The skeleton ``encode_parts`` made, with its parts' bytes (decoded from base64, in
+    order) in: a document ``decode`` takes. ValueError if they do not fit."""
 
     def walk(d: Any) -> Any:
         if isinstance(d, list):
@@ -179,15 +203,17 @@ def join(skeleton: Any, parts: list[str]) -> Any:
         if TAG not in d:
             return {k: walk(v) for k, v in d.items()}
         ref = d.get("data")
-        if not isinstance(ref, dict) or set(ref) != {"part", "parts"}:
+        if not isinstance(ref, dict):
+            return d  # (in the skeleton whole)
+        if set(ref) != {"part", "parts"}:
             raise ValueError("a part reference is malformed")
         first, count = ref["part"], ref["parts"]
         if type(first) is not int or type(count) is not int or first < 0 or count < 0 \
                 or first + count > len(parts):
             raise ValueError("a part reference points outside the parts")
-        return {**d, "data": "".join(parts[first:first + count])}
+        return {**d, "data": bytearray().join(parts[first:first + count])}
 
     return walk(skeleton)
 
 
-__all__ = ["CHUNK", "TAG", "Ref", "decode", "encode", "join", "size", "split"]
+__all__ = ["CHUNK", "TAG", "Part", "Ref", "decode", "encode", "encode_parts", "join", "size"]

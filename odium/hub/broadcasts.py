@@ -8,6 +8,7 @@ runs in the hub's loop thread.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -38,6 +39,20 @@ log = logging.getLogger(__name__)
 
 Resolve = Callable[[str | None], tuple[str, str | None]]  # a required state, resolved
 DiffFor = Callable[[NodeInfo], dict[str, Any]]  # how a node's state differs from the hub's
+
+
+CODE_KEPT = 64 * 1024  # characters of a command's code the store keeps
+
+
+def kept_code(code: str) -> str:
+    """The code as the store keeps it: whole, or, when longer than CODE_KEPT (data pushed in
+    parts: megabytes of base64), its head and the whole's length and SHA-256, which say
+    exactly what ran without a database write of megabytes for each part."""
+    if len(code) <= CODE_KEPT:
+        return code
+    digest = hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+    return (f"{code[:CODE_KEPT]}\n# [odium: kept {CODE_KEPT} of {len(code)} characters; the "
+            f"whole's sha256 is {digest}]")
 
 
 @dataclass
@@ -165,7 +180,7 @@ class Broadcasts:
         b.on_node.extend([on_node] if on_node else [])
         self.broadcasts[cmd] = b
         self.store.insert(CommandRow, dict(
-            id=cmd, seq=self.seq, kind=kind, code=code, session=session, nodes=nodes,
+            id=cmd, seq=self.seq, kind=kind, code=kept_code(code), session=session, nodes=nodes,
             targets=matched, issuer=issuer or own, state=self.rt.state,
             timeout=timeout, created=b.issued, finished=None, status="running"))
         self.store.event("command", f"{kind} {cmd[:12]} to {nodes!r} ({len(targets)} of "

@@ -22,7 +22,7 @@ from typing import Any
 from ...core import arrays as A
 
 SLOT = "__odium_data__"
-IN_MESSAGE = int(A.CHUNK * 1.4)  # bytes of encoded value that go back in the result itself
+IN_MESSAGE = 2 * A.CHUNK  # bytes of encoded value that may go back in the result itself
 
 
 def _slots(ns: dict[str, Any]) -> dict[str, Any]:
@@ -36,12 +36,13 @@ def reply(ns: dict[str, Any], value: Any) -> Any:
     """``value`` to send back: encoded (in parts kept here if larger than a message), or as
     it is when it is not data (a set, an object: its repr goes, as for a cell)."""
     try:
-        doc = A.encode(value)
+        skeleton, parts = A.encode_parts(value)
     except ValueError:
         return value
-    if A.size(doc) <= IN_MESSAGE:
-        return doc
-    skeleton, parts = A.split(doc)
+    if not parts and A.size(skeleton) <= IN_MESSAGE:
+        return skeleton
+    if not parts:  # (many small arrays: too much for one message all the same)
+        return value
     token = secrets.token_hex(8)
     _slots(ns)["out"][token] = parts
     return {A.TAG: "parts", "id": token, "count": len(parts), "skeleton": skeleton}
@@ -54,7 +55,7 @@ def part(ns: dict[str, Any], token: str, i: int) -> str:
         raise KeyError(f"no value in parts under {token!r} here (taken already?)")
     if i == len(parts) - 1:
         del _slots(ns)["out"][token]
-    return str(parts[i])
+    return str(parts[i]())
 
 
 def call(ns: dict[str, Any], fn: str, args_json: str | None, args_pickle: str | None) -> Any:
@@ -79,8 +80,8 @@ def _deref(ns: dict[str, Any], value: Any) -> Any:
 
 
 def take_part(ns: dict[str, Any], key: str, i: int, text: str) -> None:
-    """Part ``i`` of data coming in under ``key``."""
-    _slots(ns)["in"].setdefault(key, {})[i] = text
+    """Part ``i`` of data coming in under ``key`` (kept as its bytes)."""
+    _slots(ns)["in"].setdefault(key, {})[i] = base64.b64decode(text, validate=True)
 
 
 def push(ns: dict[str, Any], doc: str, *, key: str | None = None, stage: bool = False,
