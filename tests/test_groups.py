@@ -108,6 +108,8 @@ def test_ties_go_by_the_first_node_name_and_states_by_their_count() -> None:
                ok("m1", 3, state=OTHER), ok("m2", 3), ok("m3", 3, state=OTHER))
     assert shape(r) == [["m1", "m2", "m3"], ["a1", "a2"], ["z1", "z2"]]
     assert list(r.groups()[0].states.items()) == [(OTHER, ["m1", "m3"]), (HUB, ["m2"])]
+    numbered = result(ok("pc-11", 1), ok("pc-7", 2), ok("pc-10", 3), ok("pc-1", 4), ok("pc", 5))
+    assert shape(numbered) == [["pc"], ["pc-1"], ["pc-7"], ["pc-10"], ["pc-11"]]
     assert result().groups() == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -118,7 +119,7 @@ class Result(Mapping[str, NodeResult]):
         """The nodes grouped by their answer: nodes whose status, stdout, stderr, value,
         error, exit status and display outputs are identical are one group, whatever state
         id they ran (each group says which nodes ran which). Largest group first, ties by
-        their first node's name; a group's nodes in this Result's order."""
+        their first node's name (pc-7 before pc-11); a group's nodes in this Result's order."""
         found: dict[tuple[Any, ...], list[str]] = {}
         for name, r in self.nodes.items():
             found.setdefault(answer_key(r), []).append(name)
@@ -129,7 +130,7 @@ class Result(Mapping[str, NodeResult]):
                 states.setdefault(self.nodes[n].state, []).append(n)
             ranked = sorted(states.items(), key=lambda kv: -len(kv[1]))  # stable: first seen
             out.append(Group(names, self.nodes[names[0]], dict(ranked)))
-        return sorted(out, key=lambda g: (-len(g.nodes), g.nodes[0]))
+        return sorted(out, key=lambda g: (-len(g.nodes), natural(g.nodes[0])))
 
     @property
     def grouped(self) -> bool:
@@ -161,6 +162,11 @@ class Result(Mapping[str, NodeResult]):
             counts[r.status.value] = counts.get(r.status.value, 0) + 1
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         return f"<Result {self.command[:8]} on {len(self.nodes)} nodes: {summary or 'none'}>"
+
+
+def natural(name: str) -> tuple[Any, ...]:
+    """A node name's place in human order: its numbers as numbers (pc-7 before pc-11)."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name)))
 
 
 def _canonical(data: Any) -> str:
