@@ -206,6 +206,7 @@ def test_commands_against_a_running_hub(joined: Any, tmp_path: Path) -> None:
     run = ["run", "--home", h, "--timeout", "10"]
     calls = {
         "text": [*run, "-c", "print('hello there'); 6 * 7"],
+        "grouped": [*run, "--group", "-c", "print('hello there'); 6 * 7"],
         "json": [*run, "--json", "--nodes", "c1", "-c", "'one'"],
         "file": [*run, "--json", str(code)],
         "shell": [*run, "--json", "--shell", "-c", "echo $((40 + 2))"],
@@ -238,6 +239,9 @@ def test_commands_against_a_running_hub(joined: Any, tmp_path: Path) -> None:
     for name in ("c1", "c2"):
         assert re.search(rf"^\[{name}\] ok\b", text, re.M), text
     assert text.count("hello there") == 2 and text.count("42") >= 2
+    grouped = ok("grouped").splitlines()  # both answered the same: one entry
+    assert "[2 nodes] ok  42" in grouped and "  nodes: c1, c2" in grouped, grouped
+    assert sum("hello there" in ln for ln in grouped) == 1
     res = json.loads(ok("json"))
     assert res["ok"] is True and list(res["nodes"]) == ["c1"]
     assert res["nodes"]["c1"]["value"] == "one" and res["nodes"]["c1"]["status"] == "ok"

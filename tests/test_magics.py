@@ -159,6 +159,40 @@ def test_result_renders_as_html_and_text(ip: InteractiveShell) -> None:
     assert 'data-node="local-1"' in nr_data["text/html"]
 
 
+DIFFER = ("import os\nname = os.environ['ODIUM_NODE']\nprint('hello')\n"
+          "41 if name == 'local-7' else 1 / 0 if name == 'local-11' else 42")
+
+
+def test_many_nodes_show_grouped_by_answer_unless_asked_otherwise(ip: InteractiveShell) -> None:
+    ip.run_line_magic("odium", "local 12")  # 12 local nodes start in about 0.4 s
+    fmt = ip.display_formatter
+    assert fmt is not None
+    r = cell(ip, "-o r", DIFFER)
+    assert len(r) == 12 and r.grouped and ip.user_ns["r"] is r
+    assert [(len(g), g.headline) for g in r.groups()] == [
+        (10, "42"), (1, "41"), (1, "ZeroDivisionError: division by zero")]
+    data, _ = fmt.format(r)
+    html, text = data["text/html"], data["text/plain"]
+    assert 'data-view="groups"' in html and 'class="odium-row"' not in html
+    assert re.findall(r'<details class="odium-group" data-nodes="(\d+)" data-status="(\w+)"',
+                      html) == [("10", "ok"), ("1", "ok"), ("1", "error")]
+    assert "2 nodes differ: local-7 → 41, local-11 → error" in html
+    assert html.count('class="odium-stdout"') == 3  # once per group, not once per node
+    assert "[10 nodes] ok  42" in text and "2 nodes differ: local-7 → 41" in text
+    assert re.findall(r"^\[([^]]+)\] ", text, re.M) == ["10 nodes", "local-7", "local-11"]
+
+    flat = cell(ip, "--no-group", DIFFER)
+    assert not flat.grouped and len(flat.groups()) == 3
+    assert fmt.format(flat)[0]["text/html"].count('class="odium-row"') == 12
+    two = cell(ip, "--group --nodes local-1,local-2", "6 * 7")
+    assert two.grouped and "12 nodes" not in (t := fmt.format(two)[0]["text/plain"])
+    assert "[2 nodes] ok  42" in t
+    assert not cell(ip, "--nodes local-1,local-2", "6 * 7").grouped
+    bg = cell(ip, "--bg --no-group", DIFFER)
+    assert not bg.result(30).grouped and fmt.format(bg.result(30))[0]["text/html"].count(
+        'class="odium-row"') == 12
+
+
 def test_node_errors_are_entries_not_kernel_errors(ip: InteractiveShell) -> None:
     ip.run_line_magic("odium", "local 2")
     with capture_output():

@@ -174,6 +174,13 @@ def test_reproducibility(executed: dict[str, Any]) -> None:
     values = text_of(cell(nb, "{name: entry.value"))
     assert values.count("[2, 10.0]") == 3
 
+    assert "9 local nodes ready" in text_of(cell(nb, "%odium local 9 --prefix pc"))
+    lab = html_of(cell(nb, "%%odium -o answers"))  # 12 nodes: grouped by answer
+    assert 'data-view="groups"' in lab and not rows(lab)
+    assert re.findall(r'<details class="odium-group" data-nodes="(\d+)" data-status="(\w+)"',
+                      lab) == [("10", "ok"), ("1", "ok"), ("1", "error")]
+    assert "2 nodes differ: pc-4 → 9.5, pc-7 → error" in lab
+
 
 # --- the Odium kernel ---------------------------------------------------------------------------
 
@@ -333,12 +340,17 @@ def test_odium_kernel(odium_kernel: Kernel, tmp_path: Path) -> None:
 
 
 class _ResultRows(html.parser.HTMLParser):
-    """Collect every per-node result row: node, status, state id, whether it differs."""
+    """Collect every per-node result row (node, status, state id, whether it differs), and
+    every group of a grouped result (its node count, status, summary text, nodes, state ids)
+    with the line that says which nodes differ."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[dict[str, Any]] = []
         self.tables = 0
+        self.groups: list[dict[str, Any]] = []
+        self.differ: list[str] = []
+        self._text: list[str] | None = None  # the text being collected: a summary, a line
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -351,6 +363,29 @@ class _ResultRows(html.parser.HTMLParser):
                 "state" not in self.rows[-1]:
             self.rows[-1]["state"] = a.get("data-state")
             self.rows[-1]["differs"] = "odium-state-differs" in classes
+        if tag == "details" and "odium-group" in classes:
+            self.groups.append({"nodes": a.get("data-nodes"), "status": a.get("data-status"),
+                                "names": [], "states": [], "summary": ""})
+        if self.groups and tag == "span" and "odium-group-node" in classes:
+            self.groups[-1]["names"].append(a.get("data-node"))
+        if self.groups and tag == "span" and "odium-state" in classes:
+            self.groups[-1]["states"].append(a.get("data-state"))
+        if tag == "summary" and self.groups and not self.groups[-1]["summary"] or \
+                tag == "div" and "odium-differ" in classes:
+            self._text = []
+
+    def handle_data(self, data: str) -> None:
+        if self._text is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._text is not None and tag in ("summary", "div"):
+            text = " ".join("".join(self._text).split())
+            if tag == "summary":
+                self.groups[-1]["summary"] = text
+            else:
+                self.differ.append(text)
+            self._text = None
 
 
 def chromium() -> str | None:
@@ -387,11 +422,21 @@ def test_executed_notebook_in_headless_chromium(executed: dict[str, Any],
     differing = {r["node"] for r in rows if r["differs"]}
     assert {"student-2", "student-3"} <= differing and all(
         r["state"] != "" for r in rows)
+    # the class of 12: grouped by answer, each group a <details> that opens to its nodes
+    groups = parser.groups
+    assert [(g["nodes"], g["status"], g["summary"]) for g in groups] == [
+        ("10", "ok", "ok 10 nodes: 10.0"), ("1", "ok", "ok pc-4: 9.5"),
+        ("1", "error", "error pc-7: TypeError: unsupported operand type(s) for /: 'NoneType' "
+                       "and 'int'")], groups
+    assert parser.differ == ["2 nodes differ: pc-4 → 9.5, pc-7 → error"]
+    assert sorted(groups[0]["names"]) == sorted(
+        [f"student-{i}" for i in (1, 2, 3)] + [f"pc-{i}" for i in (1, 2, 3, 5, 6, 8, 9)])
+    assert len(set(groups[0]["states"])) == 1  # all ran the teacher's commit
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "reproducibility.png"
     if shot.exists():
         shot.unlink()
-    snap = subprocess.run([*flags, "--hide-scrollbars", "--window-size=1280,3200",
+    snap = subprocess.run([*flags, "--hide-scrollbars", "--window-size=1280,4000",
                            f"--screenshot={shot}", page.as_uri()], capture_output=True,
                           text=True, timeout=120)
     assert snap.returncode == 0, snap.stderr[-2000:]

@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         from ..core.results import format_text
 
-        print(format_text(result, color=sys.stdout.isatty()))
+        print(format_text(result, color=sys.stdout.isatty(), group=args.group))
     return 0 if result.ok else 1
 
 

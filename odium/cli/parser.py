@@ -112,6 +112,11 @@ def add_node_parsers(sub: Any) -> None:
                     type=A.requirement, help="the state nodes must be in (default: match when "
                     "the hub's application is a clean commit, else any)")
     sp.add_argument("--json", action="store_true")
+    view = sp.add_mutually_exclusive_group()
+    view.add_argument("--group", dest="group", action="store_const", const=True, default=None,
+                      help="one entry per answer, with its nodes (default above 8 nodes)")
+    view.add_argument("--no-group", dest="group", action="store_const", const=False,
+                      help="one entry per node, however many")
     sp.add_argument("-c", dest="code", default=None, help="the code")
     sp.add_argument("file", nargs="?", default=None, help="a file with the code, or - for stdin")
     sp.set_defaults(_late_positionals=("file",))

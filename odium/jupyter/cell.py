@@ -19,7 +19,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..api.hub import BroadcastHandle, Hub
 from ..cli import args as A
-from ..core.results import NodeResult, Result
+from ..core.results import GROUP_AFTER, NodeResult, Result
 from ..core.term import clean, clean_lines
 from ..errors import OdiumError
 from ..errors import TimeoutError as OdiumTimeout
@@ -50,6 +50,11 @@ def progress(hub: Hub, handle: BroadcastHandle) -> tuple[list[str], list[str],
     return list(entries), targets, entries
 
 
+def viewed(result: Result, group: bool | None) -> Result:
+    """The Result as ``--group`` (True) or ``--no-group`` (False) shows it; None: by its size."""
+    return result if group is None else result.with_view(group)
+
+
 # --- a command running in the background ------------------------------------------------------
 
 
@@ -60,9 +65,11 @@ class BackgroundRun:
     ``interrupt()``; ``cmd`` is the command id.
     """
 
-    def __init__(self, hub: Hub, handle: BroadcastHandle, live: LiveView | None) -> None:
+    def __init__(self, hub: Hub, handle: BroadcastHandle, live: LiveView | None,
+                 group: bool | None = None) -> None:
         self.hub = hub
         self.handle = handle
+        self.group = group  # --group / --no-group: how its Result shows
         self.cmd = handle.cmd
         self.live = live
         self.error: BaseException | None = None
@@ -81,7 +88,7 @@ class BackgroundRun:
         """The Result, waiting for it if the command still runs; by then the display shows
         it too (a notebook run to its end otherwise could stop before the display's last
         update)."""
-        result = self.handle.wait(timeout)
+        result = viewed(self.handle.wait(timeout), self.group)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)  # it has only the result's display left to publish
         return result
@@ -105,7 +112,7 @@ class BackgroundRun:
                 except OdiumTimeout:
                     done, targets, finals = progress(self.hub, self.handle)
                     live.refresh(done, targets, finals=finals)
-            live.replace(D.result_bundle(self.handle.wait(1.0)))
+            live.replace(D.result_bundle(viewed(self.handle.wait(1.0), self.group)))
         except BaseException as e:  # noqa: BLE001 - kept for the user; a thread must not die loud
             self.error = e
 
@@ -129,7 +136,7 @@ class BackgroundRun:
             self._shown = True
             return
         if self.handle.ready():
-            display(self.handle.wait(1.0))
+            display(viewed(self.handle.wait(1.0), self.group))
         else:
             display({"text/plain": repr(self)}, raw=True)
 
@@ -162,8 +169,9 @@ class OdiumMagics(SubCommands):
         %odium help [SUB-COMMAND]                  this text, or one sub-command's options
 
         %%odium [--nodes GLOB] [--shell] [--timeout S] [--require-state any|match|ID]
-                [--bg] [-o NAME] [--session NAME] [--quiet]
-            runs the cell on every matching node and returns a Result.
+                [--bg] [-o NAME] [--session NAME] [--quiet] [--group|--no-group]
+            runs the cell on every matching node and returns a Result (grouped by answer
+            for more than 8 nodes).
         %%local   runs the cell here, in the kernel (while autorun is on).
 
         %load_ext odium starts the hub on ports 18202,18203,18220,18221 of 127.0.0.1, with
@@ -233,6 +241,11 @@ class OdiumMagics(SubCommands):
     @argument("--session", type=A.short_name, default=None,
               help="namespace on the nodes (default: this notebook's own)")
     @argument("--quiet", "-q", action="store_true", help="no live output, only the Result")
+    @argument("--group", dest="group", action="store_const", const=True, default=None,
+              help="show the Result grouped: one entry per answer, with its nodes (the "
+              f"default for more than {GROUP_AFTER} nodes)")
+    @argument("--no-group", dest="group", action="store_const", const=False,
+              help="show the Result with one row per node, however many")
     @cell_magic("odium")  # type: ignore[arg-type, unused-ignore]
     def odium_cell(self, line: str, cell: str) -> Result | BackgroundRun | None:
         """Run the cell on every matching node; the value is a Result (one entry per node).
@@ -257,11 +270,11 @@ class OdiumMagics(SubCommands):
         except OdiumError as e:
             raise self._usage(e, "%%odium") from None
         if args.bg:
-            bg = BackgroundRun(hub, handle, live if self.rich else None)
+            bg = BackgroundRun(hub, handle, live if self.rich else None, args.group)
             if args.out:
                 self.sh.user_ns[args.out] = bg
             return bg
-        result = self._wait(hub, handle, live, args.timeout)
+        result = viewed(self._wait(hub, handle, live, args.timeout), args.group)
         if args.out:
             self.sh.user_ns[args.out] = result
         return result

@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..core.results import NodeResult, Result, Status, format_text, short_state
+from ..core.results import Group, NodeResult, Result, Status, differences, format_text, short_state
 from ..core.term import clean
 from .style import (
     MUTED,
     PRE,
+    STATE_DIFF,
     STDERR,
     TABLE,
     TD,
@@ -209,26 +210,81 @@ _HEAD = (f'<thead><tr><th style="{TH}">node</th><th style="{TH}">status</th>'
          f'<th style="{TH}">output</th></tr></thead>')
 
 
-def render_html(result: Result) -> str:
-    """The rich form of a Result: a summary line and one table row per targeted node."""
+def _summary_html(result: Result) -> str:
+    """The line above a Result: its nodes, their statuses, the command, the hub's state."""
     counts = " ".join(f"{badge(f'{n} {s}', s)}" for s, n in _counts(result))
     required = result.extra.get("required")
     req = f" · required <code>{e(short_state(str(required)))}</code>" if required else ""
-    summary = (f'<div class="odium-summary" style="margin:2px 0 4px 0">'
-               f'<b>{len(result)} node{"s" if len(result) != 1 else ""}</b> {counts} '
-               f'<span style="{MUTED}">· command {e(result.command[:12])} · hub state '
-               f'<code>{e(short_state(result.hub_state))}</code>{req}</span></div>')
     hint = result.extra.get("hint")
     note = (f'<div class="odium-hint" style="{MUTED};margin-bottom:4px">ran without a state '
             f"requirement: {e(str(hint))}</div>") if hint else ""
-    gridded = grid_nodes(result)
-    grid = grid_html(result, gridded) if gridded else ""
-    rows = "".join(_row_html(n, r, result.hub_state, n in gridded)
-                   for n, r in result.nodes.items())
+    return (f'<div class="odium-summary" style="margin:2px 0 4px 0">'
+            f'<b>{len(result)} node{"s" if len(result) != 1 else ""}</b> {counts} '
+            f'<span style="{MUTED}">· command {e(result.command[:12])} · hub state '
+            f'<code>{e(short_state(result.hub_state))}</code>{req}</span></div>{note}')
+
+
+def render_html(result: Result) -> str:
+    """The rich form of a Result: a summary line and one table row per targeted node, or
+    one entry per group of nodes that answered the same (``Result.grouped``)."""
+    if result.grouped:
+        body = groups_html(result)
+    else:
+        gridded = grid_nodes(result)
+        grid = grid_html(result, gridded) if gridded else ""
+        rows = "".join(_row_html(n, r, result.hub_state, n in gridded)
+                       for n, r in result.nodes.items())
+        body = (f'{grid}<table class="odium-table" style="{TABLE}">{_HEAD}<tbody>{rows}'
+                f"</tbody></table>")
     return (f'<div class="odium-result" data-command="{e(result.command)}" '
-            f'data-hub-state="{e(result.hub_state)}">{summary}{note}{grid}'
-            f'<table class="odium-table" style="{TABLE}">{_HEAD}<tbody>{rows}</tbody></table>'
-            f"</div>")
+            f'data-hub-state="{e(result.hub_state)}" '
+            f'data-view="{"groups" if result.grouped else "nodes"}">'
+            f"{_summary_html(result)}{body}</div>")
+
+
+def _names_html(names: Sequence[str]) -> str:
+    return ", ".join(f'<span class="odium-group-node" data-node="{e(n)}">{e(n)}</span>'
+                     for n in names)
+
+
+def _group_html(g: Group, hub_state: str) -> str:
+    """One group: its answer in the summary; behind a click, its nodes, which state ids they
+    ran, and the answer in full (as a node's row shows it)."""
+    r = g.result
+    differs = [s for s in g.states if s != hub_state]
+    mark = (f'{len(g.states)} state ids' if len(g.states) > 1 else
+            "state ≠ hub" if differs else "")
+    mark = f' <span class="odium-group-mark" style="{STATE_DIFF}">{mark}</span>' if mark else ""
+    color = "" if r.ok else ";color:#cf222e"
+    states = "".join(
+        f'<div class="odium-group-state">{state_html(s, hub_state)} '
+        f'<span style="{MUTED}">{len(ns)} node{"s" if len(ns) != 1 else ""}</span>'
+        + (f": {_names_html(ns)}" if i else "") + "</div>"  # the most common: its count
+        for i, (s, ns) in enumerate(g.states.items()))
+    return (f'<details class="odium-group" data-nodes="{len(g)}" '
+            f'data-status="{e(r.status.value)}" data-states="{len(g.states)}">'
+            f'<summary style="cursor:pointer;margin:2px 0">{badge(r.status.value)} '
+            f'<b>{e(g.label)}</b>: <code class="odium-group-answer" style="white-space:pre-wrap'
+            f'{color}">{e(g.headline)}</code>{mark}</summary>'
+            f'<div class="odium-group-body" style="margin:2px 0 6px 18px;font-size:13px">'
+            f'<div class="odium-group-nodes"><span style="{MUTED}">nodes</span> '
+            f"{_names_html(g.nodes)}</div>"
+            f'<div class="odium-group-states">{states}</div>'
+            f'<div class="odium-group-detail" style="margin-top:2px">{_detail_html(r)}</div>'
+            f"</div></details>")
+
+
+def groups_html(result: Result) -> str:
+    """The grouped view: the largest group, what the other nodes answered instead, then each
+    other group (``Result.groups``)."""
+    groups = result.groups()
+    parts = [_group_html(g, result.hub_state) for g in groups]
+    if len(groups) > 1:
+        rest = sum(len(g) for g in groups[1:])
+        parts.insert(1, f'<div class="odium-differ" data-nodes="{rest}" style="margin:4px 0 '
+                        f'2px 0;font-weight:600">{e(differences(groups))}</div>')
+    return (f'<div class="odium-groups" data-groups="{len(groups)}" style="font-size:13px;'
+            f'font-family:var(--jp-ui-font-family,system-ui,sans-serif)">{"".join(parts)}</div>')
 
 
 def render_node_html(r: NodeResult, hub_state: str | None = None) -> str:
@@ -246,7 +302,9 @@ def render_text(result: Result) -> str:
     body = format_text(result)
     if body:
         lines.append(body)
-    for name, r in result.nodes.items():
+    shown = [(g.label, g.result) for g in result.groups()] if result.grouped else \
+        list(result.nodes.items())
+    for name, r in shown:
         for out in outputs_of(r):
             mimes = ", ".join(sorted((out.get("data") or {}).keys())) or "nothing"
             lines.append(clean(f"[{name}] displayed {mimes}"))
