@@ -331,6 +331,10 @@ class Admin(KeyVerbs, JobVerbs, LaunchVerbs):
             raise OdiumError(f"no job {job_id!r}; see: odium jobs")
         return info
 
+    def wait_jobs(self, ids: list[str], timeout: float | None) -> list[dict[str, Any]]:
+        """Each job's info once it has finished, or as it is when ``timeout`` runs out."""
+        return _AdminJobs(self).wait_jobs(list(ids), timeout)
+
     def cancel_job(self, job_id: str) -> str:
         """Cancel a job: ``cancelled``, ``already <status>`` (it had finished) or
         ``unknown``."""
