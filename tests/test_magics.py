@@ -258,6 +258,18 @@ def test_live_view_html_has_progress_and_each_nodes_streams() -> None:
     assert 'data-status="running"' in html and 'data-status="ok"' in html
 
 
+def test_live_view_says_k_of_n_done_and_who_still_runs() -> None:
+    live = LiveView(rich=True, label="python on *")
+    targets = [f"n{i:02d}" for i in range(14)]
+    text = live.text(["n00", "n05"], targets)
+    assert text == ("2 of 14 nodes done; still running: n01, n02, n03, n04, n06, n07, n08, "
+                    "n09, n10, n11, … (2 more)")
+    html = live.html(["n00", "n05"], targets)
+    assert "still running: n01, n02, n03, n04, n06, n07, n08, n09, n10, n11, … (2 more)" in html
+    assert live.text(targets, targets) == "14 of 14 nodes done"
+    assert "still running" not in live.html(targets, targets)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 

@@ -139,6 +139,34 @@ def test_quickstart(executed: dict[str, Any]) -> None:
     assert "hub stopped, and 4 local nodes" in text_of(cell(nb, "%odium stop"))
 
 
+PROGRESS_CELLS = [
+    "import odium\nhub = odium.Hub('home', ports=0).start()\nhub.start_local(2);",
+    "def square(x):\n    return x * x\n\nvalues = hub.map(square, range(200))\nsum(values)",
+    "quiet = hub.map(square, range(20), progress=False)\nsum(quiet)",
+    "sorted(j.result() for j in hub.as_completed([hub.submit(square, 3)]))",
+    "hub.close()",
+]
+
+
+@pytest.mark.timeout(120)
+def test_progress_bars_in_a_notebook(tmp_path: Path) -> None:
+    """A hub.map in a notebook run by nbclient leaves its bar, updated in place to the end;
+    progress=False leaves none."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in PROGRESS_CELLS])
+    client = nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    no_errors(nb)
+    mapped, quiet, completed = (cell(nb, c) for c in PROGRESS_CELLS[1:4])
+    bars = [o for o in mapped.outputs if o.output_type == "display_data"]
+    assert len(bars) == 1, mapped.outputs  # one display, updated in place
+    assert 'class="odium-progress"' in bars[0].data["text/html"]
+    assert re.fullmatch(r"200 of 200 jobs done · \d+\.\d s", bars[0].data["text/plain"])
+    assert text_of(mapped).endswith(str(sum(x * x for x in range(200))))
+    assert [o.output_type for o in quiet.outputs] == ["execute_result"]
+    assert "1 of 1 jobs done" in text_of(completed) and text_of(completed).endswith("[9]")
+
+
 @pytest.mark.timeout(300)
 def test_quickstart_plot_is_an_image_from_every_node(executed: dict[str, Any]) -> None:
     if "outputs" not in NodeResult.__dataclass_fields__:

@@ -296,13 +296,20 @@ class Admin(KeyVerbs, JobVerbs, LaunchVerbs, DataVerbs):
 
     def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
             nodes: str = "*", retries: int = 0, timeout: float | None = None,
-            require_state: str | None = None, wait: float | None = None) -> list[Any]:
+            require_state: str | None = None, wait: float | None = None,
+            progress: bool | None = None) -> list[Any]:
         """``func(x)`` for each x as one job each; the values in order (as ``Hub.map``)."""
         from ..core.jobs import JobStatus
-        from .jobs import known
+        from .jobs import as_completed, known
+        from .progress import where
 
+        shown = where(progress) is not None  # a bad value fails before anything is queued
         jobs = self.submit_many([(func, (x,), {}, None) for x in iterable], nodes=nodes,
                                 retries=retries, timeout=timeout, require_state=require_state)
+        if shown:  # looks in short waits, to show them finish
+            for _ in as_completed(jobs, wait, progress):
+                pass
+            return [j.result(0) for j in jobs]
         infos = _AdminJobs(self).wait_jobs([j.id for j in jobs], wait)
         for j, info in zip(jobs, infos, strict=True):
             if info.get("status") not in {s.value for s in JobStatus if s.terminal}:
@@ -324,6 +331,10 @@ class Admin(KeyVerbs, JobVerbs, LaunchVerbs, DataVerbs):
         if info.get("status") == "unknown":
             raise OdiumError(f"no job {job_id!r}; see: odium jobs")
         return info
+
+    def wait_jobs(self, ids: list[str], timeout: float | None) -> list[dict[str, Any]]:
+        """Each job's info once it has finished, or as it is when ``timeout`` runs out."""
+        return _AdminJobs(self).wait_jobs(list(ids), timeout)
 
     def cancel_job(self, job_id: str) -> str:
         """Cancel a job: ``cancelled``, ``already <status>`` (it had finished) or

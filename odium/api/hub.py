@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,8 +33,9 @@ from ..runtime import Runtime
 from .data import DataVerbs
 from .hubjobs import HubJobs
 from .interface import DEFAULT_SESSION, JobVerbs, KeyVerbs, LaunchVerbs
-from .jobs import Job, JobExecutor, as_completed, check_options, check_status
+from .jobs import Job, JobExecutor, as_completed, check_options, check_status, results_in_order
 from .local import MAX_LOCAL, Launcher, LocalNode, free_name, launch, prepare_homes
+from .progress import where
 
 if TYPE_CHECKING:
     from .interface import HubAPI
@@ -258,29 +258,27 @@ class Hub(KeyVerbs, JobVerbs, LaunchVerbs, DataVerbs):
 
     def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
             nodes: str = "*", retries: int = 0, timeout: float | None = None,
-            require_state: str | None = None, wait: float | None = None) -> list[Any]:
+            require_state: str | None = None, wait: float | None = None,
+            progress: bool | None = None) -> list[Any]:
         """``func(x)`` for each x as one job each; the values in order. The first job that
-        failed raises (odium.RemoteError). ``timeout`` limits each run; ``wait`` the whole."""
+        failed raises (odium.RemoteError). ``timeout`` limits each run; ``wait`` the whole.
+        ``progress``: a bar, None: in a notebook or on a terminal only (odium.api.progress)."""
+        where(progress)  # a bad value fails before anything is queued
         jobs = self._submit_jobs([(func, (x,), {}, None) for x in iterable], nodes=nodes,
                                  retries=retries, timeout=timeout, require_state=require_state)
-        deadline = None if wait is None else time.monotonic() + wait
-        return [j.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                for j in jobs]
+        return results_in_order(jobs, wait, progress)
 
     def map_unordered(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
                       nodes: str = "*", retries: int = 0, timeout: float | None = None,
-                      require_state: str | None = None, wait: float | None = None
-                      ) -> Iterator[Any]:
+                      require_state: str | None = None, wait: float | None = None,
+                      progress: bool | None = None) -> Iterator[Any]:
         """Like ``map``, but yields each value as soon as its job finishes."""
         jobs = self._submit_jobs([(func, (x,), {}, None) for x in iterable], nodes=nodes,
                                  retries=retries, timeout=timeout, require_state=require_state)
-        for j in as_completed(jobs, wait):
+        for j in as_completed(jobs, wait, progress):
             yield j.result(0)
 
-    @staticmethod
-    def as_completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
-        """Yield jobs as they finish."""
-        return as_completed(jobs, timeout)
+    as_completed = staticmethod(as_completed)  # yield jobs as they finish; progress as for map
 
     def executor(self, *, nodes: str = "*", retries: int = 0, timeout: float | None = None,
                  require_state: str | None = None) -> JobExecutor:

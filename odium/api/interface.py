@@ -181,7 +181,8 @@ class HubAPI(Protocol):
 
     def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any], *,
             nodes: str = "*", retries: int = 0, timeout: float | None = None,
-            require_state: str | None = None, wait: float | None = None) -> list[Any]: ...
+            require_state: str | None = None, wait: float | None = None,
+            progress: bool | None = None) -> list[Any]: ...
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]: ...
 

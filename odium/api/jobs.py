@@ -26,6 +26,7 @@ from ..core.jobs import (
 )
 from ..errors import ConfigError, JobCancelledError, NotConnectedError, OdiumError
 from ..errors import TimeoutError as OdiumTimeout
+from .progress import job_bar
 
 
 def pack_jobs(items: Iterable[tuple[Any, tuple[Any, ...], dict[str, Any], str | None]],
@@ -211,10 +212,18 @@ class Job:
         return st == JobStatus.CANCELLED.value
 
 
-def as_completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
+def as_completed(jobs: Iterable[Job], timeout: float | None = None,
+                 progress: bool | None = None) -> Iterator[Job]:
     """Yield jobs as they finish (any order). Raises odium.TimeoutError when ``timeout``
-    seconds pass before all have."""
+    seconds pass before all have. ``progress``: a bar of how many have, in a notebook or on a
+    terminal (None: there only; True: on stderr even when it is no terminal; False: never)."""
     jobs = list(jobs)
+    bar = job_bar(len(jobs), progress)
+    finishing = _as_completed(jobs, timeout)
+    return finishing if bar is None else bar.follow(finishing)
+
+
+def _as_completed(jobs: list[Job], timeout: float | None) -> Iterator[Job]:
     deadline = None if timeout is None else time.monotonic() + timeout
     pushed = [j for j in jobs if j._pushed]
     polled = [j for j in jobs if not j._pushed]
@@ -249,6 +258,16 @@ def as_completed(jobs: Iterable[Job], timeout: float | None = None) -> Iterator[
         except queue.Empty:
             raise OdiumTimeout(f"{left} job(s) not finished within {timeout} s") from None
         left -= 1
+
+
+def results_in_order(jobs: list[Job], wait: float | None, progress: bool | None) -> list[Any]:
+    """Each job's value in order (the first that failed raises), within ``wait`` seconds."""
+    deadline = None if wait is None else time.monotonic() + wait
+    bar = job_bar(len(jobs), progress)
+    if bar is not None:
+        return list(bar.in_order(jobs, lambda j, t: j.result(t), deadline))
+    return [j.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            for j in jobs]
 
 
 class _JobFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -332,6 +351,30 @@ class JobExecutor(concurrent.futures.Executor):
         job.add_done_callback(done)
         return fut
 
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],  # type: ignore[override]
+            timeout: float | None = None, chunksize: int = 1, progress: bool | None = None
+            ) -> Iterator[Any]:
+        """``Executor.map`` (each call one job, every one submitted at once, values in order;
+        what is not yet run is cancelled when the iteration stops), with ``progress`` as for
+        ``as_completed``."""
+        bar = job_bar(0, progress)
+        if bar is None:
+            return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]  # as map()
+        bar.total = len(futures)
+
+        def values() -> Iterator[Any]:
+            try:
+                yield from bar.in_order(futures, lambda f, t: f.result(t), deadline)
+            except OdiumTimeout as e:  # as concurrent.futures says it
+                raise concurrent.futures.TimeoutError(str(e)) from None
+            finally:
+                for f in futures:
+                    f.cancel()
+
+        return values()
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
         with self._lock:
@@ -343,5 +386,5 @@ class JobExecutor(concurrent.futures.Executor):
             concurrent.futures.wait(futures)
 
 
-__all__ = ["Job", "JobExecutor", "as_completed", "Backend", "pack_jobs", "check_options",
-           "known"]
+__all__ = ["Job", "JobExecutor", "as_completed", "results_in_order", "Backend", "pack_jobs",
+           "check_options", "known"]

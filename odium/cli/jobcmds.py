@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from collections import Counter
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..api.progress import wait_job
+from ..core.jobs import TERMINAL, JobStatus
+from ..core.progress import bar, counts_line
 from ..core.term import clean_lines
 from ..errors import ConfigError
+from ..errors import TimeoutError as OdiumTimeout
 from .commands import ago, connect, print_table, read_code
+
+if TYPE_CHECKING:
+    from ..api.admin import Admin
+
+FINAL = {s.value for s in TERMINAL} | {"unknown"}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -23,7 +34,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.wait is None:
             print(json.dumps({"id": job.id}) if args.json else job.id)
             return 0
-        info = admin.job(job.id, wait=args.wait)
+        try:  # its status on stderr meanwhile, if that is a terminal
+            wait_job(job, args.wait)
+        except OdiumTimeout:
+            pass  # shown as it is now
+        info = admin.job(job.id)
     return _print_job(info, args.json, brief=True)
 
 
@@ -87,20 +102,68 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0 if not bad else 1
     if args.job_ids:
         raise ConfigError("odium jobs lists jobs; to see one: odium job ID")
+    if args.follow and args.json:
+        raise ConfigError("odium jobs --follow prints for people; for a program, "
+                          "odium jobs --json (again) or odium job ID --wait S --json")
     with connect(args) as admin:
         jobs = admin.jobs(args.status, args.n)
+        if args.follow:
+            _print_jobs(jobs, args.status)
+            return follow(admin, [j["id"] for j in jobs])
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
+    _print_jobs(jobs, args.status)
+    return 0
+
+
+def _print_jobs(jobs: list[dict[str, Any]], status: str | None) -> None:
     rows = [("ID", "STATUS", "NODE", "RUNS", "CREATED", "WHAT")]
     for j in jobs:
         rows.append((j["id"], j["status"], j["node"] or "-", str(j["attempts"]),
                      ago(j["created"]), j["what"]))
     print_table(rows)
     if len(rows) == 1:
-        print("no jobs" + (f" with status {args.status}" if args.status else "")
+        print("no jobs" + (f" with status {status}" if status else "")
               + "; queue one with: odium submit -c CODE")
-    return 0
+
+
+FOLLOW_EVERY = 0.5  # seconds between two looks at the jobs followed
+ORDER = [s.value for s in JobStatus]
+
+
+def follow(admin: Admin, ids: list[str]) -> int:
+    """``odium jobs --follow``: how many of these jobs have finished, by status, until all
+    have (or Ctrl-C). On a terminal one line rewritten in place, with a bar; otherwise (a pipe,
+    a log) a plain line each time the counts change. 0 when every one ended done, 1 when one
+    did not, 130 after Ctrl-C (the jobs go on)."""
+    tty = sys.stdout.isatty()
+    status: dict[str, str] = {}
+    left, shown = list(ids), ""
+    started = time.monotonic()
+    try:
+        while True:
+            for info in admin.wait_jobs(left, FOLLOW_EVERY) if left else []:
+                status[info["id"]] = str(info.get("status"))
+            left = [j for j in ids if status.get(j) not in FINAL]
+            line = counts_line(Counter(status.values()), ORDER, len(ids) - len(left), len(ids))
+            if tty:
+                sys.stdout.write(f"\r{bar(len(ids) - len(left), len(ids))} {line} · "
+                                 f"{time.monotonic() - started:.0f} s\x1b[K")
+                sys.stdout.flush()
+            elif line != shown:
+                print(line, flush=True)
+            shown = line
+            if not left:
+                break
+    except KeyboardInterrupt:
+        if tty:
+            print()
+        print("odium: stopped following; the jobs go on (see: odium jobs)", file=sys.stderr)
+        return 130
+    if tty:
+        print()
+    return 0 if all(status.get(j) == "done" for j in ids) else 1
 
 
 def cmd_job(args: argparse.Namespace) -> int:

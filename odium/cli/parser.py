@@ -184,6 +184,9 @@ def add_job_parsers(sub: Any) -> None:
     sp.add_argument("job_ids", nargs="*", type=A.job_id, default=[], metavar="ID")
     sp.add_argument("--status", choices=JOB_STATUSES, default=None)
     sp.add_argument("-n", type=A.count, default=30, help="how many")
+    sp.add_argument("--follow", "-f", action="store_true",
+                    help="then keep showing how many of them have finished, until all have "
+                    "(or Ctrl-C): in place on a terminal, a line per change otherwise")
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("job", help="one job: status, result, every move it made")

@@ -18,6 +18,7 @@ from IPython.core.magic import cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..api.hub import BroadcastHandle, Hub
+from ..api.progress import wait_job
 from ..cli import args as A
 from ..core.results import GROUP_AFTER, NodeResult, Result
 from ..core.term import clean, clean_lines
@@ -296,7 +297,8 @@ class OdiumMagics(SubCommands):
         if args.bg:
             return job
         try:
-            info = job.wait(None if args.timeout is None else args.timeout + 30.0)
+            # "job … running on …" while it runs (a notebook, a terminal), gone at the end
+            info = wait_job(job, None if args.timeout is None else args.timeout + 30.0)
         except KeyboardInterrupt:
             job.cancel()
             print(f"job {job.id[:12]} cancelled")

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.progress import still_running
 from ..core.results import NodeResult
 from ..core.term import clean
 from .style import MUTED, STDERR, TABLE, TD, badge, e, pre
@@ -33,6 +34,12 @@ def _tail(text: str, lines: int = LIVE_LINES) -> tuple[str, bool]:
     if len(parts) <= lines:
         return text, False
     return "".join(parts[-lines:]), True
+
+
+def _running(done: Sequence[str], targets: Sequence[str]) -> str:
+    """The targets not done yet: the first ten names, then "…" and how many more."""
+    finished = set(done)
+    return still_running([t for t in targets if t not in finished])
 
 
 class LiveView:
@@ -80,9 +87,12 @@ class LiveView:
             nodes = {k: (v.stdout, v.stderr, v.cut) for k, v in self._nodes.items()}
         k, n = len(done), len(targets)
         pct = 100 * k // n if n else 0
+        running = _running(done, targets)
         progress = (f'<div class="odium-progress" style="margin:2px 0 4px 0">'
                     f'<b>{k} of {n} nodes done</b> <span style="{MUTED}">{e(self.label)} · '
                     f'{time.monotonic() - self.started:.1f} s</span>'
+                    + (f'<div class="odium-running" style="{MUTED}">still running: '
+                       f'{e(running)}</div>' if running else "") +
                     f'<div style="height:4px;background:rgba(128,128,128,.2);width:240px;'
                     f'border-radius:2px"><div style="height:4px;width:{pct}%;'
                     f'background:#0969da;border-radius:2px"></div></div></div>')
@@ -108,7 +118,9 @@ class LiveView:
                 f'{"".join(rows)}</tbody></table></div>')
 
     def text(self, done: Sequence[str], targets: Sequence[str]) -> str:
-        return f"{len(done)} of {len(targets)} nodes done"
+        running = _running(done, targets)
+        return (f"{len(done)} of {len(targets)} nodes done"
+                + (f"; still running: {running}" if running else ""))
 
     def refresh(self, done: Sequence[str], targets: Sequence[str], force: bool = False,
                 finals: Mapping[str, NodeResult] | None = None) -> None:
