@@ -13,7 +13,7 @@ __all__ = [
     "Hub", "Admin", "HubAPI", "Result", "NodeResult", "Status", "Job", "JobStatus",
     "OdiumError", "ConfigError", "ProtocolError", "AuthError", "TimeoutError",
     "NotConnectedError", "RemoteError", "StateMismatchError", "StateError", "JobStateError",
-    "JobCancelledError",
+    "JobCancelledError", "Ref", "ScatterError",
 ]
 
 _WHERE = {
@@ -24,15 +24,18 @@ _WHERE = {
     "AuthError": "errors", "TimeoutError": "errors", "NotConnectedError": "errors",
     "RemoteError": "errors", "StateMismatchError": "errors", "StateError": "errors",
     "JobStateError": "errors", "JobCancelledError": "errors",
+    "Ref": "core.arrays", "ScatterError": "api.data",
     # %load_ext odium (IPython imported only then)
     "load_ipython_extension": "jupyter", "unload_ipython_extension": "jupyter",
 }
 
 if TYPE_CHECKING:
     from .api.admin import Admin
+    from .api.data import ScatterError
     from .api.hub import Hub
     from .api.interface import HubAPI
     from .api.jobs import Job
+    from .core.arrays import Ref
     from .core.jobs import JobStatus
     from .core.results import NodeResult, Result, Status
     from .errors import (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import math
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,46 @@ def test_split_and_join_keep_order() -> None:
     assert split_seq(range(4), 4) == [[0], [1], [2], [3]]
     assert join_parts([[1], [2, 3]]) == [1, 2, 3] and join_parts([1, 2]) == [1, 2]
     assert join_parts(split_seq("abcdefg", 3)) == "abcdefg"
+
+
+def test_the_notebook_magics_push_pull_scatter_gather(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    IPython = pytest.importorskip("IPython")
+    from IPython.core.error import UsageError
+    from IPython.utils.capture import capture_output
+
+    import odium.jupyter
+    from tests.conftest import HB
+
+    monkeypatch.setenv("ODIUM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ODIUM_PORTS", "0")
+    monkeypatch.setenv("ODIUM_HEARTBEAT", str(HB))
+    monkeypatch.delenv("ODIUM_APP", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ip = IPython.core.interactiveshell.InteractiveShell.instance()
+    with capture_output():
+        ip.run_line_magic("load_ext", "odium")
+    try:
+        with capture_output():
+            ip.run_line_magic("odium", "local 2 --prefix m")
+        ip.user_ns.update(w=np.arange(5.0), k=3)
+        with capture_output() as cap:
+            ip.run_line_magic("odium", "push w k")
+        assert cap.stdout.strip() == "pushed w, k to 2 of 2 nodes"
+        r = ip.run_cell_magic("odium", "", "float(w.sum()) * k")
+        assert {n: r[n].value for n in r} == {"m-1": 30.0, "m-2": 30.0}
+        got = ip.run_line_magic("odium", "pull w --nodes m-2 -o back")
+        assert list(got) == ["m-2"] and ip.user_ns["back"]["m-2"].tolist() == [0, 1, 2, 3, 4]
+        assert ip.run_line_magic("odium", "scatter w") == {"m-1": (0, 3), "m-2": (3, 5)}
+        ip.run_cell_magic("odium", "", "w = w * 2")
+        del ip.user_ns["w"]
+        assert ip.run_line_magic("odium", "gather w").tolist() == [0, 2, 4, 6, 8]
+        assert ip.user_ns["w"].tolist() == [0, 2, 4, 6, 8]  # kept by its name
+        for bad, says in (("push nope", "no variable 'nope' here"),
+                          ("pull nope", "name 'nope' is not defined on this node"),
+                          ("push", "the following arguments are required")):
+            with pytest.raises(UsageError, match=says):
+                ip.run_line_magic("odium", bad)
+    finally:
+        ip.run_line_magic("unload_ext", "odium")
+        assert odium.jupyter.current() is None

@@ -61,9 +61,9 @@ def execute(name: str, workdir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Both notebooks, executed once for this module."""
+    """The notebooks, executed once for this module."""
     out = {}
-    for name in ("quickstart", "reproducibility"):
+    for name in ("quickstart", "reproducibility", "montecarlo"):
         workdir = tmp_path_factory.mktemp(name)
         out[name] = execute(name, workdir)
     yield out
@@ -168,6 +168,25 @@ def test_progress_bars_in_a_notebook(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.timeout(300)
+def test_montecarlo(executed: dict[str, Any]) -> None:
+    """The third notebook: scatter, a cell on the nodes, gather; @hub.parallel; a map with its
+    progress; the three estimates of pi right, the first two equal."""
+    nb = executed["montecarlo"]
+    no_errors(nb)
+    spans = text_of(cell(nb, "import numpy as np\nimport odium.jupyter"))
+    assert "'local-1': (0, 4)" in spans and "'local-4': (12, 16)" in spans, spans
+    assert statuses(html_of(cell(nb, "%%odium\nimport numpy as np"))) == ["ok"] * 4
+    pi_scatter = float(text_of(cell(nb, "hits = hub.gather")).strip().removeprefix("np.float64(")
+                       .rstrip(")"))
+    assert abs(pi_scatter - 3.14159) < 0.01
+    assert text_of(cell(nb, "@hub.parallel()")).strip() == str(pi_scatter)
+    mapped = cell(nb, "def one(seed")
+    (value,) = [o.data["text/plain"] for o in mapped.outputs if o.output_type == "execute_result"]
+    assert abs(float(value) - 3.14159) < 0.02
+    assert "200 of 200 jobs done" in html_of(mapped)  # the map's progress, at its end
+
+
 def test_quickstart_plot_is_an_image_from_every_node(executed: dict[str, Any]) -> None:
     if "outputs" not in NodeResult.__dataclass_fields__:
         pytest.skip("the core does not return display outputs yet (NodeResult.outputs; "

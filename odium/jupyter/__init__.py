@@ -47,4 +47,15 @@ def current() -> Any:
     return _MAGICS
 
 
-__all__ = ["load_ipython_extension", "unload_ipython_extension", "current"]
+def hub() -> Any:
+    """The notebook's Hub (``%load_ext odium`` started it): ``hub().apply(f)``,
+    ``hub().scatter("x", xs)``, ``hub().map(f, xs)``."""
+    magics = _MAGICS
+    if magics is None or magics.hub is None:
+        from ..errors import NotConnectedError
+
+        raise NotConnectedError("no hub in this notebook: run %load_ext odium (or %odium start)")
+    return magics.hub
+
+
+__all__ = ["current", "hub", "load_ipython_extension", "unload_ipython_extension"]

@@ -25,8 +25,9 @@ from ..core.term import clean, clean_lines
 from ..errors import OdiumError
 from ..errors import TimeoutError as OdiumTimeout
 from . import display as D
+from .datamagics import DataCommands
 from .live import LiveView
-from .subcommands import SUBCOMMANDS, SubCommands
+from .subcommands import SUBCOMMANDS
 
 POLL = 0.1  # seconds between two looks at a running command's progress
 LIVE_AFTER = 0.3  # a command that takes longer than this gets a live display
@@ -145,7 +146,7 @@ class BackgroundRun:
 
 
 @magics_class
-class OdiumMagics(SubCommands):
+class OdiumMagics(DataCommands):
     """``%odium`` (hub, nodes, keys, state), ``%%odium`` (run a cell on nodes), ``%%local``."""
 
     # --- %odium -----------------------------------------------------------------------------

@@ -39,7 +39,8 @@ ENV_HEARTBEAT = "ODIUM_HEARTBEAT"  # seconds between heartbeats (default 1)
 ENV_APP = "ODIUM_APP"  # the application directory (default: the notebook's git work tree)
 
 SUBCOMMANDS = ("local", "nodes", "token", "accept", "reject", "revoke", "keys", "state", "sync",
-               "log", "forget", "launch", "start", "stop", "autorun", "help")
+               "log", "forget", "launch", "push", "pull", "scatter", "gather", "start", "stop",
+               "autorun", "help")
 
 
 def _first_line(e: BaseException) -> str:
@@ -99,6 +100,7 @@ class HubMagics(Magics):
         interface = interface or os.environ.get(ENV_INTERFACE) or "127.0.0.1"
         app = app or os.environ.get(ENV_APP) or None
         hub = Hub(home, ports=ports, interface=interface, hb_interval=heartbeat or 1.0, app=app)
+        hub.session = self.session  # hub.run, apply, push ... see what %%odium cells see
         try:
             hub.start()
         except OdiumError as e:
