@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import odium
 from odium.api.data import ScatterError, join_parts, split_seq
 from odium.core import arrays as A
 from odium.errors import ConfigError, RemoteError
+from tests.conftest import wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -197,3 +200,18 @@ def test_the_notebook_magics_push_pull_scatter_gather(
     finally:
         ip.run_line_magic("unload_ext", "odium")
         assert odium.jupyter.current() is None
+
+
+def test_gather_refuses_a_scatter_with_a_part_gone(hub4: odium.Hub) -> None:
+    """pull and gather ask the ready nodes; a scatter's part whose node is gone makes the
+    gather an error, not a shorter answer."""
+    hub4.scatter("p", list(range(8)))
+    pid = int(hub4.run("import os; os.environ['ODIUM_NODE_PID']", nodes="n-2")["n-2"].value)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: {n["name"]: n["status"] for n in hub4.nodes()}["n-2"] == "lost", 30,
+               "n-2 lost")
+    assert sorted(hub4.pull("p")) == ["n-1", "n-3", "n-4"]  # the ready ones
+    with pytest.raises(odium.OdiumError, match=r"parts \[0, 2, 3\] of a scatter"):
+        hub4.gather("p")
+    hub4.scatter("p", list(range(6)))  # over the nodes there now
+    assert hub4.gather("p") == list(range(6))

@@ -174,8 +174,8 @@ class DataVerbs:
 
     def pull(self, name: str, nodes: str = "*", *, timeout: float | None = None,
              session: str | None = None) -> dict[str, Any]:
-        """Each matching node's value of ``name``: {node: value}. A node without it, or
-        lost, raises its error (RemoteError)."""
+        """Each ready matching node's value of ``name``: {node: value}. A node without it,
+        or lost meanwhile, raises its error (RemoteError)."""
         r = self._pull(name, nodes, timeout, session)
         return {n: e["value"] for n, e in r.items()}
 
@@ -210,11 +210,19 @@ class DataVerbs:
 
     def gather(self, name: str, nodes: str = "*", *, timeout: float | None = None,
                session: str | None = None) -> Any:
-        """The matching nodes' values of ``name`` joined in one, in the order a scatter gave
-        the parts (else in name order): arrays concatenated, lists joined."""
+        """The ready matching nodes' values of ``name`` joined in one, in the order a scatter
+        gave the parts (else in name order): arrays concatenated, lists joined. Parts of a
+        scatter missing (their node gone) is an error, not a shorter answer."""
         got = self._pull(name, nodes, timeout, session)
-        order = sorted(got, key=lambda n: (got[n]["index"] is None,
-                                           (got[n]["index"] or [0])[0], n))
+        index = {n: tuple(e["index"]) for n, e in got.items() if e["index"]}
+        totals = {t for _, t in index.values()}
+        if len(totals) > 1 or (totals and sorted(i for i, _ in index.values())
+                               != list(range(totals.pop()))):
+            have = sorted(i for i, _ in index.values())
+            raise OdiumError(f"gather of {name!r}: the ready nodes hold parts {have} of a "
+                             "scatter, not all of them (a node that had one is gone); "
+                             "scatter again")
+        order = sorted(got, key=lambda n: (n not in index, index.get(n, (0, 0))[0], n))
         return join_parts([got[n]["value"] for n in order])
 
     # --- the parts ------------------------------------------------------------------------
@@ -229,7 +237,8 @@ class DataVerbs:
               session: str | None) -> dict[str, dict[str, Any]]:
         if not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"pull needs a variable name, not {name!r}")
-        r = self._decoded(self.run(f"{MOD}.pull(globals(), {name!r})", nodes, timeout=timeout,
+        r = self._decoded(self.run(f"{MOD}.pull(globals(), {name!r})",
+                                   ",".join(self._ready(nodes)), timeout=timeout,
                                    session=session))
         r.raise_for_error()
         out = {}
