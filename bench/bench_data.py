@@ -28,6 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ippcluster import ipp_cluster  # noqa: E402 (run as a script: its directory is on sys.path)
+
 perf = time.perf_counter
 
 
@@ -111,33 +113,21 @@ def bench_ipp(mb: float, engines: int, repeat: int) -> dict[str, Any]:
         out["error"] = f"ipyparallel not importable: {type(e).__name__}: {e}"
         return out
     arr = _array(mb)
-    cluster = None
-    profile_dir = Path(tempfile.mkdtemp(prefix="ipp-bench-data-"))
     try:
-        cluster = ipp.Cluster(n=engines, profile_dir=str(profile_dir), log_level=40,
-                              controller_ip="127.0.0.1")
-        rc = cluster.start_and_connect_sync()
-        rc.wait_for_engines(engines, timeout=120)
-        dv = rc[:]
-        dv.push({"warm": np.zeros(10)}, block=True)
-        out["push"] = _timed(lambda: (dv.push({"x": arr}, block=True),
-                                      dv.execute("float(x.sum())", block=True)), repeat, mb)
-        one = rc[rc.ids[0]]
-        out["pull"] = _timed(lambda: np.testing.assert_array_equal(
-            one.pull("x", block=True), arr), repeat, mb)
-        out["scatter"] = _timed(lambda: dv.scatter("s", arr, block=True), repeat, mb)
-        out["gather"] = _timed(lambda: np.testing.assert_array_equal(
-            dv.gather("s", block=True), arr), repeat, mb)
+        with ipp_cluster(engines, out, "ipp-bench-data-") as rc:
+            dv = rc[:]
+            dv.push({"warm": np.zeros(10)}, block=True)
+            out["push"] = _timed(lambda: (dv.push({"x": arr}, block=True),
+                                          dv.execute("float(x.sum())", block=True)), repeat, mb)
+            one = rc[rc.ids[0]]
+            out["pull"] = _timed(lambda: np.testing.assert_array_equal(
+                one.pull("x", block=True), arr), repeat, mb)
+            out["scatter"] = _timed(lambda: dv.scatter("s", arr, block=True), repeat, mb)
+            out["gather"] = _timed(lambda: np.testing.assert_array_equal(
+                dv.gather("s", block=True), arr), repeat, mb)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
         out["traceback"] = traceback.format_exc()
-    finally:
-        if cluster is not None:
-            try:
-                cluster.stop_cluster_sync()
-            except Exception as e:
-                out["stop_error"] = f"{type(e).__name__}: {e}"
-        shutil.rmtree(profile_dir, ignore_errors=True)
     return out
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_core import summary as ms_summary  # (run as a script: its directory is on sys.path)
+from ippcluster import ipp_cluster
 
 perf = time.perf_counter
 
@@ -208,34 +209,22 @@ def bench_ipp(jobs: int, engines: int, repeat: int, lat: int = 0) -> dict[str, A
     except Exception as e:
         out["error"] = f"ipyparallel not importable: {type(e).__name__}: {e}"
         return out
-    cluster = None
-    profile_dir = Path(tempfile.mkdtemp(prefix="ipp-bench-jobs-"))
     try:
-        cluster = ipp.Cluster(n=engines, profile_dir=str(profile_dir), log_level=40,
-                              controller_ip="127.0.0.1")
-        rc = cluster.start_and_connect_sync()
-        rc.wait_for_engines(engines, timeout=120)
-        view = rc.load_balanced_view()
-        view.map_sync(inc, range(engines * 20))  # warm-up
-        rates = []
-        for _ in range(repeat):
-            t = perf()
-            values = view.map_sync(inc, range(jobs))
-            rates.append(_rate(jobs, perf() - t))
-            assert list(values) == [x + 1 for x in range(jobs)], "wrong values"
-        out["map"] = summary(rates)
-        if lat:
-            out["latency"] = latency(lambda i: view.apply_sync(inc, i), lat)
+        with ipp_cluster(engines, out, "ipp-bench-jobs-") as rc:
+            view = rc.load_balanced_view()
+            view.map_sync(inc, range(engines * 20))  # warm-up
+            rates = []
+            for _ in range(repeat):
+                t = perf()
+                values = view.map_sync(inc, range(jobs))
+                rates.append(_rate(jobs, perf() - t))
+                assert list(values) == [x + 1 for x in range(jobs)], "wrong values"
+            out["map"] = summary(rates)
+            if lat:
+                out["latency"] = latency(lambda i: view.apply_sync(inc, i), lat)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
         out["traceback"] = traceback.format_exc()
-    finally:
-        if cluster is not None:
-            try:
-                cluster.stop_cluster_sync()
-            except Exception as e:
-                out["stop_error"] = f"{type(e).__name__}: {e}"
-        shutil.rmtree(profile_dir, ignore_errors=True)
     return out
 
 
