@@ -111,10 +111,9 @@ class LaunchVerbs:
     def launches(self, pattern: str | None = None) -> list[dict[str, Any]]:
         """The launches: id, kind, where, status, each node's name and status (``pending``
         until it joins), and what the launcher's side says (a Slurm job's state)."""
-        from ..launch import view
+        from ..launch.base import views
 
-        found = self.launch_request("launches", _query(pattern))["launches"]
-        return [view(self, v["id"]) for v in found]
+        return views(self, pattern)
 
     def launch_stop(self, launch_id: str) -> dict[str, Any]:
         """Stop a launch: its credential and its nodes' keys revoked, its processes or batch
@@ -122,12 +121,6 @@ class LaunchVerbs:
         from ..launch import stop
 
         return stop(self, launch_id)
-
-
-def _query(pattern: str | None) -> Any:
-    from ..core import wire as P
-
-    return P.Query(pattern=pattern)
 
 
 class HubAPI(Protocol):

@@ -82,22 +82,23 @@ class NodeDesk:
                                 "a new one (odium token)")
             ask.reply({"name": body.name, "hub": self.keys.own})
             return
-        _refuse_reserved(body.name)
-        taken = self.registry.nodes.get(body.name)
-        if taken is not None and taken.key_id != body.key:
-            raise AuthError(f"node name {body.name!r} is taken by another key; choose another "
-                            "--name or revoke the old key")
+        self._name_free(body.name, body.key)
         self.keys.put(KeyInfo(info.key_id, "used", "", info.expires, body.token))  # burn it
         self.keys.put(KeyInfo(body.key, "node", body.name, None, "joined with a token"))
         self.store.event("join", f"{body.name} joined with a token ({fingerprint(body.key)})",
                          node=body.name, key_id=body.key)
         ask.reply({"name": body.name, "hub": self.keys.own})
 
+    def _name_free(self, name: str, key_id: str) -> None:
+        """A joining node's name: not reserved, and no other key's (AuthError if it is)."""
+        _refuse_reserved(name)
+        taken = self.registry.nodes.get(name)
+        if taken is not None and taken.key_id != key_id:
+            raise AuthError(f"node name {name!r} is taken by another key; choose another "
+                            "--name or revoke the old key")
+
     def _join_launch(self, cred: KeyInfo, body: P.Join) -> None:
-        _refuse_reserved(body.name)
-        taken = self.registry.nodes.get(body.name)
-        if taken is not None and taken.key_id != body.key:
-            raise AuthError(f"node name {body.name!r} is taken by another key")
+        self._name_free(body.name, body.key)
         had = self.keys.keys.get(body.key)
         if had is not None and had.role in ("revoked", "rejected"):
             raise AuthError(f"this node's key was {had.role} on this hub; start the node with "

@@ -81,14 +81,19 @@ def _undo(api: Any, lid: str, kind: str, detail: dict[str, Any]) -> None:
         stop_detail(kind, detail)
 
 
+def views(api: Any, pattern: str | None = None) -> list[dict[str, Any]]:
+    """The launches the hub has (whose id matches ``pattern``), each with ``launcher``: what
+    the launcher's side says of it now (a Slurm job's state)."""
+    found = api.launch_request("launches", P.Query(pattern=pattern))["launches"]
+    return [{**v, "launcher": status_of(v["kind"], v["detail"])
+             if v["status"] != "stopped" else ""} for v in found]
+
+
 def view(api: Any, lid: str) -> dict[str, Any]:
-    found = api.launch_request("launches", P.Query(pattern=lid))["launches"]
-    found = [v for v in found if v["id"] == lid]
+    found = [v for v in views(api, lid) if v["id"] == lid]
     if not found:
         raise OdiumError(f"no launch {lid!r}")
-    v = dict(found[0])
-    v["launcher"] = status_of(v["kind"], v["detail"]) if v["status"] != "stopped" else ""
-    return v
+    return found[0]
 
 
 def wait_up(api: Any, lid: str, wait: float,
@@ -133,4 +138,4 @@ def progress_line(v: dict[str, Any]) -> str:
 
 
 __all__ = ["LaunchError", "Launcher", "Opened", "launch", "progress_line", "stop", "view",
-           "wait_up", "where_logs"]
+           "views", "wait_up", "where_logs"]

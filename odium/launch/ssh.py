@@ -182,7 +182,7 @@ class SSH:
             return (f"{host}: Odium is not installed for {self.python} there (give --python "
                     "PATH, or --bootstrap to install it from this machine's wheels)")
         if pids:  # (started some, then failed: stop those)
-            return _partial(self, host, names, pids, p)
+            return _partial(self, host, names, pids, p, f"{self.remote_dir}/{opened.id}")
         why = _last_line(p.stderr) or _last_line(p.stdout) or f"exit status {p.returncode}"
         return f"{host}: {why}"
 
@@ -209,8 +209,10 @@ class SSH:
 
 
 def _partial(ssh: SSH, host: str, names: list[str], pids: dict[str, int],
-             p: subprocess.CompletedProcess[str]) -> str:
-    stop_host(ssh, host, list(pids.values()), "")
+             p: subprocess.CompletedProcess[str], d: str) -> str:
+    """A host that started some of its nodes, then failed: those stopped, the credential
+    removed (the launch's undo stops only the hosts that started)."""
+    stop_host(ssh, host, list(pids.values()), d)
     return f"{host}: started {len(pids)} of {len(names)} nodes, then: " + (
         _last_line(p.stderr) or f"exit status {p.returncode}")
 
