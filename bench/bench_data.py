@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ippcluster import ipp_cluster  # noqa: E402 (run as a script: its directory is on sys.path)
+from ippcluster import have_ipp, ipp_cluster  # noqa: E402 (run as a script: its directory is on sys.path)
 
 perf = time.perf_counter
 
@@ -104,14 +104,10 @@ def bench_odium(mb: float, nodes: int, repeat: int) -> dict[str, Any]:
 
 def bench_ipp(mb: float, engines: int, repeat: int) -> dict[str, Any]:
     out: dict[str, Any] = {"engines": engines, "mb": mb}
-    try:
-        import ipyparallel as ipp
-        import numpy as np
-
-        out["version"] = ipp.__version__
-    except Exception as e:
-        out["error"] = f"ipyparallel not importable: {type(e).__name__}: {e}"
+    if not have_ipp(out):
         return out
+    import numpy as np
+
     arr = _array(mb)
     try:
         with ipp_cluster(engines, out, "ipp-bench-data-") as rc:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_core import summary as ms_summary  # (run as a script: its directory is on sys.path)
-from ippcluster import ipp_cluster
+from ippcluster import have_ipp, ipp_cluster
 
 perf = time.perf_counter
 
@@ -202,12 +202,7 @@ def bench_odium(jobs: int, nodes: int, capacity: int, repeat: int,
 
 def bench_ipp(jobs: int, engines: int, repeat: int, lat: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {"engines": engines, "jobs": jobs}
-    try:
-        import ipyparallel as ipp
-
-        out["version"] = ipp.__version__
-    except Exception as e:
-        out["error"] = f"ipyparallel not importable: {type(e).__name__}: {e}"
+    if not have_ipp(out):
         return out
     try:
         with ipp_cluster(engines, out, "ipp-bench-jobs-") as rc:

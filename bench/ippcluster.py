@@ -11,6 +11,18 @@ from pathlib import Path
 from typing import Any
 
 
+def have_ipp(out: dict[str, Any]) -> bool:
+    """Whether ipyparallel imports: its version in ``out["version"]``, else why not in
+    ``out["error"]``."""
+    try:
+        import ipyparallel as ipp
+    except Exception as e:
+        out["error"] = f"ipyparallel not importable: {type(e).__name__}: {e}"
+        return False
+    out["version"] = ipp.__version__
+    return True
+
+
 @contextmanager
 def ipp_cluster(engines: int, out: dict[str, Any], prefix: str) -> Iterator[Any]:
     """A connected ``ipyparallel.Client`` of ``engines`` engines; a failure to stop the
