@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -338,3 +339,29 @@ def node_processes(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield start
     for np in started:
         np.stop()
+
+
+@contextmanager
+def odium_shell(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Iterator[Any]:
+    """A real IPython shell with ``%load_ext odium`` done: its hub on free ports, its home
+    under ``tmp_path``, the ``ODIUM_*`` variables in ``env`` besides; unloaded (the hub and
+    its local nodes stopped) at the end, whatever happened."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    import odium.jupyter
+
+    for k, v in {"ODIUM_HOME": str(tmp_path / "home"), "ODIUM_PORTS": "0",
+                 "ODIUM_HEARTBEAT": str(HB), **env}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("ODIUM_APP", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ip = InteractiveShell.instance()
+    with capture_output():
+        ip.run_line_magic("load_ext", "odium")
+    try:
+        yield ip
+    finally:
+        ip.run_line_magic("unload_ext", "odium")
+        assert odium.jupyter.current() is None
+

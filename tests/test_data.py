@@ -17,7 +17,7 @@ import odium
 from odium.api.data import ScatterError, join_parts, split_seq
 from odium.core import arrays as A
 from odium.errors import ConfigError, RemoteError
-from tests.conftest import wait_until
+from tests.conftest import odium_shell, wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -161,22 +161,11 @@ def test_split_and_join_keep_order() -> None:
 
 def test_the_notebook_magics_push_pull_scatter_gather(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    IPython = pytest.importorskip("IPython")
+    pytest.importorskip("IPython")
     from IPython.core.error import UsageError
     from IPython.utils.capture import capture_output
 
-    import odium.jupyter
-    from tests.conftest import HB
-
-    monkeypatch.setenv("ODIUM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ODIUM_PORTS", "0")
-    monkeypatch.setenv("ODIUM_HEARTBEAT", str(HB))
-    monkeypatch.delenv("ODIUM_APP", raising=False)
-    monkeypatch.chdir(tmp_path)
-    ip = IPython.core.interactiveshell.InteractiveShell.instance()
-    with capture_output():
-        ip.run_line_magic("load_ext", "odium")
-    try:
+    with odium_shell(monkeypatch, tmp_path) as ip:
         with capture_output():
             ip.run_line_magic("odium", "local 2 --prefix m")
         ip.user_ns.update(w=np.arange(5.0), k=3)
@@ -197,9 +186,6 @@ def test_the_notebook_magics_push_pull_scatter_gather(
                           ("push", "the following arguments are required")):
             with pytest.raises(UsageError, match=says):
                 ip.run_line_magic("odium", bad)
-    finally:
-        ip.run_line_magic("unload_ext", "odium")
-        assert odium.jupyter.current() is None
 
 
 def test_gather_refuses_a_scatter_with_a_part_gone(hub4: odium.Hub) -> None:

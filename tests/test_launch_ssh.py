@@ -18,7 +18,7 @@ import pytest
 
 import odium
 from odium.launch import SSH, LaunchError
-from tests.conftest import HB, HubProcess, odium_cli
+from tests.conftest import HB, HubProcess, odium_cli, odium_shell
 from tests.sshhost import SshHost, ssh_unavailable
 
 pytestmark = pytest.mark.timeout(120)
@@ -181,22 +181,13 @@ def test_the_notebook_magic_launches_shows_k_of_n_and_stops(
         lab: SshHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``%odium launch`` in a real IPython shell: the command's options, progress lines as the
     nodes come up, the launches as a table, the stop; bad arguments are one-line errors."""
-    IPython = pytest.importorskip("IPython")
+    pytest.importorskip("IPython")
     from IPython.core.error import UsageError
     from IPython.utils.capture import capture_output
 
-    import odium.jupyter
     from odium.jupyter.launching import LaunchProgress
 
-    monkeypatch.setenv("ODIUM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ODIUM_PORTS", "0")
-    monkeypatch.setenv("ODIUM_HEARTBEAT", str(HB))
-    monkeypatch.setenv("ODIUM_INTERFACE", lab.host_address)
-    monkeypatch.chdir(tmp_path)
-    ip = IPython.core.interactiveshell.InteractiveShell.instance()
-    with capture_output():
-        ip.run_line_magic("load_ext", "odium")
-    try:
+    with odium_shell(monkeypatch, tmp_path, ODIUM_INTERFACE=lab.host_address) as ip:
         line = (f"launch ssh {lab.name} --per-host 2 --name nb --ssh-config {lab.config_path} "
                 f"--python {sys.executable} --app {tmp_path} --remote-dir {tmp_path / 'r'}")
         with capture_output() as cap:
@@ -223,6 +214,3 @@ def test_the_notebook_magic_launches_shows_k_of_n_and_stops(
                           ("launch stop nope", "no launch 'nope'")):
             with pytest.raises(UsageError, match=says):
                 ip.run_line_magic("odium", bad)
-    finally:
-        ip.run_line_magic("unload_ext", "odium")
-        assert odium.jupyter.current() is None
