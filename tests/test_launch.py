@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,22 @@ def _credential(tmp: Path, rec: dict[str, Any]) -> Path:
     return path
 
 
+_STARTED: list[NodeProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_nodes() -> Iterator[None]:
+    """Every node a test here starts is stopped at its end, whatever happened."""
+    yield
+    while _STARTED:
+        _STARTED.pop().stop()
+
+
 def _node(tmp: Path, cred: Path, name: str, home: str | None = None) -> NodeProcess:
-    return NodeProcess(tmp / (home or f"home-{name}"),
-                       ["--token-file", str(cred), "--name", name, "--app", str(tmp)]).start()
+    node = NodeProcess(tmp / (home or f"home-{name}"),
+                       ["--token-file", str(cred), "--name", name, "--app", str(tmp)])
+    _STARTED.append(node)
+    return node.start()
 
 
 def _ended(node: NodeProcess, timeout: float = 30.0) -> str:
